@@ -1,0 +1,579 @@
+"""Mixtral in one readable file.
+
+Order (as in gpt-fast): config -> norm / RoPE -> attention -> experts and router -> MoE block
+-> transformer block -> model. Shapes are commented as B (batch), T (new tokens), S (keys in
+view, cache included), D (dim), H (query heads), Hkv (kv heads), hd (head dim), E (experts),
+k (experts per token), N (tokens flattened), V (vocab).
+
+RoPE uses Mistral's convention (interleaved pairs (2i, 2i+1)); Hugging Face checkpoints store
+wq/wk with permuted rows for their "rotate_half" convention, and the loader undoes that.
+
+Hook points (``blocks.{L}.moe.hook_router_logits`` and friends) are identity modules that cost
+nothing until a hook is attached; ``moe_lab.hooks`` attaches and removes them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int | None = None  # None -> dim // n_heads; Mixtral allows any value
+    hidden_dim: int = 14336  # expert intermediate size
+    vocab_size: int = 32000
+    norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    max_seq_len: int = 32768
+    sliding_window: int | None = None  # W keys including self; None = dense causal
+    n_experts: int = 8
+    top_k: int = 2
+    router_aux_loss_coef: float = 0.02  # load-balancing loss coefficient (HF's definition)
+    router_z_loss_coef: float = 0.0  # ST-MoE z-loss; 0 disables it
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim")
+            self.head_dim = self.dim // self.n_heads
+        checks = [
+            (self.n_heads % self.n_kv_heads == 0, f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"),
+            (self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE"),
+            (1 <= self.top_k <= self.n_experts, f"top_k={self.top_k} must be in [1, n_experts={self.n_experts}]"),
+            (self.sliding_window is None or self.sliding_window >= 1, f"sliding_window={self.sliding_window} must be >= 1 or None"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "ModelArgs":
+        """A named preset (see ``PRESETS``), optionally with fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def replace(self, **changes) -> "ModelArgs":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ModelArgs fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, dict] = {
+    "mixtral-8x7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
+                         vocab_size=32000, max_seq_len=32768, router_aux_loss_coef=0.02),
+    "mixtral-8x22b": dict(dim=6144, n_layers=56, n_heads=48, n_kv_heads=8, head_dim=128, hidden_dim=16384,
+                          vocab_size=32000, max_seq_len=65536, router_aux_loss_coef=0.001),
+    # Fast on a laptop CPU; same vocabulary as Mixtral so the real tokenizer applies.
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256,
+                 vocab_size=32000, max_seq_len=1024),
+}
+
+
+class ParamCount(NamedTuple):
+    total: int
+    active: int  # with top_k experts per token instead of all of them
+
+
+def count_params(args: ModelArgs) -> ParamCount:
+    """Parameter counts from the config alone (both embedding matrices counted, no biases)."""
+    D, hd, I, E = args.dim, args.head_dim, args.hidden_dim, args.n_experts
+    attn = D * args.n_heads * hd + 2 * D * args.n_kv_heads * hd + args.n_heads * hd * D
+    expert = 3 * D * I
+    shared = attn + 2 * D + E * D  # attention, two norms, router
+    embed = 2 * args.vocab_size * D + D  # embeddings, output head, final norm
+    return ParamCount(total=args.n_layers * (shared + E * expert) + embed,
+                      active=args.n_layers * (shared + args.top_k * expert) + embed)
+
+
+# --------------------------------------------------------------------------------------------
+# Hook points
+
+
+class HookPoint(nn.Module):
+    """Identity module that names an activation. Free when nothing is attached."""
+
+    name: str = ""
+
+    def forward(self, x):
+        return x
+
+    def __call__(self, x):
+        # Skip nn.Module's call machinery unless someone is listening.
+        if not (self._forward_hooks or self._forward_pre_hooks):
+            return x
+        return super().__call__(x)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._forward_hooks or self._forward_pre_hooks)
+
+
+# --------------------------------------------------------------------------------------------
+# Norm and RoPE
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in fp32, cast back, then scale (the order the references use)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> Tensor:
+    """inv_freq[i] = theta^(-2i/hd), computed in fp32 exactly like the references."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """positions [B, T] -> cos, sin [B, T, hd/2] (computed in fp32, cast to the activations' dtype)."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by angle pos * inv_freq[i].  x: (B, T, nh, hd)."""
+    x = x.unflatten(-1, (-1, 2))  # (B, T, nh, hd/2, 2)
+    x0, x1 = x[..., 0], x[..., 1]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, hd/2)
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, plus which slots hold real tokens.
+
+    ``length`` counts the slots filled so far; a forward with T new tokens writes slots
+    [length, length + T). ``key_mask[b, s]`` is False for left-padding.
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
+        if max_len > args.max_seq_len:
+            raise ValueError(f"cache max_len={max_len} exceeds max_seq_len={args.max_seq_len}")
+        shape = (args.n_layers, batch_size, args.n_kv_heads, max_len, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # next RoPE position
+        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+        self.has_padding = False
+
+    def reset(self):
+        self.length, self.has_padding = 0, False
+        self.key_mask.fill_(True)
+        self.positions.zero_()
+
+    def __repr__(self):
+        return f"KVCache(batch_size={self.batch_size}, length={self.length}, max_len={self.max_len})"
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.hook_pattern = HookPoint()  # (B, H, T, S); computed only when a hook is attached
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        if cache is not None:
+            start, end = cache.length, cache.length + T
+            cache.k[layer, :, :, start:end] = k
+            cache.v[layer, :, :, start:end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # (B, Hkv, S, hd)
+        if self.hook_pattern.active:
+            y = self._explicit_attention(q, k, v, mask)
+        else:
+            # mask None means plain causal over T == S, or one decode query that sees everything
+            causal = mask is None and q.shape[2] > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               enable_gqa=self.n_heads != self.n_kv_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
+        return self.wo(y)
+
+    def _explicit_attention(self, q, k, v, mask):
+        """softmax(q k^T / sqrt(hd)) v written out, so the pattern can be hooked."""
+        rep = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
+        scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5  # (B, H, T, S)
+        if mask is None:
+            T, S = scores.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        pattern = self.hook_pattern(scores.float().softmax(-1).to(q.dtype))
+        return pattern @ v
+
+
+# --------------------------------------------------------------------------------------------
+# Experts, router and the sparse MoE block
+
+
+class Expert(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.hook_out = HookPoint()  # (n, D): this expert's output, before its routing weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.hook_out(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+def topk_softmax_routing(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Mixtral's router: softmax over all E in fp32, keep the top k, renormalise.
+
+    logits (N, E) -> probs (N, E) fp32, indices (N, k) in rank order, weights (N, k) summing to 1.
+    (Equivalent to mistral-inference's top-k on logits then softmax over the k.)
+    """
+    probs = F.softmax(logits.float(), dim=-1)  # (N, E)
+    weights, indices = torch.topk(probs, top_k, dim=-1)  # (N, k)
+    return probs, indices, weights / weights.sum(dim=-1, keepdim=True)
+
+
+RoutingFn = Callable[[Tensor, int], tuple[Tensor, Tensor, Tensor]]
+
+
+class MoE(nn.Module):
+    """Sparse mixture of experts: y = sum_{i in topk(x)} softmax(x Wg)_i-renormalised * E_i(x)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_experts, self.top_k = args.n_experts, args.top_k
+        self.gate = nn.Linear(args.dim, args.n_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(args.dim, args.hidden_dim) for _ in range(args.n_experts))
+        self.routing_fn: RoutingFn = topk_softmax_routing  # swapped by interventions
+        self.fast = True  # grouped dispatch; False = the readable reference loop
+        self.hook_router_logits = HookPoint()  # (N, E)
+        self.hook_router_probs = HookPoint()  # (N, E) fp32 softmax over all experts
+        self.hook_topk_indices = HookPoint()  # (N, k) chosen experts, rank order
+        self.hook_topk_weights = HookPoint()  # (N, k) renormalised weights
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (N, D) -> router logits (N, E), expert indices (N, k), weights (N, k) fp32."""
+        logits = self.hook_router_logits(self.gate(x))  # (N, E)
+        probs, indices, weights = self.routing_fn(logits, self.top_k)
+        self.hook_router_probs(probs)
+        return logits, self.hook_topk_indices(indices), self.hook_topk_weights(weights)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, T, D) -> output (B, T, D) and router logits (B*T, E)."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, D)
+        logits, indices, weights = self.route(x)
+        weights = weights.to(x.dtype)
+        out = self.dispatch_grouped(x, indices, weights) if self.fast else self.dispatch_reference(x, indices, weights)
+        return out.view(shape), logits
+
+    def dispatch_reference(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """The paper's equation, token by token: y_n = sum_j w_nj * E_{i_nj}(x_n). Slow, obvious."""
+        out = torch.zeros_like(x)
+        for n in range(x.shape[0]):
+            for j in range(indices.shape[1]):
+                expert = self.experts[int(indices[n, j])]
+                out[n] = out[n] + weights[n, j] * expert(x[n : n + 1])[0]
+        return out
+
+    def dispatch_grouped(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """Same result, fast: sort the (token, slot) pairs by expert, one matmul per expert."""
+        N, k = indices.shape
+        if N == 1:  # decode step: no sorting needed, k small matmuls
+            out = None
+            for j, e in enumerate(indices[0].tolist()):
+                y = self.experts[e](x) * weights[:, j : j + 1]  # (1, D)
+                out = y if out is None else out + y
+            return out
+        flat = indices.flatten()  # (N*k,)
+        order = flat.argsort(stable=True)  # slots grouped by expert
+        token_of_slot = order // k  # (N*k,)
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        xs = x[token_of_slot]  # (N*k, D) tokens in expert order
+        ws = weights.flatten()[order, None]  # (N*k, 1)
+        ys, start = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                ys.append(self.experts[e](xs[start : start + c]))
+            start += c
+        ys = torch.cat(ys) * ws  # (N*k, D)
+        return torch.zeros_like(x).index_add_(0, token_of_slot, ys)
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer block and model
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.moe = MoE(args)
+        self.hook_resid_pre = HookPoint()  # (B, T, D)
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_moe_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(self, x, cos, sin, mask, cache=None) -> tuple[Tensor, Tensor]:
+        x = self.hook_resid_pre(x)
+        h = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.attention_norm(x), cos, sin, mask, cache, self.layer)))
+        moe_out, router_logits = self.moe(self.ffn_norm(h))
+        return self.hook_resid_post(h + self.hook_moe_out(moe_out)), router_logits
+
+
+@dataclass
+class Loss:
+    """Training loss and its parts. ``total = ce + aux_coef * load_balancing + z_coef * z``."""
+
+    total: Tensor
+    ce: Tensor
+    load_balancing: Tensor
+    z: Tensor
+
+    def item(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+
+def load_balancing_loss(router_logits: list[Tensor], n_experts: int, top_k: int,
+                        token_mask: Tensor | None = None) -> Tensor:
+    """transformers' Mixtral auxiliary loss over all layers: E * sum_e f_e * P_e (= k at balance).
+
+    f_e: share of (token, slot) assignments to expert e summed over the k slots; P_e: mean router
+    probability. Padding (token_mask False) is left out of both means.
+    """
+    logits = torch.cat(router_logits).float()  # (L*N, E)
+    probs = logits.softmax(-1)
+    chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, n_experts).sum(1).float()  # (L*N, E)
+    if token_mask is None:
+        f, p = chosen.mean(0), probs.mean(0)
+    else:
+        m = token_mask.reshape(-1).float().repeat(len(router_logits))[:, None]  # (L*N, 1)
+        f, p = (chosen * m).sum(0) / m.sum(), (probs * m).sum(0) / m.sum()
+    return n_experts * (f * p).sum()
+
+
+def router_z_loss(router_logits: list[Tensor], token_mask: Tensor | None = None) -> Tensor:
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2, averaged over layers."""
+    z = torch.stack([l.float().logsumexp(-1).pow(2) for l in router_logits])  # (L, N)
+    if token_mask is None:
+        return z.mean()
+    m = token_mask.reshape(1, -1).float()
+    return (z * m).sum() / (m.sum() * len(router_logits))
+
+
+class Mixtral(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.blocks = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.hook_embed = HookPoint()  # (B, T, D)
+        self._inv_freq: dict = {}
+        for name, mod in self.named_modules():
+            if isinstance(mod, HookPoint):
+                mod.name = name
+        self.reset_parameters()
+
+    # ---- set-up
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Init for training from scratch: N(0, std) everywhere, residual projections scaled
+        by 1/sqrt(2 * n_layers) (GPT-2), norms at one. A no-op on the meta device."""
+        std = self.args.init_std
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                p.normal_(0.0, std / math.sqrt(2 * self.args.n_layers))
+            else:
+                p.normal_(0.0, std)
+
+    def set_fast_dispatch(self, fast: bool = True) -> "Mixtral":
+        for block in self.blocks:
+            block.moe.fast = fast
+        return self
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+        p = self.output.weight
+        return KVCache(self.args, batch_size, max_len or self.args.max_seq_len, p.dtype, p.device)
+
+    def inv_freq(self, device) -> Tensor:
+        key = str(device)
+        if key not in self._inv_freq:  # not a buffer: survives meta-device construction + assign
+            self._inv_freq[key] = rope_inv_freq(self.args.head_dim, self.args.rope_theta, device)
+        return self._inv_freq[key]
+
+    # ---- forward
+
+    def forward(self, tokens: Tensor, targets: Tensor | None = None, *,
+                attention_mask: Tensor | None = None, cache: KVCache | None = None):
+        """tokens (B, T) int -> logits (B, T, V); with targets (B, T) also a ``Loss``.
+
+        ``targets[b, t]`` is the token that should follow ``tokens[b, t]`` (already shifted);
+        -100 is ignored. ``attention_mask`` (B, T) marks real tokens (1) and left padding (0).
+        With a ``cache``, tokens continue the cached sequence.
+        """
+        B, T = self._check_inputs(tokens, targets, attention_mask, cache)
+        positions, mask = self._positions_and_mask(B, T, attention_mask, cache, tokens.device)
+        x = self.hook_embed(self.tok_embeddings(tokens))  # (B, T, D)
+        cos, sin = rope_cos_sin(positions, self.inv_freq(tokens.device), x.dtype)  # (B, T, hd/2)
+        router_logits = []
+        for block in self.blocks:
+            x, logits = block(x, cos, sin, mask, cache)
+            router_logits.append(logits)
+        if cache is not None:
+            cache.length += T
+        logits = self.output(self.norm(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        return logits, self.loss(logits, targets, router_logits, attention_mask)
+
+    def loss(self, logits, targets, router_logits, attention_mask=None) -> Loss:
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        lb = load_balancing_loss(router_logits, self.args.n_experts, self.args.top_k, attention_mask)
+        total = ce + self.args.router_aux_loss_coef * lb
+        z = router_z_loss(router_logits, attention_mask)
+        if self.args.router_z_loss_coef:
+            total = total + self.args.router_z_loss_coef * z
+        return Loss(total=total, ce=ce, load_balancing=lb, z=z)
+
+    def _check_inputs(self, tokens, targets, attention_mask, cache) -> tuple[int, int]:
+        if not isinstance(tokens, Tensor):
+            raise TypeError(f"tokens must be a torch.Tensor of shape [B, T], got {type(tokens).__name__}")
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must have shape [B, T] (rank 2), got shape {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.long, torch.int, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+        B, T = tokens.shape
+        if T == 0:
+            raise ValueError("tokens is empty (T = 0)")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.args.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside [0, vocab_size={self.args.vocab_size})")
+        if cache is None:
+            if T > self.args.max_seq_len:
+                raise ValueError(f"sequence length {T} exceeds max_seq_len={self.args.max_seq_len}")
+        else:
+            if cache.batch_size != B:
+                raise ValueError(f"cache was made for batch size {cache.batch_size}, tokens have batch size {B}")
+            if cache.length + T > cache.max_len:
+                raise ValueError(f"cache holds {cache.length} tokens; adding {T} exceeds its max_len={cache.max_len}")
+        if targets is not None and tuple(targets.shape) != (B, T):
+            raise ValueError(f"targets must have the tokens' shape {(B, T)}, got {tuple(targets.shape)}")
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, T):
+                raise ValueError(f"attention_mask must have the tokens' shape {(B, T)}, got {tuple(attention_mask.shape)}")
+            m = attention_mask.bool()
+            # left padding only: once a row has started, it stays real
+            if bool((m[:, :-1] & ~m[:, 1:]).any()):
+                raise ValueError("attention_mask must be left-padded (zeros only before the first real token)")
+            if cache is not None and cache.length > 0 and not bool(m.all()):
+                raise ValueError("padding is only allowed in the first chunk given to a cache")
+        return B, T
+
+    def _positions_and_mask(self, B, T, attention_mask, cache, device) -> tuple[Tensor, Tensor | None]:
+        """RoPE positions (B, T) and a boolean attention mask (B, 1, T, S), or None for plain causal."""
+        start = 0 if cache is None else cache.length
+        S = start + T
+        if attention_mask is not None and not bool(attention_mask.all()):
+            real = attention_mask.bool()
+            positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # first real token at 0
+            if cache is not None:
+                cache.key_mask[:, start:S] = real
+                cache.has_padding = True
+            key_mask = real if cache is None else cache.key_mask[:, :S]
+        else:
+            base = torch.arange(T, device=device)[None]  # (1, T)
+            positions = (base if cache is None else base + cache.positions[:, None]).expand(B, T)
+            key_mask = cache.key_mask[:, :S] if cache is not None and cache.has_padding else None
+        if cache is not None:
+            cache.positions = positions[:, -1] + 1
+        if int(positions.max()) >= self.args.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} exceeds max_seq_len={self.args.max_seq_len}")
+        W = self.args.sliding_window
+        if key_mask is None and (W is None or S <= W) and (start == 0 or T == 1):
+            return positions, None  # plain causal (or one query that sees everything): SDPA's fast path
+        q_idx = torch.arange(start, S, device=device)[:, None]  # (T, 1)
+        k_idx = torch.arange(S, device=device)[None, :]  # (1, S)
+        allowed = k_idx <= q_idx
+        if W is not None:
+            allowed = allowed & (k_idx > q_idx - W)
+        mask = allowed[None, None]  # (1, 1, T, S)
+        if key_mask is not None:
+            # padding keys hidden; a padding query still sees itself so its softmax is defined
+            mask = (mask & key_mask[:, None, None, :]) | (k_idx == q_idx)[None, None]
+        return positions, mask.expand(B, 1, T, S)
+
+    # ---- generation
+
+    @torch.inference_mode()
+    def generate(self, prompt, max_new_tokens: int = 32, **kw) -> Tensor:
+        """Continue ``prompt`` ([B, T] tensor, list of ints, or list of lists of varying lengths,
+        left-padded here). Returns the prompt (padded) followed by the new tokens, [B, T + n]
+        where n <= max_new_tokens (fewer when every row hit ``eos_id``; finished rows are filled
+        with ``pad_id``). Sampling options as in :func:`moe_lab.generation.generate_stream`.
+        """
+        from .generation import generate
+        return generate(self, prompt, max_new_tokens, **kw)
+
+    def generate_stream(self, prompt, max_new_tokens: int = 32, **kw) -> Iterator[Tensor]:
+        """Like ``generate`` but yields each step's new tokens ([B] tensor) as soon as they exist."""
+        from .generation import generate_stream
+        return generate_stream(self, prompt, max_new_tokens, **kw)
