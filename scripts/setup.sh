@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up moe_lab in ./.venv: a CPU build of PyTorch, then the package with its extras.
+#   bash scripts/setup.sh            # runtime + notebooks
+#   bash scripts/setup.sh --dev      # also the test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="notebooks"
+[ "${1:-}" = "--dev" ] && extras="notebooks,dev"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip "$@"; }
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  # A CPU build of torch: from a local wheel where this machine has one (PIP_FIND_LINKS),
+  # from PyTorch's CPU index on Linux, from PyPI elsewhere (macOS and Windows wheels are CPU builds).
+  if ls "${PIP_FIND_LINKS:-/nonexistent}"/torch-2.13.0* >/dev/null 2>&1; then
+    pip install -q "torch==2.13.0"
+  elif [ "$(uname -s)" = "Linux" ]; then
+    pip install -q "torch>=2.5" --index-url https://download.pytorch.org/whl/cpu
+  else
+    pip install -q "torch>=2.5"
+  fi
+fi
+pip install -q -e ".[${extras}]"
+.venv/bin/python -c "import torch, moe_lab; print(f'moe_lab {moe_lab.__version__} ready (torch {torch.__version__})')"
