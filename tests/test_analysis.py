@@ -1,0 +1,153 @@
+"""Analyses on small traces whose answers are computed by hand."""
+
+import numpy as np
+import pytest
+
+from moe_lab import analysis as A
+from moe_lab.trace import RoutingTrace
+
+
+def make_trace(expert_ids, doc_ids=None, token_ids=None, domains=None, E=4, logits=None):
+    ids = np.asarray(expert_ids)
+    if ids.ndim == 2:
+        ids = ids[None]
+    L, N, k = ids.shape
+    doc_ids = np.zeros(N, int) if doc_ids is None else np.asarray(doc_ids)
+    positions = np.concatenate([np.arange((doc_ids == d).sum()) for d in np.unique(doc_ids)])
+    token_ids = np.arange(10, 10 + N) if token_ids is None else np.asarray(token_ids)
+    w = np.full((L, N, k), 1.0 / k)
+    return RoutingTrace(token_ids=token_ids, doc_ids=doc_ids, positions=positions, expert_ids=ids, weights=w,
+                        router_logits=logits, domains=domains or [], n_experts=E)
+
+
+def test_expert_load_both_normalisations():
+    t = make_trace([[0, 1], [0, 2], [3, 0], [1, 2]])  # 4 tokens, top-2, E=4
+    load = A.expert_load(t)  # assignments: counts 0:3 1:2 2:2 3:1 over 8
+    np.testing.assert_allclose(load[0], [3 / 8, 2 / 8, 2 / 8, 1 / 8])
+    np.testing.assert_allclose(A.expert_load(t, normalization="tokens")[0], [3 / 4, 2 / 4, 2 / 4, 1 / 4])
+    np.testing.assert_allclose(A.expert_load(t, "first")[0], [2 / 4, 1 / 4, 0, 1 / 4])
+    np.testing.assert_allclose(A.expert_load(t, "second")[0], [1 / 4, 1 / 4, 2 / 4, 0])
+    assert A.uniform_load(t) == 1 / 4 and A.uniform_load(t, normalization="tokens") == 2 / 4
+
+
+def test_load_by_domain_and_balance():
+    t = make_trace([[0, 1], [0, 1], [2, 3], [2, 3]], doc_ids=[0, 0, 1, 1], domains=["code", "math"])
+    by = A.expert_load_by_domain(t)
+    np.testing.assert_allclose(by["code"][0], [0.5, 0.5, 0, 0])
+    np.testing.assert_allclose(by["math"][0], [0, 0, 0.5, 0.5])
+    bal = A.load_balance(np.array([[0.25] * 4, [1.0, 0, 0, 0]]))
+    np.testing.assert_allclose(bal.cv, [0.0, np.sqrt(3)])
+    np.testing.assert_allclose(bal.normalized_entropy, [1.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(bal.max_violation, [0.0, 3.0])
+
+
+def test_repetition_rates_and_baselines():
+    # doc 0: BOS, then firsts 1,1,2 ; doc 1: firsts 3,3. Pairs within docs, BOS excluded:
+    # (1,1) same, (1,2) different, (3,3) same -> 2/3. The doc boundary pair (2,3) is not counted.
+    ids = [[0, 1], [1, 0], [1, 2], [2, 1], [3, 0], [3, 1]]
+    t = make_trace(ids, doc_ids=[0, 0, 0, 0, 1, 1], token_ids=[1, 5, 6, 7, 8, 9])
+    r = A.repetition(t, "first", n_boot=200)
+    assert r.n_pairs == 3
+    np.testing.assert_allclose(r.rate, [2 / 3])
+    assert r.uniform == 0.25
+    p = np.bincount([0, 1, 1, 2, 3, 3], minlength=4) / 6  # marginal counts every token's first choice
+    np.testing.assert_allclose(r.marginal, [(p**2).sum()])
+    assert r.ci_low[0] <= r.rate[0] <= r.ci_high[0]
+    ra = A.repetition(t, "any", n_boot=50)
+    # top-2 sets: {1,0},{1,2} overlap; {1,2},{2,1} overlap; {3,0},{3,1} overlap -> 1
+    np.testing.assert_allclose(ra.rate, [1.0])
+    assert ra.uniform == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
+
+
+def test_repetition_detects_structure_and_random_does_not():
+    rng = np.random.default_rng(0)
+    N, E = 4000, 8
+    runs = np.repeat(rng.integers(0, E, N // 4), 4)  # experts persist for 4 tokens
+    second = (runs + 1 + rng.integers(0, E - 1, N)) % E
+    sticky = make_trace(np.stack([runs, second], 1), doc_ids=np.repeat(np.arange(40), 100), E=E)
+    r = A.repetition(sticky, "first", bos_id=None, n_boot=200)
+    assert r.rate[0] == pytest.approx(0.75 + 0.25 / 8, abs=0.03)
+    assert r.above_marginal()[0]
+    assert r.shuffled[0] == pytest.approx(r.marginal[0], abs=0.03)
+    first = rng.integers(0, E, N)
+    rand = make_trace(np.stack([first, (first + 1) % E], 1), doc_ids=np.repeat(np.arange(40), 100), E=E)
+    rr = A.repetition(rand, "first", bos_id=None, n_boot=200)
+    assert not rr.above_marginal()[0]
+    assert rr.ci_low[0] < rr.marginal[0] < rr.ci_high[0]
+
+
+def test_coactivation_matrix():
+    t = make_trace([[0, 1], [0, 1], [0, 2], [3, 2]])
+    c = A.coactivation(t, 0)
+    assert c[0, 1] == pytest.approx(2 / 3) and c[0, 2] == pytest.approx(1 / 3) and c[0, 3] == 0
+    assert c[1, 0] == 1.0 and c[3, 2] == 1.0 and c[2, 3] == 0.5
+    assert np.isnan(np.diag(c)).all()
+
+
+def test_router_confidence_from_logits_and_weights():
+    logits = np.log(np.array([[[0.7, 0.2, 0.1, 1e-9]]]))  # one token
+    t = make_trace([[0, 1]], logits=logits.astype(np.float32))
+    c = A.router_confidence(t)
+    assert c.top1_prob[0, 0] == pytest.approx(0.7, abs=1e-6)
+    assert c.margin[0, 0] == pytest.approx(0.5, abs=1e-6)
+    p = np.array([0.7, 0.2, 0.1])
+    assert c.entropy[0, 0] == pytest.approx(-(p * np.log(p)).sum(), abs=1e-5)
+    t2 = make_trace([[0, 1]])
+    t2.weights[:] = [[[0.8, 0.2]]]
+    c2 = A.router_confidence(t2)
+    assert c2.entropy is None and c2.margin[0, 0] == pytest.approx(0.6)
+
+
+def test_vocabulary_and_domain_specialisation():
+    # token 5 always goes to expert 2 (in its top-2); token 6 half the time to expert 0
+    ids = [[2, 0], [2, 1], [2, 3], [0, 1], [3, 1]]
+    t = make_trace(ids, token_ids=[5, 5, 5, 6, 6], doc_ids=[0, 0, 0, 1, 1], domains=["a", "b"])
+    df = A.vocabulary_specialization(t, 0, min_count=2)
+    row5 = df[df.token_id == 5].iloc[0]
+    assert row5.top_expert == 2 and row5.specialization == 1.0
+    row6 = df[df.token_id == 6].iloc[0]
+    assert row6.top_expert == 1 and row6.specialization == 1.0  # expert 1 in both top-2 sets
+    doms, m = A.domain_specialization(t, 0)
+    assert doms == ["a", "b"]
+    np.testing.assert_allclose(m[0], [1 / 3, 1 / 3, 1.0, 1 / 3])
+    np.testing.assert_allclose(m[1], [0.5, 1.0, 0, 0.5])
+    top = A.top_tokens_per_expert(t, 0, n=1, min_count=2)
+    assert top[2][0][:2] == (5, 1.0)
+
+
+def test_layer_transitions_and_nmi():
+    a = np.array([0, 1, 2, 3] * 25)
+    ids = np.stack([np.stack([a, (a + 1) % 4], 1), np.stack([(a + 2) % 4, a], 1)])  # layer 1 = shifted copy
+    t = make_trace(ids)
+    T = A.layer_transitions(t, 0, 1)
+    np.testing.assert_allclose(T, np.roll(np.eye(4), 2, axis=1))
+    nmi = A.cross_layer_nmi(t)
+    assert nmi[0, 1] == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    assert A.normalized_mutual_information(rng.integers(0, 8, 20000), rng.integers(0, 8, 20000), 8) < 0.01
+
+
+def test_cache_simulator_hand_cases():
+    reqs = [[0], [1], [0], [2], [0], [1]]
+    # size 2, LRU: miss0 miss1 hit0 miss2(evict1) hit0 miss1(evict2) -> 2/6
+    assert A.simulate_expert_cache(reqs, 2, "lru") == pytest.approx(2 / 6)
+    # LFU: same until step 3 (evict 1: freq1 vs 0 freq2) -> at step 5 need 1: evict 2 (freq 1) -> 2/6
+    assert A.simulate_expert_cache(reqs, 2, "lfu") == pytest.approx(2 / 6)
+    # optimal: at step 3 evict 1 or 0? next use of 0 is 4, of 1 is 5 -> evict 1; at 5 miss -> 2/6
+    assert A.simulate_expert_cache(reqs, 2, "optimal") == pytest.approx(2 / 6)
+    reqs2 = [[0], [1], [2], [0], [1], [2]]
+    assert A.simulate_expert_cache(reqs2, 2, "lru") == 0.0  # LRU thrashes on a cycle
+    assert A.simulate_expert_cache(reqs2, 2, "optimal") == pytest.approx(2 / 6)
+    assert A.simulate_expert_cache(reqs2, 3, "lru") == pytest.approx(3 / 6)
+
+
+def test_cache_hit_rates_monotone_and_optimal_is_ceiling():
+    rng = np.random.default_rng(1)
+    ids = np.stack([rng.choice(8, 2, replace=False) for _ in range(300)])
+    t = make_trace(ids, E=8)
+    df = A.cache_hit_rates(t)
+    for pol, g in df.groupby("policy"):
+        assert np.all(np.diff(g.sort_values("cache_size").hit_rate.values) >= -1e-12), pol
+    piv = df.pivot_table(index="cache_size", columns="policy", values="hit_rate")
+    assert (piv["optimal"] >= piv["lru"] - 1e-12).all() and (piv["optimal"] >= piv["lfu"] - 1e-12).all()
+    assert piv.loc[8].min() == pytest.approx(1 - 8 / 600)  # only the 8 cold misses
