@@ -1,0 +1,200 @@
+"""Run a Mixtral bigger than memory: a layer-by-layer forward over memory-mapped weights.
+
+Real Mixtral 8x7B is ~94 GB in bf16. ``StreamingMixtral`` keeps only the embeddings, the final
+norm and the output head resident (0.5 GB for 8x7B in bf16) and, for each transformer block,
+reads its weights from the checkpoint (memory-mapped safetensors or ``.pt`` files, any layout
+:func:`moe_lab.load_model` reads), pushes the *whole batch* through it, frees it and moves on.
+Peak memory is about one layer (~2.8 GB for 8x7B in bf16) plus activations, whatever the
+number of layers. It is meant for prefill and routing capture over a batch of documents; it
+does not train, and generation would re-read every layer for every new token.
+
+API::
+
+    sm = StreamingMixtral(path, dtype=torch.bfloat16)     # layers=, device=, args=, layout= as load_model
+    logits = sm(tokens, attention_mask=mask)             # [B, T] -> [B, T, V], same numbers as load_model's
+
+    # 1. hooks: ``sm.model`` is a real moe_lab.model.Mixtral whose weights live on the meta
+    #    device except while its block runs, so every hook point exists under its usual name
+    #    (``blocks.{L}.moe.hook_router_logits`` ...) and hooks attached to it fire as usual:
+    sm.model.blocks[3].moe.hook_topk_indices.register_forward_hook(lambda m, i, o: print(o.shape))
+
+    # 2. a per-layer callback, called after each block with its output:
+    sm(tokens, layer_callback=lambda i, block, hidden, router_logits: ...)
+    #    i: index in sm.model (sm.layer_ids[i] is the checkpoint's layer), block: the Block with
+    #    its weights loaded, hidden: (B, T, D) residual stream after the block,
+    #    router_logits: (B*T, E).
+
+    # 3. your own loop:
+    x, cos, sin, mask = sm.prepare(tokens, attention_mask)
+    for i, block in sm.iter_layers():                   # weights freed when the loop moves on
+        x, router_logits = block(x, cos, sin, mask)
+    logits = sm.finish(x)
+
+    # 4. code written for an in-memory Mixtral can take ``sm.model`` directly: calling it streams
+    #    too (e.g. ``moe_lab.trace_routing(sm.model, docs, tokenizer=tok)``); call
+    #    ``sm.free_all()`` afterwards if that code stopped the forward with an exception.
+
+``forward`` runs ``Mixtral.forward`` itself (a forward pre-hook loads each block, a forward hook
+frees it), so results match the in-memory model exactly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .layouts import meta_model
+from .loading import CheckpointReader, _as_dtype
+from .model import Block, ModelArgs, rope_cos_sin
+
+__all__ = ["StreamingMixtral", "LayerCallback"]
+
+LayerCallback = Callable[[int, Block, Tensor, Tensor], None]
+
+
+def _malloc_trim() -> None:
+    """Ask glibc to give freed heap memory back to the OS (no-op elsewhere)."""
+    global _trim
+    if _trim is None:
+        _trim = False
+        if sys.platform.startswith("linux"):
+            try:
+                _trim = ctypes.CDLL(None).malloc_trim
+                _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
+            except (OSError, AttributeError):  # musl and friends
+                _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim = None
+
+
+def _to_meta(module: nn.Module) -> None:
+    """Replace a module's parameters by meta tensors (frees their memory)."""
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                mod._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+
+
+class StreamingMixtral:
+    """A Mixtral whose blocks are read from disk one at a time (see the module docstring)."""
+
+    def __init__(self, path, *, dtype=None, device="cpu", layers=None, args: ModelArgs | None = None,
+                 layout: str | None = None):
+        self.reader = CheckpointReader(path, args=args, layout=layout)
+        try:
+            self.layer_ids = self.reader.layer_ids(layers)
+            self.dtype = _as_dtype(dtype) or self.reader.default_dtype
+            self.device = torch.device(device)
+            self.args = self.reader.args.replace(n_layers=len(self.layer_ids))
+            self.model = meta_model(self.args)
+            self.model.layer_ids = self.layer_ids
+            self.model.load_state_dict(self.reader.read_globals(self.dtype, self.device), strict=False, assign=True)
+            self.model.eval()
+        except BaseException:
+            self.reader.close()
+            raise
+        self._callback: LayerCallback | None = None
+        for i, block in enumerate(self.model.blocks):
+            block.register_forward_pre_hook(self._before_block)
+            block.register_forward_hook(self._after_block)
+
+    # ---- one block at a time
+
+    def load_block(self, i: int) -> Block:
+        """Read block ``i`` (of ``self.model``; checkpoint layer ``layer_ids[i]``) into memory."""
+        block = self.model.blocks[i]
+        sd = self.reader.read_layer(self.layer_ids[i], i, self.dtype, self.device, one_buffer=True)
+        prefix = f"blocks.{i}."
+        block.load_state_dict({k[len(prefix):]: v for k, v in sd.items()}, strict=True, assign=True)
+        return block
+
+    def free_block(self, i: int) -> None:
+        _to_meta(self.model.blocks[i])
+        _malloc_trim()
+
+    def free_all(self) -> None:
+        """Free every block still holding weights (after a forward stopped by an exception)."""
+        for i in self.loaded_blocks():
+            self.free_block(i)
+
+    def loaded_blocks(self) -> list[int]:
+        """Indices of the blocks whose weights are in memory now (at most one during a forward)."""
+        return [i for i, b in enumerate(self.model.blocks) if b.attn.wq.weight.device.type != "meta"]
+
+    def _before_block(self, block: Block, inputs):
+        if block.attn.wq.weight.device.type == "meta":
+            self.load_block(block.layer)
+
+    def _after_block(self, block: Block, inputs, output):
+        try:
+            if self._callback is not None:
+                hidden, router_logits = output
+                self._callback(block.layer, block, hidden, router_logits)
+        finally:
+            self.free_block(block.layer)
+
+    def iter_layers(self) -> Iterator[tuple[int, Block]]:
+        """Yield ``(i, block)`` with the block's weights loaded; freed when the loop moves on."""
+        for i in range(len(self.layer_ids)):
+            block = self.load_block(i)
+            try:
+                yield i, block
+            finally:
+                self.free_block(i)
+
+    # ---- forward
+
+    @torch.no_grad()
+    def forward(self, tokens: Tensor, targets: Tensor | None = None, *, attention_mask: Tensor | None = None,
+                layer_callback: LayerCallback | None = None):
+        """Same contract as ``Mixtral.forward`` (no cache): logits [B, T, V] (and a Loss with targets)."""
+        self._callback = layer_callback
+        try:
+            return self.model(tokens.to(self.device), None if targets is None else targets.to(self.device),
+                              attention_mask=None if attention_mask is None else attention_mask.to(self.device))
+        finally:
+            self._callback = None
+            self.free_all()
+
+    __call__ = forward
+
+    @torch.no_grad()
+    def prepare(self, tokens: Tensor, attention_mask: Tensor | None = None):
+        """Embeddings and the RoPE / mask inputs every block takes: ``(x, cos, sin, mask)``."""
+        m = self.model
+        tokens = tokens.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        B, T = m._check_inputs(tokens, None, attention_mask, None)
+        positions, mask = m._positions_and_mask(B, T, attention_mask, None, tokens.device)
+        x = m.hook_embed(m.tok_embeddings(tokens))
+        cos, sin = rope_cos_sin(positions, m.inv_freq(tokens.device), x.dtype)
+        return x, cos, sin, mask
+
+    @torch.no_grad()
+    def finish(self, x: Tensor) -> Tensor:
+        """Final norm and output head: residual stream (B, T, D) -> logits (B, T, V)."""
+        return self.model.output(self.model.norm(x))
+
+    # ---- housekeeping
+
+    def close(self):
+        self.reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return (f"StreamingMixtral({str(self.reader.path)!r}, layers={len(self.layer_ids)}, dtype={self.dtype}, "
+                f"device={self.device})")

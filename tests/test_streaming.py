@@ -1,0 +1,158 @@
+"""StreamingMixtral: a layer-at-a-time forward gives exactly the in-memory model's outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import CONFIG_IDS, TINY_CONFIGS, make_model, random_tokens
+from moe_lab import StreamingMixtral, load_model, save_model
+from moe_lab.layouts import params_dict, to_mistral_state_dict
+
+
+def left_padded(args, B=3, T=10, seed=0):
+    tokens = random_tokens(args, B, T, seed)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :4] = 0
+    mask[2, :7] = 0
+    return tokens, mask
+
+
+def release_layout(model, root):
+    root.mkdir()
+    sd = to_mistral_state_dict(model.state_dict(), model.args, stacked=True)
+    n = model.args.n_layers
+    for L in range(n):
+        part = {k: v.clone() for k, v in sd.items() if k.startswith(f"layers.{L}.")}
+        if L == 0:
+            part.update({k: v.clone() for k, v in sd.items() if not k.startswith("layers.")})
+        torch.save(part, root / f"consolidated.{L:02d}.pt")
+    (root / "params.json").write_text(json.dumps(params_dict(model.args)))
+    return root
+
+
+@pytest.mark.parametrize("args", TINY_CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("layout", ["hf", "hf-sharded", "mistral", "release"])
+def test_streaming_equals_in_memory(args, layout, tmp_path):
+    m = make_model(args, seed=7)
+    if layout == "release":
+        path = release_layout(m, tmp_path / "c")
+    else:
+        path = save_model(m, tmp_path / "c", layout="mistral" if layout == "mistral" else "hf",
+                          max_shard_size="30KB" if layout == "hf-sharded" else None)
+    tokens, mask = left_padded(args)
+    with torch.no_grad():
+        ref = m(tokens, attention_mask=mask)
+        ref_plain = m(tokens)
+    with StreamingMixtral(path) as sm:
+        assert torch.equal(sm(tokens, attention_mask=mask), ref)
+        assert torch.equal(sm(tokens), ref_plain)
+        assert sm.loaded_blocks() == []  # every block freed again
+
+
+def test_one_block_in_memory_at_a_time_and_callback(tmp_path):
+    args = TINY_CONFIGS[3]  # 3 layers
+    m = make_model(args)
+    path = save_model(m, tmp_path / "c")
+    tokens, mask = left_padded(args)
+    ref_hidden = {}
+    handles = [b.hook_resid_post.register_forward_hook(lambda mod, i, o, L=L: ref_hidden.__setitem__(L, o.clone()))
+               for L, b in enumerate(m.blocks)]
+    with torch.no_grad():
+        ref_logits, ref_loss = m(tokens, tokens, attention_mask=mask)
+    for h in handles:
+        h.remove()
+    sm = StreamingMixtral(path)
+    seen = []
+
+    def callback(i, block, hidden, router_logits):
+        assert sm.loaded_blocks() == [i] and block is sm.model.blocks[i]
+        assert torch.equal(hidden, ref_hidden[i])
+        assert router_logits.shape == (tokens.numel(), args.n_experts)
+        seen.append(i)
+
+    logits, loss = sm(tokens, tokens, attention_mask=mask, layer_callback=callback)
+    assert seen == [0, 1, 2]
+    assert torch.equal(logits, ref_logits) and torch.equal(loss.total, ref_loss.total)
+    # a callback that fails still leaves every block freed
+    with pytest.raises(RuntimeError, match="boom"):
+        sm(tokens, layer_callback=lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert sm.loaded_blocks() == []
+    assert all(p.device.type == "meta" for b in sm.model.blocks for p in b.parameters())
+
+
+def test_hooks_fire_with_the_usual_names(tmp_path):
+    args = TINY_CONFIGS[1]
+    m = make_model(args)
+    path = save_model(m, tmp_path / "c")
+    tokens = random_tokens(args, 2, 9)
+    names = ["blocks.0.moe.hook_router_logits", "blocks.1.moe.hook_topk_indices", "blocks.1.hook_resid_mid",
+             "blocks.0.moe.experts.3.hook_out", "hook_embed"]
+
+    def capture(model):
+        got, handles = {}, []
+        mods = dict(model.named_modules())
+        for n in names:
+            handles.append(mods[n].register_forward_hook(lambda mod, i, o, n=n: got.__setitem__(n, o.clone())))
+        return got, handles
+
+    ref, h1 = capture(m)
+    with torch.no_grad():
+        m(tokens)
+    sm = StreamingMixtral(path)
+    got, h2 = capture(sm.model)
+    sm(tokens)
+    for h in h1 + h2:
+        h.remove()
+    assert set(got) == set(ref) == set(names)
+    for n in names:
+        assert torch.equal(got[n], ref[n]), n
+
+
+def test_iter_layers_manual_loop(tmp_path):
+    args = TINY_CONFIGS[2]
+    m = make_model(args)
+    path = save_model(m, tmp_path / "c", layout="mistral")
+    tokens, mask = left_padded(args)
+    with torch.no_grad():
+        ref = m(tokens, attention_mask=mask)
+    sm = StreamingMixtral(path)
+    x, cos, sin, attn_mask = sm.prepare(tokens, mask)
+    with torch.no_grad():
+        for i, block in sm.iter_layers():
+            assert sm.loaded_blocks() == [i]
+            x, _ = block(x, cos, sin, attn_mask)
+    assert sm.loaded_blocks() == []
+    assert torch.equal(sm.finish(x), ref)
+
+
+def test_streaming_layers_subset_and_dtype(tmp_path):
+    args = TINY_CONFIGS[3]
+    m = make_model(args)
+    path = save_model(m, tmp_path / "c")
+    tokens = random_tokens(args, 2, 8)
+    for layers in (2, [2, 0]):
+        ref = load_model(path, layers=layers, dtype=torch.bfloat16)
+        sm = StreamingMixtral(path, layers=layers, dtype="bf16")
+        assert sm.layer_ids == ref.layer_ids and sm.model.args.n_layers == ref.args.n_layers
+        with torch.no_grad():
+            assert torch.equal(sm(tokens), ref(tokens))
+    with pytest.raises(ValueError, match="out of range"):
+        StreamingMixtral(path, layers=[5])
+
+
+def test_trace_routing_on_a_streaming_model(tmp_path):
+    """The tracing code takes ``sm.model`` like any Mixtral; routing identical to in-memory."""
+    trace_routing = pytest.importorskip("moe_lab.tracing").trace_routing
+    args = TINY_CONFIGS[1]
+    m = make_model(args)
+    path = save_model(m, tmp_path / "c")
+    docs = [random_tokens(args, 1, n, seed=n)[0].tolist() for n in (5, 9, 7)]
+    ref = trace_routing(m, docs, progress=False, add_bos=False)
+    sm = StreamingMixtral(path)
+    got = trace_routing(sm.model, docs, progress=False, add_bos=False)
+    sm.free_all()
+    assert (got.expert_ids == ref.expert_ids).all()
+    assert abs(got.weights - ref.weights).max() == 0
