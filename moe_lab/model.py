@@ -92,6 +92,9 @@ PRESETS: dict[str, dict] = {
     # Fast on a laptop CPU; same vocabulary as Mixtral so the real tokenizer applies.
     "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256,
                  vocab_size=32000, max_seq_len=1024),
+    # The demo model shipped in data/tiny-mixtral (configs/tiny-mixtral.json trains it on a CPU).
+    "tiny-mixtral": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=384,
+                         vocab_size=32000, max_seq_len=1024, router_aux_loss_coef=0.02, router_z_loss_coef=0.001),
 }
 
 
@@ -221,7 +224,10 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # apply_rope(q, cos, sin) and apply_rope(k, cos, sin), bit for bit, in fewer kernels
+        cos2 = cos[..., None].expand(*cos.shape, 2).flatten(-2)[:, :, None]  # (B, T, 1, hd): c0 c0 c1 c1 ...
+        sin2 = torch.stack((-sin, sin), dim=-1).flatten(-2)[:, :, None]  # (B, T, 1, hd): -s0 s0 -s1 s1 ...
+        q, k = self._rope(q, cos2, sin2), self._rope(k, cos2, sin2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
             start, end = cache.length, cache.length + T
@@ -237,6 +243,13 @@ class Attention(nn.Module):
                                                enable_gqa=self.n_heads != self.n_kv_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
         return self.wo(y)
+
+    @staticmethod
+    def _rope(x: Tensor, cos2: Tensor, sin2: Tensor) -> Tensor:
+        """apply_rope with the same arithmetic: each pair (x0, x1) -> (x0 c + x1 (-s), x1 c + x0 s),
+        computed as x * (c, c) + swap_pairs(x) * (-s, s) on whole rows: four kernels instead of
+        seven, none on a size-2 inner dimension, and a backward without ``select``/``stack``."""
+        return x * cos2 + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin2
 
     def _explicit_attention(self, q, k, v, mask):
         """softmax(q k^T / sqrt(hd)) v written out, so the pattern can be hooked."""
@@ -326,24 +339,26 @@ class MoE(nn.Module):
     def dispatch_grouped(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
         """Same result, fast: sort the (token, slot) pairs by expert, one matmul per expert."""
         N, k = indices.shape
-        if N == 1:  # decode step: no sorting needed, k small matmuls
+        grad = torch.is_grad_enabled()
+        if N == 1 and not grad:  # decode step: no sorting, k small matmuls, Python-scalar weights
             out = None
-            for j, e in enumerate(indices[0].tolist()):
-                y = self.experts[e](x) * weights[:, j : j + 1]  # (1, D)
-                out = y if out is None else out + y
+            for e, w in zip(indices[0].tolist(), weights[0].tolist()):
+                y = self.experts[e](x) * w  # (1, D); never in place: a hook may hold the expert output
+                out = y if out is None else out.add_(y)
             return out
-        flat = indices.flatten()  # (N*k,)
+        flat = indices.reshape(-1)  # (N*k,)
         order = flat.argsort(stable=True)  # slots grouped by expert
-        token_of_slot = order // k  # (N*k,)
+        token_of_slot = order.div(k, rounding_mode="floor")  # (N*k,)
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        xs = x[token_of_slot]  # (N*k, D) tokens in expert order
-        ws = weights.flatten()[order, None]  # (N*k, 1)
+        xs = x.index_select(0, token_of_slot)  # (N*k, D) tokens in expert order
+        ws = weights.reshape(-1).index_select(0, order).unsqueeze(1)  # (N*k, 1)
         ys, start = [], 0
         for e, c in enumerate(counts):
             if c:
                 ys.append(self.experts[e](xs[start : start + c]))
             start += c
-        ys = torch.cat(ys) * ws  # (N*k, D)
+        ys = torch.cat(ys)  # (N*k, D)
+        ys = ys * ws if grad else ys.mul_(ws)
         return torch.zeros_like(x).index_add_(0, token_of_slot, ys)
 
 
@@ -382,7 +397,8 @@ class Loss:
     z: Tensor
 
     def item(self) -> dict[str, float]:
-        return {k: float(v) for k, v in asdict(self).items()}
+        # not asdict(): it deep-copies, which fails on tensors that carry a graph
+        return {f.name: float(getattr(self, f.name).detach()) for f in fields(self)}
 
 
 def load_balancing_loss(router_logits: list[Tensor], n_experts: int, top_k: int,
@@ -470,6 +486,8 @@ class Mixtral(nn.Module):
         With a ``cache``, tokens continue the cached sequence.
         """
         B, T = self._check_inputs(tokens, targets, attention_mask, cache)
+        if tokens.dtype not in (torch.long, torch.int):
+            tokens = tokens.long()  # nn.Embedding takes only int64 / int32 indices
         positions, mask = self._positions_and_mask(B, T, attention_mask, cache, tokens.device)
         x = self.hook_embed(self.tok_embeddings(tokens))  # (B, T, D)
         cos, sin = rope_cos_sin(positions, self.inv_freq(tokens.device), x.dtype)  # (B, T, hd/2)
@@ -539,17 +557,29 @@ class Mixtral(nn.Module):
                 cache.key_mask[:, start:S] = real
                 cache.has_padding = True
             key_mask = real if cache is None else cache.key_mask[:, :S]
+            if cache is not None:
+                cache.positions = positions[:, -1] + 1
         else:
-            base = torch.arange(T, device=device)[None]  # (1, T)
-            positions = (base if cache is None else base + cache.positions[:, None]).expand(B, T)
+            # no padding in this chunk: positions continue from the cache's (a decode step: no arange)
+            if cache is None:
+                positions = torch.arange(T, device=device).expand(B, T)
+            else:
+                prev = cache.positions[:, None]  # (B, 1)
+                positions = prev if T == 1 else prev + torch.arange(T, device=device)
+                cache.positions = cache.positions + T
             key_mask = cache.key_mask[:, :S] if cache is not None and cache.has_padding else None
-        if cache is not None:
-            cache.positions = positions[:, -1] + 1
-        if int(positions.max()) >= self.args.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} exceeds max_seq_len={self.args.max_seq_len}")
+        # every position is <= its slot index S - 1 (padding restarts them at 0), so this bounds them
+        # all without reading them back (_check_inputs and KVCache keep S within max_seq_len anyway)
+        if S > self.args.max_seq_len:
+            raise ValueError(f"position {S - 1} exceeds max_seq_len={self.args.max_seq_len}")
         W = self.args.sliding_window
         if key_mask is None and (W is None or S <= W) and (start == 0 or T == 1):
             return positions, None  # plain causal (or one query that sees everything): SDPA's fast path
+        if T == 1 and key_mask is not None and (W is None or S <= W):
+            # decode step after a padded prompt: every real key, and the query itself
+            mask = key_mask.clone()
+            mask[:, -1] = True
+            return positions, mask[:, None, None, :]  # (B, 1, 1, S)
         q_idx = torch.arange(start, S, device=device)[:, None]  # (T, 1)
         k_idx = torch.arange(S, device=device)[None, :]  # (1, S)
         allowed = k_idx <= q_idx
@@ -577,3 +607,37 @@ class Mixtral(nn.Module):
         """Like ``generate`` but yields each step's new tokens ([B] tensor) as soon as they exist."""
         from .generation import generate_stream
         return generate_stream(self, prompt, max_new_tokens, **kw)
+
+    # ---- named hooks (moe_lab.hooks): TransformerLens-style access to the hook points
+
+    @property
+    def hook_dict(self) -> dict:
+        """Every hook point by full name (``{"hook_embed": HookPoint, "blocks.0.hook_resid_pre": ...}``)."""
+        from .hooks import hook_dict
+        return hook_dict(self)
+
+    def hook_points(self) -> list[str]:
+        """The full names of all hook points, in module order."""
+        return list(self.hook_dict)
+
+    def add_hook(self, names_filter, fn, *, prepend: bool = False):
+        """Attach ``fn(activation, hook) -> replacement | None`` to the selected hook points;
+        returns a handle (``.remove()``, also a context manager). See :mod:`moe_lab.hooks`."""
+        from .hooks import add_hook
+        return add_hook(self, names_filter, fn, prepend=prepend)
+
+    def hooks(self, fwd_hooks=()):
+        """``with model.hooks(fwd_hooks=[(name, fn), ...]):`` hooks for one block of code,
+        removed on exit (also on error)."""
+        from .hooks import hooks
+        return hooks(self, fwd_hooks)
+
+    def reset_hooks(self) -> int:
+        """Remove the hooks moe_lab attached (a user's own PyTorch hooks stay)."""
+        from .hooks import reset_hooks
+        return reset_hooks(self)
+
+    def run_with_cache(self, *args, names_filter=None, **kwargs):
+        """``logits, cache = model.run_with_cache(tokens, names_filter=...)``; see :mod:`moe_lab.hooks`."""
+        from .hooks import run_with_cache
+        return run_with_cache(self, *args, names_filter=names_filter, **kwargs)

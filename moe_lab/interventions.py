@@ -1,0 +1,368 @@
+"""Interventions on the router: small objects applied for one block of code.
+
+::
+
+    with moe_lab.intervene(model, AblateExpert(layer=3, expert=5), SetTopK(1, layers=[0, 1])):
+        logits = model(tokens)          # or model.generate(...), trace_routing(model, ...)
+    # the model routes normally again here, also if the block raised
+
+How they act (in this order, for every layer an intervention applies to):
+
+1. **router logits** are edited: :class:`AblateExpert` sets the ablated experts' logits to
+   ``-inf`` (so the next expert in line takes the slot and the softmax renormalises over the
+   others); :class:`RouterTemperature` divides the logits by ``t`` (the choice of experts is
+   unchanged, only the weights get sharper, t < 1, or flatter, t > 1);
+2. **k** is set: :class:`SetTopK` (``k = n_experts`` is the dense mixture);
+3. **the routing rule** runs: the model's own (softmax in fp32, top-k, renormalise) or the
+   one given to :class:`CustomRouting` ``fn(logits, top_k) -> (probs, indices, weights)``;
+4. **the selection** is edited: :class:`ForceExpert` puts its expert in rank 0 of every token
+   (at the given positions) and drops the last of the others if it was not chosen already.
+   Design decision: the selection is forced, the *weight* is the router's own probability of
+   that expert, and the weights of the chosen experts are renormalised to sum to 1 (so a
+   forced expert the router dislikes gets a small weight; with ``top_k = 1`` it gets 1).
+
+Interventions of the same stage apply in the order given. Indices and weights always stay
+consistent (weights are the chosen experts' probabilities, renormalised). An ablated expert
+is never chosen: if ``k`` exceeds the number of experts left in a layer, ``k`` shrinks.
+
+They compose by wrapping ``MoE.routing_fn`` of the layers concerned (other layers are not
+touched, so they stay bit-identical); ``intervene`` contexts may be nested. On a transformers
+model with a Mixtral-style router (see :mod:`moe_lab.bridge`) the same objects act through a
+forward hook on each router that replaces its output.
+
+``ForceExpert(..., positions=[...])`` needs the positions of the tokens in each forward
+(position 0 = first real token, as in a :class:`~moe_lab.trace.RoutingTrace`); ``intervene``
+works them out from the forward's arguments (``attention_mask``, ``cache``), so it also
+acts on the right tokens during ``generate``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .model import topk_softmax_routing
+
+RoutingFn = Callable[[Tensor, int], "tuple[Tensor, Tensor, Tensor]"]
+
+_ACTIVE_ATTR = "_moe_lab_interventions"
+
+
+def _layer_tuple(layers, name: str) -> tuple[int, ...] | None:
+    if layers is None:
+        return None
+    if isinstance(layers, int):
+        return (int(layers),)
+    out = tuple(int(x) for x in layers)
+    if not out:
+        raise ValueError(f"{name}: layers is empty (use None for every layer)")
+    return out
+
+
+class _Context:
+    """Per-forward information shared by the interventions of one ``intervene`` block."""
+
+    def __init__(self):
+        self.positions: Tensor | None = None  # (B, T) of the current forward
+
+
+class Intervention:
+    """Base class. Subclasses override one or more stages (see the module docstring)."""
+
+    layers: tuple[int, ...] | None = None  # None = every MoE layer
+    needs_positions: bool = False
+    rule: RoutingFn | None = None  # replaces the routing rule (CustomRouting)
+
+    def applies(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+    def check(self, n_layers: int, n_experts: int, moe_layers: Sequence[int]) -> None:
+        for layer in self.layers or ():
+            if layer not in moe_layers:
+                raise ValueError(f"{self!r}: layer {layer} is not an MoE layer of this model "
+                                 f"(MoE layers: {list(moe_layers)})")
+
+    def edit_logits(self, layer: int, logits: Tensor, ctx: _Context) -> Tensor:
+        return logits
+
+    def edit_top_k(self, layer: int, k: int) -> int:
+        return k
+
+    def ablated(self, layer: int) -> set[int]:
+        return set()
+
+    def edit_routing(self, layer: int, probs: Tensor, indices: Tensor, weights: Tensor,
+                     ctx: _Context) -> tuple[Tensor, Tensor, Tensor]:
+        return probs, indices, weights
+
+
+class AblateExpert(Intervention):
+    """Switch expert(s) off in one layer (or several): router logit ``-inf``, so the next
+    expert in line takes the slot and the weights renormalise over the experts left."""
+
+    def __init__(self, layer: int | Iterable[int], expert: int | Iterable[int]):
+        self.layers = _layer_tuple(layer, "AblateExpert")
+        self.experts = (int(expert),) if isinstance(expert, int) else tuple(int(e) for e in expert)
+        if not self.experts:
+            raise ValueError("AblateExpert needs at least one expert")
+
+    def check(self, n_layers, n_experts, moe_layers):
+        super().check(n_layers, n_experts, moe_layers)
+        bad = [e for e in self.experts if not 0 <= e < n_experts]
+        if bad:
+            raise ValueError(f"{self!r}: expert {bad[0]} is outside [0, {n_experts})")
+        if len(set(self.experts)) >= n_experts:
+            raise ValueError(f"{self!r} would switch off all {n_experts} experts")
+
+    def edit_logits(self, layer, logits, ctx):
+        idx = torch.tensor(self.experts, device=logits.device)
+        return logits.index_fill(-1, idx, float("-inf"))
+
+    def ablated(self, layer):
+        return set(self.experts)
+
+    def __repr__(self):
+        e = self.experts[0] if len(self.experts) == 1 else list(self.experts)
+        layer = self.layers[0] if len(self.layers) == 1 else list(self.layers)
+        return f"AblateExpert(layer={layer}, expert={e})"
+
+
+class ForceExpert(Intervention):
+    """Always choose ``expert`` in ``layer`` (at ``positions`` only, when given): it takes rank 0
+    and the weights are the router's probabilities of the chosen experts, renormalised."""
+
+    def __init__(self, layer: int | Iterable[int], expert: int, positions: Iterable[int] | None = None):
+        self.layers = _layer_tuple(layer, "ForceExpert")
+        self.expert = int(expert)
+        self.positions = None if positions is None else tuple(int(p) for p in positions)
+        self.needs_positions = self.positions is not None
+
+    def check(self, n_layers, n_experts, moe_layers):
+        super().check(n_layers, n_experts, moe_layers)
+        if not 0 <= self.expert < n_experts:
+            raise ValueError(f"{self!r}: expert {self.expert} is outside [0, {n_experts})")
+
+    def edit_routing(self, layer, probs, indices, weights, ctx):
+        N, k = indices.shape
+        e = self.expert
+        # candidates: e first, then the chosen experts in rank order without e; keep k of them
+        cand = torch.cat([torch.full((N, 1), e, dtype=indices.dtype, device=indices.device), indices], dim=1)
+        key = torch.cat([torch.zeros((N, 1), dtype=torch.int8, device=indices.device),
+                         (indices == e).to(torch.int8)], dim=1)
+        forced = cand.gather(1, torch.argsort(key, dim=1, stable=True))[:, :k]  # (N, k)
+        w = probs.gather(1, forced).float()
+        w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        if self.positions is None:
+            return probs, forced, w.to(weights.dtype)
+        pos = ctx.positions
+        if pos is None or pos.numel() != N:
+            raise RuntimeError(f"{self!r} needs the positions of the tokens in this forward, which "
+                               "intervene could not work out (call the model with tokens [B, T] and "
+                               "attention_mask/cache as keywords)")
+        rows = torch.isin(pos.reshape(-1), torch.tensor(self.positions, device=pos.device))[:, None]  # (N, 1)
+        return probs, torch.where(rows, forced, indices), torch.where(rows, w.to(weights.dtype), weights)
+
+    def __repr__(self):
+        layer = self.layers[0] if len(self.layers) == 1 else list(self.layers)
+        pos = "" if self.positions is None else f", positions={list(self.positions)}"
+        return f"ForceExpert(layer={layer}, expert={self.expert}{pos})"
+
+
+class SetTopK(Intervention):
+    """Route every token to ``k`` experts (``layers=None``: all layers). ``k = n_experts``
+    gives the dense mixture: every expert, weighted by the full softmax."""
+
+    def __init__(self, k: int, layers: int | Iterable[int] | None = None):
+        self.k = int(k)
+        self.layers = _layer_tuple(layers, "SetTopK")
+
+    def check(self, n_layers, n_experts, moe_layers):
+        super().check(n_layers, n_experts, moe_layers)
+        if not 1 <= self.k <= n_experts:
+            raise ValueError(f"{self!r}: k must be in [1, n_experts={n_experts}]")
+
+    def edit_top_k(self, layer, k):
+        return self.k
+
+    def __repr__(self):
+        return f"SetTopK({self.k}" + ("" if self.layers is None else f", layers={list(self.layers)}") + ")"
+
+
+class RouterTemperature(Intervention):
+    """Divide router logits by ``t`` before the softmax: same experts chosen, weights sharper
+    (t < 1) or flatter (t > 1)."""
+
+    def __init__(self, t: float, layers: int | Iterable[int] | None = None):
+        if not t > 0:
+            raise ValueError(f"RouterTemperature: t must be > 0, got {t}")
+        self.t = float(t)
+        self.layers = _layer_tuple(layers, "RouterTemperature")
+
+    def edit_logits(self, layer, logits, ctx):
+        return logits.float() / self.t
+
+    def __repr__(self):
+        return f"RouterTemperature({self.t}" + ("" if self.layers is None else f", layers={list(self.layers)}") + ")"
+
+
+class CustomRouting(Intervention):
+    """Replace the routing rule with ``fn(logits (N, E), top_k) -> (probs (N, E), indices (N, k),
+    weights (N, k))`` (the contract of ``MoE.routing_fn``; weights should sum to 1).
+
+    Example, random routing::
+
+        def random_routing(logits, k):
+            probs = torch.full_like(logits, 1 / logits.shape[-1], dtype=torch.float)
+            idx = torch.rand_like(probs).topk(k, dim=-1).indices
+            return probs, idx, torch.full(idx.shape, 1 / k, device=idx.device)
+    """
+
+    def __init__(self, fn: RoutingFn, layers: int | Iterable[int] | None = None, name: str | None = None):
+        if not callable(fn):
+            raise TypeError(f"CustomRouting needs a callable fn(logits, top_k), got {fn!r}")
+        self.rule = self._checked(fn)
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "fn")
+        self.layers = _layer_tuple(layers, "CustomRouting")
+
+    def _checked(self, fn):
+        def rule(logits, top_k):
+            out = fn(logits, top_k)
+            if not (isinstance(out, tuple) and len(out) == 3):
+                raise TypeError(f"{self!r}: the routing function must return (probs, indices, weights)")
+            probs, indices, weights = out
+            N = logits.shape[0]
+            if indices.dim() != 2 or indices.shape[0] != N or tuple(weights.shape) != tuple(indices.shape):
+                raise ValueError(f"{self!r}: expected indices and weights of shape (N={N}, k), got "
+                                 f"{tuple(indices.shape)} and {tuple(weights.shape)}")
+            if indices.dtype.is_floating_point:
+                raise TypeError(f"{self!r}: indices must be integer expert ids, got {indices.dtype}")
+            return probs, indices, weights
+        return rule
+
+    def __repr__(self):
+        return f"CustomRouting({self.name}" + ("" if self.layers is None else f", layers={list(self.layers)}") + ")"
+
+
+# --------------------------------------------------------------------------------------------
+# composition
+
+
+def compose(layer: int, base: RoutingFn, interventions: Sequence[Intervention], ctx: _Context,
+            n_experts: int) -> RoutingFn:
+    """The routing function of ``layer`` with ``interventions`` (those that apply) around ``base``."""
+    ivs = [iv for iv in interventions if iv.applies(layer)]
+    if not ivs:
+        return base
+    n_left = n_experts - len(set().union(*(iv.ablated(layer) for iv in ivs)))
+    rule = base
+    for iv in ivs:
+        if iv.rule is not None:
+            rule = iv.rule
+
+    def routing_fn(logits: Tensor, top_k: int):
+        for iv in ivs:
+            logits = iv.edit_logits(layer, logits, ctx)
+        k = top_k
+        for iv in ivs:
+            k = iv.edit_top_k(layer, k)
+        probs, indices, weights = rule(logits, min(k, n_left))
+        for iv in ivs:
+            probs, indices, weights = iv.edit_routing(layer, probs, indices, weights, ctx)
+        return probs, indices, weights
+
+    routing_fn.interventions = ivs  # for inspection
+    return routing_fn
+
+
+def unwrap(model):
+    """``(mixtral, call)``: the moe_lab ``Mixtral`` that holds the MoE modules and what to call
+    for a forward -- the model itself, or for a ``StreamingMixtral`` its ``.model`` and itself."""
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(model, "iter_layers") and hasattr(inner, "blocks"):
+        return inner, model
+    if hasattr(model, "blocks") and hasattr(model, "args"):
+        return model, model
+    raise TypeError(f"expected a moe_lab Mixtral (or StreamingMixtral), got {type(model).__name__}")
+
+
+def layer_ids(mixtral) -> list[int]:
+    """The layer number of each block: ``model.layer_ids`` for a model loaded with ``layers=``
+    (checkpoint numbering), else 0..n_layers-1. Traces and interventions use these numbers."""
+    ids = getattr(mixtral, "layer_ids", None)
+    return [int(i) for i in ids] if ids is not None else list(range(len(mixtral.blocks)))
+
+
+def active_interventions(model) -> list[Intervention]:
+    """Interventions currently applied to ``model`` (outermost first)."""
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(model, "iter_layers"):
+        model = inner
+    return list(model.__dict__.get(_ACTIVE_ATTR, ()))
+
+
+def _moe_lab_positions(args, kwargs) -> Tensor | None:
+    """RoPE positions of a moe_lab forward (what ``Mixtral._positions_and_mask`` computes)."""
+    tokens = args[0] if args else kwargs.get("tokens")
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+        return None
+    B, T = tokens.shape
+    mask, cache = kwargs.get("attention_mask"), kwargs.get("cache")
+    if mask is not None and not bool(mask.all()):
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+    base = torch.arange(T, device=tokens.device)[None]
+    return base + cache.positions[:, None] if cache is not None else base.expand(B, T)
+
+
+@contextmanager
+def intervene(model, *interventions: Intervention) -> Iterator:
+    """Apply ``interventions`` to ``model`` for the block; everything is restored on exit, also
+    when the block raises. Works on moe_lab models and on transformers models with
+    Mixtral-style routers (see :mod:`moe_lab.bridge`). Yields the model."""
+    for iv in interventions:
+        if not isinstance(iv, Intervention):
+            raise TypeError(f"intervene takes Intervention objects (AblateExpert, ForceExpert, SetTopK, "
+                            f"RouterTemperature, CustomRouting), got {iv!r}")
+    from .bridge import is_hf_model
+
+    if is_hf_model(model):
+        from .bridge import hf_intervene
+        with hf_intervene(model, interventions):
+            yield model
+        return
+
+    outer = model
+    model, _ = unwrap(model)
+    moes = {lid: block.moe for lid, block in zip(layer_ids(model), model.blocks)}
+    n_experts = model.args.n_experts
+    for iv in interventions:
+        iv.check(model.args.n_layers, n_experts, list(moes))
+    ctx = _Context()
+    saved: list[tuple[object, RoutingFn]] = []
+    handle = None
+    previous = model.__dict__.get(_ACTIVE_ATTR, [])
+    try:
+        if any(iv.needs_positions for iv in interventions):
+            def set_positions(module, args, kwargs):
+                ctx.positions = _moe_lab_positions(args, kwargs)
+            handle = model.register_forward_pre_hook(set_positions, with_kwargs=True)
+        for layer, moe in moes.items():
+            fn = compose(layer, moe.routing_fn, interventions, ctx, n_experts)
+            if fn is not moe.routing_fn:
+                saved.append((moe, moe.routing_fn))
+                moe.routing_fn = fn
+        object.__setattr__(model, _ACTIVE_ATTR, previous + list(interventions))
+        yield outer
+    finally:
+        for moe, fn in reversed(saved):
+            moe.routing_fn = fn
+        if handle is not None:
+            handle.remove()
+        object.__setattr__(model, _ACTIVE_ATTR, previous)
+
+
+__all__ = ["Intervention", "AblateExpert", "ForceExpert", "SetTopK", "RouterTemperature", "CustomRouting",
+           "intervene", "active_interventions", "compose", "topk_softmax_routing"]
