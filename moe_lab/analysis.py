@@ -69,6 +69,52 @@ def expert_load_by_domain(trace: RoutingTrace, choice: Choice = "either",
     return {d: expert_load(trace.select(domain=d), choice, normalization) for d in trace.domain_names}
 
 
+def domain_load_divergence(trace: RoutingTrace, choice: Choice = "either", n_perm: int = 200, seed: int = 0):
+    """How different is each domain's expert load from the other domains', beyond chance?
+
+    Per domain and layer: the total-variation distance TV = 1/2 sum_e |p_domain(e) - p_rest(e)|
+    between the load of the domain's documents and that of all other documents (0 = same load,
+    1 = disjoint experts), and a permutation baseline: the same distance after shuffling the
+    domain labels over documents (keeping each domain's number of documents), ``n_perm`` times.
+    Small samples differ by chance; a domain stands out only where ``tv`` exceeds ``null_p95``
+    (``p_value`` = share of shuffles at least as far, with the +1 correction).
+    Long DataFrame: domain, layer, tv, null_mean, null_p95, p_value, n_docs.
+    """
+    import pandas as pd
+
+    ids = _choice_ids(trace, choice)  # [L, N, j]
+    L, _, j = ids.shape
+    E, D = trace.n_experts, trace.n_docs
+    counts = np.zeros((D, L, E))  # assignments per document, layer, expert
+    for l in range(L):
+        np.add.at(counts[:, l], (np.repeat(trace.doc_ids, j), ids[l].ravel()), 1)
+    labels = np.asarray(trace.domains, dtype=object)
+    doms = trace.domain_names
+    if len(doms) < 2:
+        raise ValueError("domain_load_divergence needs documents of at least two domains")
+    total = counts.sum(0)  # [L, E]
+
+    def tv(mask):  # mask [D] -> [L]
+        a = counts[mask].sum(0)
+        b = total - a
+        pa = a / np.maximum(a.sum(-1, keepdims=True), 1)
+        pb = b / np.maximum(b.sum(-1, keepdims=True), 1)
+        return 0.5 * np.abs(pa - pb).sum(-1)
+
+    rng = np.random.default_rng(seed)
+    perms = [rng.permutation(labels) for _ in range(n_perm)]
+    rows = []
+    for d in doms:
+        obs = tv(labels == d)
+        null = np.stack([tv(p == d) for p in perms]) if n_perm else np.full((1, L), np.nan)
+        for li, layer in enumerate(trace.layers):
+            rows.append({"domain": d, "layer": layer, "tv": obs[li], "null_mean": null[:, li].mean(),
+                         "null_p95": np.quantile(null[:, li], 0.95),
+                         "p_value": (1 + (null[:, li] >= obs[li] - 1e-12).sum()) / (1 + n_perm),
+                         "n_docs": int((labels == d).sum())})
+    return pd.DataFrame(rows)
+
+
 @dataclass
 class BalanceSummary:
     cv: np.ndarray  # [L] coefficient of variation of expert shares (0 = perfectly balanced)
@@ -399,3 +445,25 @@ def cache_hit_rates(trace: RoutingTrace, sizes=None, policies=("lru", "lfu", "op
                 rows.append({"layer": layer, "policy": policy, "cache_size": s,
                              "hit_rate": simulate_expert_cache(reqs, s, policy)})
     return pd.DataFrame(rows)
+
+
+def generated_only(trace: RoutingTrace) -> RoutingTrace:
+    """The decode steps of a trace from :func:`moe_lab.trace_generation`: its tokens at positions
+    >= the prompt length of their document (``trace.meta["prompt_lengths"]``). Feed this to
+    :func:`cache_hit_rates`: the prompt is processed in one batch (every expert it needs is
+    loaded once), while generated tokens are served one at a time, which is where an expert cache
+    matters."""
+    lengths = trace.meta.get("prompt_lengths")
+    if lengths is None:
+        raise ValueError("this trace has no meta['prompt_lengths']; make it with moe_lab.trace_generation")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) != trace.n_docs:
+        raise ValueError(f"meta['prompt_lengths'] has {len(lengths)} entries for {trace.n_docs} documents")
+    keep = trace.positions >= lengths[trace.doc_ids]
+    return RoutingTrace(
+        token_ids=trace.token_ids[keep], doc_ids=trace.doc_ids[keep], positions=trace.positions[keep],
+        expert_ids=trace.expert_ids[:, keep], weights=trace.weights[:, keep],
+        router_logits=None if trace.router_logits is None else trace.router_logits[:, keep],
+        domains=list(trace.domains), layers=list(trace.layers), n_experts=trace.n_experts,
+        pieces=None if trace.pieces is None else [p for p, k in zip(trace.pieces, keep) if k],
+        meta={**trace.meta, "prompt_lengths": [0] * trace.n_docs, "generated_only": True})

@@ -151,3 +151,40 @@ def test_cache_hit_rates_monotone_and_optimal_is_ceiling():
     piv = df.pivot_table(index="cache_size", columns="policy", values="hit_rate")
     assert (piv["optimal"] >= piv["lru"] - 1e-12).all() and (piv["optimal"] >= piv["lfu"] - 1e-12).all()
     assert piv.loc[8].min() == pytest.approx(1 - 8 / 600)  # only the 8 cold misses
+
+
+def test_generated_only_keeps_the_decode_steps():
+    # doc 0: prompt of 2 tokens then 2 generated; doc 1: prompt of 1 then 1 generated
+    ids = [[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 3]]
+    t = make_trace(ids, doc_ids=[0, 0, 0, 0, 1, 1], token_ids=[1, 5, 6, 7, 1, 8])
+    t.meta["prompt_lengths"] = [2, 1]
+    g = A.generated_only(t)
+    np.testing.assert_array_equal(g.token_ids, [6, 7, 8])
+    np.testing.assert_array_equal(g.positions, [2, 3, 1])
+    np.testing.assert_array_equal(g.doc_ids, [0, 0, 1])
+    np.testing.assert_array_equal(g.expert_ids[0], [[2, 3], [3, 0], [1, 3]])
+    assert g.meta["prompt_lengths"] == [0, 0] and A.generated_only(g).n_tokens == 3  # idempotent
+    # LRU with one slot on the decode steps of doc 0 then doc 1: needs 2,3 | 3,0 | 1,3
+    # 2 miss, 3 miss (evicts 2), 3 hit, 0 miss, 1 miss, 3 miss -> 1/6
+    assert A.simulate_expert_cache(g.expert_ids[0], 1, "lru") == pytest.approx(1 / 6)
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        A.generated_only(make_trace(ids))
+
+
+def test_domain_load_divergence():
+    # code documents use experts 0/1, prose documents 2/3 (one layer, top-2 of 4): disjoint -> TV 1
+    ids = [[0, 1], [0, 1], [1, 0], [0, 1], [2, 3], [3, 2], [2, 3], [2, 3]]
+    t = make_trace(ids, doc_ids=[0, 0, 1, 1, 2, 2, 3, 3], domains=["code", "code", "prose", "prose"])
+    df = A.domain_load_divergence(t, n_perm=100)
+    assert list(df.domain) == ["code", "prose"] and (df.n_docs == 2).all()
+    np.testing.assert_allclose(df.tv, [1.0, 1.0])
+    # shuffling 4 documents into 2+2: 1/3 of the splits give the true split (TV 1), 2/3 give TV 0
+    assert df.null_mean.iloc[0] == pytest.approx(1 / 3, abs=0.15)
+    assert df.null_p95.iloc[0] == 1.0
+    assert df.p_value.iloc[0] > 0.2  # with 4 documents, a perfect split is not even significant
+    # code docs: experts 0,1,0,2 (share .5,.25,.25,0); prose docs: 0,1,0,1 -> TV = 1/2 (0 + .25 + .25 + 0) = .25
+    ids2 = [[0, 1], [0, 2], [0, 1], [0, 1]]
+    t2 = make_trace(ids2, doc_ids=[0, 0, 1, 1], domains=["code", "prose"])
+    np.testing.assert_allclose(A.domain_load_divergence(t2, n_perm=10).tv, [0.25, 0.25])
+    with pytest.raises(ValueError, match="two domains"):
+        A.domain_load_divergence(make_trace(ids2, doc_ids=[0, 0, 1, 1], domains=["a", "a"]))

@@ -1,0 +1,286 @@
+"""Figures reflect the trace they were drawn from: checked on small hand-built traces."""
+
+import json
+
+import numpy as np
+import plotly.graph_objects as go
+import plotly.io as pio
+import pytest
+
+from moe_lab import analysis as A
+from moe_lab import viz
+from moe_lab.trace import RoutingTrace
+
+
+def make_trace(expert_ids, doc_ids=None, token_ids=None, domains=None, E=4, logits=None, pieces=None, weights=None):
+    ids = np.asarray(expert_ids)
+    if ids.ndim == 2:
+        ids = ids[None]
+    L, N, k = ids.shape
+    doc_ids = np.zeros(N, int) if doc_ids is None else np.asarray(doc_ids)
+    positions = np.concatenate([np.arange((doc_ids == d).sum()) for d in np.unique(doc_ids)])
+    token_ids = np.arange(10, 10 + N) if token_ids is None else np.asarray(token_ids)
+    w = np.full((L, N, k), 1.0 / k) if weights is None else np.asarray(weights)
+    return RoutingTrace(token_ids=token_ids, doc_ids=doc_ids, positions=positions, expert_ids=ids, weights=w,
+                        router_logits=logits, domains=domains or [], n_experts=E, pieces=pieces)
+
+
+# two layers, 5 tokens in doc 0 and 3 in doc 1, top-2 of 4
+IDS = np.array([
+    [[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 0], [1, 3], [2, 1]],
+    [[3, 2], [3, 1], [0, 1], [0, 2], [1, 2], [2, 3], [2, 0], [0, 3]],
+])
+DOCS = [0, 0, 0, 0, 0, 1, 1, 1]
+PIECES = ["<s>", "▁def", "▁f", "(", "x", "<s>", "▁The", "▁cat"]
+
+
+@pytest.fixture
+def trace():
+    rng = np.random.default_rng(0)
+    w = np.stack([np.full(8, 0.7), np.full(8, 0.3)], -1)[None].repeat(2, 0)
+    return make_trace(IDS, doc_ids=DOCS, domains=["code", "prose"], pieces=PIECES, weights=w,
+                      logits=rng.normal(size=(2, 8, 4)).astype(np.float32), token_ids=[1, 11, 12, 13, 14, 1, 15, 16])
+
+
+# ---------------------------------------------------------------- colours
+
+def test_expert_colors_are_distinct_stable_and_extend_past_the_palette():
+    assert viz.expert_color(0) == "#E69F00" and viz.expert_color(7) == "#000000"  # Okabe-Ito
+    cols = viz.expert_colors(64)
+    assert len(set(cols)) == 64
+    assert cols[:8] == list(viz.EXPERT_COLORS[:8])
+    assert all(c.startswith("#") and len(c) == 7 for c in cols)
+    assert viz.expert_colors(64) == cols  # deterministic
+    with pytest.raises(ValueError):
+        viz.expert_color(-1)
+
+
+def test_setup_notebook_sets_renderer_and_template(monkeypatch):
+    monkeypatch.delenv("PLOTLY_RENDERER", raising=False)
+    old_r, old_t = pio.renderers.default, pio.templates.default
+    try:
+        r = viz.setup_notebook()
+        assert r == "plotly_mimetype+notebook_connected" == pio.renderers.default
+        assert pio.templates.default == viz.TEMPLATE
+        bundle = go.Figure()._repr_mimebundle_()  # what Jupyter stores in the saved notebook
+        assert "application/vnd.plotly.v1+json" in bundle and "text/html" in bundle
+        assert len(bundle["text/html"]) < 20_000  # plotly.js is loaded from the CDN, not embedded
+        assert viz.setup_notebook("json") == "json"
+    finally:
+        pio.renderers.default, pio.templates.default = old_r, old_t
+
+
+def test_template_is_small():
+    fig = viz.load_heatmap(make_trace(IDS[:, :, :], doc_ids=DOCS))
+    assert len(json.dumps(fig.to_plotly_json()["layout"]["template"])) < 2000
+
+
+# ---------------------------------------------------------------- tokens (Figure 8)
+
+def test_token_colors_are_first_choice_expert_colors(trace):
+    fig = viz.token_figure(trace, doc=0)
+    assert fig.data[0].name == "layer 0" and fig.data[1].name == "layer 1"
+    for li in range(2):
+        expected = [viz.expert_color(e) for e in IDS[li, :5, 0]]
+        assert list(fig.data[li].marker.color) == expected
+    assert list(fig.data[0].text) == ["&lt;s&gt;", " def", " f", "(", "x"]
+    # hover data: top-2 experts and weights, then entropy (trace has logits)
+    cd = np.asarray(fig.data[1].customdata)
+    np.testing.assert_array_equal(cd[:, :2], IDS[1, :5])
+    np.testing.assert_allclose(cd[:, 2:4], [[0.7, 0.3]] * 5, atol=1e-3)
+    np.testing.assert_allclose(cd[:, 4], A.router_confidence(trace).entropy[1, :5], atol=1e-3)
+    assert "router entropy" in fig.data[0].hovertemplate
+
+
+def test_token_figure_layer_switch(trace):
+    fig = viz.token_figure(trace, doc=1)
+    states = viz.layer_switch_states(fig)
+    assert [label for label, _ in states] == ["layer 0", "layer 1"]
+    n = len(fig.data)
+    assert n == 2 + 4  # one trace per layer + one legend entry per expert
+    assert states[0][1] == [True, False] + [True] * 4
+    assert states[1][1] == [False, True] + [True] * 4
+    assert fig.data[0].visible is True and fig.data[1].visible is False
+    assert "layer 1" in fig.layout.updatemenus[0].buttons[1].args[1]["title.text"]
+    # doc 1 holds tokens 5..7
+    assert list(fig.data[1].marker.color) == [viz.expert_color(e) for e in IDS[1, 5:, 0]]
+
+
+def test_token_figure_single_layer_has_no_switch_and_no_entropy_without_logits():
+    t = make_trace(IDS, doc_ids=DOCS)
+    fig = viz.token_figure(t, layers=1)
+    assert not fig.layout.updatemenus
+    assert list(fig.data[0].marker.color) == [viz.expert_color(e) for e in IDS[1, :5, 0]]
+    assert "entropy" not in fig.data[0].hovertemplate
+    assert list(fig.data[0].text) == ["[10]", "[11]", "[12]", "[13]", "[14]"]  # ids when no pieces
+    with pytest.raises(KeyError, match="layer 5"):
+        viz.token_figure(t, layers=[5])
+    with pytest.raises(IndexError):
+        viz.token_figure(t, doc=2)
+
+
+def test_token_figure_wraps_lines_and_breaks_after_newlines():
+    pieces = ["▁aaaa"] * 10 + ["\\n", "▁b"]
+    t = make_trace(np.zeros((1, 12, 2), int), pieces=pieces, E=2)
+    fig = viz.token_figure(t, line_chars=20)
+    y = list(fig.data[0].y)
+    assert y[0] == 0 and max(y[:10]) >= 2  # 10 five-char tokens need several 20-char lines
+    assert y[11] == y[10] + 1 and fig.data[0].base[11] == 0  # "\n" ends its line
+    assert fig.data[0].text[10] == "↵"
+
+
+def test_token_text_is_readable_on_its_colour(trace):
+    fig = viz.token_figure(trace, layers=0)
+    for bg, fg in zip(fig.data[0].marker.color, fig.data[0].textfont.color):
+        assert fg == ("#FFFFFF" if bg in ("#000000", "#0072B2", "#D55E00") else "#000000")
+
+
+# ---------------------------------------------------------------- load
+
+def test_load_heatmap_is_expert_load(trace):
+    fig = viz.load_heatmap(trace)
+    np.testing.assert_allclose(np.asarray(fig.data[0].z), A.expert_load(trace))
+    assert fig.data[0].zmid == pytest.approx(0.25)
+    assert list(fig.data[0].y) == ["layer 0", "layer 1"]
+    fig_t = viz.load_heatmap(trace, "first", normalization="tokens")
+    np.testing.assert_allclose(np.asarray(fig_t.data[0].z), A.expert_load(trace, "first", "tokens"))
+
+
+def test_domain_load_bars(trace):
+    fig = viz.domain_load_bars(trace, layer=1)
+    bars = [d for d in fig.data if d.x[0] is not None]
+    by = A.expert_load_by_domain(trace)
+    assert [b.name for b in bars] == ["code", "prose"]
+    for b in bars:
+        np.testing.assert_allclose(b.y, by[b.name][1])
+        assert list(b.marker.color) == viz.expert_colors(4)  # expert colours, domain by pattern
+    assert bars[0].marker.pattern.shape != bars[1].marker.pattern.shape
+    dashed = [s for s in fig.layout.shapes if s.line.dash == "dash"]
+    assert len(dashed) == 1 and dashed[0].y0 == dashed[0].y1 == pytest.approx(0.25)
+    fig3 = viz.domain_load_bars(trace)  # default: first, middle, last layers -> here 0 and 1
+    assert fig3.layout.meta["layers"] == [0, 1] and len(fig3.layout.shapes) == 2
+
+
+# ---------------------------------------------------------------- repetition (Table 5 / Figure 10)
+
+def test_repetition_figure_shows_rates_cis_and_baselines(trace):
+    fig = viz.repetition_figure(trace, n_boot=50)
+    reps = [A.repetition(trace, k, n_boot=50) for k in ("first", "any")]
+    obs = [d for d in fig.data if d.name == "observed (95% CI)"]
+    assert len(obs) == 2
+    for d, r in zip(obs, reps):
+        np.testing.assert_allclose(d.y, r.rate)
+        np.testing.assert_allclose(np.asarray(d.y) - np.asarray(d.error_y.arrayminus), r.ci_low)
+        np.testing.assert_allclose(np.asarray(d.y) + np.asarray(d.error_y.array), r.ci_high)
+    marg = [d for d in fig.data if d.name.startswith("chance given")]
+    np.testing.assert_allclose(marg[0].y, reps[0].marginal)
+    unif = [d for d in fig.data if d.name == "uniform routing"]
+    assert unif[0].y[0] == pytest.approx(0.25) and unif[1].y[0] == pytest.approx(1 - 1 / 6)
+    assert any(d.name == "tokens shuffled within documents" for d in fig.data)
+
+
+def test_repetition_figure_by_domain_and_from_results(trace):
+    fig = viz.repetition_figure(trace, kinds=("first",), by_domain=True, n_boot=20)
+    names = [d.name for d in fig.data]
+    assert "code" in names and "prose" in names and "all documents (95% CI)" in names
+    code = A.repetition(trace.select(domain="code"), "first", n_boot=20)
+    np.testing.assert_allclose(fig.data[names.index("code")].y, code.rate)
+    rep = A.repetition(trace, "any", n_boot=20)
+    fig2 = viz.repetition_figure([rep])
+    np.testing.assert_allclose(fig2.data[0].y, rep.rate)
+
+
+# ---------------------------------------------------------------- co-activation, paths, cache
+
+def test_coactivation_heatmap(trace):
+    fig = viz.coactivation_heatmap(trace, layer=0)
+    z = np.asarray(fig.data[0].z, dtype=float)
+    np.testing.assert_allclose(z, A.coactivation(trace, 0))
+    assert np.isnan(np.diag(z)).all()
+    assert fig.data[0].zmid == pytest.approx(1 / 3)  # (k-1)/(E-1)
+
+
+def test_domain_specialization_heatmap(trace):
+    fig = viz.domain_specialization_heatmap(trace)
+    for i, layer in enumerate(trace.layers):
+        doms, mat = A.domain_specialization(trace, layer)
+        np.testing.assert_allclose(np.asarray(fig.data[i].z), mat)
+        assert list(fig.data[i].y) == doms == ["code", "prose"]
+    assert fig.data[0].zmid == pytest.approx(0.5)  # k/E = 2/4
+    assert [v for _, v in viz.layer_switch_states(fig)] == [[True, False], [False, True]]
+
+
+def test_sankey_links_count_first_choice_transitions(trace):
+    fig = viz.expert_paths_sankey(trace)
+    s = fig.data[0]
+    assert list(s.node.color) == viz.expert_colors(4) * 2
+    counts = np.zeros((4, 4), int)
+    for a, b, v in zip(s.link.source, s.link.target, s.link.value):
+        counts[a, b - 4] += v
+    expected = np.zeros((4, 4), int)
+    np.add.at(expected, (IDS[0, :, 0], IDS[1, :, 0]), 1)
+    np.testing.assert_array_equal(counts, expected)
+    assert sum(s.link.value) == trace.n_tokens
+    with pytest.raises(ValueError):
+        viz.expert_paths_sankey(trace, layers=[0])
+
+
+def test_cache_hit_figure(trace):
+    df = A.cache_hit_rates(trace)
+    fig = viz.cache_hit_figure(trace)
+    lru_mean = [d for d in fig.data if d.legendgroup == "lru"][0]  # first view: mean over layers
+    expected = df[df.policy == "lru"].groupby("cache_size").hit_rate.mean()
+    np.testing.assert_allclose(lru_mean.y, expected.values)
+    assert list(lru_mean.x) == [1, 2, 3, 4]
+    states = viz.layer_switch_states(fig)
+    assert [s[0] for s in states] == ["mean over layers (range as bars)", "layer 0", "layer 1"]
+    # each view shows its 3 policies plus the reference line
+    for label, vis in states:
+        assert sum(vis) == 4 and vis[-1]
+    opt = [d for d in fig.data if d.legendgroup == "optimal"]
+    lay1 = df[(df.policy == "optimal") & (df.layer == 1)].hit_rate.values
+    np.testing.assert_allclose(opt[2].y, lay1)
+    assert np.all(np.asarray(opt[0].y) >= np.asarray(lru_mean.y) - 1e-12)  # optimal is the ceiling
+    fig_df = viz.cache_hit_figure(df)
+    np.testing.assert_allclose(fig_df.data[0].y, fig.data[0].y)
+    with pytest.raises(TypeError):
+        viz.cache_hit_figure([1, 2])
+
+
+def test_every_figure_is_a_plain_figure_and_serialises(trace):
+    figs = [viz.token_figure(trace), viz.load_heatmap(trace), viz.domain_load_bars(trace, 0),
+            viz.repetition_figure(trace, n_boot=20), viz.coactivation_heatmap(trace, 1), viz.domain_specialization_heatmap(trace, 0),
+            viz.expert_paths_sankey(trace), viz.cache_hit_figure(trace)]
+    for f in figs:
+        assert type(f) is go.Figure
+        json.loads(f.to_json())
+
+
+# ---------------------------------------------------------------- interventions
+
+def test_next_token_figure():
+    p = np.array([0.5, 0.3, 0.1, 0.1, 0.0])
+    q = np.array([0.1, 0.3, 0.5, 0.05, 0.05])
+    fig = viz.next_token_figure(p, q, top_n=3)
+    # top 3 by max(p, q): token 0 (0.5), token 2 (0.5), token 1 (0.3)
+    assert fig.layout.meta["token_ids"] == [0, 2, 1]
+    np.testing.assert_allclose(fig.data[0].x, [0.5, 0.1, 0.3])
+    np.testing.assert_allclose(fig.data[1].x, [0.1, 0.5, 0.3])
+    kl = 0.5 * np.log(5) + 0.3 * 0 + 0.1 * np.log(0.2) + 0.1 * np.log(2)
+    assert fig.layout.meta["kl"] == pytest.approx(kl)
+    with pytest.raises(ValueError):
+        viz.next_token_figure(p, q[:3])
+
+
+def test_routing_change_figure():
+    base = make_trace([[[0, 1], [1, 2], [2, 3], [3, 0]], [[0, 1], [1, 2], [2, 3], [3, 0]]])
+    new = make_trace([[[0, 1], [1, 2], [2, 3], [3, 0]], [[1, 0], [1, 3], [2, 3], [3, 0]]])
+    layers, first, sets = viz.routing_changes(base, new)
+    # layer 1: token 0 swapped ranks (first choice changed, same set); token 1 changed its set
+    np.testing.assert_allclose(first, [0, 0.25])
+    np.testing.assert_allclose(sets, [0, 0.25])
+    fig = viz.routing_change_figure(base, new, marker_layer=1)
+    np.testing.assert_allclose(fig.data[0].y, [0, 0.25])
+    np.testing.assert_allclose(fig.data[1].y, [0, 0.25])
+    with pytest.raises(ValueError):
+        viz.routing_changes(base, make_trace(IDS))
