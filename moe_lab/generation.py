@@ -114,8 +114,9 @@ class _LastLogits:
     """
 
     def __init__(self, model):
-        from .model import Mixtral
+        from .model import Mixtral, rope_cos_sin
 
+        self.rope_cos_sin = rope_cos_sin
         glob = torch.nn.modules.module
         head = model.output
         self.model = model
@@ -126,7 +127,8 @@ class _LastLogits:
                      and not (glob._global_forward_hooks or glob._global_forward_pre_hooks))
         w = head.weight
         self.head_t = None
-        if self.fast and w.device.type == "cpu" and w.dtype == torch.float32 and w.shape[1] <= 1024:
+        if (self.fast and w.device.type == "cpu" and w.dtype == torch.float32 and w.shape[1] <= 1024
+                and not w.is_inference()):  # (inference tensors have no version to check the cache with)
             key = (w.data_ptr(), w._version, tuple(w.shape))
             cached = _HEAD_T.get(w)
             if cached is None or cached[0] != key:
@@ -138,8 +140,6 @@ class _LastLogits:
         m = self.model
         if not self.fast:
             return m(tokens, attention_mask=attention_mask, cache=cache)[:, -1]
-        from .model import rope_cos_sin
-
         if check:
             m._check_inputs(tokens, None, attention_mask, cache)
             if tokens.dtype not in (torch.long, torch.int):
@@ -147,7 +147,7 @@ class _LastLogits:
         B, T = tokens.shape
         positions, mask = m._positions_and_mask(B, T, attention_mask, cache, tokens.device)
         x = m.hook_embed(m.tok_embeddings(tokens))  # (B, T, D)
-        cos, sin = rope_cos_sin(positions, m.inv_freq(tokens.device), x.dtype)
+        cos, sin = self.rope_cos_sin(positions, m.inv_freq(tokens.device), x.dtype)
         for block in m.blocks:
             x, _ = block(x, cos, sin, mask, cache)
         cache.length += T

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from itertools import accumulate
 from typing import Callable, Iterator, NamedTuple
 
 import torch
@@ -208,6 +209,26 @@ class KVCache:
 # Attention
 
 
+def _rope_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin (B, T, hd/2) -> (B, T, 1, hd) tables c0 c0 c1 c1 ... and -s0 s0 -s1 s1 ... for
+    ``Attention._rope``. Every layer gets the same cos and sin, so they are built once per forward
+    and remembered on ``cos`` (checked against ``sin`` and both tensors' versions)."""
+    if torch.compiler.is_compiling():
+        return _build_rope_tables(cos, sin)
+    key = (sin, *(-1 if t.is_inference() else t._version for t in (cos, sin)))  # inference tensors have no version
+    memo = getattr(cos, "_moe_lab_rope", None)
+    if memo is None or memo[0][0] is not sin or memo[0][1:] != key[1:]:
+        memo = (key, *_build_rope_tables(cos, sin))
+        cos._moe_lab_rope = memo
+    return memo[1], memo[2]
+
+
+def _build_rope_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    cos2 = cos[..., None].expand(*cos.shape, 2).flatten(-2)[:, :, None]
+    sin2 = torch.stack((-sin, sin), dim=-1).flatten(-2)[:, :, None]
+    return cos2, sin2
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -225,8 +246,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         # apply_rope(q, cos, sin) and apply_rope(k, cos, sin), bit for bit, in fewer kernels
-        cos2 = cos[..., None].expand(*cos.shape, 2).flatten(-2)[:, :, None]  # (B, T, 1, hd): c0 c0 c1 c1 ...
-        sin2 = torch.stack((-sin, sin), dim=-1).flatten(-2)[:, :, None]  # (B, T, 1, hd): -s0 s0 -s1 s1 ...
+        cos2, sin2 = _rope_tables(cos, sin)
         q, k = self._rope(q, cos2, sin2), self._rope(k, cos2, sin2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
@@ -337,14 +357,23 @@ class MoE(nn.Module):
         return out
 
     def dispatch_grouped(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-        """Same result, fast: sort the (token, slot) pairs by expert, one matmul per expert."""
+        """Same result, fast: sort the (token, slot) pairs by expert, one matmul per expert.
+
+        Without autograd, plain experts (see ``_plain_expert``) are computed from their weights
+        directly, in place and into preallocated rows; experts with hooks are always called.
+        """
         N, k = indices.shape
         grad = torch.is_grad_enabled()
         if N == 1 and not grad:  # decode step: no sorting, k small matmuls, Python-scalar weights
             out = None
             for e, w in zip(indices[0].tolist(), weights[0].tolist()):
-                y = self.experts[e](x) * w  # (1, D); never in place: a hook may hold the expert output
-                out = y if out is None else out.add_(y)
+                ex = self.experts[e]
+                if _plain_expert(ex):  # out (+)= w * (h @ w2^T) in one matmul call
+                    h, w2t = _swiglu_hidden(ex, x), ex.w2.weight.t()
+                    out = torch.mm(h, w2t).mul_(w) if out is None else out.addmm_(h, w2t, alpha=w)
+                else:
+                    y = ex(x) * w  # (1, D); not in place: a hook may hold the expert's output
+                    out = y if out is None else out.add_(y)
             return out
         flat = indices.reshape(-1)  # (N*k,)
         order = flat.argsort(stable=True)  # slots grouped by expert
@@ -352,14 +381,42 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
         xs = x.index_select(0, token_of_slot)  # (N*k, D) tokens in expert order
         ws = weights.reshape(-1).index_select(0, order).unsqueeze(1)  # (N*k, 1)
-        ys, start = [], 0
-        for e, c in enumerate(counts):
-            if c:
-                ys.append(self.experts[e](xs[start : start + c]))
-            start += c
-        ys = torch.cat(ys)  # (N*k, D)
-        ys = ys * ws if grad else ys.mul_(ws)
+        groups = [(e, end - c, end) for e, (c, end) in enumerate(zip(counts, accumulate(counts))) if c]  # rows [lo, hi) of xs
+        if grad:  # split, not slices: its backward is one cat, not a zero-filled (N*k, D) per expert
+            pieces = xs.split(counts)
+            ys = torch.cat([self.experts[e](pieces[e]) for e, _, _ in groups]) * ws  # (N*k, D)
+        else:
+            ys = torch.empty_like(xs)  # (N*k, D), filled expert by expert
+            for e, lo, hi in groups:
+                ex = self.experts[e]
+                if _plain_expert(ex):
+                    torch.mm(_swiglu_hidden(ex, xs[lo:hi]), ex.w2.weight.t(), out=ys[lo:hi])
+                else:
+                    ys[lo:hi] = ex(xs[lo:hi])
+            ys.mul_(ws)
         return torch.zeros_like(x).index_add_(0, token_of_slot, ys)
+
+
+_MODULE_STATE = nn.modules.module
+
+
+def _plain_expert(ex: nn.Module) -> bool:
+    """True when computing with an expert's weights directly is the same as calling it: an ``Expert``
+    of three bias-free ``nn.Linear`` with no hooks on it, on them or on its ``hook_out``, and no
+    global module hooks."""
+    if type(ex) is not Expert or _MODULE_STATE._global_forward_hooks or _MODULE_STATE._global_forward_pre_hooks:
+        return False
+    mods = ex._modules
+    linears, hook = (mods["w1"], mods["w3"], mods["w2"]), mods["hook_out"]
+    if type(hook) is not HookPoint or any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in (ex, hook, *linears))
+
+
+def _swiglu_hidden(ex: Expert, x: Tensor) -> Tensor:
+    """silu(x w1^T) * (x w3^T), in place (no autograd): the hidden state an Expert feeds to w2."""
+    return F.silu(F.linear(x, ex.w1.weight), inplace=True).mul_(F.linear(x, ex.w3.weight))
 
 
 # --------------------------------------------------------------------------------------------
