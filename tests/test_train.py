@@ -1,0 +1,343 @@
+"""Training loop, schedule, resume, determinism, logging and the evaluation behind the model card.
+
+Everything trains a 2-layer model of width 32 for a few dozen steps on a synthetic three-domain
+corpus, so the whole file runs in well under a minute on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moe_lab.corpus import Corpus, Document
+from moe_lab.model import ModelArgs, count_params
+from moe_lab.train import (
+    CKPT_NAME,
+    LOG_NAME,
+    SNAPSHOT_NAME,
+    DataConfig,
+    OptimConfig,
+    TrainConfig,
+    batch_schedule,
+    consecutive_repetition,
+    evaluate_model,
+    inputs_targets,
+    load_config,
+    lr_at,
+    pack_windows,
+    quality_bar,
+    read_log,
+    router_saturation,
+    tokenize_corpus,
+    train,
+    unigram_baseline,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _docs(domain: str, n: int, seed: int) -> list[Document]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        if domain == "numbers":
+            a = rng.integers(0, 50, 6)
+            text = "\n".join(f"Question: What is {x} + {y}?\nAnswer: {x + y}" for x, y in zip(a[::2], a[1::2]))
+        elif domain == "code":
+            names = rng.choice(["alpha", "beta", "gamma", "delta"], 3)
+            text = "\n".join(f"def {n}(x):\n    return x + {k}\n" for k, n in enumerate(names))
+        else:
+            words = rng.choice(["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"], 40)
+            text = " ".join(words) + "."
+        out.append(Document(domain, f"{domain}/{seed}/{i}", text))
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus() -> Corpus:
+    domains = ["numbers", "code", "prose"]
+    train_docs = [d for k, dom in enumerate(domains) for d in _docs(dom, 40, k)]
+    held = [d for k, dom in enumerate(domains) for d in _docs(dom, 6, 100 + k)]
+    return Corpus(train=train_docs, heldout=held, domains=domains)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from moe_lab.tokenizer import load_tokenizer
+
+    return load_tokenizer()
+
+
+def tiny_config(**changes) -> TrainConfig:
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, vocab_size=32000,
+                     max_seq_len=64, n_experts=4, top_k=2)
+    cfg = TrainConfig(model=args,
+                      data=DataConfig(seq_len=32, eval_tokens_per_domain=128, eval_windows=2, probe_windows=1),
+                      optim=OptimConfig(steps=24, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=4),
+                      name="test", seed=0, num_threads=1, log_every=4, eval_every=8, checkpoint_every=8,
+                      snapshot_every=8)
+    d = cfg.to_dict()
+    for key, value in changes.items():
+        section, _, name = key.rpartition("__")
+        (d[section] if section else d)[name] = value
+    return TrainConfig.from_dict(d)
+
+
+def run(corpus, tokenizer, out=None, **kw):
+    cfg = kw.pop("cfg", None) or tiny_config()
+    return train(cfg, out, corpus=corpus, tokenizer=tokenizer, progress=False, **kw)
+
+
+def same_params(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def full_run(corpus, tokenizer, tmp_path_factory):
+    return run(corpus, tokenizer, tmp_path_factory.mktemp("full"))
+
+
+# --------------------------------------------------------------------------------------------
+# schedule and data
+
+
+def test_lr_schedule_warmup_then_cosine():
+    o = OptimConfig(steps=100, lr=1.0, min_lr=0.1, warmup_steps=10)
+    lrs = np.array([lr_at(s, o) for s in range(o.steps)])
+    assert np.all(np.diff(lrs[:10]) > 0), "warm-up must increase linearly"
+    assert np.allclose(np.diff(lrs[:10]), 0.1)
+    assert lrs[9] == pytest.approx(1.0)
+    assert np.all(np.diff(lrs[10:]) <= 1e-12), "cosine must decrease"
+    assert lrs[-1] == pytest.approx(0.1)
+    mid = 10 + (100 - 1 - 10) // 2
+    assert lrs[mid] == pytest.approx(0.55, abs=0.01)  # half way down the cosine
+
+
+def test_inputs_targets_shift_and_ignore_bos():
+    w = np.array([[1, 5, 6, 1, 7]])
+    x, y = inputs_targets(w, bos_id=1)
+    assert x.tolist() == [[1, 5, 6, 1]]
+    assert y.tolist() == [[5, 6, -100, 7]]
+
+
+def test_packing_and_schedule_are_deterministic(corpus, tokenizer, tmp_path):
+    td = tokenize_corpus(corpus, tokenizer, tmp_path, progress=False)
+    assert all(td.tokens["train"][d][td.starts["train"][d]].tolist() == [1] * len(td.starts["train"][d])
+               for d in td.domains), "every document starts with BOS"
+    w1 = pack_windows(td, "train", "code", 32, shuffle_seed=0)
+    w2 = pack_windows(td, "train", "code", 32, shuffle_seed=0)
+    assert w1.shape[1] == 33 and np.array_equal(w1, w2)
+    assert np.array_equal(w1[1:, 0], w1[:-1, -1]), "windows overlap by one token"
+    td2 = tokenize_corpus(corpus, tokenizer, tmp_path, progress=False)  # from the cache
+    assert td2.fingerprint == td.fingerprint and np.array_equal(td2.tokens["heldout"]["prose"], td.tokens["heldout"]["prose"])
+    s1 = batch_schedule({"a": 5, "b": 50}, 40, 4, seed=3, alpha=0.0)
+    s2 = batch_schedule({"a": 5, "b": 50}, 40, 4, seed=3, alpha=0.0)
+    assert s1.shape == (40, 4, 2) and np.array_equal(s1, s2)
+    share_a = (s1[..., 0] == 0).mean()
+    assert 0.35 < share_a < 0.65, "alpha 0 draws the domains uniformly"
+    a_windows = s1[..., 1][s1[..., 0] == 0]
+    assert sorted(a_windows[:5].tolist()) == list(range(5)), "each epoch visits every window once"
+    nat = batch_schedule({"a": 5, "b": 50}, 40, 4, seed=3, alpha=1.0)
+    assert (nat[..., 0] == 0).mean() < 0.2
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+def test_loss_decreases_and_log_is_complete(full_run):
+    res = full_run
+    trains = res.records("train")
+    assert trains[0]["step"] == 4 and trains[-1]["step"] == 24
+    assert trains[-1]["ce"] < trains[0]["ce"] - 1.0
+    evals = res.records("eval")
+    assert [e["step"] for e in evals] == [8, 16, 24]
+    assert evals[-1]["ce_mean"] < evals[0]["ce_mean"]
+    assert set(evals[-1]["ce"]) == {"numbers", "code", "prose"} == set(res.final_eval)
+    L, E = res.config.model.n_layers, res.config.model.n_experts
+    for r in trains + [e for e in evals]:
+        loads = [r["load"]] if r["type"] == "train" else list(r["load"].values())
+        for load in loads:
+            assert np.array(load).shape == (L, E)
+            assert np.allclose(np.array(load).sum(1), 1.0)
+    for key in ("lr", "total", "ce", "load_balancing", "z", "grad_norm", "clipped_frac", "tokens", "elapsed_s"):
+        assert key in trains[-1]
+    on_disk = read_log(res.out_dir)
+    assert [r["type"] for r in on_disk] == [r["type"] for r in res.log]
+    assert on_disk[0]["event"] == "start" and on_disk[-1]["event"] == "stop"
+    assert res.tokens_seen == 24 * 4 * 32
+
+
+def test_router_snapshots_and_saturation(full_run):
+    z = np.load(full_run.out_dir / SNAPSHOT_NAME)
+    assert z["steps"].tolist() == [0, 8, 16, 24]
+    S, L, N, k = z["indices"].shape
+    assert (S, L, k) == (4, 2, 2) and N == len(z["probe_tokens"].reshape(-1)) == 3 * 32
+    sat = router_saturation(z["indices"])
+    assert sat.shape == (4, 2)
+    assert np.allclose(sat[-1], 1.0)
+    assert np.all((sat >= 0) & (sat <= 1))
+
+
+def test_two_runs_are_identical(corpus, tokenizer, full_run):
+    again = run(corpus, tokenizer, None)
+    assert same_params(again.model, full_run.model)
+    assert [r["total"] for r in again.records("train")] == [r["total"] for r in full_run.records("train")]
+
+
+def test_resume_is_bit_identical(corpus, tokenizer, full_run, tmp_path):
+    first = run(corpus, tokenizer, tmp_path, max_steps=10)  # checkpoints at 8, and at the stop (10)
+    assert first.step == 10 and (tmp_path / CKPT_NAME).exists()
+    resumed = run(corpus, tokenizer, tmp_path, resume=True)
+    assert resumed.step == 24
+    assert same_params(resumed.model, full_run.model)
+    # the interrupted run also logged, evaluated and snapshotted at its stop (step 10); every
+    # record of the uninterrupted run is reproduced exactly
+    steps = {r["step"] for r in full_run.log if r["type"] != "run"}
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")}
+                          for r in recs if r["step"] in steps]
+    assert strip(resumed.records("train")) == strip(full_run.records("train"))
+    assert strip(resumed.records("eval")) == strip(full_run.records("eval"))
+    assert [r["event"] for r in read_log(tmp_path) if r["type"] == "run"] == ["start", "stop", "resume", "stop"]
+    z = np.load(tmp_path / SNAPSHOT_NAME)
+    assert z["steps"].tolist() == [0, 8, 10, 16, 24]
+    keep = np.isin(z["steps"], full_run.snapshots["steps"])
+    assert np.array_equal(z["indices"][keep], full_run.snapshots["indices"])
+    n_records = len(read_log(tmp_path))
+    again = run(corpus, tokenizer, tmp_path, resume=True)  # already finished: nothing to do
+    assert again.step == 24 and same_params(again.model, full_run.model)
+    assert len(read_log(tmp_path)) == n_records
+    with pytest.raises(ValueError, match="different config"):
+        run(corpus, tokenizer, tmp_path, resume=True, cfg=tiny_config(seed=1))
+
+
+def test_gradient_clipping_is_applied(corpus, tokenizer, full_run):
+    clipped = run(corpus, tokenizer, None, cfg=tiny_config(optim__grad_clip=1e-3, optim__steps=8, eval_every=8))
+    assert all(r["clipped_frac"] == 1.0 and r["grad_norm"] > 1e-3 for r in clipped.records("train"))
+    free = run(corpus, tokenizer, None, cfg=tiny_config(optim__grad_clip=0.0, optim__steps=8, eval_every=8))
+    assert all(r["clipped_frac"] == 0.0 for r in free.records("train"))
+    assert not same_params(clipped.model, free.model)
+
+
+def test_load_balancing_coefficient_is_used(corpus, tokenizer):
+    base = run(corpus, tokenizer, None, cfg=tiny_config(optim__steps=4, eval_every=4))
+    off = run(corpus, tokenizer, None, cfg=tiny_config(optim__steps=4, eval_every=4, model__router_aux_loss_coef=0.0))
+    b, o = base.records("train")[0], off.records("train")[0]
+    assert b["total"] == pytest.approx(b["ce"] + 0.02 * b["load_balancing"], rel=1e-5)
+    assert o["total"] == pytest.approx(o["ce"], rel=1e-6)
+    per = run(corpus, tokenizer, None, cfg=tiny_config(optim__steps=4, eval_every=4, load_balancing="per_layer",
+                                                       model__router_z_loss_coef=1e-3))
+    p = per.records("train")[0]
+    L = per.config.model.n_layers
+    assert p["total"] == pytest.approx(p["ce"] + 0.02 * L * p["load_balancing_per_layer"] + 1e-3 * p["z"], rel=1e-5)
+    assert p["load_balancing_per_layer"] == pytest.approx(2.0, abs=0.5)  # k at balance; near it at init
+    with pytest.raises(ValueError, match="load_balancing"):
+        tiny_config(load_balancing="sum")
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+def test_unigram_baseline_matches_hand_computation(corpus, tokenizer, tmp_path):
+    td = tokenize_corpus(corpus, tokenizer, None, progress=False)
+    held = {"code": pack_windows(td, "heldout", "code", 32, max_windows=2)}
+    got = unigram_baseline(td, held, 32000)["code"]
+    train = td.tokens["train"]["code"].astype(int)
+    train = train[train != 1]
+    y = held["code"][:, 1:].reshape(-1)
+    y = y[y != 1]
+    p = (np.bincount(train, minlength=32000)[y] + 1) / (len(train) + 32000)
+    assert got == pytest.approx(float(-np.log(p).mean()))
+
+
+def test_consecutive_repetition_statistics():
+    rng = np.random.default_rng(0)
+    docs = np.repeat(np.arange(50), 40)
+    sticky = np.repeat(rng.integers(0, 8, 50 * 8), 5)  # runs of 5 identical experts
+    r = consecutive_repetition(sticky, docs, 8, n_boot=300)
+    assert r["rate"] > 0.7 and r["above_marginal"] and r["ci"][0] > r["marginal"]
+    assert r["uniform"] == 1 / 8
+    iid = rng.integers(0, 8, len(docs))
+    r = consecutive_repetition(iid, docs, 8, n_boot=300, topk=np.stack([iid, (iid + 1) % 8], 1))
+    assert not r["above_marginal"] and r["diff_ci"][0] < 0 < r["diff_ci"][1]
+    assert abs(r["rate"] - r["marginal"]) < 0.03
+    assert r["any_uniform"] == pytest.approx(1 - 15 / 28)
+    # pairs never cross documents
+    r = consecutive_repetition(np.array([0, 0, 1, 1]), np.array([0, 1, 2, 3]), 8, n_boot=10)
+    assert r["n_pairs"] == 0 and math.isnan(r["rate"])
+
+
+def test_evaluate_model_report(full_run, tokenizer, corpus):
+    td = tokenize_corpus(corpus, tokenizer, None, progress=False)
+    rep = evaluate_model(full_run.model, td, tokenizer, seq_len=32, eval_tokens_per_domain=128, n_boot=50,
+                         max_docs=4)
+    assert set(rep["heldout_ce"]) == set(rep["unigram_ce"]) == {"numbers", "code", "prose"}
+    assert np.array(rep["load"]).shape == (2, 4) and np.allclose(np.array(rep["load"]).sum(1), 1)
+    assert len(rep["repetition"]) == 2
+    assert {"rate", "uniform", "marginal", "ci", "diff_ci", "above_marginal"} <= set(rep["repetition"][0])
+    assert {s["domain"] for s in rep["samples"]} >= {"numbers", "code", "prose", "python", "math"}
+    qb = quality_bar(rep)
+    assert set(qb) == {"ce_at_most_70pct_of_unigram", "load_between_2_and_40pct",
+                       "repetition_above_marginal_in_half_the_layers", "all_pass"}
+    json.dumps(rep)  # the report is JSON-able
+
+
+def test_export_loads_in_moe_lab_and_transformers(full_run, tmp_path):
+    pytest.importorskip("transformers")
+    from moe_lab.train import check_against_transformers, save_hf_checkpoint
+
+    (tmp_path / "MODEL_CARD.md").write_text("kept")
+    save_hf_checkpoint(full_run.model, tmp_path)
+    assert (tmp_path / "config.json").exists() and (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "MODEL_CARD.md").read_text() == "kept"
+    chk = check_against_transformers(tmp_path, torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(0)))
+    assert chk["max_abs_diff"] < 1e-4 and chk["argmax_agree"] == 1.0
+
+
+def test_export_run_writes_card(full_run, corpus, tokenizer, tmp_path):
+    pytest.importorskip("transformers")
+    from moe_lab.train import export_run
+
+    rep = export_run(full_run.out_dir, tmp_path, corpus=corpus, tokenizer=tokenizer, n_boot=50, progress=False)
+    for name in ("config.json", "model.safetensors", "MODEL_CARD.md", LOG_NAME, SNAPSHOT_NAME, "evaluation.json"):
+        assert (tmp_path / name).exists(), name
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    for heading in ("## Reproduce", "## Held-out cross-entropy", "## Expert load", "## Consecutive tokens",
+                    "## Greedy samples", "## Quality bar", "## Loading check"):
+        assert heading in card
+    assert rep["transformers_check"]["max_abs_diff"] < 1e-3
+    assert json.loads((tmp_path / "evaluation.json").read_text())["heldout_ce"] == pytest.approx(rep["heldout_ce"])
+
+
+# --------------------------------------------------------------------------------------------
+# the demo model's config and shipped files
+
+
+def test_demo_config_meets_the_spec():
+    cfg = load_config(REPO / "configs" / "tiny-mixtral.json")
+    a = cfg.model
+    assert (a.n_experts, a.top_k, a.rope_theta, a.vocab_size) == (8, 2, 1e6, 32000)
+    assert a.n_kv_heads < a.n_heads, "grouped-query attention"
+    assert a.router_aux_loss_coef == 0.02
+    assert 2 * count_params(a).total <= 64e6, "bf16 checkpoint must fit in 64 MB"
+    assert cfg.device == "cpu"
+    assert load_config("tiny-mixtral").to_dict() == cfg.to_dict()
+
+
+def test_shipped_demo_model():
+    path = REPO / "data" / "tiny-mixtral"
+    if not (path / "model.safetensors").exists():
+        pytest.skip("data/tiny-mixtral not exported yet")
+    assert (path / "model.safetensors").stat().st_size <= 64 * 2**20
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["num_local_experts"] == 8 and cfg["num_experts_per_tok"] == 2 and cfg["vocab_size"] == 32000
+    assert cfg["num_key_value_heads"] < cfg["num_attention_heads"] and not cfg.get("tie_word_embeddings", False)
+    for name in ("MODEL_CARD.md", LOG_NAME, "evaluation.json"):
+        assert (path / name).exists(), name
