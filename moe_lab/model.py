@@ -363,7 +363,8 @@ class MoE(nn.Module):
         directly, in place and into preallocated rows; experts with hooks are always called.
         """
         N, k = indices.shape
-        grad = torch.is_grad_enabled()
+        # the in-place fast paths below assume one dtype; autocast (mixed dtypes) takes the module path
+        grad = torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type)
         if N == 1 and not grad:  # decode step: no sorting, k small matmuls, Python-scalar weights
             out = None
             for e, w in zip(indices[0].tolist(), weights[0].tolist()):
@@ -394,7 +395,7 @@ class MoE(nn.Module):
                 else:
                     ys[lo:hi] = ex(xs[lo:hi])
             ys.mul_(ws)
-        return torch.zeros_like(x).index_add_(0, token_of_slot, ys)
+        return torch.zeros_like(x).index_add_(0, token_of_slot, ys.to(x.dtype))
 
 
 _MODULE_STATE = nn.modules.module

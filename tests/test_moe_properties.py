@@ -155,3 +155,19 @@ def test_unchosen_experts_do_not_run():
             for h in hs:
                 h.remove()
         assert set(calls) == chosen
+
+
+def test_fast_dispatch_under_cpu_bf16_autocast_matches_reference():
+    """Mixed dtypes under autocast must not break the no-grad fast path (the training loop evaluates this way)."""
+    from moe_lab import Mixtral, ModelArgs
+
+    torch.manual_seed(0)
+    m = Mixtral(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=300,
+                          max_seq_len=64)).eval()
+    t = torch.randint(0, 300, (2, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = m(t).float()
+        m.set_fast_dispatch(False)
+        ref = m(t).float()
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, ref, atol=5e-2, rtol=5e-2)
