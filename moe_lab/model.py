@@ -486,6 +486,61 @@ def router_z_loss(router_logits: list[Tensor], token_mask: Tensor | None = None)
     return (z * m).sum() / (m.sum() * len(router_logits))
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean cross-entropy of ``h @ weight.T`` without materialising the (N, V) logits.
+
+    Rows are processed in chunks; for each, the logits, their log-sum-exp and the gradient
+    (softmax - one_hot) / n are computed at once (as Liger-Kernel's fused linear cross-entropy
+    does), so the backward pass only scales the stored gradients. Cross-entropy in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
+        N = h.shape[0]
+        valid = targets != -100
+        n = valid.sum()
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, N, chunk):
+            hc, tc, vc = h[s:s + chunk], targets[s:s + chunk], valid[s:s + chunk]
+            logits = (hc @ weight.t()).float()  # (c, V)
+            lse = logits.logsumexp(-1)  # (c,)
+            rows = torch.arange(len(tc), device=h.device)
+            tgt = tc.clamp(min=0)
+            total += ((lse - logits[rows, tgt]) * vc).sum()
+            if need_h or need_w:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                g[rows, tgt] -= vc.float()
+                g.mul_((vc.float() / n.clamp(min=1))[:, None])
+                g = g.to(h.dtype)
+                if need_h:
+                    torch.mm(g, weight, out=grad_h[s:s + chunk])
+                if need_w:
+                    grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        return total / n  # n = 0 gives nan, as F.cross_entropy does
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = grad_w * grad_out if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int | None = None) -> Tensor:
+    """``F.cross_entropy(h @ weight.T, targets, ignore_index=-100)`` in chunks (h (N, D), weight
+    (V, D), targets (N,)): the (N, V) logits never exist at once, which on a CPU saves most of the
+    time the output layer's softmax and its backward take. Follows autocast like ``F.linear``."""
+    if chunk is None:
+        chunk = max(64, (1 << 22) // weight.shape[0])  # about 16 MB of fp32 logits per chunk
+    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    with torch.autocast(h.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(h.to(dtype), weight.to(dtype), targets, chunk)
+
+
 class Mixtral(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -536,13 +591,18 @@ class Mixtral(nn.Module):
     # ---- forward
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None, *,
-                attention_mask: Tensor | None = None, cache: KVCache | None = None):
-        """tokens (B, T) int -> logits (B, T, V); with targets (B, T) also a ``Loss``.
+                attention_mask: Tensor | None = None, cache: KVCache | None = None,
+                return_logits: bool = True):
+        """tokens (B, T) int -> logits (B, T, V); with targets (B, T) ``(logits, Loss)``.
 
         ``targets[b, t]`` is the token that should follow ``tokens[b, t]`` (already shifted);
         -100 is ignored. ``attention_mask`` (B, T) marks real tokens (1) and left padding (0).
-        With a ``cache``, tokens continue the cached sequence.
+        With a ``cache``, tokens continue the cached sequence. ``return_logits=False`` (with
+        targets; for training) returns ``(None, Loss)`` and computes the cross-entropy in chunks
+        without ever holding the (B, T, V) logits: same loss and gradients, less time and memory.
         """
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False needs targets: without them the logits are the only output")
         B, T = self._check_inputs(tokens, targets, attention_mask, cache)
         if tokens.dtype not in (torch.long, torch.int):
             tokens = tokens.long()  # nn.Embedding takes only int64 / int32 indices
@@ -555,13 +615,21 @@ class Mixtral(nn.Module):
             router_logits.append(logits)
         if cache is not None:
             cache.length += T
-        logits = self.output(self.norm(x))  # (B, T, V)
+        x = self.norm(x)
+        if not return_logits:
+            ce = linear_cross_entropy(x.flatten(0, 1), self.output.weight, targets.flatten())
+            return None, self.router_losses(ce, router_logits, attention_mask)
+        logits = self.output(x)  # (B, T, V)
         if targets is None:
             return logits
         return logits, self.loss(logits, targets, router_logits, attention_mask)
 
     def loss(self, logits, targets, router_logits, attention_mask=None) -> Loss:
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return self.router_losses(ce, router_logits, attention_mask)
+
+    def router_losses(self, ce: Tensor, router_logits, attention_mask=None) -> Loss:
+        """The full ``Loss``: ``ce`` plus the load-balancing and z-losses of ``router_logits``."""
         lb = load_balancing_loss(router_logits, self.args.n_experts, self.args.top_k, attention_mask)
         total = ce + self.args.router_aux_loss_coef * lb
         z = router_z_loss(router_logits, attention_mask)

@@ -759,7 +759,7 @@ def train(config: TrainConfig | str | dict, out_dir: str | os.PathLike | None = 
                         g["lr"] = lr
                     x, y, _ = data.batch(step)
                     with _autocast(cfg, dev), RouterLogits(model) as router:
-                        _, loss = model(x.to(dev), y.to(dev))
+                        _, loss = model(x.to(dev), y.to(dev), return_logits=False)
                     total, parts = objective(cfg, loss, router.logits)
                     opt.zero_grad(set_to_none=True)
                     total.backward()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CONFIG_IDS, TINY_CONFIGS, make_model, random_tokens
-from moe_lab.model import Mixtral, ModelArgs, count_params
+from moe_lab.model import Mixtral, ModelArgs, count_params, linear_cross_entropy
 
 
 # ---- parameter counts
@@ -175,3 +175,68 @@ def test_init_std_and_norms():
         got = p.std().item()
         assert abs(got - want) < 0.1 * want, f"{name}: std {got:.4g}, want {want:.4g}"
         assert abs(p.mean().item()) < 0.1 * want, name
+
+
+# ---- chunked output layer + cross-entropy (return_logits=False, the training loop's path)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 10_000])  # uneven chunks, exact fit, one chunk
+def test_linear_cross_entropy_matches_logits_path(chunk):
+    torch.manual_seed(0)
+    N, D, V = 50, 16, 97
+    h = torch.randn(N, D, requires_grad=True)
+    w = torch.randn(V, D, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    targets[[3, 17, 49]] = -100
+    ref = F.cross_entropy(h @ w.t(), targets, ignore_index=-100)
+    ref.backward(torch.tensor(2.5))  # a non-unit upstream gradient is scaled through
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    got = linear_cross_entropy(h, w, targets, chunk=chunk)
+    got.backward(torch.tensor(2.5))
+    assert abs(got.item() - ref.item()) <= 1e-6
+    assert torch.allclose(h.grad, gh, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(w.grad, gw, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # evaluation: no gradient work, same value
+        assert abs(linear_cross_entropy(h, w, targets, chunk=chunk).item() - ref.item()) <= 1e-6
+    all_ignored = torch.full((N,), -100)
+    assert math.isnan(linear_cross_entropy(h, w, all_ignored).item()) and math.isnan(
+        F.cross_entropy(h @ w.t(), all_ignored, ignore_index=-100).item())
+
+
+def test_return_logits_false_gives_same_loss_and_gradients():
+    args = TINY_CONFIGS[2].replace(router_z_loss_coef=1e-2)
+    m = make_model(args, seed=3).train()
+    tokens = random_tokens(args, 2, 12, seed=4)
+    targets = random_tokens(args, 2, 12, seed=5)
+    targets[1, :3] = -100
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0
+    grads = []
+    for return_logits in (True, False):
+        m.zero_grad(set_to_none=True)
+        logits, loss = m(tokens, targets, attention_mask=mask, return_logits=return_logits)
+        assert (logits is None) == (not return_logits)
+        loss.total.backward()
+        grads.append(({n: p.grad.clone() for n, p in m.named_parameters()}, loss.item()))
+    (g_full, l_full), (g_chunk, l_chunk) = grads
+    for k in l_full:
+        assert abs(l_full[k] - l_chunk[k]) <= 1e-6, k
+    for n in g_full:
+        assert torch.allclose(g_full[n], g_chunk[n], atol=1e-7, rtol=1e-5), n
+    with pytest.raises(ValueError, match="return_logits=False needs targets"):
+        m(tokens, return_logits=False)
+
+
+def test_return_logits_false_follows_bf16_autocast():
+    m = make_model(TINY_CONFIGS[0], seed=6).train()
+    tokens = random_tokens(TINY_CONFIGS[0], 2, 16, seed=7)
+    targets = torch.roll(tokens, -1, dims=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, full = m(tokens, targets)
+        _, chunked = m(tokens, targets, return_logits=False)
+    assert chunked.ce.dtype == torch.float32
+    # both round the output layer's matmul to bf16: the same value up to bf16 accumulation order
+    assert abs(full.ce.item() - chunked.ce.item()) <= 2e-2
+    chunked.total.backward()
+    assert m.output.weight.grad.dtype == torch.float32 and m.output.weight.grad.abs().sum() > 0

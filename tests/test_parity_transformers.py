@@ -88,6 +88,10 @@ def test_losses_match(pair):
     _, loss = model(tokens, targets)
     out = hf(tokens, labels=tokens, output_router_logits=True)  # HF shifts labels itself
     coef = hf.router_aux_loss_coef
+    no_logits, chunked = model(tokens, targets, return_logits=False)  # the training loop's call
+    assert no_logits is None
+    assert abs(chunked.total.item() - out.loss.item()) <= 1e-5
+    assert abs(chunked.ce.item() - loss.ce.item()) <= 1e-6
     assert coef == args.router_aux_loss_coef
     assert abs(loss.load_balancing.item() - out.aux_loss.item()) <= 1e-6
     hf_ce = out.loss.item() - coef * out.aux_loss.item()
