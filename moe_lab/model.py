@@ -506,19 +506,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, chunk):
             hc, tc, vc = h[s:s + chunk], targets[s:s + chunk], valid[s:s + chunk]
             logits = (hc @ weight.t()).float()  # (c, V)
-            lse = logits.logsumexp(-1)  # (c,)
-            rows = torch.arange(len(tc), device=h.device)
-            tgt = tc.clamp(min=0)
-            total += ((lse - logits[rows, tgt]) * vc).sum()
+            rows, tgt, w = torch.arange(len(tc), device=h.device), tc.clamp(min=0), vc.float()
+            target_logit = logits[rows, tgt]  # (c,)
+            top = logits.amax(-1, keepdim=True)  # (c, 1)
+            e = logits.sub_(top).exp_()  # in place: one (c, V) buffer for logits, exp and gradient
+            sum_e = e.sum(-1)  # (c,)
+            total += ((top.squeeze(1) + sum_e.log() - target_logit) * w).sum()  # log-sum-exp - target
             if need_h or need_w:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                g[rows, tgt] -= vc.float()
-                g.mul_((vc.float() / n.clamp(min=1))[:, None])
+                w = w / n.clamp(min=1)  # d(mean)/d(row loss); 0 for ignored rows
+                g = e.mul_((w / sum_e)[:, None])  # softmax * w
+                g[rows, tgt] -= w
                 g = g.to(h.dtype)
                 if need_h:
                     torch.mm(g, weight, out=grad_h[s:s + chunk])
-                if need_w:
-                    grad_w += (g.t() @ hc).float()
+                if need_w:  # accumulated in fp32 whatever the compute dtype
+                    if g.dtype == torch.float32:
+                        grad_w.addmm_(g.t(), hc)
+                    else:
+                        grad_w += (g.t() @ hc).float()
         ctx.save_for_backward(grad_h, grad_w)
         return total / n  # n = 0 gives nan, as F.cross_entropy does
 
@@ -535,7 +540,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int 
     (V, D), targets (N,)): the (N, V) logits never exist at once, which on a CPU saves most of the
     time the output layer's softmax and its backward take. Follows autocast like ``F.linear``."""
     if chunk is None:
-        chunk = max(64, (1 << 22) // weight.shape[0])  # about 16 MB of fp32 logits per chunk
+        chunk = max(64, (1 << 23) // weight.shape[0])  # about 32 MB of fp32 logits per chunk
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
     with torch.autocast(h.device.type, enabled=False):
         return _LinearCrossEntropy.apply(h.to(dtype), weight.to(dtype), targets, chunk)
