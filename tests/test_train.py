@@ -24,6 +24,7 @@ from moe_lab.train import (
     OptimConfig,
     TrainConfig,
     batch_schedule,
+    classify_domain,
     consecutive_repetition,
     evaluate_model,
     inputs_targets,
@@ -36,6 +37,7 @@ from moe_lab.train import (
     tokenize_corpus,
     train,
     unigram_baseline,
+    unigram_logprobs,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -255,6 +257,33 @@ def test_unigram_baseline_matches_hand_computation(corpus, tokenizer, tmp_path):
     y = y[y != 1]
     p = (np.bincount(train, minlength=32000)[y] + 1) / (len(train) + 32000)
     assert got == pytest.approx(float(-np.log(p).mean()))
+
+
+def test_classify_domain_recognises_held_out_text(corpus, tokenizer):
+    td = tokenize_corpus(corpus, tokenizer, None, progress=False)
+    logprobs = {d: unigram_logprobs(td, d, 32000) for d in td.domains}
+    for d in td.domains:
+        for doc in td.documents("heldout", d)[:3]:
+            assert classify_domain(doc[1:40], logprobs) == d
+    # the same tokens read as whichever domain made them likely
+    fake = {"a": np.log(np.full(10, 0.1)), "b": np.log(np.r_[np.full(5, 0.02), np.full(5, 0.18)])}
+    assert classify_domain([7, 8, 9], fake) == "b" and classify_domain([0, 1, 7], fake) == "a"
+
+
+def _sample_report(classified: dict[str, str]) -> dict:
+    return {"ce_ratio": {"python": 0.5, "math": 0.5, "prose": 0.5}, "load": [[0.25] * 4],
+            "repetition": [{"above_marginal": True}],
+            "samples": [{"domain": d, "classified_as": c} for d, c in classified.items()]
+            + [{"domain": "prose", "classified_as": "math"}]}  # not a checked domain
+
+
+def test_quality_bar_checks_code_and_math_samples():
+    ok = quality_bar(_sample_report({"python": "python", "math": "math"}))
+    assert ok["code_math_samples_in_domain"] == {"pass": True, "in_domain": {"python": "1/1", "math": "1/1"}}
+    assert ok["all_pass"]
+    bad = quality_bar(_sample_report({"python": "prose", "math": "math"}))
+    assert not bad["code_math_samples_in_domain"]["pass"] and not bad["all_pass"]
+    assert bad["code_math_samples_in_domain"]["in_domain"]["python"] == "0/1"
 
 
 def test_consecutive_repetition_statistics():
