@@ -1187,16 +1187,13 @@ def write_model_card(report: dict, path: str | os.PathLike, *, config: TrainConf
                         f"min {qb['load_between_2_and_40pct']['min']:.3f}, max {qb['load_between_2_and_40pct']['max']:.3f}"]),
               _fmt_row(["same-first-expert rate above marginal (CI excludes it) in >= half the layers",
                         "pass" if qb["repetition_above_marginal_in_half_the_layers"]["pass"] else "**fail**",
-                        f"layers {qb['repetition_above_marginal_in_half_the_layers']['layers_above']} of {L}"]),
-              ]
-    if "code_math_samples_in_domain" in qb:
-        c = qb["code_math_samples_in_domain"]
-        lines.append(_fmt_row(["greedy code and math continuations in-domain", "pass" if c["pass"] else "**fail**",
-                               ", ".join(f"{d} {v}" for d, v in c["in_domain"].items()) + " read as their own domain "
-                               f"(unigram classifier over the {len(report['ce_ratio'])} domains); see the samples above"]))
-    else:
-        lines.append(_fmt_row(["greedy code and math continuations in-domain", "see the samples above", "judged by eye"]))
-    lines.append("")
+                        f"layers {qb['repetition_above_marginal_in_half_the_layers']['layers_above']} of {L}"])]
+    c = qb.get("code_math_samples_in_domain")
+    verdict = ("see the samples above", "judged by eye") if c is None else (
+        "pass" if c["pass"] else "**fail**",
+        ", ".join(f"{d} {v}" for d, v in c["in_domain"].items()) + " read as their own domain "
+        f"(unigram classifier over the {len(report['ce_ratio'])} domains); see the samples above")
+    lines += [_fmt_row(["greedy code and math continuations in-domain", *verdict]), ""]
     if files:
         lines += ["## Files", "", _fmt_row(["file", "bytes"]), _fmt_row(["---"] * 2)]
         lines += [_fmt_row([f"`{k}`", f"{v:,}"]) for k, v in files.items()]
