@@ -107,6 +107,7 @@ class _LastLogits:
     only for the prompt (later steps feed back the model's own tokens), and the final norm and the
     head on the last position only. Hooks on blocks, experts and hook points inside still fire;
     anything else falls back to ``model(...)``. Keep the steps in sync with ``Mixtral.forward``.
+    One-token steps of a single sequence with nothing hooked anywhere use ``Block.decode_step``.
 
     For a small fp32 model on CPU the head also goes through a transposed copy of its weight,
     [D, V] (cached until the weight changes): CPU BLAS multiplies one row by that layout about 2x
@@ -114,9 +115,9 @@ class _LastLogits:
     """
 
     def __init__(self, model):
-        from .model import Mixtral, rope_cos_sin
+        from .model import Mixtral, _rope_tables, rope_cos_sin, topk_softmax_routing
 
-        self.rope_cos_sin = rope_cos_sin
+        self.rope_cos_sin, self.rope_tables, self.default_routing = rope_cos_sin, _rope_tables, topk_softmax_routing
         glob = torch.nn.modules.module
         head = model.output
         self.model = model
@@ -125,6 +126,13 @@ class _LastLogits:
                      and type(head) is torch.nn.Linear and head.bias is None
                      and not (head._forward_hooks or head._forward_pre_hooks)
                      and not (glob._global_forward_hooks or glob._global_forward_pre_hooks))
+        # Decode steps of one sequence go through ``Block.decode_step`` while every block is plain:
+        # the exact classes, bias-free linears, the default routing rule and no hooks. The classes
+        # are checked here, the hooks and routing rules at every step (hooks may come and go
+        # between the tokens of a stream): their dicts are gathered once, ``any`` over them is cheap.
+        self.moes = [b.moe for b in model.blocks] if self.fast and _plain_blocks(model) else None
+        if self.moes is not None:
+            self.hook_dicts = [d for mod in model.blocks.modules() for d in (mod._forward_hooks, mod._forward_pre_hooks)]
         w = head.weight
         self.head_t = None
         if (self.fast and w.device.type == "cpu" and w.dtype == torch.float32 and w.shape[1] <= 1024
@@ -148,11 +156,32 @@ class _LastLogits:
         positions, mask = m._positions_and_mask(B, T, attention_mask, cache, tokens.device)
         x = m.hook_embed(m.tok_embeddings(tokens))  # (B, T, D)
         cos, sin = self.rope_cos_sin(positions, m.inv_freq(tokens.device), x.dtype)
-        for block in m.blocks:
-            x, _ = block(x, cos, sin, mask, cache)
+        if B == T == 1 and mask is None and self._plain_now():
+            cos2, sin2 = self.rope_tables(cos, sin)
+            for block in m.blocks:
+                x = block.decode_step(x, cos2, sin2, cache)
+        else:
+            for block in m.blocks:
+                x, _ = block(x, cos, sin, mask, cache)
         cache.length += T
         h = m.norm(x[:, -1])  # (B, D)
         return h @ self.head_t if self.head_t is not None else m.output(h)  # (B, V)
+
+    def _plain_now(self) -> bool:
+        return (self.moes is not None and not any(self.hook_dicts)
+                and all(moe.routing_fn is self.default_routing for moe in self.moes))
+
+
+def _plain_blocks(model) -> bool:
+    """Every block is made of exactly moe_lab's classes, with bias-free linears (what
+    ``Block.decode_step`` computes with)."""
+    from .model import Attention, Block, Expert, HookPoint, MoE, RMSNorm
+
+    allowed = (Block, Attention, MoE, Expert, RMSNorm, HookPoint, torch.nn.Linear, torch.nn.ModuleList)
+    return all(type(b) is Block and type(b.attn) is Attention and type(b.moe) is MoE
+               and type(b.attention_norm) is RMSNorm and type(b.ffn_norm) is RMSNorm
+               and all(type(m) in allowed and getattr(m, "bias", None) is None for m in b.modules())
+               for b in model.blocks)
 
 
 def generate(model, prompt, max_new_tokens: int = 32, **kw) -> Tensor:

@@ -149,10 +149,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # normalise in fp32, cast back, then scale (the order the references use)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # x / sqrt(mean(x^2) + eps) in fp32, cast back, then scale (the order the references use);
+        # F.rms_norm without a weight is that formula, bit for bit, in one kernel
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, device=None) -> Tensor:
@@ -443,6 +442,27 @@ class Block(nn.Module):
         h = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.attention_norm(x), cos, sin, mask, cache, self.layer)))
         moe_out, router_logits = self.moe(self.ffn_norm(h))
         return self.hook_resid_post(h + self.hook_moe_out(moe_out)), router_logits
+
+    def decode_step(self, x: Tensor, cos2: Tensor, sin2: Tensor, cache: KVCache) -> Tensor:
+        """``forward(x, cos, sin, None, cache)[0]`` for one new token of one sequence, x (1, 1, D),
+        in about half the kernel calls: no hook points, views or routing outputs nobody reads.
+        The same arithmetic, so the same numbers. Only for a plain block (see
+        ``generation._LastLogits``): no hooks, the default routing rule, no attention mask.
+        ``cos2``/``sin2`` are ``_rope_tables(cos, sin)``."""
+        a, (H, Hkv, hd) = self.attn, (self.attn.n_heads, self.attn.n_kv_heads, self.attn.head_dim)
+        h = self.attention_norm(x)  # (1, 1, D)
+        q = a._rope(F.linear(h, a.wq.weight).view(1, 1, H, hd), cos2, sin2)  # (1, 1, H, hd)
+        k = a._rope(F.linear(h, a.wk.weight).view(1, 1, Hkv, hd), cos2, sin2)  # (1, 1, Hkv, hd)
+        pos, keys, values = cache.length, cache.k[self.layer], cache.v[self.layer]  # (1, Hkv, max_len, hd)
+        keys[:, :, pos] = k[:, 0]
+        values[:, :, pos] = F.linear(h, a.wv.weight).view(1, Hkv, hd)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys[:, :, : pos + 1], values[:, :, : pos + 1],
+                                           enable_gqa=H != Hkv)  # (1, H, 1, hd)
+        x = x + F.linear(y.reshape(1, 1, H * hd), a.wo.weight)
+        moe = self.moe
+        h = self.ffn_norm(x).view(1, -1)  # (1, D)
+        _, indices, weights = topk_softmax_routing(F.linear(h, moe.gate.weight), moe.top_k)
+        return x + moe.dispatch_grouped(h, indices, weights.to(h.dtype)).view(x.shape)
 
 
 @dataclass
