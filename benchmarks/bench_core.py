@@ -61,7 +61,7 @@ try:
 except ImportError:  # pragma: no cover
     sys.exit("this benchmark compares against transformers: pip install 'transformers>=5,<6'")
 
-from moe_lab.convert import to_hf_model  # noqa: E402
+from moe_lab.checkpoints.convert import to_hf_model  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 warnings.filterwarnings("ignore")

@@ -51,7 +51,7 @@ from common import calibrate, environment, fmt_time, markdown_table, write_json 
 
 from moe_lab.hooks import run_with_cache  # noqa: E402
 from moe_lab.model import HookPoint, Mixtral, ModelArgs  # noqa: E402
-from moe_lab.tracing import RoutingRecorder, _batch_arrays  # noqa: E402
+from moe_lab.routing.tracing import RoutingRecorder, _batch_arrays  # noqa: E402
 
 TARGETS = {"decode": 0.05, "prefill": 0.01}
 CLOCK = time.perf_counter  # main() switches to time.thread_time on a 1-thread CPU run

@@ -37,7 +37,7 @@ import torch
 torch.set_num_threads(2)
 import moe_lab
 from moe_lab import load_model, StreamingMixtral
-from moe_lab.layouts import meta_model
+from moe_lab.checkpoints.layouts import meta_model
 mode, path = sys.argv[1], sys.argv[2]
 def kib():
     # VmHWM: this process' peak RSS. (Not ru_maxrss: on Linux it carries over the parent's
@@ -56,7 +56,7 @@ if mode == "load":
     m = load_model(path)
 elif mode == "naive":
     from safetensors.torch import load_file
-    from moe_lab.convert import from_hf_state_dict, args_from_hf_config
+    from moe_lab.checkpoints.convert import from_hf_state_dict, args_from_hf_config
     args = args_from_hf_config(json.load(open(path + "/config.json")))
     sd = from_hf_state_dict(load_file(path + "/model.safetensors"), args)
     m = meta_model(args)
@@ -88,7 +88,7 @@ def main():
     import torch
 
     from moe_lab import ModelArgs, save_model
-    from moe_lab.layouts import to_mistral_state_dict, params_dict
+    from moe_lab.checkpoints.layouts import to_mistral_state_dict, params_dict
     from moe_lab.model import Mixtral
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

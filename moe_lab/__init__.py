@@ -1,9 +1,22 @@
-"""moe_lab: a hands-on toolkit for learning how sparse Mixture-of-Experts models (Mixtral) work."""
+"""moe_lab: a hands-on toolkit for learning how sparse Mixture-of-Experts models (Mixtral) work.
+
+The package, by folder (imports only go down this list; ``docs/DESIGN.md`` has the map):
+
+* ``hooks.py``, ``model.py``, ``generation.py``, ``tokenizer.py``: the model a learner reads and
+  edits, its hook points, and text in and out;
+* ``checkpoints/``: loading and saving every published Mixtral layout, streaming a model larger
+  than memory;
+* ``routing/``: routing traces, tracing, interventions and the transformers bridge;
+* ``analysis.py``, ``viz.py``, ``widgets.py``: analyses with baselines, figures, the explorer;
+* ``train/``, ``corpus/``: the training loop and the corpus that made the demo model.
+"""
+
+import sys as _sys
 
 __version__ = "0.1.0"
 
+from .hooks import ActivationCache, HookPoint  # noqa: F401
 from .model import (  # noqa: F401
-    HookPoint,
     KVCache,
     Loss,
     Mixtral,
@@ -15,9 +28,8 @@ from .model import (  # noqa: F401
     topk_softmax_routing,
 )
 from .tokenizer import Tokenizer, load_tokenizer  # noqa: F401
-from .trace import RoutingTrace  # noqa: F401
-from .hooks import ActivationCache  # noqa: F401
-from .interventions import (  # noqa: F401
+from .routing.trace import RoutingTrace  # noqa: F401
+from .routing.interventions import (  # noqa: F401
     AblateExpert,
     CustomRouting,
     ForceExpert,
@@ -25,6 +37,17 @@ from .interventions import (  # noqa: F401
     SetTopK,
     intervene,
 )
-from .tracing import trace_generation, trace_routing  # noqa: F401
-from .loading import CheckpointError, describe_checkpoint, load_model, save_model  # noqa: F401
-from .streaming import StreamingMixtral  # noqa: F401
+from .routing.tracing import trace_generation, trace_routing  # noqa: F401
+from .checkpoints.loading import CheckpointError, describe_checkpoint, load_model, save_model  # noqa: F401
+from .checkpoints.streaming import StreamingMixtral  # noqa: F401
+from .checkpoints import convert, files, layouts, loading, streaming  # noqa: F401
+from .routing import bridge, interventions, trace, tracing  # noqa: F401
+
+# The module paths of moe_lab 0.1 (``moe_lab.trace``, ``moe_lab.loading``, ...) keep working:
+# each names the module that now lives in a subpackage.
+for _old, _mod in {"checkpoint": files, "convert": convert, "layouts": layouts, "loading": loading,
+                   "streaming": streaming, "bridge": bridge, "interventions": interventions,
+                   "trace": trace, "tracing": tracing}.items():
+    _sys.modules.setdefault(f"{__name__}.{_old}", _mod)
+    globals().setdefault(_old, _mod)
+del _old, _mod

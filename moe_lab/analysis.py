@@ -1,4 +1,4 @@
-"""Routing analyses: pure functions of a :class:`~moe_lab.trace.RoutingTrace`.
+"""Routing analyses: pure functions of a :class:`~moe_lab.routing.trace.RoutingTrace`.
 
 Definitions follow the Mixtral paper (section 5) and the OLMoE paper; every rate comes with the
 baselines it should be read against. Shapes: L traced layers, N tokens, k experts per token, E
@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from .trace import RoutingTrace
+from .routing.trace import RoutingTrace
 
 Choice = Literal["first", "second", "either"]
 

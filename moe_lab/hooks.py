@@ -1,7 +1,7 @@
 """Named hook points, TransformerLens style: attach, cache, remove.
 
 Every activation that matters has a name (``blocks.3.moe.hook_router_logits``, see
-``docs/DESIGN.md``). A hook point is an identity module (:class:`moe_lab.model.HookPoint`) that
+``docs/DESIGN.md``). A hook point is an identity module (:class:`HookPoint`, defined here) that
 costs nothing until a hook is attached. This module attaches plain PyTorch forward hooks to
 them and keeps track of the ones *it* added, so that cleaning up never touches a user's own
 hooks::
@@ -41,16 +41,45 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from .model import HookPoint
-
-HookFn = Callable[[Tensor, HookPoint], "Tensor | None"]
+HookFn = Callable[[Tensor, "HookPoint"], "Tensor | None"]
 
 _HANDLES_ATTR = "_moe_lab_hook_handles"
 _LAYER_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 _EXPERT_RE = re.compile(r"\.experts\.(\d+)\.")
+
+
+# --------------------------------------------------------------------------------------------
+# the hook point
+
+
+class HookPoint(nn.Module):
+    """Identity module that names an activation. Free when nothing is attached."""
+
+    name: str = ""
+
+    def forward(self, x):
+        return x
+
+    def __call__(self, x):
+        # Skip nn.Module's call machinery unless someone is listening.
+        if not (self._forward_hooks or self._forward_pre_hooks):
+            return x
+        return super().__call__(x)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._forward_hooks or self._forward_pre_hooks)
+
+
+def name_hook_points(model: nn.Module) -> None:
+    """Give every hook point of ``model`` its full module name (``blocks.3.moe.hook_router_logits``)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, HookPoint):
+            mod.name = name
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,3 +342,38 @@ def run_with_cache(model, *args, names_filter=None, detach: bool = True, device=
     finally:
         handle.remove()
     return out, ActivationCache({k: v[0] if len(v) == 1 else torch.cat(v) for k, v in store.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# the methods a hooked model gets
+
+
+class HookedMixin:
+    """TransformerLens-style hook methods for an ``nn.Module`` that holds :class:`HookPoint` s."""
+
+    @property
+    def hook_dict(self) -> dict:
+        """Every hook point by full name (``{"hook_embed": HookPoint, "blocks.0.hook_resid_pre": ...}``)."""
+        return hook_dict(self)
+
+    def hook_points(self) -> list[str]:
+        """The full names of all hook points, in module order."""
+        return list(hook_dict(self))
+
+    def add_hook(self, names_filter, fn: HookFn, *, prepend: bool = False) -> HookHandle:
+        """Attach ``fn(activation, hook) -> replacement | None`` to the selected hook points;
+        returns a handle (``.remove()``, also a context manager)."""
+        return add_hook(self, names_filter, fn, prepend=prepend)
+
+    def hooks(self, fwd_hooks=()):
+        """``with model.hooks(fwd_hooks=[(name, fn), ...]):`` hooks for one block of code,
+        removed on exit (also on error)."""
+        return hooks(self, fwd_hooks)
+
+    def reset_hooks(self) -> int:
+        """Remove the hooks moe_lab attached (a user's own PyTorch hooks stay)."""
+        return reset_hooks(self)
+
+    def run_with_cache(self, *args, names_filter=None, **kwargs):
+        """``logits, cache = model.run_with_cache(tokens, names_filter=...)``."""
+        return run_with_cache(self, *args, names_filter=names_filter, **kwargs)

@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .hooks import HookedMixin, HookPoint, name_hook_points
+
 
 # --------------------------------------------------------------------------------------------
 # Config
@@ -113,29 +115,6 @@ def count_params(args: ModelArgs) -> ParamCount:
     embed = 2 * args.vocab_size * D + D  # embeddings, output head, final norm
     return ParamCount(total=args.n_layers * (shared + E * expert) + embed,
                       active=args.n_layers * (shared + args.top_k * expert) + embed)
-
-
-# --------------------------------------------------------------------------------------------
-# Hook points
-
-
-class HookPoint(nn.Module):
-    """Identity module that names an activation. Free when nothing is attached."""
-
-    name: str = ""
-
-    def forward(self, x):
-        return x
-
-    def __call__(self, x):
-        # Skip nn.Module's call machinery unless someone is listening.
-        if not (self._forward_hooks or self._forward_pre_hooks):
-            return x
-        return super().__call__(x)
-
-    @property
-    def active(self) -> bool:
-        return bool(self._forward_hooks or self._forward_pre_hooks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,7 +545,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int 
         return _LinearCrossEntropy.apply(h.to(dtype), weight.to(dtype), targets, chunk)
 
 
-class Mixtral(nn.Module):
+class Mixtral(HookedMixin, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -576,9 +555,7 @@ class Mixtral(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.hook_embed = HookPoint()  # (B, T, D)
         self._inv_freq: dict = {}
-        for name, mod in self.named_modules():
-            if isinstance(mod, HookPoint):
-                mod.name = name
+        name_hook_points(self)
         self.reset_parameters()
 
     # ---- set-up
@@ -758,37 +735,3 @@ class Mixtral(nn.Module):
         """Like ``generate`` but yields each step's new tokens ([B] tensor) as soon as they exist."""
         from .generation import generate_stream
         return generate_stream(self, prompt, max_new_tokens, **kw)
-
-    # ---- named hooks (moe_lab.hooks): TransformerLens-style access to the hook points
-
-    @property
-    def hook_dict(self) -> dict:
-        """Every hook point by full name (``{"hook_embed": HookPoint, "blocks.0.hook_resid_pre": ...}``)."""
-        from .hooks import hook_dict
-        return hook_dict(self)
-
-    def hook_points(self) -> list[str]:
-        """The full names of all hook points, in module order."""
-        return list(self.hook_dict)
-
-    def add_hook(self, names_filter, fn, *, prepend: bool = False):
-        """Attach ``fn(activation, hook) -> replacement | None`` to the selected hook points;
-        returns a handle (``.remove()``, also a context manager). See :mod:`moe_lab.hooks`."""
-        from .hooks import add_hook
-        return add_hook(self, names_filter, fn, prepend=prepend)
-
-    def hooks(self, fwd_hooks=()):
-        """``with model.hooks(fwd_hooks=[(name, fn), ...]):`` hooks for one block of code,
-        removed on exit (also on error)."""
-        from .hooks import hooks
-        return hooks(self, fwd_hooks)
-
-    def reset_hooks(self) -> int:
-        """Remove the hooks moe_lab attached (a user's own PyTorch hooks stay)."""
-        from .hooks import reset_hooks
-        return reset_hooks(self)
-
-    def run_with_cache(self, *args, names_filter=None, **kwargs):
-        """``logits, cache = model.run_with_cache(tokens, names_filter=...)``; see :mod:`moe_lab.hooks`."""
-        from .hooks import run_with_cache
-        return run_with_cache(self, *args, names_filter=names_filter, **kwargs)

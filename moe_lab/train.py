@@ -1214,7 +1214,7 @@ def save_hf_checkpoint(model: Mixtral, path: str | os.PathLike, dtype: torch.dty
     leaving other files there alone. Returns the files written."""
     import copy
 
-    from .loading import save_model
+    from .checkpoints.loading import save_model
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -1235,7 +1235,7 @@ def check_against_transformers(path: str | os.PathLike, tokens: torch.Tensor) ->
     (both in fp32 from the bf16 file)."""
     from transformers import MixtralForCausalLM
 
-    from .loading import load_model
+    from .checkpoints.loading import load_model
 
     ours = load_model(path, dtype=torch.float32).eval()
     hf = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -1268,7 +1268,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, command: s
     """Checkpoint of a finished run -> HF-layout bf16 model in ``out`` with the training log, router
     snapshots, ``evaluation.json`` and ``MODEL_CARD.md`` (evaluated on the exported bf16 weights,
     on every held-out token unless ``eval_tokens_per_domain`` caps it)."""
-    from .loading import load_model
+    from .checkpoints.loading import load_model
     from .tokenizer import load_tokenizer
 
     run, out = Path(run_dir), Path(out)
@@ -1362,7 +1362,7 @@ def _evaluate_main(argv: list[str]) -> int:
     p.add_argument("--no-samples", action="store_true")
     p.add_argument("--eval-tokens", type=int, help="held-out tokens per domain to score (default: all)")
     a = p.parse_args(argv)
-    from .loading import load_model
+    from .checkpoints.loading import load_model
     from .tokenizer import load_tokenizer
 
     cfg = load_config(a.config)

@@ -1,4 +1,4 @@
-"""Plotly figures of a :class:`~moe_lab.trace.RoutingTrace`. Every function returns a plain
+"""Plotly figures of a :class:`~moe_lab.routing.trace.RoutingTrace`. Every function returns a plain
 ``go.Figure``: show it, save it with ``fig.write_html``, or change it like any plotly figure.
 
 ::
@@ -45,7 +45,7 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from . import analysis as A
-from .trace import RoutingTrace
+from .routing.trace import RoutingTrace
 
 __all__ = [
     "EXPERT_COLORS", "SERIES_COLORS", "TEMPLATE", "expert_color", "expert_colors", "setup_notebook",

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import viz
-from .trace import RoutingTrace
+from .routing.trace import RoutingTrace
 
 __all__ = ["RoutingExplorer", "InterventionEffect", "explore", "intervention_effect", "widget_frontend"]
 
@@ -126,7 +126,7 @@ class InterventionEffect:
 
 
 def _intervention(kind: str, layer: int, expert: int):
-    from .interventions import AblateExpert, ForceExpert
+    from .routing.interventions import AblateExpert, ForceExpert
 
     if kind == "ablate":
         return AblateExpert(layer=layer, expert=expert)
@@ -136,7 +136,7 @@ def _intervention(kind: str, layer: int, expert: int):
 
 
 def _trace_ids(model, ids: list[int], tokenizer=None, domain: str = "") -> RoutingTrace:
-    from .tracing import trace_routing
+    from .routing.tracing import trace_routing
 
     return trace_routing(model, [ids], tokenizer=tokenizer, keep_logits=True, progress=False,
                          domain=domain or None)
@@ -155,7 +155,7 @@ def intervention_effect(model, ids: Sequence[int], kind: str, layer: int, expert
     forced on (``"force"``) at ``layer`` (:class:`moe_lab.AblateExpert` / :class:`moe_lab.ForceExpert`
     inside :func:`moe_lab.intervene`), and compare. ``base`` reuses an earlier normal run
     ``(probs, trace)``."""
-    from .interventions import intervene
+    from .routing.interventions import intervene
 
     ids = [int(i) for i in ids]
     iv = _intervention(kind, layer, expert)

@@ -57,7 +57,7 @@ def make_pair(args: ModelArgs, seed: int = 0, dtype: torch.dtype | None = None):
     ``dtype`` casts both models (e.g. torch.bfloat16).
     """
     pytest.importorskip("transformers")
-    from moe_lab.convert import to_hf_model
+    from moe_lab.checkpoints.convert import to_hf_model
 
     model = make_model(args, seed)
     hf = to_hf_model(model)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from moe_lab import analysis as A
-from moe_lab.trace import RoutingTrace
+from moe_lab.routing.trace import RoutingTrace
 from trace_helpers import make_trace
 
 

@@ -1,7 +1,7 @@
 """The transformers bridge: trace_routing / trace_generation / intervene on transformers models.
 
 Mixtral: the bridge's trace equals moe_lab's on the same weights. Every other model the bridge
-claims (``moe_lab.bridge.ROUTERS``) is built from a tiny random config and its traced expert ids
+claims (``moe_lab.routing.bridge.ROUTERS``) is built from a tiny random config and its traced expert ids
 are compared with the indices its experts module actually receives (a forward pre-hook on
 ``mlp.experts``, independent of the router hook the bridge uses).
 """

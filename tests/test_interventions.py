@@ -11,7 +11,7 @@ import moe_lab
 from conftest import TINY_CONFIGS, make_model
 from moe_lab import (AblateExpert, CustomRouting, ForceExpert, RouterTemperature, SetTopK, intervene,
                      trace_generation, trace_routing)
-from moe_lab.interventions import active_interventions
+from moe_lab.routing.interventions import active_interventions
 
 ARGS = TINY_CONFIGS[2].replace(n_layers=3)  # top-3 of 8
 DOCS = [[1, 5, 9, 22, 7, 30, 31, 2], [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51], [1, 3, 3, 3]]

@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import CONFIG_IDS, TINY_CONFIGS, make_model, random_tokens
 from moe_lab import CheckpointError, load_model, save_model
-from moe_lab.checkpoint import MissingFileError, parse_size
-from moe_lab.convert import hf_config_dict, to_hf_state_dict
-from moe_lab.layouts import params_dict, to_mistral_state_dict
-from moe_lab.loading import describe_checkpoint
+from moe_lab.checkpoints.files import MissingFileError, parse_size
+from moe_lab.checkpoints.convert import hf_config_dict, to_hf_state_dict
+from moe_lab.checkpoints.layouts import params_dict, to_mistral_state_dict
+from moe_lab.checkpoints.loading import describe_checkpoint
 
 ATOL = 1e-5
 
@@ -139,7 +139,7 @@ def test_moe_lab_to_hf_dir_to_transformers(args, shard, tmp_path):
 @pytest.mark.parametrize("original_format", [True, False], ids=["hub-names", "v5-fused-names"])
 def test_transformers_save_pretrained_to_moe_lab(args, original_format, tmp_path):
     pytest.importorskip("transformers")
-    from moe_lab.convert import to_hf_model
+    from moe_lab.checkpoints.convert import to_hf_model
 
     m = make_model(args, seed=2)
     hf = to_hf_model(m)
@@ -256,7 +256,7 @@ def test_sharded_files_and_index(model, sharded_dir):
 
 
 def test_hf_layout_stores_q_k_rotate_half_order(model, hf_dir):
-    from moe_lab.convert import half_to_interleaved, interleaved_to_half
+    from moe_lab.checkpoints.convert import half_to_interleaved, interleaved_to_half
 
     sd = load_file(hf_dir / "model.safetensors")
     wq = model.blocks[0].attn.wq.weight
@@ -391,7 +391,7 @@ def test_save_refuses_to_replace_a_foreign_directory(model, tmp_path):
 
 
 def test_save_meta_model_fails(tmp_path):
-    from moe_lab.layouts import meta_model
+    from moe_lab.checkpoints.layouts import meta_model
 
     with pytest.raises(CheckpointError, match="meta"):
         save_model(meta_model(TINY_CONFIGS[0]), tmp_path / "x")
@@ -401,7 +401,7 @@ def test_save_meta_model_fails(tmp_path):
 def test_save_model_with_shared_storage(tmp_path):
     """A model whose expert weights are views of one tensor (from_hf_model) still saves."""
     pytest.importorskip("transformers")
-    from moe_lab.convert import from_hf_model, to_hf_model
+    from moe_lab.checkpoints.convert import from_hf_model, to_hf_model
 
     m = make_model(TINY_CONFIGS[0])
     m2 = from_hf_model(to_hf_model(m))
@@ -615,7 +615,7 @@ def test_pickle_with_code_is_refused(model, tmp_path, name):
 
 
 def test_a_failed_read_returns_nothing(hf_dir, monkeypatch):
-    from moe_lab.loading import CheckpointReader
+    from moe_lab.checkpoints.loading import CheckpointReader
 
     real = CheckpointReader.read_layer
 
@@ -641,7 +641,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     def hwm():  # peak RSS of this process in KiB (ru_maxrss would include pytest's, via fork)
         return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-    from moe_lab.layouts import meta_model  # warm-up: torch's one-off lazy imports are baseline
+    from moe_lab.checkpoints.layouts import meta_model  # warm-up: torch's one-off lazy imports are baseline
     meta_model(moe_lab.ModelArgs(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=8, vocab_size=8, n_experts=2))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark to the current RSS

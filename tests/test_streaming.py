@@ -9,7 +9,7 @@ import torch
 
 from conftest import CONFIG_IDS, TINY_CONFIGS, make_model, random_tokens
 from moe_lab import StreamingMixtral, load_model, save_model
-from moe_lab.layouts import params_dict, to_mistral_state_dict
+from moe_lab.checkpoints.layouts import params_dict, to_mistral_state_dict
 
 
 def left_padded(args, B=3, T=10, seed=0):
@@ -145,7 +145,7 @@ def test_streaming_layers_subset_and_dtype(tmp_path):
 
 def test_trace_routing_on_a_streaming_model(tmp_path):
     """The tracing code takes ``sm.model`` like any Mixtral; routing identical to in-memory."""
-    trace_routing = pytest.importorskip("moe_lab.tracing").trace_routing
+    trace_routing = pytest.importorskip("moe_lab.routing.tracing").trace_routing
     args = TINY_CONFIGS[1]
     m = make_model(args)
     path = save_model(m, tmp_path / "c")

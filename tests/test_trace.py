@@ -9,7 +9,7 @@ import torch
 import moe_lab
 from conftest import TINY_CONFIGS, left_padded_batch, make_model, random_tokens
 from moe_lab import RoutingTrace, trace_generation, trace_routing
-from moe_lab.tracing import RoutingRecorder
+from moe_lab.routing.tracing import RoutingRecorder
 
 ARGS = TINY_CONFIGS[1]  # top-2 of 8, sliding window 16
 

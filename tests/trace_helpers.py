@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from moe_lab.trace import RoutingTrace
+from moe_lab.routing.trace import RoutingTrace
 
 
 def make_trace(expert_ids, doc_ids=None, token_ids=None, domains=None, E=4, logits=None, pieces=None, weights=None):

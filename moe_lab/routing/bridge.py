@@ -1,7 +1,7 @@
 """The transformers bridge: routing traces and interventions on ``transformers`` MoE models.
 
 ``moe_lab.trace_routing(hf_model, ...)`` and ``moe_lab.intervene(hf_model, ...)`` accept a
-transformers model and give the same :class:`~moe_lab.trace.RoutingTrace` and the same
+transformers model and give the same :class:`~moe_lab.routing.trace.RoutingTrace` and the same
 interventions as on a moe_lab ``Mixtral``. This is how a user who runs real Mixtral through
 transformers gets the same analyses and figures. Written for ``device_map="auto"`` too (inputs
 go to the embedding's device, each hook works on its router's device, captured tensors are
@@ -53,7 +53,7 @@ Notes:
   left out of the trace; ``trace.layers`` lists the model layer of each row.
 * transformers **v4** module names (``block_sparse_moe.gate`` as a plain ``nn.Linear``,
   routing done inside the MoE block) are **not supported** (v4 is not installed here, so it
-  is untested): ``moe_lab.convert.from_hf_model`` converts any Mixtral checkpoint (v4 names
+  is untested): ``moe_lab.checkpoints.convert.from_hf_model`` converts any Mixtral checkpoint (v4 names
   included) into a moe_lab model instead.
 """
 
@@ -122,7 +122,7 @@ def find_routers(model, warn: bool = True) -> dict[int, nn.Module]:
             raise NotImplementedError(
                 f"{type(model).__name__} uses transformers v4 module names (block_sparse_moe.gate is a plain "
                 "Linear); the bridge supports transformers v5 routers only. Convert the weights with "
-                "moe_lab.convert.from_hf_model(model) and trace the moe_lab model instead.")
+                "moe_lab.checkpoints.convert.from_hf_model(model) and trace the moe_lab model instead.")
         raise TypeError(f"{type(model).__name__} has no top-k router modules the bridge recognises "
                         f"(tested models: {sorted(TESTED_MODELS)})")
     cls = type(next(iter(routers.values()))).__name__

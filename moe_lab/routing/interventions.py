@@ -27,11 +27,11 @@ is never chosen: if ``k`` exceeds the number of experts left in a layer, ``k`` s
 
 They compose by wrapping ``MoE.routing_fn`` of the layers concerned (other layers are not
 touched, so they stay bit-identical); ``intervene`` contexts may be nested. On a transformers
-model with a Mixtral-style router (see :mod:`moe_lab.bridge`) the same objects act through a
+model with a Mixtral-style router (see :mod:`moe_lab.routing.bridge`) the same objects act through a
 forward hook on each router that replaces its output.
 
 ``ForceExpert(..., positions=[...])`` needs the positions of the tokens in each forward
-(position 0 = first real token, as in a :class:`~moe_lab.trace.RoutingTrace`); ``intervene``
+(position 0 = first real token, as in a :class:`~moe_lab.routing.trace.RoutingTrace`); ``intervene``
 works them out from the forward's arguments (``attention_mask``, ``cache``), so it also
 acts on the right tokens during ``generate``.
 """
@@ -44,7 +44,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .model import topk_softmax_routing
+from ..model import topk_softmax_routing
 
 RoutingFn = Callable[[Tensor, int], "tuple[Tensor, Tensor, Tensor]"]
 
@@ -321,7 +321,7 @@ def _moe_lab_positions(args, kwargs) -> Tensor | None:
 def intervene(model, *interventions: Intervention) -> Iterator:
     """Apply ``interventions`` to ``model`` for the block; everything is restored on exit, also
     when the block raises. Works on moe_lab models and on transformers models with
-    Mixtral-style routers (see :mod:`moe_lab.bridge`). Yields the model."""
+    Mixtral-style routers (see :mod:`moe_lab.routing.bridge`). Yields the model."""
     for iv in interventions:
         if not isinstance(iv, Intervention):
             raise TypeError(f"intervene takes Intervention objects (AblateExpert, ForceExpert, SetTopK, "

@@ -1,7 +1,7 @@
 """Checkpoint files: memory-mapped reading, validation messages, sharding and atomic writes.
 
 This module knows about *files* (safetensors, torch ``.pt``/``.pth``/``.bin`` pickles, sharded
-indexes); :mod:`moe_lab.layouts` knows about *key names*; :mod:`moe_lab.loading` puts the two
+indexes); :mod:`moe_lab.checkpoints.layouts` knows about *key names*; :mod:`moe_lab.checkpoints.loading` puts the two
 together.
 
 Memory. Tensors are read through memory maps: ``safetensors.safe_open`` (its ``get_tensor``

@@ -10,7 +10,7 @@ Layouts ``load_model`` detects (a directory, or a file inside one):
 * **Original Mistral release** (Dec 2023): ``params.json`` + ``consolidated.00.pt`` .. ``.07.pt``,
   merged like a dict update, experts stacked (``layers.{L}.block_sparse_moe.w1`` [E*I, H], ...).
 * **A state-dict file** (``.safetensors``/``.pt``/``.pth``/``.bin``) in any of the key styles of
-  :mod:`moe_lab.layouts` (including moe_lab's own), with ``config.json`` or ``params.json`` next
+  :mod:`moe_lab.checkpoints.layouts` (including moe_lab's own), with ``config.json`` or ``params.json`` next
   to it, or ``args=`` given.
 
 How a load goes:
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import (
+from .files import (
     SAFETENSORS_SUFFIXES,
     _natural_key,
     TORCH_SUFFIXES,
@@ -67,7 +67,7 @@ from .layouts import (
     rename_layer,
     to_mistral_state_dict,
 )
-from .model import Mixtral, ModelArgs
+from ..model import Mixtral, ModelArgs
 
 __all__ = ["CheckpointError", "MissingFileError", "load_model", "save_model", "describe_checkpoint",
            "CheckpointReader", "CheckpointInfo"]
@@ -303,9 +303,9 @@ _FIELD_NAMES = {  # moe_lab field -> (config.json name, params.json name)
 class CheckpointReader:
     """A checkpoint opened memory-mapped and fully validated; reads moe_lab tensors a layer at a time.
 
-    ``load_model`` and :class:`moe_lab.streaming.StreamingMixtral` are built on it. Attributes:
+    ``load_model`` and :class:`moe_lab.checkpoints.streaming.StreamingMixtral` are built on it. Attributes:
     ``path``, ``kind`` ("hf" / "mistral" / "state-dict"), ``style`` (key names, see
-    :mod:`moe_lab.layouts`), ``config_file``, ``args`` (the full model's), ``files``, ``store``.
+    :mod:`moe_lab.checkpoints.layouts`), ``config_file``, ``args`` (the full model's), ``files``, ``store``.
     """
 
     def __init__(self, path, *, args: ModelArgs | None = None, layout: str | None = None):

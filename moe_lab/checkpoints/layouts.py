@@ -1,4 +1,4 @@
-"""Key-name styles of Mixtral checkpoints and their configs (files are :mod:`moe_lab.checkpoint`'s).
+"""Key-name styles of Mixtral checkpoints and their configs (files are :mod:`moe_lab.checkpoints.files`'s).
 
 Five styles of key names, detected from the keys themselves:
 
@@ -15,7 +15,7 @@ Five styles of key names, detected from the keys themselves:
 ``moe_lab``        this package's own ``Mixtral.state_dict()`` names (``blocks.{L}.moe...``).
 =================  ==========================================================================
 
-The HF conversions are :func:`moe_lab.convert.to_hf_state_dict` / ``from_hf_state_dict``; the
+The HF conversions are :func:`moe_lab.checkpoints.convert.to_hf_state_dict` / ``from_hf_state_dict``; the
 Mistral ones are here. All of them work on the meta device too, which is how the loader knows
 every expected key and shape before it reads a byte.
 """
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .convert import from_hf_state_dict, to_hf_state_dict
-from .model import Mixtral, ModelArgs
+from ..model import Mixtral, ModelArgs
 
 STYLES = ("hf", "hf-fused", "mistral", "mistral-stacked", "moe_lab")
 

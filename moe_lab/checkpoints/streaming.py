@@ -50,7 +50,7 @@ from torch import Tensor
 
 from .layouts import meta_model
 from .loading import CheckpointReader, _as_dtype
-from .model import Block, ModelArgs, rope_cos_sin
+from ..model import Block, ModelArgs, rope_cos_sin
 
 __all__ = ["StreamingMixtral", "LayerCallback"]
 

@@ -13,7 +13,7 @@ weights it returns -- no copy, no device synchronisation, no ``nn.Module`` hook 
 and the tensors go to numpy once per batch. The model's computation is untouched, so the
 routing is bit-identical with and without tracing (``benchmarks/bench_hooks.py`` measures the
 overhead). On a transformers model the same is done with a forward hook on each router
-(:mod:`moe_lab.bridge`).
+(:mod:`moe_lab.routing.bridge`).
 
 The forward stops after the last traced layer (no LM head: logits of a batch of long
 documents can take gigabytes), and padding tokens never reach the trace.
@@ -303,7 +303,7 @@ def _engine(model, layers, keep_logits):
 
 
 def _meta(engine, keep_logits: bool, extra: dict | None = None) -> dict:
-    from . import __version__
+    from .. import __version__
     from .interventions import active_interventions
 
     meta = engine.meta()
@@ -336,7 +336,7 @@ def trace_routing(model, inputs, *, tokenizer=None, batch_size: int = 8, progres
     a non-mapping input (one label, or one per document).
 
     ``model``: a moe_lab ``Mixtral`` (also inside ``moe_lab.intervene``) or a transformers MoE
-    model (see :mod:`moe_lab.bridge`).
+    model (see :mod:`moe_lab.routing.bridge`).
 
     Documents are batched ``batch_size`` at a time (sorted by length when ``sort_by_length`` so
     that little padding is needed; the trace keeps the input order), left-padded with an
@@ -439,7 +439,7 @@ def trace_generation(model, prompt, max_new_tokens: int = 32, *, tokenizer=None,
     and the trace comes from one forward over the final sequences.
     """
     from .bridge import is_hf_model
-    from .generation import left_pad, sample_next
+    from ..generation import left_pad, sample_next
 
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -531,7 +531,7 @@ def _trace_from_rows(out, keep, ids, ws, lg, engine, keep_logits, tokenizer, dom
 def _hf_trace_generation(model, docs, max_new_tokens, *, tokenizer, keep_logits, layers, domain, temperature,
                          top_k, top_p, seed, eos_id, pad_id):
     from .bridge import input_device
-    from .generation import left_pad
+    from ..generation import left_pad
 
     device = input_device(model)
     tokens, mask = left_pad(docs, pad_id, device)
