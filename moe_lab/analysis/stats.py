@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from .routing.trace import RoutingTrace
+from ..routing.trace import RoutingTrace
 
 Choice = Literal["first", "second", "either"]
 

@@ -1,0 +1,31 @@
+"""Routing analyses: pure functions of a :class:`~moe_lab.RoutingTrace`, each with its baseline.
+
+``stats.py``: load, repetition (the paper's Table 5 / Figure 10), co-activation, confidence,
+specialisation, cross-layer structure, the expert-cache simulator.
+"""
+
+from .stats import (  # noqa: F401
+    Choice,
+    expert_load,
+    uniform_load,
+    expert_load_by_domain,
+    domain_load_divergence,
+    BalanceSummary,
+    load_balance,
+    uniform_repetition,
+    marginal_repetition,
+    Repetition,
+    repetition,
+    coactivation,
+    Confidence,
+    router_confidence,
+    vocabulary_specialization,
+    top_tokens_per_expert,
+    domain_specialization,
+    layer_transitions,
+    normalized_mutual_information,
+    cross_layer_nmi,
+    simulate_expert_cache,
+    cache_hit_rates,
+    generated_only,
+)
