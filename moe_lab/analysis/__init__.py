@@ -1,11 +1,13 @@
 """Routing analyses: pure functions of a :class:`~moe_lab.RoutingTrace`, each with its baseline.
 
 ``stats.py``: load, repetition (the paper's Table 5 / Figure 10), co-activation, confidence,
-specialisation, cross-layer structure, the expert-cache simulator.
+specialisation, cross-layer structure, the expert-cache simulator. Analyses documented "trace
+or store" also take a :class:`~moe_lab.TraceStore` (a trace on disk) and read it in chunks.
 """
 
 from .stats import (  # noqa: F401
     Choice,
+    Source,
     expert_load,
     uniform_load,
     expert_load_by_domain,
