@@ -143,6 +143,11 @@ class TraceWriter:
     def shards(self) -> list[dict]:
         return list(self.manifest["shards"])
 
+    @property
+    def buffered_tokens(self) -> int:
+        """Tokens added but not yet written (they are lost if the process dies now)."""
+        return self._buf_tokens
+
     def add(self, doc: RoutedDocument, weights: np.ndarray | None = None, logits: np.ndarray | None = None) -> None:
         """Buffer one document (expert ids [T, L, k]); write a shard once ``shard_tokens`` are buffered."""
         T = len(doc.token_ids)
