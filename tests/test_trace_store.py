@@ -191,3 +191,21 @@ def test_pandas_chunks_and_parquet(tmp_path):
     else:
         out = st.to_parquet(tmp_path / "t.parquet", chunk_tokens=20, progress=False)
         pd.testing.assert_frame_equal(pd.read_parquet(out), t.to_pandas(), check_dtype=False)
+
+
+def test_repetition_any_paths_agree_with_a_direct_count():
+    """Top-k overlap through bitmasks (E <= 64), through the ids (E > 64), and with documents
+    out of order (the per-layer bincount path) all equal a plain count."""
+    rng = np.random.default_rng(5)
+    for E in (8, 64, 100):
+        N, k = 400, 3
+        ids = np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(N)]) for _ in range(2)])
+        ids[:, 1::2, 0] = ids[:, 0::2, 1]  # force some overlaps
+        doc = np.repeat([3, 0, 2, 1], N // 4)  # documents not in ascending order
+        pos = np.tile(np.arange(N // 4), 4)
+        t = RoutingTrace(token_ids=np.full(N, 5), doc_ids=doc, positions=pos, expert_ids=ids, n_experts=E)
+        r = A.repetition(t, "any", bos_id=None, n_boot=20, n_marginal_pairs=1000)
+        ok = doc[1:] == doc[:-1]
+        direct = [np.mean([len(set(ids[l, i]) & set(ids[l, i + 1])) > 0 for i in np.flatnonzero(ok)]) for l in range(2)]
+        np.testing.assert_allclose(r.rate, direct)
+        assert r.n_pairs == ok.sum()

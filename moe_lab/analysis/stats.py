@@ -23,7 +23,7 @@ Choice = Literal["first", "second", "either"]
 Source = Union[RoutingTrace, TraceStore]
 
 #: Tokens per chunk when an analysis reads a TraceStore (whole documents; see TraceStore.iter_chunks).
-CHUNK_TOKENS = 1 << 18
+CHUNK_TOKENS = 1 << 15
 
 
 def _chunks(source: Source, desc: str, layers=None) -> Iterator[tuple[RoutingTrace, int, int]]:
@@ -64,13 +64,24 @@ def _choice_ids(trace: RoutingTrace, choice: Choice) -> np.ndarray:
     raise ValueError(f"choice must be 'first', 'second' or 'either', got {choice!r}")
 
 
-def _load_counts(trace: RoutingTrace, choice: Choice) -> np.ndarray:
-    """[L, E] number of (token, slot) assignments to each expert."""
-    ids = _choice_ids(trace, choice)
-    counts = np.zeros((ids.shape[0], trace.n_experts))
+def _load_counts(trace: RoutingTrace, choice: Choice, groups: np.ndarray | None = None,
+                 n_groups: int = 1) -> np.ndarray:
+    """[L, E] number of (token, slot) assignments to each expert; with ``groups`` ([N] group
+    index of each token, e.g. its domain), [G, L, E] per group."""
+    ids = _choice_ids(trace, choice)  # [L, N, j]
+    E = trace.n_experts
+    key = ids if groups is None else groups[None, :, None] * E + ids
+    counts = np.zeros((ids.shape[0], n_groups * E))
     for l in range(ids.shape[0]):
-        counts[l] = np.bincount(ids[l].ravel(), minlength=trace.n_experts)[: trace.n_experts]
-    return counts
+        counts[l] = np.bincount(key[l].ravel(), minlength=n_groups * E)
+    counts = counts.reshape(-1, n_groups, E).transpose(1, 0, 2)  # [G, L, E]
+    return counts[0] if groups is None else counts
+
+
+def _token_groups(chunk: RoutingTrace, names: list[str]) -> np.ndarray:
+    """[N] index of each token's domain in ``names``."""
+    code = {d: i for i, d in enumerate(names)}
+    return np.array([code[d] for d in chunk.domains], dtype=np.int64)[chunk.doc_ids]
 
 
 def _normalize_load(counts: np.ndarray, n_tokens: int, picks: int, normalization: str) -> np.ndarray:
@@ -107,14 +118,13 @@ def expert_load_by_domain(trace: Source, choice: Choice = "either",
                           normalization: Literal["assignments", "tokens"] = "assignments") -> dict[str, np.ndarray]:
     """domain -> [L, E] load (as :func:`expert_load`) over that domain's documents (trace or store)."""
     picks = trace.top_k if choice == "either" else 1
-    counts: dict[str, np.ndarray] = {}
-    tokens: dict[str, int] = {}
+    names = trace.domain_names
+    counts, tokens = 0, 0
     for c, _, _ in _chunks(trace, "load by domain"):
-        for d in c.domain_names:
-            sub = c.select(domain=d)
-            counts[d] = counts.get(d, 0) + _load_counts(sub, choice)
-            tokens[d] = tokens.get(d, 0) + sub.n_tokens
-    return {d: _normalize_load(counts[d], tokens[d], picks, normalization) for d in trace.domain_names}
+        groups = _token_groups(c, names)
+        counts = counts + _load_counts(c, choice, groups, len(names))  # [G, L, E]
+        tokens = tokens + np.bincount(groups, minlength=len(names))
+    return {d: _normalize_load(counts[i], int(tokens[i]), picks, normalization) for i, d in enumerate(names)}
 
 
 def domain_load_divergence(trace: RoutingTrace, choice: Choice = "either", n_perm: int = 200, seed: int = 0):
@@ -186,24 +196,59 @@ def load_balance(load: np.ndarray) -> BalanceSummary:
 # Consecutive-token repetition (Mixtral paper, Table 5 and Figure 10)
 
 
-def _consecutive_pairs(trace: RoutingTrace, bos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (i, i+1) of consecutive tokens in the same document, BOS excluded."""
-    i = np.arange(trace.n_tokens - 1)
-    same_doc = trace.doc_ids[:-1] == trace.doc_ids[1:]
-    adjacent = trace.positions[1:] == trace.positions[:-1] + 1
-    keep = same_doc & adjacent
+def _pair_mask(trace: RoutingTrace, bos_id: int | None) -> np.ndarray:
+    """[N-1] bool: tokens i and i+1 are consecutive in the same document, and i is not BOS."""
+    keep = (trace.doc_ids[:-1] == trace.doc_ids[1:]) & (trace.positions[1:] == trace.positions[:-1] + 1)
     if bos_id is not None:
         keep &= trace.token_ids[:-1] != bos_id
-    return i[keep], i[keep] + 1
+    return keep
+
+
+def _consecutive_pairs(trace: RoutingTrace, bos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (i, i+1) of consecutive tokens in the same document, BOS excluded."""
+    i = np.flatnonzero(_pair_mask(trace, bos_id))
+    return i, i + 1
 
 
 def _same(a: np.ndarray, b: np.ndarray, kind: str) -> np.ndarray:
-    """a, b [P, k] -> [P] bool: same first choice, or any overlap of the top-k sets."""
+    """a, b [..., P, k] -> [..., P] bool: same first choice, or any overlap of the top-k sets."""
     if kind == "first":
-        return a[:, 0] == b[:, 0]
+        return a[..., 0] == b[..., 0]
     if kind == "any":
-        return (a[:, :, None] == b[:, None, :]).any((1, 2))
+        out = np.zeros(a.shape[:-1], dtype=bool)
+        for i in range(a.shape[-1]):
+            for j in range(b.shape[-1]):
+                out |= a[..., i] == b[..., j]
+        return out
     raise ValueError(f"kind must be 'first' or 'any', got {kind!r}")
+
+
+def _route_keys(trace: RoutingTrace, kind: str) -> np.ndarray:
+    """Token-major [N, L] keys such that two tokens are routed alike at a layer exactly when
+    :func:`_alike` says so: the first choice ("first"), or the top-k set as a bitmask
+    ``sum_j 2**id_j`` ("any", E <= 64); else the [N, L, k] ids themselves. Narrow dtypes and
+    whole rows make gathering and comparing pairs ~10x faster than on [L, N, k] int64 ids."""
+    ids = trace.expert_ids.transpose(1, 0, 2)  # [N, L, k]
+    E = trace.n_experts
+    if kind == "first":
+        return ids[..., 0].astype(np.uint8 if E <= 256 else np.int32)
+    if E <= 64:
+        bits = next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if np.iinfo(t).bits >= E)
+        ids = ids.astype(bits)
+        keys = np.zeros(ids.shape[:2], dtype=bits)
+        for j in range(ids.shape[2]):
+            keys |= bits(1) << ids[..., j]
+        return keys
+    return ids.astype(np.int32)
+
+
+def _alike(x: np.ndarray, y: np.ndarray, kind: str) -> np.ndarray:
+    """Routed alike, from keys of :func:`_route_keys` -> bool of the keys' shape (minus k)."""
+    if kind == "first":
+        return x == y
+    if np.issubdtype(x.dtype, np.unsignedinteger):  # bitmasks of the top-k sets
+        return (x & y) != 0  # the two sets share an expert
+    return _same(x, y, "any")
 
 
 def uniform_repetition(n_experts: int, top_k: int, kind: str) -> float:
@@ -279,24 +324,28 @@ def repetition(trace: Source, kind: Literal["first", "any"] = "first", *, bos_id
     first_counts = np.zeros((L, E))
     if kind == "any":  # token pairs for the marginal baseline, drawn before reading anything
         draw = rng.integers(0, max(N, 1), (2, n_marginal_pairs))
-        picked = np.zeros((2, n_marginal_pairs, L, trace.top_k), dtype=np.int16)
+        picked: list[np.ndarray | None] = [None, None]  # [n_pairs, L(, k)] keys of the drawn tokens
     for c, d0, t0 in _chunks(trace, f"repetition ({kind})"):
-        a, b = _consecutive_pairs(c, bos_id)
-        pair_doc = c.doc_ids[a] + d0
-        pairs += np.bincount(pair_doc, minlength=D)
-        shuffles = [_shuffled_pairs(c, bos_id, seed, s, t0) for s in range(n_shuffles)]
-        for s, (x, _) in enumerate(shuffles):
-            shuf_pairs[s] += len(x)
-        for l in range(L):
-            ids = c.expert_ids[l]
-            hits[l] += np.bincount(pair_doc, weights=_same(ids[a], ids[b], kind), minlength=D)
-            for s, (x, y) in enumerate(shuffles):
-                shuf_hits[l, s] += _same(ids[x], ids[y], kind).sum()
-            first_counts[l] += np.bincount(ids[:, 0], minlength=E)[:E]
+        keys = _route_keys(c, kind)  # [n, L(, k)]
+        keep = _pair_mask(c, bos_id)  # [n-1]: (i, i+1) counts
+        pair_doc = c.doc_ids[:-1] + d0
+        pairs += np.bincount(pair_doc, weights=keep, minlength=D)
+        same = _alike(keys[:-1], keys[1:], kind) & keep[:, None]  # [n-1, L]
+        _add_by_doc(hits, same, pair_doc)
+        if kind == "first":
+            for l in range(L):
+                first_counts[l] += np.bincount(keys[:, l], minlength=E)[:E]
+        for s in range(n_shuffles):
+            perm, ok = _shuffled_order(c, bos_id, seed, s, t0)
+            shuffled = keys[perm]
+            shuf_pairs[s] += ok.sum()
+            shuf_hits[:, s] += (_alike(shuffled[:-1], shuffled[1:], kind) & ok[:, None]).sum(0)
         if kind == "any":
             for i in range(2):
+                if picked[i] is None:
+                    picked[i] = np.zeros((n_marginal_pairs, *keys.shape[1:]), dtype=keys.dtype)
                 inside = (draw[i] >= t0) & (draw[i] < t0 + c.n_tokens)
-                picked[i, inside] = c.expert_ids[:, draw[i, inside] - t0].transpose(1, 0, 2)
+                picked[i][inside] = keys[draw[i, inside] - t0]
     n_pairs = int(pairs.sum())
     if n_pairs == 0:
         raise ValueError("no consecutive token pairs within documents to compare")
@@ -305,12 +354,28 @@ def repetition(trace: Source, kind: Literal["first", "any"] = "first", *, bos_id
     if kind == "first":
         marg = np.array([_first_choice_chance(first_counts[l]) for l in range(L)])
     else:
-        marg = np.array([_same(picked[0, :, l], picked[1, :, l], "any").mean() for l in range(L)])
+        marg = _alike(picked[0], picked[1], kind).mean(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         shuf = (shuf_hits / np.where(shuf_pairs > 0, shuf_pairs, np.nan)).mean(1)
     return Repetition(layers=list(trace.layers), kind=kind, rate=rate, ci_low=lo, ci_high=hi,
                       uniform=uniform_repetition(E, trace.top_k, kind), marginal=marg, shuffled=shuf,
                       n_pairs=n_pairs, ids_only=bool(trace.ids_only))
+
+
+def _add_by_doc(out: np.ndarray, values: np.ndarray, doc: np.ndarray) -> None:
+    """out[:, d] += sum of values[i, :] over the rows i with doc[i] == d (out [L, D], values
+    [n, L] bool). Documents in ascending order (every store chunk, every trace moe_lab makes): one
+    cumulative sum; otherwise one bincount per layer."""
+    if len(doc) == 0:
+        return
+    if np.all(doc[1:] >= doc[:-1]):
+        first, last = int(doc[0]), int(doc[-1])
+        bounds = np.searchsorted(doc, np.arange(first, last + 2))
+        csum = np.concatenate([np.zeros((1, values.shape[1]), np.int64), np.cumsum(values, axis=0, dtype=np.int64)])
+        out[:, first:last + 1] += (csum[bounds[1:]] - csum[bounds[:-1]]).T
+    else:
+        for l in range(values.shape[1]):
+            out[l] += np.bincount(doc, weights=values[:, l], minlength=out.shape[1])
 
 
 def _bootstrap_ci(hits: np.ndarray, pairs: np.ndarray, n_boot: int, ci: float, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -340,17 +405,17 @@ def _hash_uniform(seed: int, stream: int, index: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def _shuffled_pairs(trace: RoutingTrace, bos_id, seed: int, stream: int, first_token: int):
-    """Consecutive pairs after permuting token order inside each document (keeps each
-    document's expert mix, destroys adjacency); BOS tokens are left out."""
+def _shuffled_order(trace: RoutingTrace, bos_id, seed: int, stream: int, first_token: int):
+    """(perm, ok): the tokens (BOS left out) with their order permuted inside each document
+    (keeps each document's expert mix, destroys adjacency), and [len(perm)-1] bool: perm[i] and
+    perm[i+1] are in the same document (a pair to compare)."""
     keep = np.ones(trace.n_tokens, dtype=bool)
     if bos_id is not None:
         keep &= trace.token_ids != bos_id
     idx = np.flatnonzero(keep)
     keys = _hash_uniform(seed, stream, idx + first_token)
     perm = idx[np.lexsort((keys, trace.doc_ids[idx]))]  # shuffled within documents
-    same_doc = trace.doc_ids[perm[:-1]] == trace.doc_ids[perm[1:]]
-    return perm[:-1][same_doc], perm[1:][same_doc]
+    return perm, trace.doc_ids[perm[:-1]] == trace.doc_ids[perm[1:]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,19 +525,14 @@ def top_tokens_per_expert(trace: Source, layer: int, n: int = 10, min_count: int
 def domain_specialization(trace: Source, layer: int) -> tuple[list[str], np.ndarray]:
     """(domains, [D, E]) share of each domain's tokens whose top-k includes the expert (OLMoE's
     N_k(expert, domain) / N(domain)); uniform k/E (25% for top-2 of 8). Trace or store."""
-    E = trace.n_experts
     trace.layer_index(layer)
-    counts: dict[str, np.ndarray] = {}
-    tokens: dict[str, int] = {}
-    for c, _, _ in _chunks(trace, "domain specialisation", layers=[layer]):
-        ids = c.expert_ids[0]
-        tok_dom = c.token_domains
-        for d in c.domain_names:
-            sel = ids[tok_dom == d]
-            counts[d] = counts.get(d, 0) + np.bincount(sel.ravel(), minlength=E)
-            tokens[d] = tokens.get(d, 0) + len(sel)
     doms = trace.domain_names
-    return doms, np.stack([counts[d] / max(tokens[d], 1) for d in doms]) if doms else np.zeros((0, E))
+    counts, tokens = 0, 0
+    for c, _, _ in _chunks(trace, "domain specialisation", layers=[layer]):
+        groups = _token_groups(c, doms)
+        counts = counts + _load_counts(c, "either", groups, len(doms))[:, 0]  # [G, E]
+        tokens = tokens + np.bincount(groups, minlength=len(doms))
+    return doms, counts / np.maximum(tokens, 1)[:, None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,8 +602,10 @@ def simulate_expert_cache(requests: list[list[int]] | np.ndarray, cache_size: in
         rows = requests.reshape(len(requests), -1).tolist()
     else:
         rows = [list(map(int, r)) for r in requests]
+    if policy == "lru":
+        return _lru_hits(rows, cache_size)
     nxt = _next_uses(rows) if policy == "optimal" else None  # [T][k] next step needing that expert
-    cache: dict[int, int] = {}  # expert -> score: last use (LRU), next use (optimal)
+    cache: dict[int, int] = {}  # expert -> last use (LFU tie-break) or next use (optimal)
     freq: dict[int, int] = {}
     hits = total = 0
     for t, need in enumerate(rows):
@@ -554,14 +616,32 @@ def simulate_expert_cache(requests: list[list[int]] | np.ndarray, cache_size: in
                 hits += 1
             elif len(cache) >= cache_size:
                 victims = [c for c in cache if c not in need] or list(cache)
-                if policy == "lru":
-                    victim = min(victims, key=cache.__getitem__)
-                elif policy == "lfu":
+                if nxt is None:  # LFU: fewest uses so far, then least recent
                     victim = min(victims, key=lambda c: (freq[c], cache[c]))
-                else:
+                else:  # optimal: needed furthest in the future
                     victim = max(victims, key=cache.__getitem__)
                 del cache[victim]
             cache[e] = t if nxt is None else nxt[t][j]
+    return hits / total if total else float("nan")
+
+
+def _lru_hits(rows: list[list[int]], cache_size: int) -> float:
+    """LRU with the dict's order as the recency list (oldest first): a hit moves the expert to
+    the end, a miss evicts the oldest expert the current token does not need. A token's experts
+    are used in rank order (so of two experts last used by the same token, the first choice is
+    the older)."""
+    cache: dict[int, None] = {}
+    hits = total = 0
+    for need in rows:
+        for e in need:
+            total += 1
+            if e in cache:
+                hits += 1
+                del cache[e]
+            elif len(cache) >= cache_size:
+                victim = next((c for c in cache if c not in need), None)
+                del cache[next(iter(cache)) if victim is None else victim]
+            cache[e] = None
     return hits / total if total else float("nan")
 
 

@@ -406,7 +406,8 @@ class TraceStore:
         meta["prompt_lengths"] = self.prompt_lengths[d0:d1].tolist()
         return RoutingTrace(
             token_ids=self._col(shard, "token_ids")[t0:t1], doc_ids=np.repeat(np.arange(d1 - d0), lengths),
-            positions=self._col(shard, "positions")[t0:t1], expert_ids=ids.transpose(1, 0, 2),
+            positions=self._col(shard, "positions")[t0:t1],
+            expert_ids=np.ascontiguousarray(ids.transpose(1, 0, 2)),  # [L, n, k], still uint8: cheap to widen
             weights=opt.get("weights"), router_logits=opt.get("router_logits"),
             domains=[names[i] for i in self._doc_domains[d0:d1].tolist()],
             layers=self.layers if rows is None else [self.layers[r] for r in rows], n_experts=self.n_experts, meta=meta)
