@@ -140,3 +140,21 @@ def test_figures_of_an_id_only_trace_say_so():
     traced = RoutingTrace(token_ids=[1, 2], doc_ids=[0, 0], positions=[0, 1], expert_ids=[[[0, 1], [1, 0]]],
                           weights=[[[0.6, 0.4], [0.5, 0.5]]], n_experts=2)
     assert note not in viz.load_heatmap(traced).layout.title.text
+
+
+def test_router_saturation_between_checkpoints():
+    final = make_simple([[0, 1], [2, 3], [4, 5]])
+    early = make_simple([[1, 0], [2, 6], [7, 6]])  # overlaps 2/2, 1/2, 0/2
+    np.testing.assert_allclose(A.router_saturation(early, final), [0.5])
+    np.testing.assert_allclose(A.router_saturation(early, final, k=1), [1 / 3])  # first choices: only token 1
+    np.testing.assert_allclose(A.router_saturation(final, final), [1.0])
+    other = make_simple([[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match="same tokens and layers"):
+        A.router_saturation(other, final)
+
+
+def make_simple(rows, E=8):
+    ids = np.asarray(rows)[None]
+    N = ids.shape[1]
+    return RoutingTrace(token_ids=np.arange(N), doc_ids=np.zeros(N, int), positions=np.arange(N), expert_ids=ids,
+                        n_experts=E)

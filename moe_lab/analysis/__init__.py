@@ -24,6 +24,7 @@ from .stats import (  # noqa: F401
     vocabulary_specialization,
     top_tokens_per_expert,
     domain_specialization,
+    router_saturation,
     layer_transitions,
     normalized_mutual_information,
     cross_layer_nmi,

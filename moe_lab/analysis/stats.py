@@ -535,6 +535,25 @@ def domain_specialization(trace: Source, layer: int) -> tuple[list[str], np.ndar
     return doms, counts / np.maximum(tokens, 1)[:, None]
 
 
+def router_saturation(trace: RoutingTrace, final: RoutingTrace, k: int | None = None) -> np.ndarray:
+    """[L] OLMoE's router saturation: per layer, the mean over tokens of |top-k here ∩ top-k in
+    ``final``| / k, between an intermediate checkpoint's trace and the final model's on the same
+    tokens (the OLMoE study's ``c4_results_{step}.jsonl`` against ``c4_results.jsonl``).
+    ``k``: compare the first k choices (default the traces' top-k; OLMoE reports top-1 and
+    top-8). 1 = the router already routes as it will at the end; chance is about k/E."""
+    if not np.array_equal(trace.token_ids, final.token_ids) or trace.layers != final.layers:
+        raise ValueError(f"router_saturation needs the same tokens and layers in both traces, found "
+                         f"{trace.n_tokens} / {final.n_tokens} tokens, layers {trace.layers} / {final.layers}")
+    k = min(trace.top_k, final.top_k) if k is None else k
+    if not 1 <= k <= min(trace.top_k, final.top_k):
+        raise ValueError(f"k must be in [1, {min(trace.top_k, final.top_k)}], got {k}")
+    a, b = trace.expert_ids[:, :, :k], final.expert_ids[:, :, :k]  # [L, N, k]
+    shared = np.zeros(a.shape[:2])
+    for j in range(k):
+        shared += (a[:, :, j:j + 1] == b).any(-1)
+    return shared.mean(1) / k
+
+
 # --------------------------------------------------------------------------------------------
 # Across layers
 
