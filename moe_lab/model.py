@@ -208,6 +208,8 @@ class KVCache:
             positions = self.positions[:, None] + (real.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
             self.key_mask[:, self.length:S] = real
             self.has_padding = True
+        elif T == 1:  # a decode step
+            positions = self.positions[:, None]  # (B, 1)
         else:
             positions = self.positions[:, None] + torch.arange(T, device=self.positions.device)  # (B, T)
         self.positions = positions[:, -1] + 1
@@ -382,7 +384,7 @@ class MoE(nn.Module):
         N, k = indices.shape
         if N == 1 and not torch.is_grad_enabled():  # one token (a decode step): its k experts in turn
             out = None
-            for e, w in zip(indices[0].tolist(), weights[0].tolist()):
+            for e, w in zip(indices.tolist()[0], weights.tolist()[0]):
                 y = self.experts[e](x)  # (1, D)
                 out = y * w if out is None else out.add_(y, alpha=w)
             return out
@@ -535,6 +537,9 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int 
         return _LinearCrossEntropy.apply(h.to(dtype), weight.to(dtype), targets, chunk)
 
 
+_GLOBAL_HOOKS = nn.modules.module  # where nn.Module keeps hooks registered for every module
+
+
 class Mixtral(HookedMixin, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -545,6 +550,7 @@ class Mixtral(HookedMixin, nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.hook_embed = HookPoint()  # (B, T, D)
         self._inv_freq: dict = {}
+        self._head_t: tuple | None = None  # (weight's identity and version, [D, V] copy), see head()
         name_hook_points(self)
         self.reset_parameters()
 
@@ -614,7 +620,27 @@ class Mixtral(HookedMixin, nn.Module):
     def head(self, x: Tensor) -> Tensor:
         """Final norm and output layer: x (B, T, D) -> logits (B, T, V). ``head(x[:, [-1]])`` for
         the last position only (what generation needs)."""
-        return self.output(self.norm(x))
+        x = self.norm(x)  # (B, T, D)
+        if x.shape[1] == 1 and self._plain_small_head(x):  # one position of a small fp32 model on CPU:
+            return x @ self._output_weight_t()  # the same x W^T, W stored [D, V]: ~2x faster CPU BLAS
+        return self.output(x)  # (B, T, V)
+
+    def _plain_small_head(self, x: Tensor) -> bool:
+        """``self.output`` is a plain bias-free ``nn.Linear`` nobody hooks and nothing needs its
+        gradient, and x is fp32 on CPU with D <= 1024 (where the [D, V] layout pays)."""
+        out = self.output
+        return (type(out) is nn.Linear and out.bias is None and not (out._forward_hooks or out._forward_pre_hooks)
+                and not (_GLOBAL_HOOKS._global_forward_hooks or _GLOBAL_HOOKS._global_forward_pre_hooks)
+                and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+                and out.weight.dtype == torch.float32 and x.shape[-1] <= 1024 and not out.weight.is_inference())
+
+    def _output_weight_t(self) -> Tensor:
+        """A [D, V] copy of the output weight, made again whenever the weight changes."""
+        w = self.output.weight
+        key = (w.data_ptr(), w._version, tuple(w.shape))
+        if self._head_t is None or self._head_t[0] != key:
+            self._head_t = (key, w.detach().t().contiguous())
+        return self._head_t[1]
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None, *,
                 attention_mask: Tensor | None = None, cache: KVCache | None = None,
@@ -643,7 +669,7 @@ class Mixtral(HookedMixin, nn.Module):
         if not return_logits:  # training: the head's matmul fused with the cross-entropy, in chunks
             ce = linear_cross_entropy(self.norm(x).flatten(0, 1), self.output.weight, targets.flatten())
             return None, self.router_losses(ce, router_logits, attention_mask)
-        logits = self.head(x[:, [-1]] if last_only else x)  # (B, T or 1, V)
+        logits = self.head(x[:, -1:] if last_only else x)  # (B, T or 1, V)
         if targets is None:
             return logits
         return logits, self.loss(logits, targets, router_logits, attention_mask)
@@ -671,7 +697,7 @@ class Mixtral(HookedMixin, nn.Module):
         B, T = tokens.shape
         if T == 0:
             raise ValueError("tokens is empty (T = 0)")
-        lo, hi = int(tokens.min()), int(tokens.max())
+        lo, hi = (int(t) for t in torch.aminmax(tokens))  # one pass over the ids
         if lo < 0 or hi >= self.args.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is outside [0, vocab_size={self.args.vocab_size})")
