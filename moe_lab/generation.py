@@ -32,7 +32,12 @@ def left_pad(prompt, pad_id: int = 0, device=None) -> tuple[Tensor, Tensor | Non
 
 def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """logits (B, V) -> next token ids (B,). temperature 0 is greedy (argmax)."""
+    """logits (B, V) -> next token ids (B,). temperature 0 is greedy (argmax).
+
+    Sampling: ``top_k`` keeps the top_k most likely TOKENS (transformers' meaning; unrelated to
+    experts: the model's experts per token is ``ModelArgs.experts_per_token``); ``top_p`` keeps
+    the smallest set of tokens whose probability reaches top_p.
+    """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -103,7 +108,8 @@ def generate_stream(model, prompt, max_new_tokens: int = 32, *, temperature: flo
 
 
 def generate(model, prompt, max_new_tokens: int = 32, **kw) -> Tensor:
-    """The prompt (left-padded) followed by the generated tokens, [B, T + n]."""
+    """The prompt (left-padded) followed by the generated tokens, [B, T + n]. Options as in
+    ``generate_stream`` (sampling: ``top_k`` keeps the top_k most likely TOKENS; unrelated to experts)."""
     tokens, _ = left_pad(prompt, kw.get("pad_id", 0), model.output.weight.device)
     new = list(generate_stream(model, prompt, max_new_tokens, **kw))
     if not new:

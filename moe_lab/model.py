@@ -15,7 +15,8 @@ nothing until a hook is attached; ``moe_lab.hooks`` attaches and removes them.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+import warnings
+from dataclasses import InitVar, asdict, dataclass, fields
 from typing import Callable, Iterator, NamedTuple
 
 import torch
@@ -45,12 +46,16 @@ class ModelArgs:
     max_seq_len: int = 32768
     sliding_window: int | None = None  # W keys including self; None = dense causal
     n_experts: int = 8
-    top_k: int = 2
+    experts_per_token: int = 2  # K, the experts each token is routed to (the paper's top-2)
     router_aux_loss_coef: float = 0.02  # load-balancing loss coefficient (HF's definition)
     router_z_loss_coef: float = 0.0  # ST-MoE z-loss; 0 disables it
     init_std: float = 0.02
+    top_k: InitVar[int | None] = None  # deprecated name of experts_per_token (still accepted)
 
-    def __post_init__(self):
+    def __post_init__(self, top_k: int | None = None):
+        if top_k is not None:
+            _warn_top_k("ModelArgs(top_k=...)", stacklevel=4)
+            self.experts_per_token = top_k
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim")
@@ -58,7 +63,8 @@ class ModelArgs:
         checks = [
             (self.n_heads % self.n_kv_heads == 0, f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"),
             (self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE"),
-            (1 <= self.top_k <= self.n_experts, f"top_k={self.top_k} must be in [1, n_experts={self.n_experts}]"),
+            (1 <= self.experts_per_token <= self.n_experts,
+             f"experts_per_token={self.experts_per_token} must be in [1, n_experts={self.n_experts}]"),
             (self.sliding_window is None or self.sliding_window >= 1, f"sliding_window={self.sliding_window} must be >= 1 or None"),
         ]
         for ok, msg in checks:
@@ -73,19 +79,36 @@ class ModelArgs:
         return cls(**{**PRESETS[name], **overrides})
 
     def replace(self, **changes) -> "ModelArgs":
-        return replace(self, **changes)
+        return type(self)(**{**self.to_dict(), **changes})
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} | {"top_k"}  # top_k: the old name, with a warning
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown ModelArgs fields: {sorted(unknown)}")
         return cls(**d)
 
+
+def _warn_top_k(what: str, stacklevel: int = 3) -> None:
+    warnings.warn(f"{what}: `top_k` is now called `experts_per_token` (the number of experts each token is routed "
+                  "to); `top_k` stays the sampling cut-off of generate()", DeprecationWarning, stacklevel=stacklevel)
+
+
+def _top_k_get(self) -> int:
+    _warn_top_k(f"{type(self).__name__}.top_k")
+    return self.experts_per_token
+
+
+def _top_k_set(self, k: int) -> None:
+    _warn_top_k(f"{type(self).__name__}.top_k")
+    self.experts_per_token = k
+
+
+ModelArgs.top_k = property(_top_k_get, _top_k_set, doc="Deprecated: ``experts_per_token``.")
 
 PRESETS: dict[str, dict] = {
     "mixtral-8x7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
@@ -103,7 +126,7 @@ PRESETS: dict[str, dict] = {
 
 class ParamCount(NamedTuple):
     total: int
-    active: int  # with top_k experts per token instead of all of them
+    active: int  # with experts_per_token experts per token instead of all of them
 
 
 def count_params(args: ModelArgs) -> ParamCount:
@@ -114,7 +137,7 @@ def count_params(args: ModelArgs) -> ParamCount:
     shared = attn + 2 * D + E * D  # attention, two norms, router
     embed = 2 * args.vocab_size * D + D  # embeddings, output head, final norm
     return ParamCount(total=args.n_layers * (shared + E * expert) + embed,
-                      active=args.n_layers * (shared + args.top_k * expert) + embed)
+                      active=args.n_layers * (shared + args.experts_per_token * expert) + embed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,14 +344,14 @@ class Expert(nn.Module):
         return self.hook_out(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
-def topk_softmax_routing(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Mixtral's router: softmax over all E in fp32, keep the top k, renormalise.
+def topk_softmax_routing(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Mixtral's router: softmax over all E in fp32, keep the top k (experts per token), renormalise.
 
     logits (N, E) -> probs (N, E) fp32, indices (N, k) in rank order, weights (N, k) summing to 1.
     (Equivalent to mistral-inference's top-k on logits then softmax over the k.)
     """
     probs = F.softmax(logits.float(), dim=-1)  # (N, E)
-    weights, indices = torch.topk(probs, top_k, dim=-1)  # (N, k)
+    weights, indices = torch.topk(probs, k, dim=-1)  # (N, k)
     return probs, indices, weights / weights.sum(dim=-1, keepdim=True)
 
 
@@ -340,7 +363,7 @@ class MoE(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_experts, self.top_k = args.n_experts, args.top_k
+        self.n_experts, self.experts_per_token = args.n_experts, args.experts_per_token
         self.gate = nn.Linear(args.dim, args.n_experts, bias=False)
         self.experts = nn.ModuleList(Expert(args.dim, args.hidden_dim) for _ in range(args.n_experts))
         self.routing_fn: RoutingFn = topk_softmax_routing  # swapped by interventions
@@ -353,9 +376,11 @@ class MoE(nn.Module):
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (N, D) -> router logits (N, E), expert indices (N, k), weights (N, k) fp32."""
         logits = self.hook_router_logits(self.gate(x))  # (N, E)
-        probs, indices, weights = self.routing_fn(logits, self.top_k)
+        probs, indices, weights = self.routing_fn(logits, self.experts_per_token)
         self.hook_router_probs(probs)
         return logits, self.hook_topk_indices(indices), self.hook_topk_weights(weights)
+
+    top_k = property(_top_k_get, _top_k_set, doc="Deprecated: ``experts_per_token``.")
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, T, D) -> output (B, T, D) and router logits (B*T, E).
@@ -450,7 +475,7 @@ class Loss:
         return {f.name: float(getattr(self, f.name).detach()) for f in fields(self)}
 
 
-def load_balancing_loss(router_logits: list[Tensor], n_experts: int, top_k: int,
+def load_balancing_loss(router_logits: list[Tensor], n_experts: int, k: int,
                         token_mask: Tensor | None = None) -> Tensor:
     """transformers' Mixtral auxiliary loss over all layers: E * sum_e f_e * P_e (= k at balance).
 
@@ -459,7 +484,7 @@ def load_balancing_loss(router_logits: list[Tensor], n_experts: int, top_k: int,
     """
     logits = torch.cat(router_logits).float()  # (L*N, E)
     probs = logits.softmax(-1)
-    chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, n_experts).sum(1).float()  # (L*N, E)
+    chosen = F.one_hot(probs.topk(k, dim=-1).indices, n_experts).sum(1).float()  # (L*N, E)
     if token_mask is None:
         f, p = chosen.mean(0), probs.mean(0)
     else:
@@ -680,7 +705,7 @@ class Mixtral(HookedMixin, nn.Module):
 
     def router_losses(self, ce: Tensor, router_logits, attention_mask=None) -> Loss:
         """The full ``Loss``: ``ce`` plus the load-balancing and z-losses of ``router_logits``."""
-        lb = load_balancing_loss(router_logits, self.args.n_experts, self.args.top_k, attention_mask)
+        lb = load_balancing_loss(router_logits, self.args.n_experts, self.args.experts_per_token, attention_mask)
         total = ce + self.args.router_aux_loss_coef * lb
         z = router_z_loss(router_logits, attention_mask)
         if self.args.router_z_loss_coef:
@@ -729,7 +754,9 @@ class Mixtral(HookedMixin, nn.Module):
         """Continue ``prompt`` ([B, T] tensor, list of ints, or list of lists of varying lengths,
         left-padded here). Returns the prompt (padded) followed by the new tokens, [B, T + n]
         where n <= max_new_tokens (fewer when every row hit ``eos_id``; finished rows are filled
-        with ``pad_id``). Sampling options as in :func:`moe_lab.generation.generate_stream`.
+        with ``pad_id``). Sampling options as in :func:`moe_lab.generation.generate_stream`
+        (``top_k`` keeps the top_k most likely TOKENS; unrelated to experts, see ``experts_per_token``).
+        Every step is this model's own ``forward`` (with a KV cache, the head on the last position).
         """
         return generate(self, prompt, max_new_tokens, **kw)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ import torch
 import moe_lab.model as model_module
 from conftest import TINY_CONFIGS, left_padded_batch, make_model, random_tokens
 from moe_lab import StreamingMixtral, save_model, trace_generation, trace_routing
-from moe_lab.model import (Attention, Block, Expert, ForwardContext, KVCache, Mixtral, MoE, apply_rope,
+from moe_lab.model import (Attention, Block, Expert, ForwardContext, KVCache, Mixtral, ModelArgs, MoE, apply_rope,
                            rope_cos_sin, rope_inv_freq, sliding_window_mask, topk_softmax_routing)
 
 ARGS = TINY_CONFIGS[1]  # GQA 2, top-2 of 8, sliding window 16
@@ -242,3 +243,29 @@ def test_embed_blocks_head_is_forward():
             x, _ = block(x, ctx)
         assert torch.equal(model.head(x), model(tokens, attention_mask=mask))
         assert torch.equal(model.head(x[:, [-1]]), model(tokens, attention_mask=mask, last_only=True))
+
+
+# --------------------------------------------------------------------------------------------
+# names: experts_per_token (the model's K) vs top_k (generation's sampling cut-off)
+
+
+def test_top_k_is_a_deprecated_name_of_experts_per_token():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new name warns about nothing
+        args = ModelArgs(n_experts=4, experts_per_token=3)
+        assert args.replace(dim=64).experts_per_token == 3 and "top_k" not in args.to_dict()
+    with pytest.warns(DeprecationWarning, match="experts_per_token"):
+        old = ModelArgs(n_experts=4, top_k=3)
+    assert old == args
+    with pytest.warns(DeprecationWarning, match="experts_per_token"):
+        assert ModelArgs.from_dict({"n_experts": 4, "top_k": 1}).experts_per_token == 1
+    with pytest.warns(DeprecationWarning, match="experts_per_token"):
+        assert args.top_k == 3
+    with pytest.raises(ValueError, match="experts_per_token=5 must be in"):
+        ModelArgs(n_experts=4, experts_per_token=5)
+    moe = MoE(args)
+    with pytest.warns(DeprecationWarning, match="experts_per_token"):
+        moe.top_k = 1
+    assert moe.experts_per_token == 1
+    _, indices, _ = moe.route(torch.randn(5, args.dim))
+    assert indices.shape == (5, 1)
