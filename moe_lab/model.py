@@ -1,7 +1,7 @@
 """Mixtral in one readable file.
 
-Order (as in gpt-fast): config -> norm / RoPE -> attention -> experts and router -> MoE block
--> transformer block -> model. Shapes are commented as B (batch), T (new tokens), S (keys in
+Bottom-up, as nanoGPT: config -> norm / RoPE -> KV cache -> mask and attention -> experts and
+router -> MoE block -> transformer block -> model (``embed`` -> blocks -> ``head``). Shapes are commented as B (batch), T (new tokens), S (keys in
 view, cache included), D (dim), H (query heads), Hkv (kv heads), hd (head dim), E (experts),
 k (experts per token), N (tokens flattened), V (vocab).
 
@@ -10,6 +10,11 @@ wq/wk with permuted rows for their "rotate_half" convention, and the loader undo
 
 Hook points (``blocks.{L}.moe.hook_router_logits`` and friends) are identity modules that cost
 nothing until a hook is attached; ``moe_lab.hooks`` attaches and removes them.
+
+Every path (``forward`` with or without autograd, ``generate``, the tracers, ``StreamingMixtral``)
+runs these classes' ``forward`` methods: edit a formula here and every output changes. The few
+speed-ups are chosen by one visible line where they apply (``if self.fast:`` in ``MoE.forward``,
+the one-position branch of ``Mixtral.head``) and call the same methods.
 """
 
 from __future__ import annotations
