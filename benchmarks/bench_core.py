@@ -467,12 +467,14 @@ def summarise(results: list) -> tuple[str, list[dict]]:
 
     checks = []  # the targets, against transformers "eager" unless named, in the same run
 
-    def target(name, r, key, floor, where=None):
-        c = dict(target=f"{name} >= {floor}x", value=r[key], met=r[key] >= floor)
-        if f"old_{key}" in r:  # and within 10% of the old code's ratio in this run
+    def target(name, r, key, floor=None, where=None):
+        """r[key] >= floor (None: no floor) and, with --old, >= 0.9 x the old code's ratio in this run."""
+        c = dict(target=name + (f" >= {floor}x" if floor is not None else ""), value=r[key],
+                 met=floor is None or r[key] >= floor)
+        if f"old_{key}" in r:
             old = r[f"old_{key}"]
             c.update(old=old, met=c["met"] and r[key] >= 0.9 * old)
-            c["target"] += " and >= 0.9 x old main's ratio"
+            c["target"] += (" and" if floor is not None else "") + " >= 0.9 x old main's ratio"
         if where:
             c["where"] = where
         checks.append(c)
@@ -481,7 +483,8 @@ def summarise(results: list) -> tuple[str, list[dict]]:
     for r in moe:
         if r["dtype"] == "float32" and r["tokens"] == 1:
             which = "same input every call" if r["inputs"] == 1 else f"{r['inputs']} inputs in turn"
-            target(f"MoE {r['shape']} fp32, 1 token ({which}) vs eager", r, "vs_eager", 1.5,
+            floor = 1.5 if r["shape"] == "tiny" else None  # the target is for the tiny shape; wider ones stream weights
+            target(f"MoE {r['shape']} fp32, 1 token ({which}) vs eager", r, "vs_eager", floor,
                    f"ceilings: x{r['ceiling']:.2f} = eager's time / reading the 2 experts' weights "
                    f"once; x{r['t_hf_eager'] / r['t_bare']:.2f} = eager's time / its own matmul calls alone")
     if moe:

@@ -580,7 +580,7 @@ class Mixtral(HookedMixin, nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.hook_embed = HookPoint()  # (B, T, D)
         self._inv_freq: dict = {}
-        self._head_t: tuple | None = None  # (weight's identity and version, [D, V] copy), see head()
+        self._head_t: tuple | None = None  # (output weight, its address and version, [D, V] copy), see head()
         name_hook_points(self)
         self.reset_parameters()
 
@@ -668,9 +668,9 @@ class Mixtral(HookedMixin, nn.Module):
         """A [D, V] copy of the output weight, made again whenever the weight changes."""
         w = self.output.weight
         key = (w.data_ptr(), w._version, tuple(w.shape))
-        if self._head_t is None or self._head_t[0] != key:
-            self._head_t = (key, w.detach().t().contiguous())
-        return self._head_t[1]
+        if self._head_t is None or self._head_t[0] is not w or self._head_t[1] != key:  # (holding w: its id stays its own)
+            self._head_t = (w, key, w.detach().t().contiguous())
+        return self._head_t[2]
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None, *,
                 attention_mask: Tensor | None = None, cache: KVCache | None = None,

@@ -269,3 +269,22 @@ def test_top_k_is_a_deprecated_name_of_experts_per_token():
     assert moe.experts_per_token == 1
     _, indices, _ = moe.route(torch.randn(5, args.dim))
     assert indices.shape == (5, 1)
+
+
+def test_the_one_position_head_follows_the_output_weight():
+    """``Mixtral.head`` on one position (decode steps) uses a [D, V] copy of the output weight:
+    it must follow in-place edits, a replaced parameter, hooks and subclasses of the output."""
+    model = make_model(ARGS, seed=29)
+    x = torch.randn(2, 1, ARGS.dim)
+    with torch.no_grad():
+        def plain():
+            return model.norm(x) @ model.output.weight.T
+        torch.testing.assert_close(model.head(x), plain())
+        model.output.weight.mul_(2)  # in place
+        torch.testing.assert_close(model.head(x), plain())
+        model.output.weight = torch.nn.Parameter(torch.randn_like(model.output.weight))  # replaced
+        torch.testing.assert_close(model.head(x), plain())
+        with model.output.register_forward_hook(lambda mod, i, out: out + 1):  # hooked: the module runs
+            torch.testing.assert_close(model.head(x), plain() + 1)
+        model.output = torch.nn.Linear(ARGS.dim, ARGS.vocab_size, bias=True)  # a bias: the module runs
+        torch.testing.assert_close(model.head(x), model.output(model.norm(x)))
