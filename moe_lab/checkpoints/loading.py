@@ -90,6 +90,9 @@ def as_dtype(dtype) -> torch.dtype | None:
     return _DTYPES[name]
 
 
+_as_dtype = as_dtype  # the name before it was public (kept for code written against it)
+
+
 # --------------------------------------------------------------------------------------------
 # Finding the files
 
