@@ -1,7 +1,9 @@
 """Routing analyses: pure functions of a :class:`~moe_lab.RoutingTrace`, each with its baseline.
 
 ``stats.py``: load, repetition (the paper's Table 5 / Figure 10), co-activation, confidence,
-specialisation, cross-layer structure, the expert-cache simulator.
+specialisation, cross-layer structure.
+``offload.py``: the offloading what-if: per-layer expert caches and placements, speculative
+prefetch, bytes -> tokens/s, calibration against published Mixtral 8x7B numbers.
 """
 
 from .stats import (  # noqa: F401
@@ -25,7 +27,31 @@ from .stats import (  # noqa: F401
     layer_transitions,
     normalized_mutual_information,
     cross_layer_nmi,
+    generated_only,
+)
+from .offload import (  # noqa: F401
+    Policy,
+    POLICIES,
+    PLACEMENTS,
     simulate_expert_cache,
     cache_hit_rates,
-    generated_only,
+    LayerCacheResult,
+    simulate_layer_cache,
+    placement,
+    simulate_offload,
+    Prefetch,
+    speculative_prefetch,
+    prefetch_hit_rates,
+    Link,
+    LINKS,
+    MEMORIES,
+    PRECISIONS,
+    bits_per_weight,
+    MoeBytes,
+    moe_bytes,
+    decode_time,
+    offload_table,
+    PublishedRun,
+    MIXTRAL_PUBLISHED,
+    mixtral_calibration,
 )

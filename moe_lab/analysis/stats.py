@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 
 from ..routing.trace import RoutingTrace
+from .offload import cache_hit_rates, simulate_expert_cache  # noqa: F401  (moved; old import path kept)
 
 Choice = Literal["first", "second", "either"]
 
@@ -382,69 +383,7 @@ def cross_layer_nmi(trace: RoutingTrace) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Expert-cache simulation (the offloading question)
-
-
-def simulate_expert_cache(requests: list[list[int]] | np.ndarray, cache_size: int,
-                          policy: Literal["lru", "lfu", "optimal"] = "lru") -> float:
-    """Hit rate of a cache of ``cache_size`` experts serving, token after token, the experts each
-    token needs (``requests[t]`` = its top-k expert ids in one layer). The experts of the current
-    token are all needed at once, so they are never evicted for each other. "optimal" is Belady's
-    rule (evict the expert needed furthest in the future): the ceiling for any policy."""
-    if cache_size < 1:
-        raise ValueError(f"cache_size must be >= 1, got {cache_size}")
-    reqs = [list(map(int, r)) for r in requests]
-    cache: dict[int, float] = {}  # expert -> score (last use for LRU, count for LFU)
-    freq: dict[int, int] = {}
-    next_use = _next_uses(reqs) if policy == "optimal" else None
-    hits = total = 0
-    for t, need in enumerate(reqs):
-        for e in need:
-            total += 1
-            freq[e] = freq.get(e, 0) + 1
-            if e in cache:
-                hits += 1
-            elif len(cache) >= cache_size:
-                victims = [c for c in cache if c not in need] or list(cache)
-                if policy == "lru":
-                    victim = min(victims, key=lambda c: cache[c])
-                elif policy == "lfu":
-                    victim = min(victims, key=lambda c: (freq[c], cache[c]))
-                elif policy == "optimal":
-                    victim = max(victims, key=lambda c: next_use[t].get(c, float("inf")))
-                else:
-                    raise ValueError(f"policy must be 'lru', 'lfu' or 'optimal', got {policy!r}")
-                del cache[victim]
-            cache[e] = t  # last use
-    return hits / total if total else float("nan")
-
-
-def _next_uses(reqs: list[list[int]]) -> list[dict[int, int]]:
-    """For each step t, expert -> the next step > t that needs it."""
-    out: list[dict[int, int]] = [dict() for _ in reqs]
-    upcoming: dict[int, int] = {}
-    for t in range(len(reqs) - 1, -1, -1):
-        out[t] = dict(upcoming)
-        for e in reqs[t]:
-            upcoming[e] = t
-    return out
-
-
-def cache_hit_rates(trace: RoutingTrace, sizes=None, policies=("lru", "lfu", "optimal")):
-    """Long DataFrame (layer, policy, cache_size, hit_rate) over a trace in token order (use the
-    trace of generated tokens: decoding serves one token at a time). Documents are simulated
-    one after the other with the cache carried over."""
-    import pandas as pd
-
-    sizes = list(range(1, trace.n_experts + 1)) if sizes is None else list(sizes)
-    rows = []
-    for li, layer in enumerate(trace.layers):
-        reqs = trace.expert_ids[li]
-        for policy in policies:
-            for s in sizes:
-                rows.append({"layer": layer, "policy": policy, "cache_size": s,
-                             "hit_rate": simulate_expert_cache(reqs, s, policy)})
-    return pd.DataFrame(rows)
+# Expert-cache simulation: moved to offload.py (the names stay importable from here)
 
 
 def generated_only(trace: RoutingTrace) -> RoutingTrace:
