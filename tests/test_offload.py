@@ -191,3 +191,26 @@ def test_offload_table_and_calibration():
     better = A.mixtral_calibration({"MoE-Infinity": 0.5})
     assert better.set_index("system").loc["MoE-Infinity", "predicted_tok_s"] > \
         cal.set_index("system").loc["MoE-Infinity", "predicted_tok_s"]
+
+
+def test_offload_figures():
+    from moe_lab import viz
+
+    rng = np.random.default_rng(2)
+    ids = np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(60)]) for _ in range(2)])
+    t = make_trace(ids, E=8)
+    pc = A.policy_comparison(t, budgets=[2, 4, 8])
+    assert set(pc.policy) == set(A.POLICIES + A.PLACEMENTS) and len(pc) == 18
+    assert (pc[pc.budget == 8].hit_rate >= 1 - 8 / 120 - 1e-12).all()  # all experts fit: compulsory misses only
+    fig = viz.offload_policy_figure(pc)
+    assert len(fig.data) == 7 and list(fig.data[0].y) == pc[pc.policy == "lru"].hit_rate.tolist()
+    model = _echo_model()
+    ph = A.prefetch_hit_rates(A.speculative_prefetch(model, DOCS), sizes=[2])
+    fig = viz.prefetch_figure(ph)
+    assert list(fig.data[0].y) == [1.0, 1.0] and list(fig.data[2].y) == [1.0, 1.0]
+    tab = A.offload_table(0.5, precisions=("fp16", "4bit"), links=("pcie3_x16", "ddr5"))
+    fig = viz.tokens_per_second_figure(tab)
+    assert len(fig.data) == 2 and fig.data[1].y[0] > fig.data[0].y[0]  # 4-bit moves fewer bytes: faster
+    cal = A.mixtral_calibration()
+    fig = viz.calibration_figure(cal)
+    assert [d.x[0] for d in fig.data[2:]] == cal.published_tok_s.tolist()

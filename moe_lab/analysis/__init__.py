@@ -39,6 +39,7 @@ from .offload import (  # noqa: F401
     simulate_layer_cache,
     placement,
     simulate_offload,
+    policy_comparison,
     Prefetch,
     speculative_prefetch,
     prefetch_hit_rates,

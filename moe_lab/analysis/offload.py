@@ -38,7 +38,7 @@ from ..routing.trace import RoutingTrace
 
 __all__ = [
     "Policy", "POLICIES", "PLACEMENTS", "simulate_expert_cache", "cache_hit_rates", "LayerCacheResult",
-    "simulate_layer_cache", "placement", "simulate_offload", "Prefetch", "speculative_prefetch",
+    "simulate_layer_cache", "placement", "simulate_offload", "policy_comparison", "Prefetch", "speculative_prefetch",
     "prefetch_hit_rates", "Link", "LINKS", "MEMORIES", "PRECISIONS", "bits_per_weight", "MoeBytes",
     "moe_bytes", "decode_time", "offload_table", "PublishedRun", "MIXTRAL_PUBLISHED", "mixtral_calibration",
 ]
@@ -264,6 +264,23 @@ def simulate_offload(trace: RoutingTrace, budget, policy: str = "lru", *, profil
             r = simulate_layer_cache(trace.expert_ids[li], b[li], policy)
         rows.append({"layer": layer, "policy": policy, "budget": len(pins[layer]) if pins else b[li], "hits": r.hits,
                      "misses": r.misses, "hit_rate": r.hit_rate, "misses_per_token": r.misses / max(trace.n_tokens, 1)})
+    return pd.DataFrame(rows)
+
+
+def policy_comparison(trace: RoutingTrace, budgets: Sequence[int] | None = None,
+                      policies: Sequence[str] = POLICIES + PLACEMENTS, *, profile: RoutingTrace | None = None):
+    """Whole-model hit rate (all layers' hits / all requests) and misses per token (summed over
+    layers) for each policy or placement and per-layer budget: DataFrame (policy, budget,
+    hit_rate, misses_per_token). The input of :func:`moe_lab.viz.offload_policy_figure`."""
+    import pandas as pd
+
+    budgets = list(range(1, trace.n_experts + 1)) if budgets is None else list(budgets)
+    rows = []
+    for policy in policies:
+        for b in budgets:
+            df = simulate_offload(trace, b, policy, profile=profile)
+            rows.append({"policy": policy, "budget": b, "hit_rate": df.hits.sum() / (df.hits.sum() + df.misses.sum()),
+                         "misses_per_token": df.misses_per_token.sum()})
     return pd.DataFrame(rows)
 
 
