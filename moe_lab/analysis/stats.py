@@ -279,6 +279,7 @@ def router_confidence(trace: RoutingTrace) -> Confidence:
         ent = -(p * np.log(np.clip(p, 1e-30, None))).sum(-1)
         top = -np.sort(-p, axis=-1)
         return Confidence(entropy=ent, top1_prob=top[..., 0], margin=top[..., 0] - top[..., 1])
+    trace.require(("weights", "router_logits"), "router_confidence")
     w = trace.weights
     margin = w[..., 0] - w[..., 1] if trace.top_k > 1 else np.ones_like(w[..., 0])
     return Confidence(entropy=None, top1_prob=w[..., 0], margin=margin)

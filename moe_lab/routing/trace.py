@@ -2,6 +2,13 @@
 
 Arrays are numpy (analysis code is numpy and pandas). N tokens, L traced layers, k experts per
 token, E experts. Every figure and analysis in moe_lab reads one of these.
+
+A trace may hold expert ids only (``weights`` and ``router_logits`` both ``None``): that is what
+serving engines (vLLM, SGLang) and the OLMoE study record. Analyses that need weights or logits
+refuse such a trace by name (:meth:`RoutingTrace.require`); the others work unchanged.
+Importers for those formats are the ``RoutingTrace.from_*`` classmethods (parsing lives in
+:mod:`moe_lab.routing.importers`); traces of millions of tokens live on disk in
+:mod:`moe_lab.routing.store`.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from . import importers
+
 FORMAT_VERSION = 1
 
 
@@ -24,7 +33,7 @@ class RoutingTrace:
     doc_ids: np.ndarray  # [N] int64, 0..n_docs-1
     positions: np.ndarray  # [N] int64, position within the document (0 = BOS if present)
     expert_ids: np.ndarray  # [L, N, k] int64, rank order (column 0 = first choice)
-    weights: np.ndarray  # [L, N, k] float32, renormalised over the k
+    weights: np.ndarray | None = None  # [L, N, k] float32, renormalised over the k; None = ids only
     router_logits: np.ndarray | None = None  # [L, N, E] float32, optional
     domains: list[str] = field(default_factory=list)  # one label per document ("" if none)
     layers: list[int] = field(default_factory=list)  # model layer index of each row of expert_ids
@@ -37,7 +46,8 @@ class RoutingTrace:
         self.doc_ids = np.asarray(self.doc_ids, dtype=np.int64)
         self.positions = np.asarray(self.positions, dtype=np.int64)
         self.expert_ids = np.asarray(self.expert_ids, dtype=np.int64)
-        self.weights = np.asarray(self.weights, dtype=np.float32)
+        if self.weights is not None:
+            self.weights = np.asarray(self.weights, dtype=np.float32)
         if self.router_logits is not None:
             self.router_logits = np.asarray(self.router_logits, dtype=np.float32)
         N = self.token_ids.shape[0]
@@ -45,7 +55,9 @@ class RoutingTrace:
             raise ValueError(f"expert_ids must be [L, N, k], got shape {self.expert_ids.shape}")
         L, _, k = self.expert_ids.shape
         checks = [("doc_ids", self.doc_ids.shape, (N,)), ("positions", self.positions.shape, (N,)),
-                  ("expert_ids", self.expert_ids.shape, (L, N, k)), ("weights", self.weights.shape, (L, N, k))]
+                  ("expert_ids", self.expert_ids.shape, (L, N, k))]
+        if self.weights is not None:
+            checks.append(("weights", self.weights.shape, (L, N, k)))
         if self.router_logits is not None:
             checks.append(("router_logits", self.router_logits.shape[:2], (L, N)))
         for name, found, expected in checks:
@@ -63,6 +75,11 @@ class RoutingTrace:
         if not self.n_experts:
             self.n_experts = (self.router_logits.shape[2] if self.router_logits is not None
                               else int(self.expert_ids.max()) + 1 if self.expert_ids.size else 0)
+        if self.expert_ids.size:
+            lo, hi = int(self.expert_ids.min()), int(self.expert_ids.max())
+            if lo < 0 or hi >= self.n_experts:
+                raise ValueError(f"expert_ids must be in [0, {self.n_experts}) (n_experts={self.n_experts}), "
+                                 f"found values {lo}..{hi}")
         if self.pieces is not None and len(self.pieces) != N:
             raise ValueError(f"pieces has {len(self.pieces)} entries, expected {N}")
 
@@ -85,6 +102,32 @@ class RoutingTrace:
         return len(self.domains)
 
     @property
+    def ids_only(self) -> bool:
+        """True when the trace holds expert ids but neither weights nor router logits (what vLLM,
+        SGLang and the OLMoE study record)."""
+        return self.weights is None and self.router_logits is None
+
+    def require(self, fields: str | Sequence[str], analysis: str) -> None:
+        """Raise a ValueError naming ``analysis`` unless this trace holds ``fields`` ("weights",
+        "router_logits"; a sequence means "any one of them")."""
+        names = [fields] if isinstance(fields, str) else list(fields)
+        if any(getattr(self, f) is not None for f in names):
+            return
+        src = self.meta.get("source", "this trace")
+        raise ValueError(f"{analysis} needs the router's {' or '.join(names)}, but this trace ({src}) holds "
+                         f"expert ids only; analyses of ids (load, repetition, co-activation, specialisation, "
+                         f"the expert cache) still work")
+
+    @property
+    def is_generated(self) -> np.ndarray:
+        """[N] bool: the token was generated (position >= its document's prompt length in
+        ``meta["prompt_lengths"]``); all False when the trace does not say."""
+        lengths = self.meta.get("prompt_lengths")
+        if lengths is None or len(lengths) != self.n_docs:
+            return np.zeros(self.n_tokens, dtype=bool)
+        return self.positions >= np.asarray(lengths, dtype=np.int64)[self.doc_ids]
+
+    @property
     def domain_names(self) -> list[str]:
         """Distinct domain labels in order of first appearance."""
         return list(dict.fromkeys(self.domains))
@@ -105,6 +148,7 @@ class RoutingTrace:
         doms = ", ".join(self.domain_names) or "-"
         return (f"RoutingTrace(tokens={self.n_tokens}, docs={self.n_docs}, layers={self.layers}, "
                 f"experts={self.n_experts}, top_k={self.top_k}, domains=[{doms}], "
+                f"weights={'yes' if self.weights is not None else 'no'}, "
                 f"router_logits={'yes' if self.router_logits is not None else 'no'})")
 
     # ---- selection and concatenation
@@ -130,13 +174,17 @@ class RoutingTrace:
             keep_docs &= np.isin(np.asarray(self.domains, dtype=object), names)
         tok = keep_docs[self.doc_ids] if self.n_tokens else np.zeros(0, dtype=bool)
         new_id = np.cumsum(keep_docs) - 1
+        meta = dict(self.meta)
+        if len(meta.get("prompt_lengths") or []) == self.n_docs:
+            meta["prompt_lengths"] = [n for n, k in zip(meta["prompt_lengths"], keep_docs) if k]
         return RoutingTrace(
             token_ids=self.token_ids[tok], doc_ids=new_id[self.doc_ids[tok]], positions=self.positions[tok],
-            expert_ids=self.expert_ids[rows][:, tok], weights=self.weights[rows][:, tok],
+            expert_ids=self.expert_ids[rows][:, tok],
+            weights=None if self.weights is None else self.weights[rows][:, tok],
             router_logits=None if self.router_logits is None else self.router_logits[rows][:, tok],
             domains=[d for d, k in zip(self.domains, keep_docs) if k], layers=[self.layers[r] for r in rows],
             n_experts=self.n_experts, pieces=None if self.pieces is None else [p for p, k in zip(self.pieces, tok) if k],
-            meta=dict(self.meta))
+            meta=meta)
 
     @classmethod
     def concat(cls, traces: Sequence["RoutingTrace"]) -> "RoutingTrace":
@@ -152,6 +200,9 @@ class RoutingTrace:
         logits = None
         if all(t.router_logits is not None for t in traces):
             logits = np.concatenate([t.router_logits for t in traces], axis=1)
+        weights = None
+        if all(t.weights is not None for t in traces):
+            weights = np.concatenate([t.weights for t in traces], axis=1)
         pieces = None
         if all(t.pieces is not None for t in traces):
             pieces = [p for t in traces for p in t.pieces]
@@ -160,18 +211,41 @@ class RoutingTrace:
             doc_ids=np.concatenate([t.doc_ids + o for t, o in zip(traces, offsets)]),
             positions=np.concatenate([t.positions for t in traces]),
             expert_ids=np.concatenate([t.expert_ids for t in traces], axis=1),
-            weights=np.concatenate([t.weights for t in traces], axis=1),
-            router_logits=logits, domains=[d for t in traces for d in t.domains], layers=list(first.layers),
-            n_experts=first.n_experts, pieces=pieces, meta=dict(first.meta))
+            weights=weights, router_logits=logits, domains=[d for t in traces for d in t.domains],
+            layers=list(first.layers), n_experts=first.n_experts, pieces=pieces, meta=_concat_meta(traces))
 
     def __add__(self, other: "RoutingTrace") -> "RoutingTrace":
         return RoutingTrace.concat([self, other])
+
+    # ---- importers (parsing in moe_lab.routing.importers; each cites the producer's code)
+
+    @classmethod
+    def from_olmoe(cls, path: str | os.PathLike | Sequence[str | os.PathLike], *, n_experts: int | None = None,
+                   domain: str | None = None, token_ids: str = "input",
+                   max_docs: int | None = None) -> "RoutingTrace":
+        """An id-only trace from the OLMoE study's routing files (``allenai/analysis_mixtral`` or
+        ``allenai/analysis_olmoe``: ``c4_results*.jsonl``), one document per 2048-token window.
+        Several paths give one trace; each file's dataset name (from its file name, the only place
+        the study records it) becomes the domain of its documents unless ``domain`` is given.
+        Format and options: :func:`moe_lab.routing.importers.read_olmoe`."""
+        paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+        docs = [d for p in paths for d in importers.read_olmoe(p, n_experts=n_experts, domain=domain,
+                                                                token_ids=token_ids, max_docs=max_docs)]
+        if not docs:
+            raise ValueError(f"no records in {', '.join(map(str, paths))}")
+        _, L, k = docs[0].expert_ids.shape
+        if n_experts is None:
+            n_experts = importers.OLMOE_STUDY_MODELS[(k, L)][1]
+        meta = importers.olmoe_meta(paths[0], k, L, token_ids)
+        if len(paths) > 1:
+            meta["files"] = [str(p) for p in paths]
+        return cls(**importers.collect(docs, n_experts=n_experts, meta=meta))
 
     # ---- export
 
     def to_pandas(self, tokenizer=None):
         """Long table: one row per (token, layer, rank) with doc, domain, position, token id,
-        piece, layer, rank, expert, weight."""
+        piece, layer, rank, expert and (unless the trace holds ids only) weight."""
         import pandas as pd
 
         L, N, k = self.expert_ids.shape
@@ -188,7 +262,8 @@ class RoutingTrace:
         df["layer"] = np.tile(np.asarray(self.layers).repeat(k), N)
         df["rank"] = np.tile(np.arange(k), N * L)
         df["expert"] = self.expert_ids.transpose(1, 0, 2).reshape(-1)
-        df["weight"] = self.weights.transpose(1, 0, 2).reshape(-1)
+        if self.weights is not None:
+            df["weight"] = self.weights.transpose(1, 0, 2).reshape(-1)
         return df
 
     # ---- files
@@ -200,7 +275,9 @@ class RoutingTrace:
 
         path = Path(path)
         arrays = {"token_ids": self.token_ids, "doc_ids": self.doc_ids, "positions": self.positions,
-                  "expert_ids": self.expert_ids, "weights": self.weights}
+                  "expert_ids": self.expert_ids}
+        if self.weights is not None:
+            arrays["weights"] = self.weights
         if self.router_logits is not None:
             arrays["router_logits"] = self.router_logits
         header = {"format_version": FORMAT_VERSION, "domains": self.domains, "layers": self.layers,
@@ -236,8 +313,19 @@ class RoutingTrace:
         version = header.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(f"{path} has routing-trace format version {version}; this moe_lab reads version {FORMAT_VERSION}")
-        missing = {"token_ids", "doc_ids", "positions", "expert_ids", "weights"} - set(arrays)
+        missing = {"token_ids", "doc_ids", "positions", "expert_ids"} - set(arrays)
         if missing:
             raise ValueError(f"{path} lacks arrays {sorted(missing)}")
         return cls(**arrays, domains=header["domains"], layers=header["layers"], n_experts=header["n_experts"],
                    pieces=header.get("pieces"), meta=header.get("meta", {}))
+
+
+def _concat_meta(traces: Sequence[RoutingTrace]) -> dict:
+    """The first trace's meta; per-document lists (prompt lengths) joined when every trace has them."""
+    meta = dict(traces[0].meta)
+    lengths = [t.meta.get("prompt_lengths") for t in traces]
+    if all(n is not None and len(n) == t.n_docs for n, t in zip(lengths, traces)):
+        meta["prompt_lengths"] = [int(x) for n in lengths for x in n]
+    else:
+        meta.pop("prompt_lengths", None)
+    return meta
