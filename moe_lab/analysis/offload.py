@@ -34,7 +34,9 @@ import numpy as np
 import torch
 
 from ..model import ModelArgs, PRESETS
+from ..routing.bridge import decoder_layers, find_routers, hf_forward, is_hf_model
 from ..routing.trace import RoutingTrace
+from ..routing.tracing import normalise_inputs
 
 __all__ = [
     "Policy", "POLICIES", "PLACEMENTS", "simulate_expert_cache", "cache_hit_rates", "LayerCacheResult",
@@ -342,8 +344,9 @@ def speculative_prefetch(model, inputs, *, source: str = "resid_mid", n_guess: i
                         "on an id-only trace use simulate_offload / cache_hit_rates, which need ids only.")
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    docs = _as_docs(inputs, tokenizer, max_len)
-    run = _hf_prefetch_run if _is_hf(model) else _moe_lab_prefetch_run
+    docs, _ = normalise_inputs(inputs, tokenizer)
+    docs = [d[: max_len or None] for d in docs]
+    run = _hf_prefetch_run if is_hf_model(model) else _moe_lab_prefetch_run
     guesses, actuals, layers = [], [], None
     for doc in docs:
         layers, g, a = run(model, torch.tensor([doc]), source, n_guess)
@@ -351,30 +354,6 @@ def speculative_prefetch(model, inputs, *, source: str = "resid_mid", n_guess: i
         actuals.append(a)
     return Prefetch(layers=layers, guess=np.concatenate(guesses, 1), actual=np.concatenate(actuals, 1), source=source,
                     n_tokens_per_doc=[len(d) for d in docs])
-
-
-def _is_hf(model) -> bool:
-    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
-
-
-def _as_docs(inputs, tokenizer, max_len) -> list[list[int]]:
-    if isinstance(inputs, torch.Tensor):
-        docs = inputs.tolist() if inputs.dim() == 2 else [inputs.tolist()]
-    elif isinstance(inputs, str):
-        docs = [inputs]
-    else:
-        docs = list(inputs)
-    out = []
-    for d in docs:
-        if isinstance(d, str):
-            if tokenizer is None:
-                raise ValueError("texts need a tokenizer: speculative_prefetch(model, texts, tokenizer=tok)")
-            d = tokenizer.encode(d, bos=True) if hasattr(tokenizer, "pieces") else tokenizer(d)["input_ids"]
-        d = [int(x) for x in d][: max_len or None]
-        if len(d) < 1:
-            raise ValueError("an empty document")
-        out.append(d)
-    return out
 
 
 def _topk(logits: torch.Tensor, k: int) -> np.ndarray:
@@ -401,8 +380,6 @@ def _moe_lab_prefetch_run(model, tokens, source, n_guess):
 
 
 def _hf_prefetch_run(model, tokens, source, n_guess):
-    from ..routing.bridge import decoder_layers, find_routers, hf_forward
-
     layers = decoder_layers(model)
     routers = find_routers(model)
     ids = sorted(routers)
