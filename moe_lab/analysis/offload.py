@@ -472,6 +472,7 @@ LINKS: dict[str, Link] = {
     "pcie4_x16": Link("PCIe 4.0 x16", 31.5e9, 0.8, 10e-6, "host RAM -> GPU"),
     "nvme_ssd": Link("NVMe SSD (PCIe 4.0)", 7.0e9, 0.7, 100e-6, "SSD -> RAM, sequential reads"),
     "ddr4": Link("DDR4-3200, 2 channels", 51.2e9, 0.65, 0.1e-6, "the CPU computes the expert where it lives"),
+    "ddr4_3600": Link("DDR4-3600, 2 channels", 57.6e9, 0.65, 0.1e-6, "the CPU computes the expert where it lives"),
     "ddr5": Link("DDR5-5600, 2 channels", 89.6e9, 0.65, 0.1e-6, "the CPU computes the expert where it lives"),
     "unified": Link("unified memory (Apple M2 Max)", 400e9, 0.6, 0.1e-6, "GPU and CPU share one memory"),
 }
@@ -483,6 +484,7 @@ MEMORIES: dict[str, Link] = {
     "A5000": Link("NVIDIA RTX A5000 (GDDR6)", 768e9, 0.7, 0.0),
     "A100": Link("NVIDIA A100 40GB (HBM2)", 1555e9, 0.7, 0.0),
     "ddr4": LINKS["ddr4"],
+    "ddr4_3600": LINKS["ddr4_3600"],
     "ddr5": LINKS["ddr5"],
     "unified": LINKS["unified"],
 }
@@ -638,6 +640,9 @@ MIXTRAL_PUBLISHED: tuple[PublishedRun, ...] = (
     PublishedRun("llama.cpp", "CPU only (CPU not stated)", "Q4_K_M", 5.0, "ggml-org/llama.cpp issue #4729",
                  "q4_k_m", "q4_k_m", "ddr4", "ddr4", 1.0,
                  "all weights in DDR4-3200 dual channel, read by the CPU (memory-bound)"),
+    PublishedRun("llama.cpp", "Ryzen 9 5900X, DDR4-3600, CPU only", "Q8_0", 3.58,
+                 "ggml-org/llama.cpp issue #4716 (the project's earlier notes)", "int8", "int8", "ddr4_3600", "ddr4_3600",
+                 1.0, "all weights in DDR4-3600 dual channel, read by the CPU (memory-bound)"),
     PublishedRun("llama.cpp", "RTX 3090 24 GB, 28 of 33 layers on the GPU", "Q4_K_M", 24.0,
                  "ggml-org/llama.cpp issue #4729", "q4_k_m", "q4_k_m", "RTX3090", "ddr4", 28 / 32,
                  "front-loading: 28 of 32 blocks resident (hit rate 28/32); the other 4 blocks' experts are "
