@@ -214,3 +214,20 @@ def test_offload_figures():
     cal = A.mixtral_calibration()
     fig = viz.calibration_figure(cal)
     assert [d.x[0] for d in fig.data[2:]] == cal.published_tok_s.tolist()
+
+
+@pytest.mark.parametrize("model_type", ["granitemoe", "olmoe", "qwen2_moe", "gpt_oss"])
+def test_speculative_prefetch_on_other_transformers_moes(model_type):
+    pytest.importorskip("transformers")
+    from moe_lab import trace_routing
+    from test_bridge import tiny_hf
+
+    model = tiny_hf(model_type)
+    trace = trace_routing(model, DOCS, progress=False)
+    pf = A.speculative_prefetch(model, DOCS)
+    assert pf.layers == trace.layers[1:]  # each MoE layer guessed from the previous MoE layer
+    # what the guesses are scored against is what the bridge traces (an independent recording)
+    np.testing.assert_array_equal(np.sort(pf.actual, -1), np.sort(trace.expert_ids[1:], -1))
+    assert ((pf.recall > 0) & (pf.recall <= 1)).all()
+    everything = A.speculative_prefetch(model, DOCS, n_guess=trace.n_experts, source="resid_post")
+    np.testing.assert_array_equal(everything.recall, 1.0)  # guessing every expert finds them all

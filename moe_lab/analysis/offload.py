@@ -335,7 +335,9 @@ def speculative_prefetch(model, inputs, *, source: str = "resid_mid", n_guess: i
     * ``"resid_post"``: the residual stream after layer l (the input of layer l+1): exact for the
       attention-free part, but leaves only layer l+1's attention to hide the transfer.
 
-    A :class:`~moe_lab.routing.trace.RoutingTrace` is refused: it holds expert ids, not hidden states.
+    Models with dense layers between MoE layers (Qwen2-MoE's ``mlp_only_layers``) guess each MoE
+    layer from the previous *MoE* layer. A :class:`~moe_lab.routing.trace.RoutingTrace` is refused:
+    it holds expert ids, not hidden states.
     """
     if isinstance(model, RoutingTrace):
         raise TypeError("speculative_prefetch needs hidden states, and a RoutingTrace holds only expert ids "
