@@ -231,3 +231,33 @@ def test_speculative_prefetch_on_other_transformers_moes(model_type):
     assert ((pf.recall > 0) & (pf.recall <= 1)).all()
     everything = A.speculative_prefetch(model, DOCS, n_guess=trace.n_experts, source="resid_post")
     np.testing.assert_array_equal(everything.recall, 1.0)  # guessing every expert finds them all
+
+
+def test_speculative_prefetch_streams_from_disk(tmp_path):
+    """On StreamingMixtral's model (blocks loaded one at a time) it gives what the in-memory model gives."""
+    from moe_lab import StreamingMixtral, save_model
+
+    model = make_model(ModelArgs.from_name("tiny", n_layers=3, vocab_size=64), 5).eval()
+    save_model(model, tmp_path / "ckpt")
+    ref = A.speculative_prefetch(model, DOCS)
+    with StreamingMixtral(tmp_path / "ckpt") as sm:
+        for source in A.offload.SOURCES:
+            got = A.speculative_prefetch(sm.model, DOCS, source=source)
+            want = ref if source == "resid_mid" else A.speculative_prefetch(model, DOCS, source=source)
+            np.testing.assert_array_equal(got.guess, want.guess)
+            np.testing.assert_array_equal(got.actual, want.actual)
+        assert sm.loaded_blocks() == []
+
+
+def test_speculative_prefetch_batches_equal_length_documents():
+    pytest.importorskip("transformers")
+    from conftest import make_pair
+
+    docs = [[1, 5, 9, 22, 7], [1, 7, 7, 3, 2], [1, 40, 41], [1, 2, 3, 4, 5]]  # batches: 2 docs, 1, 1
+    model, hf = make_pair(ModelArgs.from_name("tiny", n_layers=3, vocab_size=64), seed=4)
+    for m in (model, hf):
+        one = A.speculative_prefetch(m, docs, batch_size=1)
+        many = A.speculative_prefetch(m, docs, batch_size=8)
+        np.testing.assert_array_equal(one.actual, many.actual)
+        np.testing.assert_array_equal(one.guess, many.guess)
+        assert many.n_tokens_per_doc == [5, 5, 3, 5]

@@ -32,6 +32,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..model import ModelArgs, PRESETS
 from ..routing.bridge import decoder_layers, find_routers, hf_forward, is_hf_model
@@ -319,13 +320,16 @@ SOURCES = ("resid_mid", "moe_input", "resid_post")
 
 @torch.no_grad()
 def speculative_prefetch(model, inputs, *, source: str = "resid_mid", n_guess: int | None = None,
-                         tokenizer=None, max_len: int | None = None) -> Prefetch:
+                         tokenizer=None, max_len: int | None = None, batch_size: int = 8) -> Prefetch:
     """Guess every layer's experts from the previous layer's hidden state (mixtral-offloading's
     speculative expert loading) and record what the layer then chose.
 
-    ``model``: a moe_lab ``Mixtral`` or a transformers MoE model (through the bridge). ``inputs``:
-    token-id lists, a [B, T] tensor of ids, or texts with ``tokenizer`` (one forward per document,
-    no padding). For layer l+1 the guess is the top-``n_guess`` (default k) of layer l+1's own
+    ``model``: a moe_lab ``Mixtral`` (also ``StreamingMixtral(path).model``: each guess is made
+    while its layer is loaded) or a transformers MoE model (through the bridge). ``inputs``:
+    token-id lists, a [B, T] tensor of ids, or texts with ``tokenizer``. No padding: consecutive
+    documents of equal length go through one forward together (up to ``batch_size``), the others
+    one by one (cut them to a common length with ``max_len`` to stream a checkpoint only once).
+    For layer l+1 the guess is the top-``n_guess`` (default k) of layer l+1's own
     router, ``ffn_norm`` then gate, applied to layer l's hidden state ``source``:
 
     * ``"resid_mid"`` (default): the residual stream after layer l's attention, i.e. the input of
@@ -350,10 +354,15 @@ def speculative_prefetch(model, inputs, *, source: str = "resid_mid", n_guess: i
     docs = [d[: max_len or None] for d in docs]
     run = _hf_prefetch_run if is_hf_model(model) else _moe_lab_prefetch_run
     guesses, actuals, layers = [], [], None
-    for doc in docs:
-        layers, g, a = run(model, torch.tensor([doc]), source, n_guess)
+    i = 0
+    while i < len(docs):  # runs of equal-length documents, [B, T] per forward, rows in document order
+        j = i + 1
+        while j < len(docs) and j - i < batch_size and len(docs[j]) == len(docs[i]):
+            j += 1
+        layers, g, a = run(model, torch.tensor(docs[i:j]), source, n_guess)
         guesses.append(g)
         actuals.append(a)
+        i = j
     return Prefetch(layers=layers, guess=np.concatenate(guesses, 1), actual=np.concatenate(actuals, 1), source=source,
                     n_tokens_per_doc=[len(d) for d in docs])
 
@@ -363,22 +372,44 @@ def _topk(logits: torch.Tensor, k: int) -> np.ndarray:
 
 
 def _moe_lab_prefetch_run(model, tokens, source, n_guess):
-    names = {"resid_mid": "hook_resid_mid", "moe_input": "hook_resid_mid", "resid_post": "hook_resid_post"}
-    kinds = [names[source], "moe.hook_topk_indices"]
-    _, cache = model.run_with_cache(tokens.to(model.tok_embeddings.weight.device),
-                                    names_filter=lambda n: any(n.endswith(k) for k in kinds))
+    """One forward of a moe_lab Mixtral with hooks. Layer i's guess is computed in a pre-hook of
+    layer i's MoE, i.e. while layer i's weights are in memory, so it also works on
+    ``StreamingMixtral(...).model``, whose blocks are loaded one at a time."""
     blocks = model.blocks
-    k = model.args.top_k
-    g = n_guess or k
-    guesses, actual = [], []
-    for i in range(1, len(blocks)):
-        h = cache[f"blocks.{i - 1}.{names[source]}"]  # (1, T, D)
-        norm = blocks[i - 1].ffn_norm if source == "moe_input" else blocks[i].ffn_norm
-        logits = blocks[i].moe.gate(norm(h).view(-1, h.shape[-1]))  # next layer's router, as the model routes
-        guesses.append(_topk(logits, g))
-        actual.append(cache[f"blocks.{i}.moe.hook_topk_indices"].cpu().numpy())
-    layers = [getattr(model, "layer_ids", list(range(len(blocks))))[i] for i in range(1, len(blocks))]
-    return layers, np.stack(guesses), np.stack(actual)
+    g = n_guess or model.args.top_k
+    point = "hook_resid_post" if source == "resid_post" else "hook_resid_mid"
+    prev_hidden: dict[int, Tensor] = {}  # block -> its hidden state (source)
+    guesses: dict[int, np.ndarray] = {}
+    actual: dict[int, np.ndarray] = {}
+
+    def keep_hidden(x, hook):
+        prev_hidden[int(hook.name.split(".")[1])] = x.detach()
+
+    def keep_moe_input(mod, args, i):
+        if source == "moe_input":
+            prev_hidden[i] = args[0].detach()
+        if i > 0:  # guess this layer from the previous one, with this layer's own norm and gate
+            h = prev_hidden.pop(i - 1)
+            x = h if source == "moe_input" else blocks[i].ffn_norm(h)
+            guesses[i] = _topk(mod.gate(x.reshape(-1, x.shape[-1])), g)
+
+    def keep_choice(x, hook):
+        actual[int(hook.name.split(".")[1])] = x.detach().cpu().numpy()
+
+    fwd_hooks = [(lambda n: n.endswith("moe.hook_topk_indices"), keep_choice)]
+    if source != "moe_input":
+        fwd_hooks.append((lambda n: n.endswith(point), keep_hidden))
+    handles = [b.moe.register_forward_pre_hook(lambda mod, args, i=i: keep_moe_input(mod, args, i))
+               for i, b in enumerate(blocks)]
+    try:
+        with model.hooks(fwd_hooks):
+            model(tokens.to(model.tok_embeddings.weight.device))
+    finally:
+        for h in handles:
+            h.remove()
+    ids = range(1, len(blocks))
+    layers = [getattr(model, "layer_ids", list(range(len(blocks))))[i] for i in ids]
+    return layers, np.stack([guesses[i] for i in ids]), np.stack([actual[i] for i in ids])
 
 
 def _hf_prefetch_run(model, tokens, source, n_guess):
