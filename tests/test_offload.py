@@ -117,7 +117,7 @@ def _echo_model(n_layers=3, seed=0) -> torch.nn.Module:
 DOCS = [[1, 5, 9, 22, 7, 8, 8, 8], [1] + list(range(30, 60))]
 
 
-@pytest.mark.parametrize("source", A.offload.SOURCES)
+@pytest.mark.parametrize("source", A.PREFETCH_SOURCES)
 def test_speculative_prefetch_always_right_on_an_echo_model(source):
     model = _echo_model()
     pf = A.speculative_prefetch(model, DOCS, source=source)
@@ -241,7 +241,7 @@ def test_speculative_prefetch_streams_from_disk(tmp_path):
     save_model(model, tmp_path / "ckpt")
     ref = A.speculative_prefetch(model, DOCS)
     with StreamingMixtral(tmp_path / "ckpt") as sm:
-        for source in A.offload.SOURCES:
+        for source in A.PREFETCH_SOURCES:
             got = A.speculative_prefetch(sm.model, DOCS, source=source)
             want = ref if source == "resid_mid" else A.speculative_prefetch(model, DOCS, source=source)
             np.testing.assert_array_equal(got.guess, want.guess)

@@ -41,6 +41,7 @@ from .offload import (  # noqa: F401
     simulate_offload,
     policy_comparison,
     Prefetch,
+    PREFETCH_SOURCES,
     speculative_prefetch,
     prefetch_hit_rates,
     Link,

@@ -41,7 +41,8 @@ from ..routing.tracing import normalise_inputs
 
 __all__ = [
     "Policy", "POLICIES", "PLACEMENTS", "simulate_expert_cache", "cache_hit_rates", "LayerCacheResult",
-    "simulate_layer_cache", "placement", "simulate_offload", "policy_comparison", "Prefetch", "speculative_prefetch",
+    "simulate_layer_cache", "placement", "simulate_offload", "policy_comparison", "Prefetch", "PREFETCH_SOURCES",
+    "speculative_prefetch",
     "prefetch_hit_rates", "Link", "LINKS", "MEMORIES", "PRECISIONS", "bits_per_weight", "MoeBytes",
     "moe_bytes", "decode_time", "offload_table", "PublishedRun", "MIXTRAL_PUBLISHED", "mixtral_calibration",
 ]
@@ -315,7 +316,7 @@ class Prefetch:
         return pd.DataFrame({"layer": self.layers, "recall": self.recall})
 
 
-SOURCES = ("resid_mid", "moe_input", "resid_post")
+PREFETCH_SOURCES = ("resid_mid", "moe_input", "resid_post")
 
 
 @torch.no_grad()
@@ -348,8 +349,8 @@ def speculative_prefetch(model, inputs, *, source: str = "resid_mid", n_guess: i
                         "(traces imported from published data, e.g. RoutingTrace.from_olmoe, have nothing else). "
                         "Run it on the model instead: speculative_prefetch(model, docs, tokenizer=tok); "
                         "on an id-only trace use simulate_offload / cache_hit_rates, which need ids only.")
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    if source not in PREFETCH_SOURCES:
+        raise ValueError(f"source must be one of {PREFETCH_SOURCES}, got {source!r}")
     docs, _ = normalise_inputs(inputs, tokenizer)
     docs = [d[: max_len or None] for d in docs]
     run = _hf_prefetch_run if is_hf_model(model) else _moe_lab_prefetch_run
