@@ -98,13 +98,13 @@ elif mode == "stream-parts":  # the same work in the documented manual loop, eac
     tokens = torch.randint(0, sm.args.vocab_size, (1, int(sys.argv[3])), generator=g)
     with torch.no_grad():
         t = time.perf_counter()
-        x, cos, sin, mask = sm.prepare(tokens)
+        x, *block_inputs = sm.prepare(tokens)  # (x, cos, sin, mask), or (x, ctx) where prepare is Mixtral.embed
         parts["compute_s"] += time.perf_counter() - t
         for i in range(len(sm.layer_ids)):
             t = time.perf_counter()
             block = sm.load_block(i)
             t1 = time.perf_counter()
-            x, _ = block(x, cos, sin, mask)
+            x, _ = block(x, *block_inputs)
             t2 = time.perf_counter()
             sm.free_block(i)
             parts["read_layers_s"] += t1 - t + time.perf_counter() - t2

@@ -261,3 +261,8 @@ def test_speculative_prefetch_batches_equal_length_documents():
         np.testing.assert_array_equal(one.actual, many.actual)
         np.testing.assert_array_equal(one.guess, many.guess)
         assert many.n_tokens_per_doc == [5, 5, 3, 5]
+
+
+def test_speculative_prefetch_needs_two_layers():
+    with pytest.raises(ValueError, match=">= 2 layers"):
+        A.speculative_prefetch(make_model(ModelArgs.from_name("tiny", n_layers=1, vocab_size=64), 0), DOCS)

@@ -377,7 +377,8 @@ def _moe_lab_prefetch_run(model, tokens, source, n_guess):
     layer i's MoE, i.e. while layer i's weights are in memory, so it also works on
     ``StreamingMixtral(...).model``, whose blocks are loaded one at a time."""
     blocks = model.blocks
-    g = n_guess or model.args.top_k
+    if len(blocks) < 2:
+        raise ValueError("speculative prefetch guesses a layer from the one before: the model needs >= 2 layers")
     point = "hook_resid_post" if source == "resid_post" else "hook_resid_mid"
     prev_hidden: dict[int, Tensor] = {}  # block -> its hidden state (source)
     guesses: dict[int, np.ndarray] = {}
@@ -392,7 +393,8 @@ def _moe_lab_prefetch_run(model, tokens, source, n_guess):
         if i > 0:  # guess this layer from the previous one, with this layer's own norm and gate
             h = prev_hidden.pop(i - 1)
             x = h if source == "moe_input" else blocks[i].ffn_norm(h)
-            guesses[i] = _topk(mod.gate(x.reshape(-1, x.shape[-1])), g)
+            logits = mod.gate(x.reshape(-1, x.shape[-1]))
+            guesses[i] = _topk(logits, n_guess or logits.shape[-1])  # cut to k below when n_guess is None
 
     def keep_choice(x, hook):
         actual[int(hook.name.split(".")[1])] = x.detach().cpu().numpy()
@@ -410,7 +412,8 @@ def _moe_lab_prefetch_run(model, tokens, source, n_guess):
             h.remove()
     ids = range(1, len(blocks))
     layers = [getattr(model, "layer_ids", list(range(len(blocks))))[i] for i in ids]
-    return layers, np.stack([guesses[i] for i in ids]), np.stack([actual[i] for i in ids])
+    g = n_guess or actual[1].shape[-1]  # default: as many guesses as the layer chooses (k)
+    return layers, np.stack([guesses[i][:, :g] for i in ids]), np.stack([actual[i] for i in ids])
 
 
 def _hf_prefetch_run(model, tokens, source, n_guess):
@@ -439,6 +442,9 @@ def _hf_prefetch_run(model, tokens, source, n_guess):
     finally:
         for h in handles:
             h.remove()
+    if len(ids) < 2:
+        raise ValueError(f"speculative prefetch guesses a MoE layer from the one before: {type(model).__name__} "
+                         f"has {len(ids)} MoE layer(s)")
     guesses, actual, out_layers = [], [], []
     for prev, nxt in zip(ids[:-1], ids[1:]):
         h = hidden[prev].reshape(-1, hidden[prev].shape[-1])
@@ -552,12 +558,12 @@ class MoeBytes:
     dense: float
     n_layers: int
     n_experts: int
-    top_k: int
+    experts_per_token: int
 
     @property
     def active(self) -> float:
         """Bytes per token with every weight resident: dense + k experts per layer."""
-        return self.dense + self.n_layers * self.top_k * self.expert
+        return self.dense + self.n_layers * self.experts_per_token * self.expert
 
     @property
     def total(self) -> float:
@@ -577,8 +583,10 @@ def moe_bytes(args: ModelArgs | str = "mixtral-8x7b", expert_precision="fp16", d
     attn = D * args.n_heads * hd * 2 + D * args.n_kv_heads * hd * 2
     per_layer = attn + 2 * D + args.n_experts * D
     dense = args.n_layers * per_layer + args.vocab_size * D + D + D  # output head read whole, one embedding row
+    # experts per token: ``experts_per_token`` where ModelArgs has it, ``top_k`` before that rename
+    k = getattr(args, "experts_per_token", None) or args.top_k
     return MoeBytes(expert=3 * D * args.hidden_dim * eb, dense=dense * db, n_layers=args.n_layers,
-                    n_experts=args.n_experts, top_k=args.top_k)
+                    n_experts=args.n_experts, experts_per_token=k)
 
 
 def decode_time(sizes: MoeBytes, misses_per_token: float, link: Link | str, memory: Link | str, *,
@@ -599,7 +607,7 @@ def decode_time(sizes: MoeBytes, misses_per_token: float, link: Link | str, memo
     """
     link = LINKS[link] if isinstance(link, str) else link
     memory = MEMORIES[memory] if isinstance(memory, str) else memory
-    reads = sizes.n_layers * sizes.top_k  # expert reads per token
+    reads = sizes.n_layers * sizes.experts_per_token  # expert reads per token
     if not 0 <= misses_per_token <= reads or prefetched_per_token < 0:
         raise ValueError(f"misses per token must be in [0, {reads}] and prefetches >= 0, "
                          f"got {misses_per_token} and {prefetched_per_token}")
@@ -629,7 +637,7 @@ def offload_table(hit_rates, *, model: ModelArgs | str = "mixtral-8x7b", precisi
         for label, h in hit_rates.items():
             if not 0 <= h <= 1:
                 raise ValueError(f"hit rate {label!r} = {h} is not in [0, 1]")
-            misses = sizes.n_layers * sizes.top_k * (1 - h)
+            misses = sizes.n_layers * sizes.experts_per_token * (1 - h)
             for ln in links:
                 link = LINKS[ln] if isinstance(ln, str) else ln
                 t = decode_time(sizes, misses, link, memory)
@@ -697,7 +705,7 @@ def mixtral_calibration(hit_rates: dict[str, float] | None = None):
     for run in MIXTRAL_PUBLISHED:
         h = (hit_rates or {}).get(run.system, run.hit_rate)
         sizes = moe_bytes("mixtral-8x7b", run.expert_precision, run.dense_precision)
-        misses = sizes.n_layers * sizes.top_k * (1 - h)
+        misses = sizes.n_layers * sizes.experts_per_token * (1 - h)
         t = decode_time(sizes, misses, run.link, run.memory)
         rows.append({"system": run.system, "hardware": run.hardware, "precision": run.precision,
                      "published_tok_s": run.tokens_per_s, "predicted_tok_s": t["tokens_per_s"],
