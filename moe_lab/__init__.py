@@ -29,6 +29,7 @@ from .model import (  # noqa: F401
 )
 from .tokenizer import Tokenizer, load_tokenizer  # noqa: F401
 from .routing.trace import RoutingTrace  # noqa: F401
+from .routing.store import TraceStore, TraceWriter, open_store, save_store  # noqa: F401
 from .routing.interventions import (  # noqa: F401
     AblateExpert,
     CustomRouting,
@@ -41,7 +42,7 @@ from .routing.tracing import trace_generation, trace_routing  # noqa: F401
 from .checkpoints.loading import CheckpointError, describe_checkpoint, load_model, save_model  # noqa: F401
 from .checkpoints.streaming import StreamingMixtral  # noqa: F401
 from .checkpoints import convert, files, layouts, loading, streaming  # noqa: F401
-from .routing import bridge, interventions, trace, tracing  # noqa: F401
+from .routing import bridge, importers, interventions, store, trace, tracing  # noqa: F401
 
 # The module paths of moe_lab 0.1 (``moe_lab.trace``, ``moe_lab.loading``, ...) keep working:
 # each names the module that now lives in a subpackage.

@@ -199,6 +199,13 @@ def _figure(**layout) -> go.Figure:
 # --------------------------------------------------------------------------------------------
 # Helpers
 
+def _ids_note(source) -> str:
+    """A subtitle for figures computed from a trace (or result) that holds expert ids only
+    (vLLM, SGLang, the OLMoE study): the figure says so."""
+    return "<br><sup>computed from expert ids only (no router weights or logits)</sup>" \
+        if getattr(source, "ids_only", False) else ""
+
+
 def _layers_arg(trace: RoutingTrace, layers) -> list[int]:
     if layers is None:
         return list(trace.layers)
@@ -312,12 +319,15 @@ def token_figure(trace: RoutingTrace, doc: int = 0, layers: Sequence[int] | int 
     for li, layer in enumerate(layers):
         row = trace.layer_index(layer)
         ids = trace.expert_ids[row, idx]  # [n, k]
-        w = trace.weights[row, idx]
         colors = [expert_color(e) for e in ids[:, 0].tolist()]
-        cols = [ids.astype(np.float32), w.astype(np.float32).round(3)]
-        tmpl = f"layer {layer}: " + ", ".join(
-            f"expert %{{customdata[{j}]}} (%{{customdata[{k + j}]:.2f}})" for j in range(k))
-        c = 2 * k
+        cols = [ids.astype(np.float32)]
+        if trace.weights is not None:
+            cols.append(trace.weights[row, idx].astype(np.float32).round(3))
+            tmpl = f"layer {layer}: " + ", ".join(
+                f"expert %{{customdata[{j}]}} (%{{customdata[{k + j}]:.2f}})" for j in range(k))
+        else:  # id-only trace: the experts, without weights
+            tmpl = f"layer {layer}: experts " + ", ".join(f"%{{customdata[{j}]}}" for j in range(k))
+        c = sum(a.shape[1] for a in cols)
         if conf is not None:
             cols.append(conf.entropy[row, idx].astype(np.float32).round(3)[:, None])
             tmpl += f"<br>router entropy %{{customdata[{c}]:.2f}} nats (uniform {math.log(trace.n_experts):.2f})"
@@ -337,7 +347,7 @@ def token_figure(trace: RoutingTrace, doc: int = 0, layers: Sequence[int] | int 
                              name=str(e), showlegend=e in used or trace.n_experts <= 8, hoverinfo="skip"))
     doc_label = f"document {doc}" + (f" ({trace.domains[doc]})" if trace.domains[doc] else "")
     base_title = title or f"First-choice expert of each token, {doc_label}"
-    titles = [f"{base_title}: layer {l}" for l in layers]
+    titles = [f"{base_title}: layer {l}{_ids_note(trace)}" for l in layers]
     n_tr = len(layers) + trace.n_experts
     visible = [[j == i or j >= len(layers) for j in range(n_tr)] for i in range(len(layers))]
     char_px = 7.4
@@ -387,7 +397,7 @@ def load_heatmap(trace: RoutingTrace, choice: A.Choice = "either", normalization
     what = {"first": "first choices", "second": "second choices", "either": "assignments (top-k)"}[choice]
     unit = "share of " + (what if normalization == "assignments" else "tokens choosing it")
     fig.update_layout(
-        title=title or f"Expert load per layer: {unit}; uniform = {uniform:.1%}",
+        title=(title or f"Expert load per layer: {unit}; uniform = {uniform:.1%}") + _ids_note(trace),
         xaxis=dict(title="expert", tickmode="array", tickvals=list(range(E)),
                    ticktext=[_expert_tick(e) for e in range(E)], showgrid=False),
         yaxis=dict(autorange="reversed", showgrid=False),
@@ -446,7 +456,8 @@ def domain_load_bars(trace: RoutingTrace, layer: int | Sequence[int] | None = No
     fig.update_xaxes(title_text="expert", row=len(layers), col=1)
     fig.update_layout(barmode="group", bargap=0.2, bargroupgap=0.05, height=170 + 230 * len(layers),
                       width=max(620, 90 * E + 250),
-                      title=title or "Share of each domain's top-k assignments per expert (Mixtral Figure 7)",
+                      title=(title or "Share of each domain's top-k assignments per expert (Mixtral Figure 7)")
+                      + _ids_note(trace),
                       legend=dict(title_text="domain"), margin=dict(t=90))
     fig.layout.meta = dict(kind="domain_load_bars", layers=layers, domains=doms, uniform=uniform)
     return fig
@@ -530,7 +541,8 @@ def repetition_figure(trace: RoutingTrace | Sequence[A.Repetition], kinds: Seque
         fig.update_xaxes(title_text="layer", dtick=1 if len(x) <= 16 else 4, row=1, col=c)
         fig.update_yaxes(tickformat=".0%", rangemode="tozero", row=1, col=c)
     fig.update_yaxes(title_text="consecutive token pairs", row=1, col=1)
-    fig.update_layout(title=title or "Consecutive tokens routed to the same expert (Mixtral Table 5 / Figure 10)",
+    fig.update_layout(title=(title or "Consecutive tokens routed to the same expert (Mixtral Table 5 / Figure 10)")
+                      + _ids_note(reps[0]),
                       height=max(430, 30 * (len(per_domain) + 4) + 100), width=460 * len(reps) + 200,
                       legend=dict(font=dict(size=11)))
     fig.layout.meta = dict(kind="repetition_figure", kinds=list(kinds))
@@ -557,7 +569,7 @@ def coactivation_heatmap(trace: RoutingTrace, layer: int, *, title: str | None =
         texttemplate="%{z:.0%}" if E <= 16 else None, textfont=dict(size=11), xgap=1, ygap=1,
         hovertemplate="P(expert %{x} chosen | expert %{y} chosen) = %{z:.1%}<extra></extra>"))
     fig.update_layout(
-        title=title or f"Co-activation at layer {layer}: uniform (k-1)/(E-1) = {uniform:.1%}",
+        title=(title or f"Co-activation at layer {layer}: uniform (k-1)/(E-1) = {uniform:.1%}") + _ids_note(trace),
         xaxis=dict(title="expert j (also chosen)", tickmode="array", tickvals=list(range(E)), ticktext=ticks,
                    showgrid=False, side="bottom"),
         yaxis=dict(title="expert i (chosen)", tickmode="array", tickvals=list(range(E)), ticktext=ticks,
@@ -587,7 +599,8 @@ def domain_specialization_heatmap(trace: RoutingTrace, layers: Sequence[int] | i
             colorbar=dict(title=dict(text="share"), tickformat=".0%"), visible=i == 0, name=f"layer {l}",
             texttemplate="%{z:.0%}" if E * len(doms) <= 300 else None, textfont=dict(size=11), xgap=1, ygap=1,
             hovertemplate=f"layer {l}: %{{z:.1%}} of %{{y}} tokens have expert %{{x}} in their top-{k}<extra></extra>"))
-    titles = [title or f"Domain specialisation at layer {l}: uniform k/E = {uniform:.0%}" for l in layers]
+    titles = [(title or f"Domain specialisation at layer {l}: uniform k/E = {uniform:.0%}") + _ids_note(trace)
+              for l in layers]
     fig.update_layout(
         title=titles[0], margin=dict(t=90),
         xaxis=dict(title="expert", tickmode="array", tickvals=list(range(E)),
@@ -708,7 +721,8 @@ def cache_hit_figure(trace_or_df, *, sizes: Sequence[int] | None = None,
     menu = _layer_menu(labels, visible, prefix="")
     fig.update_layout(
         updatemenus=[dict(menu, type="dropdown", direction="down", y=1.02, yanchor="bottom", x=1.0, xanchor="right")],
-        title=title or "Expert-cache hit rate against cache size (tokens in decoding order)", margin=dict(t=100),
+        title=(title or "Expert-cache hit rate against cache size (tokens in decoding order)")
+        + _ids_note(trace_or_df), margin=dict(t=100),
         xaxis=dict(title="experts kept in the cache (per layer)", dtick=1 if E <= 16 else None),
         yaxis=dict(title="hit rate", tickformat=".0%", range=[0, 1.02]),
         height=450, width=760, legend=dict(x=0.02, y=0.98, font=dict(size=11)))

@@ -373,11 +373,12 @@ class RoutingExplorer:
         from . import analysis as A
 
         row = self.trace.layer_index(self.layer)
-        ids, w = self.trace.expert_ids[row], self.trace.weights[row]
+        ids, w = self.trace.expert_ids[row], self.trace.weights
         data = {"position": self.trace.positions, "token": list(self.trace.pieces or self.tokenizer.pieces(self.ids))}
         for j in range(self.trace.top_k):
             data[f"expert {j + 1}"] = ids[:, j]
-            data[f"weight {j + 1}"] = w[:, j].astype(float)
+            if w is not None:  # an id-only trace has no weights
+                data[f"weight {j + 1}"] = w[row][:, j].astype(float)
         if self.trace.router_logits is not None:
             data["entropy"] = A.router_confidence(self.trace).entropy[row].astype(float)
         return pd.DataFrame(data)

@@ -69,6 +69,127 @@ def write_jsonl(path: Path, records) -> None:
             f.write(json.dumps(r) + "\n")  # default separators, as the study's writer
 
 
+def npy_b64(arr: np.ndarray) -> str:
+    """vLLM 0.22+ HTTP encoding (vllm/utils/serial_utils.py numpy2base64): base64 of .npy bytes."""
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def int32_b64(arr: np.ndarray) -> str:
+    """SGLang encoding (detokenizer_manager._b64_encode_per_request): base64 of raw int32 bytes."""
+    return base64.b64encode(arr.astype("<i4").tobytes()).decode("utf-8")
+
+
+def vllm_fixtures(rng, out: Path) -> None:
+    """A tiny MoE (4 decoder layers, top-2 of 8; layer 0 dense, so its rows are zeros as vLLM
+    writes them) answering 3 prompts, n=2 completions for the first."""
+    L, k, E = 4, 2, 8
+    reqs = []
+    for r, (P, gens) in enumerate([(7, [5, 3]), (4, [6]), (9, [1])]):
+        prompt = [1] + rng.integers(3, 32000, P - 1).tolist()
+        outs = []
+        for i, G in enumerate(gens):
+            toks = rng.integers(3, 32000, G).tolist()
+            full = np.array(prompt + toks)
+            rows = synthetic_routing(rng, P + G - 1, L, k, E, full)  # the last token was never forwarded
+            rows[:, 0] = 0  # dense layer 0: zero rows
+            outs.append({"index": i, "text": "", "token_ids": toks, "finish_reason": "length", "routed_experts": rows})
+        reqs.append({"request_id": f"req-{r}", "prompt_token_ids": prompt, "outputs": outs})
+    # offline LLM.generate (0.22+: uint8 arrays); JSON holds them as nested lists
+    offline = [{**q, "outputs": [{**o, "routed_experts": o["routed_experts"].tolist()} for o in q["outputs"]]}
+               for q in reqs]
+    (out / "vllm").mkdir(parents=True, exist_ok=True)
+    (out / "vllm" / "request_outputs.json").write_text(json.dumps(
+        {"_note": "SYNTHETIC. RequestOutput fields as dicts (vllm/outputs.py); routed_experts as nested lists "
+                  "[prompt+generated-1, layers, top_k] (an np.ndarray in the real object)",
+         "n_experts": E, "layers": L, "top_k": k, "request_outputs": offline}))
+    # HTTP /v1/completions, 0.22+: choices[i].routed_experts = base64 .npy (uint8)
+    http = [{"id": f"cmpl-{q['request_id']}", "object": "text_completion", "model": "tiny-moe",
+             "choices": [{"index": o["index"], "text": "", "token_ids": o["token_ids"],
+                          "prompt_token_ids": q["prompt_token_ids"], "finish_reason": o["finish_reason"],
+                          "routed_experts": npy_b64(o["routed_experts"].astype(np.uint8))} for o in q["outputs"]]}
+            for q in reqs]
+    (out / "vllm" / "completions_http_v0.22.json").write_text(json.dumps(http))
+    # HTTP, 0.21: prompt rows at the top level, generated rows on the choice (nested lists, int16 ids
+    # of the MoE layers only: layer axis = MoE ordinal, so the dense layer is absent)
+    http21 = []
+    for q in reqs[1:]:  # n=1 requests
+        o = q["outputs"][0]
+        P = len(q["prompt_token_ids"])
+        moe = o["routed_experts"][:, 1:]
+        http21.append({"id": f"cmpl-{q['request_id']}", "object": "text_completion", "model": "tiny-moe",
+                       "prompt_routed_experts": moe[:P].tolist(),
+                       "choices": [{"index": 0, "text": "", "token_ids": o["token_ids"],
+                                    "prompt_token_ids": q["prompt_token_ids"], "finish_reason": "length",
+                                    "routed_experts": moe[P:].tolist() or None}]})
+    (out / "vllm" / "completions_http_v0.21.json").write_text(json.dumps(http21))
+
+
+def sglang_fixtures(rng, out: Path) -> None:
+    """SGLang: /generate responses and an OpenAI completion with sglext (4 layers, layer 0 dense,
+    top-2 of 8), and a per_token expert-distribution dump (torch.save) of the same model with
+    EPLB: 10 physical experts (experts 0 and 3 replicated)."""
+    import torch
+
+    L, k, E = 4, 2, 8
+    (out / "sglang").mkdir(parents=True, exist_ok=True)
+    requests, responses = [], []
+    for r, (P, G) in enumerate([(6, 4), (3, 2)]):
+        prompt = [1] + rng.integers(3, 32000, P - 1).tolist()
+        toks = rng.integers(3, 32000, G).tolist()
+        rows = synthetic_routing(rng, P + G - 1, L, k, E, np.array(prompt + toks))
+        rows[:, 0] = 0
+        requests.append({"input_ids": prompt, "sampling_params": {"max_new_tokens": G}, "return_routed_experts": True})
+        responses.append({"text": "", "output_ids": toks,
+                          "meta_info": {"id": f"sg-{r}", "prompt_tokens": P, "completion_tokens": G,
+                                        "finish_reason": {"type": "length", "length": G},
+                                        "routed_experts": int32_b64(rows)}})
+    (out / "sglang" / "generate.json").write_text(json.dumps(
+        {"_note": "SYNTHETIC. /generate requests and responses (meta_info.routed_experts: base64 int32 "
+                  "[prompt+output-1, num_hidden_layers, top_k])", "requests": requests, "responses": responses}))
+    P, G, start = 5, 3, 2
+    prompt = [1] + rng.integers(3, 32000, P - 1).tolist()
+    toks = rng.integers(3, 32000, G).tolist()
+    rows = synthetic_routing(rng, P + G - 1, L, k, E, np.array(prompt + toks))[start:]
+    rows[:, 0] = 0
+    (out / "sglang" / "completion_sglext.json").write_text(json.dumps(
+        {"id": "cmpl-sg", "object": "text_completion", "model": "tiny-moe",
+         "choices": [{"index": 0, "text": "", "finish_reason": "length"}],
+         "usage": {"prompt_tokens": P, "completion_tokens": G, "total_tokens": P + G},
+         "sglext": {"routed_experts": int32_b64(rows), "input_ids": prompt, "output_ids": [toks]},
+         "_request": {"return_routed_experts": True, "routed_experts_start_len": start}}))
+    # per_token dump. physical 0..9: 0..7 are experts 0..7, 8 is a replica of 0, 9 of 3
+    p2l = torch.tensor([list(range(8)) + [0, 3]] * L, dtype=torch.int64)
+    p2l[0] = -1  # dense layer: no experts
+    l2p_extra = {0: 8, 3: 9}
+
+    def physical(logical_ids):  # route some tokens to the replicas
+        phys = logical_ids.copy()
+        for e, p in l2p_extra.items():
+            mask = (phys == e) & (rng.random(phys.shape) < 0.5)
+            phys[mask] = p
+        return phys
+
+    def record(pass_id, tok, pos, seqs, mode):
+        ids = synthetic_routing(rng, len(tok), L, k, E, np.array(tok)).transpose(1, 0, 2)  # [L, n, k]
+        topk = np.full((L, len(tok), 8), -1, dtype=np.int32)
+        topk[1:, :, :k] = physical(ids[1:])
+        return {"forward_pass_id": pass_id, "rank": 0, "gatherer_key": "primary", "input_ids": list(tok),
+                "positions": list(pos), "extend_seq_lens": seqs, "forward_mode": mode,
+                "topk_ids_of_layer": torch.from_numpy(topk), "misc_objects": [],
+                "global_physical_count": torch.zeros((L, 10), dtype=torch.int32)}
+
+    a, b = [1] + rng.integers(3, 32000, 4).tolist(), [1] + rng.integers(3, 32000, 2).tolist()
+    recs = [record(0, a + b, list(range(5)) + list(range(3)), [5, 3], 1),  # EXTEND: two prompts
+            record(1, rng.integers(3, 32000, 2).tolist(), [5, 3], None, 2),  # DECODE, batch of 2
+            record(2, rng.integers(3, 32000, 1).tolist(), [4], None, 2),  # DECODE, one sequence left
+            record(3, rng.integers(3, 32000, 1).tolist(), [5], None, 2)]
+    # pass 2 continues request b (prompt positions 0..2, decode at 3 in pass 1, then 4, 5)
+    torch.save({"records": recs, "last_physical_to_logical_map": p2l},
+               out / "sglang" / "expert_distribution_recorder_1764000000.0_0.pt")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=OUT)
@@ -82,6 +203,8 @@ def main() -> None:
     # OLMoE data: (2048, 8, 16) records in allenai/analysis_olmoe; here 2 windows of 32 tokens, step 5000.
     write_jsonl(out / "olmoe_study" / "olmoe" / "c4_results_5000.jsonl",
                 olmoe_windows(rng, n_windows=2, T=32, k=8, L=16, E=64, vocab=50280))
+    vllm_fixtures(np.random.default_rng(7), out)
+    sglang_fixtures(np.random.default_rng(8), out)
     print(f"wrote fixtures under {out}")
 
 

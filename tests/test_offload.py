@@ -266,3 +266,17 @@ def test_speculative_prefetch_batches_equal_length_documents():
 def test_speculative_prefetch_needs_two_layers():
     with pytest.raises(ValueError, match=">= 2 layers"):
         A.speculative_prefetch(make_model(ModelArgs.from_name("tiny", n_layers=1, vocab_size=64), 0), DOCS)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 3), st.integers(0, 5))
+def test_general_simulator_agrees_with_the_fast_one(seed, k, extra):
+    """simulate_layer_cache (counts, placements, prefetch) gives stats.simulate_expert_cache's hit
+    rates (the fast path for stores) for every policy and every budget >= k."""
+    rng = np.random.default_rng(seed)
+    E = 6
+    reqs = np.stack([rng.choice(E, k, replace=False) for _ in range(60)])
+    size = min(E, k + extra)
+    for policy in A.POLICIES:
+        assert A.simulate_layer_cache(reqs, size, policy).hit_rate == pytest.approx(
+            A.simulate_expert_cache(reqs, size, policy)), (policy, size)

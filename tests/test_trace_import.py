@@ -122,3 +122,39 @@ def test_olmoe_bad_input_names_file_line_expected_found(tmp_path):
 def test_routing_trace_rejects_out_of_range_ids():
     with pytest.raises(ValueError, match=r"expert_ids must be in \[0, 4\).*found values 0\.\.5"):
         RoutingTrace(token_ids=[1, 2], doc_ids=[0, 0], positions=[0, 1], expert_ids=[[[0], [5]]], n_experts=4)
+
+
+def test_figures_of_an_id_only_trace_say_so():
+    from moe_lab import viz
+
+    t = RoutingTrace.from_olmoe(MIXTRAL_STUDY, max_docs=2)
+    note = "computed from expert ids only"
+    figs = [viz.load_heatmap(t), viz.domain_load_bars(t), viz.repetition_figure(t, n_boot=50),
+            viz.coactivation_heatmap(t, 0), viz.domain_specialization_heatmap(t, [0, 31]),
+            viz.cache_hit_figure(t.select(layers=[0]), sizes=[2, 4])]
+    for fig in figs:
+        assert note in fig.layout.title.text, fig.layout.meta["kind"]
+    tf = viz.token_figure(t, 0, layers=[0, 31])
+    assert note in tf.layout.title.text and "(%{customdata[2]" not in tf.data[0].hovertemplate
+    assert tf.data[0].customdata.shape[1] == 2 + 2  # the 2 experts, token id, position
+    traced = RoutingTrace(token_ids=[1, 2], doc_ids=[0, 0], positions=[0, 1], expert_ids=[[[0, 1], [1, 0]]],
+                          weights=[[[0.6, 0.4], [0.5, 0.5]]], n_experts=2)
+    assert note not in viz.load_heatmap(traced).layout.title.text
+
+
+def test_router_saturation_between_checkpoints():
+    final = make_simple([[0, 1], [2, 3], [4, 5]])
+    early = make_simple([[1, 0], [2, 6], [7, 6]])  # overlaps 2/2, 1/2, 0/2
+    np.testing.assert_allclose(A.router_saturation(early, final), [0.5])
+    np.testing.assert_allclose(A.router_saturation(early, final, k=1), [1 / 3])  # first choices: only token 1
+    np.testing.assert_allclose(A.router_saturation(final, final), [1.0])
+    other = make_simple([[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match="same tokens and layers"):
+        A.router_saturation(other, final)
+
+
+def make_simple(rows, E=8):
+    ids = np.asarray(rows)[None]
+    N = ids.shape[1]
+    return RoutingTrace(token_ids=np.arange(N), doc_ids=np.zeros(N, int), positions=np.arange(N), expert_ids=ids,
+                        n_experts=E)

@@ -1,13 +1,16 @@
 """Routing analyses: pure functions of a :class:`~moe_lab.RoutingTrace`, each with its baseline.
 
 ``stats.py``: load, repetition (the paper's Table 5 / Figure 10), co-activation, confidence,
-specialisation, cross-layer structure.
-``offload.py``: the offloading what-if: per-layer expert caches and placements, speculative
-prefetch, bytes -> tokens/s, calibration against published Mixtral 8x7B numbers.
+specialisation, cross-layer structure, the expert-cache simulator (hit rates; fast enough for a
+store). Analyses documented "trace or store" also take a :class:`~moe_lab.TraceStore` (a trace on
+disk) and read it in chunks.
+``offload.py``: the offloading what-if: per-layer caches with counts, placements and prefetch,
+speculative prefetch, bytes -> tokens/s, calibration against published Mixtral 8x7B numbers.
 """
 
 from .stats import (  # noqa: F401
     Choice,
+    Source,
     expert_load,
     uniform_load,
     expert_load_by_domain,
@@ -24,17 +27,18 @@ from .stats import (  # noqa: F401
     vocabulary_specialization,
     top_tokens_per_expert,
     domain_specialization,
+    router_saturation,
     layer_transitions,
     normalized_mutual_information,
     cross_layer_nmi,
+    simulate_expert_cache,
+    cache_hit_rates,
     generated_only,
 )
 from .offload import (  # noqa: F401
     Policy,
     POLICIES,
     PLACEMENTS,
-    simulate_expert_cache,
-    cache_hit_rates,
     LayerCacheResult,
     simulate_layer_cache,
     placement,

@@ -40,7 +40,7 @@ from ..routing.trace import RoutingTrace
 from ..routing.tracing import normalise_inputs
 
 __all__ = [
-    "Policy", "POLICIES", "PLACEMENTS", "simulate_expert_cache", "cache_hit_rates", "LayerCacheResult",
+    "Policy", "POLICIES", "PLACEMENTS", "LayerCacheResult",
     "simulate_layer_cache", "placement", "simulate_offload", "policy_comparison", "Prefetch", "PREFETCH_SOURCES",
     "speculative_prefetch",
     "prefetch_hit_rates", "Link", "LINKS", "MEMORIES", "PRECISIONS", "bits_per_weight", "MoeBytes",
@@ -73,7 +73,7 @@ class LayerCacheResult:
         return self.hits / self.requests if self.requests else float("nan")
 
 
-def _next_uses(reqs: list[list[int]]) -> list[dict[int, int]]:
+def _next_use_maps(reqs: list[list[int]]) -> list[dict[int, int]]:
     """For each step t, expert -> the next step > t that needs it."""
     out: list[dict[int, int]] = [dict() for _ in reqs]
     upcoming: dict[int, int] = {}
@@ -98,6 +98,10 @@ def simulate_layer_cache(requests, cache_size: int, policy: Policy = "lru", *, p
     * ``"static"``: the ``pinned`` experts stay resident, the others are fetched for the token and
       dropped (a placement, as ktransformers and llama.cpp run; nothing is ever evicted).
 
+    For hit rates alone on long traces or stores, :func:`moe_lab.analysis.simulate_expert_cache`
+    is the fast path (same policies, same hit rates for ``cache_size >= k``: tested); this one adds
+    the counts per token, static placements and prefetch.
+
     ``prefetch[t]`` (optional): experts guessed for token t *before* it arrives (e.g. by
     :func:`speculative_prefetch`); they are loaded ahead of time (``prefetched``, overlapped
     with compute), evicting by the same policy, and count as hits if the token needs them.
@@ -120,14 +124,17 @@ def simulate_layer_cache(requests, cache_size: int, policy: Policy = "lru", *, p
         total = sum(len(r) for r in reqs)
         return LayerCacheResult(hits=int(total - miss.sum()), misses=int(miss.sum()), requests=total,
                                 misses_per_token=miss)
-    cache: dict[int, float] = {}  # expert -> last use (LRU order)
+    # expert -> last use; for LRU the dict's order is the recency list (oldest first, a use moves
+    # the expert to the end), as in moe_lab.analysis.simulate_expert_cache, whose hit rates this
+    # reproduces (tests); LFU breaks ties by last use, then by that order
+    cache: dict[int, float] = {}
     freq: dict[int, int] = {}  # expert -> requests so far (LFU)
-    next_use = _next_uses(reqs) if policy == "optimal" else None
+    next_use = _next_use_maps(reqs) if policy == "optimal" else None
 
     def make_room(t: int, keep: list[int]) -> None:
         victims = [c for c in cache if c not in keep] or list(cache)
         if policy == "lru":
-            victim = min(victims, key=lambda c: cache[c])
+            victim = victims[0]  # the least recently used
         elif policy == "lfu":
             victim = min(victims, key=lambda c: (freq.get(c, 0), cache[c]))
         else:
@@ -145,7 +152,7 @@ def simulate_layer_cache(requests, cache_size: int, policy: Policy = "lru", *, p
                 if e not in cache:
                     if len(cache) >= cache_size:
                         make_room(t, guesses[t])
-                    cache[e] = t - 0.5  # loaded just before the token: more recent than anything older
+                    cache[e] = t - 0.5  # loaded just before the token: the most recent so far
                     prefetched += 1
                     fetched_now.add(e)
         for e in need:
@@ -153,6 +160,8 @@ def simulate_layer_cache(requests, cache_size: int, policy: Policy = "lru", *, p
             if e in cache:
                 hits += 1
                 useful += e in fetched_now
+                if policy == "lru":
+                    del cache[e]  # moves to the end of the recency order below
             else:
                 misses += 1
                 miss[t] += 1
@@ -161,35 +170,6 @@ def simulate_layer_cache(requests, cache_size: int, policy: Policy = "lru", *, p
             cache[e] = t  # last use
     return LayerCacheResult(hits=hits, misses=misses, requests=hits + misses, prefetched=prefetched,
                             useful_prefetches=useful, misses_per_token=miss)
-
-
-def simulate_expert_cache(requests: list[list[int]] | np.ndarray, cache_size: int,
-                          policy: Literal["lru", "lfu", "optimal"] = "lru") -> float:
-    """Hit rate of a cache of ``cache_size`` experts serving, token after token, the experts each
-    token needs (``requests[t]`` = its top-k expert ids in one layer). The experts of the current
-    token are all needed at once, so they are never evicted for each other. "optimal" is Belady's
-    rule (evict the expert needed furthest in the future): the ceiling for any policy.
-    (:func:`simulate_layer_cache` gives the counts, placements and prefetch.)"""
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be 'lru', 'lfu' or 'optimal', got {policy!r}")
-    return simulate_layer_cache(requests, cache_size, policy).hit_rate
-
-
-def cache_hit_rates(trace: RoutingTrace, sizes=None, policies=("lru", "lfu", "optimal")):
-    """Long DataFrame (layer, policy, cache_size, hit_rate) over a trace in token order (use the
-    trace of generated tokens: decoding serves one token at a time). Documents are simulated
-    one after the other with the cache carried over."""
-    import pandas as pd
-
-    sizes = list(range(1, trace.n_experts + 1)) if sizes is None else list(sizes)
-    rows = []
-    for li, layer in enumerate(trace.layers):
-        reqs = trace.expert_ids[li]
-        for policy in policies:
-            for s in sizes:
-                rows.append({"layer": layer, "policy": policy, "cache_size": s,
-                             "hit_rate": simulate_expert_cache(reqs, s, policy)})
-    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------------------------

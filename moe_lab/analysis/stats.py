@@ -9,14 +9,42 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import comb
-from typing import Literal
+from typing import Iterator, Literal, Union
 
 import numpy as np
 
+from ..routing.store import TraceStore
 from ..routing.trace import RoutingTrace
-from .offload import cache_hit_rates, simulate_expert_cache  # noqa: F401  (moved; old import path kept)
 
 Choice = Literal["first", "second", "either"]
+
+#: What the analyses marked "trace or store" accept: an in-memory trace, or a trace directory
+#: (:class:`~moe_lab.routing.store.TraceStore`) that they read chunk by chunk.
+Source = Union[RoutingTrace, TraceStore]
+
+#: Tokens per chunk when an analysis reads a TraceStore (whole documents; see TraceStore.iter_chunks).
+CHUNK_TOKENS = 1 << 15
+
+
+def _chunks(source: Source, desc: str, layers=None) -> Iterator[tuple[RoutingTrace, int, int]]:
+    """``(chunk, first_doc, first_token)`` over a trace or a store. An in-memory trace is one
+    chunk; a store yields chunks of whole documents with a progress bar. Every chunked analysis
+    accumulates per-chunk counts with the same code for both, so results do not depend on the
+    chunking (tests/test_trace_store.py checks that they are identical)."""
+    if isinstance(source, RoutingTrace):
+        yield (source if layers is None else source.select(layers=layers)), 0, 0
+    elif isinstance(source, TraceStore):
+        yield from source.iter_chunks(CHUNK_TOKENS, layers=layers, desc=desc)
+    else:
+        raise TypeError(f"expected a RoutingTrace or a TraceStore, got {type(source).__name__}")
+
+
+def _in_memory(source, analysis: str) -> RoutingTrace:
+    if isinstance(source, TraceStore):
+        raise TypeError(f"{analysis} runs on an in-memory RoutingTrace; take a slice of the store with "
+                        f"store.to_trace(max_tokens=...) (chunked analyses: expert_load, expert_load_by_domain, "
+                        f"repetition, coactivation, domain/vocabulary specialisation, cache_hit_rates)")
+    return source
 
 
 # --------------------------------------------------------------------------------------------
@@ -36,25 +64,47 @@ def _choice_ids(trace: RoutingTrace, choice: Choice) -> np.ndarray:
     raise ValueError(f"choice must be 'first', 'second' or 'either', got {choice!r}")
 
 
-def expert_load(trace: RoutingTrace, choice: Choice = "either",
+def _load_counts(trace: RoutingTrace, choice: Choice, groups: np.ndarray | None = None,
+                 n_groups: int = 1) -> np.ndarray:
+    """[L, E] number of (token, slot) assignments to each expert; with ``groups`` ([N] group
+    index of each token, e.g. its domain), [G, L, E] per group."""
+    ids = _choice_ids(trace, choice)  # [L, N, j]
+    E = trace.n_experts
+    key = ids if groups is None else groups[None, :, None] * E + ids
+    counts = np.zeros((ids.shape[0], n_groups * E))
+    for l in range(ids.shape[0]):
+        counts[l] = np.bincount(key[l].ravel(), minlength=n_groups * E)
+    counts = counts.reshape(-1, n_groups, E).transpose(1, 0, 2)  # [G, L, E]
+    return counts[0] if groups is None else counts
+
+
+def _token_groups(chunk: RoutingTrace, names: list[str]) -> np.ndarray:
+    """[N] index of each token's domain in ``names``."""
+    code = {d: i for i, d in enumerate(names)}
+    return np.array([code[d] for d in chunk.domains], dtype=np.int64)[chunk.doc_ids]
+
+
+def _normalize_load(counts: np.ndarray, n_tokens: int, picks: int, normalization: str) -> np.ndarray:
+    if normalization == "assignments":
+        return counts / max(n_tokens * picks, 1)
+    if normalization == "tokens":
+        return counts / max(n_tokens, 1)
+    raise ValueError(f"normalization must be 'assignments' or 'tokens', got {normalization!r}")
+
+
+def expert_load(trace: Source, choice: Choice = "either",
                 normalization: Literal["assignments", "tokens"] = "assignments") -> np.ndarray:
-    """[L, E] load per layer and expert.
+    """[L, E] load per layer and expert (trace or store).
 
     ``normalization="assignments"``: share of (token, slot) assignments; each row sums to 1 and
     the uniform value is 1/E (the Mixtral paper's Figure 7). ``"tokens"``: share of tokens that
     chose the expert among their picks; rows sum to the number of picks and the uniform value is
     k/E for ``choice="either"`` (OLMoE's convention).
     """
-    ids = _choice_ids(trace, choice)
-    L, N, j = ids.shape
-    counts = np.zeros((L, trace.n_experts))
-    for l in range(L):
-        counts[l] = np.bincount(ids[l].ravel(), minlength=trace.n_experts)[: trace.n_experts]
-    if normalization == "assignments":
-        return counts / max(N * j, 1)
-    if normalization == "tokens":
-        return counts / max(N, 1)
-    raise ValueError(f"normalization must be 'assignments' or 'tokens', got {normalization!r}")
+    picks = trace.top_k if choice == "either" else 1
+    _normalize_load(np.zeros(1), 1, 1, normalization)  # reject a bad normalization before reading
+    counts = sum(_load_counts(c, choice) for c, _, _ in _chunks(trace, "expert load"))
+    return _normalize_load(counts, trace.n_tokens, picks, normalization)
 
 
 def uniform_load(trace: RoutingTrace, choice: Choice = "either",
@@ -64,10 +114,17 @@ def uniform_load(trace: RoutingTrace, choice: Choice = "either",
     return 1 / trace.n_experts if normalization == "assignments" else picks / trace.n_experts
 
 
-def expert_load_by_domain(trace: RoutingTrace, choice: Choice = "either",
+def expert_load_by_domain(trace: Source, choice: Choice = "either",
                           normalization: Literal["assignments", "tokens"] = "assignments") -> dict[str, np.ndarray]:
-    """domain -> [L, E] load (as :func:`expert_load`) over that domain's documents."""
-    return {d: expert_load(trace.select(domain=d), choice, normalization) for d in trace.domain_names}
+    """domain -> [L, E] load (as :func:`expert_load`) over that domain's documents (trace or store)."""
+    picks = trace.top_k if choice == "either" else 1
+    names = trace.domain_names
+    counts, tokens = 0, 0
+    for c, _, _ in _chunks(trace, "load by domain"):
+        groups = _token_groups(c, names)
+        counts = counts + _load_counts(c, choice, groups, len(names))  # [G, L, E]
+        tokens = tokens + np.bincount(groups, minlength=len(names))
+    return {d: _normalize_load(counts[i], int(tokens[i]), picks, normalization) for i, d in enumerate(names)}
 
 
 def domain_load_divergence(trace: RoutingTrace, choice: Choice = "either", n_perm: int = 200, seed: int = 0):
@@ -83,6 +140,7 @@ def domain_load_divergence(trace: RoutingTrace, choice: Choice = "either", n_per
     """
     import pandas as pd
 
+    trace = _in_memory(trace, "domain_load_divergence")
     ids = _choice_ids(trace, choice)  # [L, N, j]
     L, _, j = ids.shape
     E, D = trace.n_experts, trace.n_docs
@@ -138,24 +196,59 @@ def load_balance(load: np.ndarray) -> BalanceSummary:
 # Consecutive-token repetition (Mixtral paper, Table 5 and Figure 10)
 
 
-def _consecutive_pairs(trace: RoutingTrace, bos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (i, i+1) of consecutive tokens in the same document, BOS excluded."""
-    i = np.arange(trace.n_tokens - 1)
-    same_doc = trace.doc_ids[:-1] == trace.doc_ids[1:]
-    adjacent = trace.positions[1:] == trace.positions[:-1] + 1
-    keep = same_doc & adjacent
+def _pair_mask(trace: RoutingTrace, bos_id: int | None) -> np.ndarray:
+    """[N-1] bool: tokens i and i+1 are consecutive in the same document, and i is not BOS."""
+    keep = (trace.doc_ids[:-1] == trace.doc_ids[1:]) & (trace.positions[1:] == trace.positions[:-1] + 1)
     if bos_id is not None:
         keep &= trace.token_ids[:-1] != bos_id
-    return i[keep], i[keep] + 1
+    return keep
+
+
+def _consecutive_pairs(trace: RoutingTrace, bos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (i, i+1) of consecutive tokens in the same document, BOS excluded."""
+    i = np.flatnonzero(_pair_mask(trace, bos_id))
+    return i, i + 1
 
 
 def _same(a: np.ndarray, b: np.ndarray, kind: str) -> np.ndarray:
-    """a, b [P, k] -> [P] bool: same first choice, or any overlap of the top-k sets."""
+    """a, b [..., P, k] -> [..., P] bool: same first choice, or any overlap of the top-k sets."""
     if kind == "first":
-        return a[:, 0] == b[:, 0]
+        return a[..., 0] == b[..., 0]
     if kind == "any":
-        return (a[:, :, None] == b[:, None, :]).any((1, 2))
+        out = np.zeros(a.shape[:-1], dtype=bool)
+        for i in range(a.shape[-1]):
+            for j in range(b.shape[-1]):
+                out |= a[..., i] == b[..., j]
+        return out
     raise ValueError(f"kind must be 'first' or 'any', got {kind!r}")
+
+
+def _route_keys(trace: RoutingTrace, kind: str) -> np.ndarray:
+    """Token-major [N, L] keys such that two tokens are routed alike at a layer exactly when
+    :func:`_alike` says so: the first choice ("first"), or the top-k set as a bitmask
+    ``sum_j 2**id_j`` ("any", E <= 64); else the [N, L, k] ids themselves. Narrow dtypes and
+    whole rows make gathering and comparing pairs ~10x faster than on [L, N, k] int64 ids."""
+    ids = trace.expert_ids.transpose(1, 0, 2)  # [N, L, k]
+    E = trace.n_experts
+    if kind == "first":
+        return ids[..., 0].astype(np.uint8 if E <= 256 else np.int32)
+    if E <= 64:
+        bits = next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if np.iinfo(t).bits >= E)
+        ids = ids.astype(bits)
+        keys = np.zeros(ids.shape[:2], dtype=bits)
+        for j in range(ids.shape[2]):
+            keys |= bits(1) << ids[..., j]
+        return keys
+    return ids.astype(np.int32)
+
+
+def _alike(x: np.ndarray, y: np.ndarray, kind: str) -> np.ndarray:
+    """Routed alike, from keys of :func:`_route_keys` -> bool of the keys' shape (minus k)."""
+    if kind == "first":
+        return x == y
+    if np.issubdtype(x.dtype, np.unsignedinteger):  # bitmasks of the top-k sets
+        return (x & y) != 0  # the two sets share an expert
+    return _same(x, y, "any")
 
 
 def uniform_repetition(n_experts: int, top_k: int, kind: str) -> float:
@@ -165,14 +258,20 @@ def uniform_repetition(n_experts: int, top_k: int, kind: str) -> float:
 
 def marginal_repetition(ids: np.ndarray, kind: str, n_experts: int, rng=None, n_pairs: int = 200_000) -> float:
     """Chance rate if consecutive tokens were independent draws from this layer's own routing
-    distribution: sum of squared first-choice shares, or the overlap rate of two random top-k sets."""
+    distribution (``ids`` [N, k]): sum of squared first-choice shares, or the overlap rate of two
+    random top-k sets (``n_pairs`` pairs of tokens drawn with ``rng``)."""
     if kind == "first":
-        p = np.bincount(ids[:, 0], minlength=n_experts) / len(ids)
-        return float((p**2).sum())
+        return _first_choice_chance(np.bincount(ids[:, 0], minlength=n_experts))
     rng = np.random.default_rng(0) if rng is None else rng
     a = ids[rng.integers(0, len(ids), n_pairs)]
     b = ids[rng.integers(0, len(ids), n_pairs)]
     return float(_same(a, b, "any").mean())
+
+
+def _first_choice_chance(counts: np.ndarray) -> float:
+    """sum_e p(e)^2 for first-choice counts: the chance that two independent tokens share it."""
+    p = counts / max(counts.sum(), 1)
+    return float((p**2).sum())
 
 
 @dataclass
@@ -186,6 +285,7 @@ class Repetition:
     marginal: np.ndarray  # [L] chance rate given each layer's own expert frequencies
     shuffled: np.ndarray  # [L] rate after shuffling positions within each document
     n_pairs: int
+    ids_only: bool = False  # computed from a trace without weights/logits (it needs only ids anyway)
 
     def to_pandas(self):
         import pandas as pd
@@ -198,63 +298,146 @@ class Repetition:
         return self.ci_low > self.marginal
 
 
-def repetition(trace: RoutingTrace, kind: Literal["first", "any"] = "first", *, bos_id: int | None = 1,
-               n_boot: int = 1000, n_shuffles: int = 5, ci: float = 0.95, seed: int = 0) -> Repetition:
+def repetition(trace: Source, kind: Literal["first", "any"] = "first", *, bos_id: int | None = 1,
+               n_boot: int = 1000, n_shuffles: int = 5, ci: float = 0.95, seed: int = 0,
+               n_marginal_pairs: int = 200_000) -> Repetition:
     """Rate at which consecutive tokens of a document share their first expert ("first") or any
     of their top-k experts ("any"), per layer, with uniform, marginal and shuffled-position
     baselines and a bootstrap CI that resamples whole documents (tokens of a document are not
-    independent)."""
+    independent). Trace or store.
+
+    How it runs over millions of tokens: one pass over chunks of whole documents collects, per
+    layer, each document's pairs and pairs routed alike (the bootstrap resamples those
+    documents), the first-choice counts (marginal baseline, "first"), the top-k sets of
+    ``n_marginal_pairs`` random token pairs drawn once with ``seed`` ("any"), and the same
+    statistic after shuffling each document's tokens with keys hashed from ``(seed, shuffle,
+    token index)`` (identical shuffles for every layer and every chunking). Nothing depends on
+    where chunks begin, so a store and the same trace in memory give identical results.
+    """
+    if kind not in ("first", "any"):
+        raise ValueError(f"kind must be 'first' or 'any', got {kind!r}")
     rng = np.random.default_rng(seed)
-    a, b = _consecutive_pairs(trace, bos_id)
-    if len(a) == 0:
+    L, D, N, E = trace.n_layers, trace.n_docs, trace.n_tokens, trace.n_experts
+    hits = np.zeros((L, D))  # pairs routed alike, per layer and document
+    pairs = np.zeros(D)  # consecutive pairs per document
+    shuf_hits, shuf_pairs = np.zeros((L, n_shuffles)), np.zeros(n_shuffles)
+    first_counts = np.zeros((L, E))
+    if kind == "any":  # token pairs for the marginal baseline, drawn before reading anything
+        draw = rng.integers(0, max(N, 1), (2, n_marginal_pairs))
+        picked: list[np.ndarray | None] = [None, None]  # [n_pairs, L(, k)] keys of the drawn tokens
+    for c, d0, t0 in _chunks(trace, f"repetition ({kind})"):
+        keys = _route_keys(c, kind)  # [n, L(, k)]
+        keep = _pair_mask(c, bos_id)  # [n-1]: (i, i+1) counts
+        pair_doc = c.doc_ids[:-1] + d0
+        pairs += np.bincount(pair_doc, weights=keep, minlength=D)
+        same = _alike(keys[:-1], keys[1:], kind) & keep[:, None]  # [n-1, L]
+        _add_by_doc(hits, same, pair_doc)
+        if kind == "first":
+            for l in range(L):
+                first_counts[l] += np.bincount(keys[:, l], minlength=E)[:E]
+        for s in range(n_shuffles):
+            perm, ok = _shuffled_order(c, bos_id, seed, s, t0)
+            shuffled = keys[perm]
+            shuf_pairs[s] += ok.sum()
+            shuf_hits[:, s] += (_alike(shuffled[:-1], shuffled[1:], kind) & ok[:, None]).sum(0)
+        if kind == "any":
+            for i in range(2):
+                if picked[i] is None:
+                    picked[i] = np.zeros((n_marginal_pairs, *keys.shape[1:]), dtype=keys.dtype)
+                inside = (draw[i] >= t0) & (draw[i] < t0 + c.n_tokens)
+                picked[i][inside] = keys[draw[i, inside] - t0]
+    n_pairs = int(pairs.sum())
+    if n_pairs == 0:
         raise ValueError("no consecutive token pairs within documents to compare")
-    pair_doc = trace.doc_ids[a]
-    docs, doc_index = np.unique(pair_doc, return_inverse=True)
-    n_docs = len(docs)
-    L = trace.n_layers
-    rate, lo, hi, marg, shuf = (np.zeros(L) for _ in range(5))
-    boots = rng.integers(0, n_docs, (n_boot, n_docs))
-    weights = np.stack([np.bincount(bt, minlength=n_docs) for bt in boots])  # [n_boot, D] resampling counts
-    pairs_per_doc = np.bincount(doc_index, minlength=n_docs)
-    for l in range(L):
-        ids = trace.expert_ids[l]
-        same = _same(ids[a], ids[b], kind)
-        rate[l] = same.mean()
-        hits_per_doc = np.bincount(doc_index, weights=same, minlength=n_docs)
-        boot = (weights @ hits_per_doc) / np.maximum(weights @ pairs_per_doc, 1)
-        lo[l], hi[l] = np.quantile(boot, [(1 - ci) / 2, 1 - (1 - ci) / 2])
-        marg[l] = marginal_repetition(ids, kind, trace.n_experts, rng)
-        shuf[l] = np.mean([_shuffled_rate(trace, ids, kind, bos_id, rng) for _ in range(n_shuffles)])
+    rate = hits.sum(1) / n_pairs
+    lo, hi = _bootstrap_ci(hits, pairs, n_boot, ci, rng)
+    if kind == "first":
+        marg = np.array([_first_choice_chance(first_counts[l]) for l in range(L)])
+    else:
+        marg = _alike(picked[0], picked[1], kind).mean(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shuf = (shuf_hits / np.where(shuf_pairs > 0, shuf_pairs, np.nan)).mean(1)
     return Repetition(layers=list(trace.layers), kind=kind, rate=rate, ci_low=lo, ci_high=hi,
-                      uniform=uniform_repetition(trace.n_experts, trace.top_k, kind), marginal=marg,
-                      shuffled=shuf, n_pairs=len(a))
+                      uniform=uniform_repetition(E, trace.top_k, kind), marginal=marg, shuffled=shuf,
+                      n_pairs=n_pairs, ids_only=bool(trace.ids_only))
 
 
-def _shuffled_rate(trace, ids, kind, bos_id, rng) -> float:
-    """Same statistic after permuting token order inside each document (keeps each document's
-    expert mix, destroys adjacency)."""
+def _add_by_doc(out: np.ndarray, values: np.ndarray, doc: np.ndarray) -> None:
+    """out[:, d] += sum of values[i, :] over the rows i with doc[i] == d (out [L, D], values
+    [n, L] bool). Documents in ascending order (every store chunk, every trace moe_lab makes): one
+    cumulative sum; otherwise one bincount per layer."""
+    if len(doc) == 0:
+        return
+    if np.all(doc[1:] >= doc[:-1]):
+        first, last = int(doc[0]), int(doc[-1])
+        bounds = np.searchsorted(doc, np.arange(first, last + 2))
+        csum = np.concatenate([np.zeros((1, values.shape[1]), np.int64), np.cumsum(values, axis=0, dtype=np.int64)])
+        out[:, first:last + 1] += (csum[bounds[1:]] - csum[bounds[:-1]]).T
+    else:
+        for l in range(values.shape[1]):
+            out[l] += np.bincount(doc, weights=values[:, l], minlength=out.shape[1])
+
+
+def _bootstrap_ci(hits: np.ndarray, pairs: np.ndarray, n_boot: int, ci: float, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile CI of hits/pairs per layer, resampling documents (those with pairs) with
+    replacement; resamples are drawn in blocks so memory stays ~32 MB however many documents."""
+    has = pairs > 0
+    h, p = hits[:, has], pairs[has]  # [L, n], [n]
+    n = len(p)
+    block = max(1, min(n_boot, 4_000_000 // max(n, 1)))
+    boot = np.zeros((n_boot, len(h)))
+    for start in range(0, n_boot, block):
+        b = min(block, n_boot - start)
+        draws = rng.integers(0, n, (b, n))
+        w = np.bincount((np.arange(b)[:, None] * n + draws).ravel(), minlength=b * n).reshape(b, n).astype(float)
+        boot[start:start + b] = (w @ h.T) / np.maximum(w @ p, 1)[:, None]
+    q = np.quantile(boot, [(1 - ci) / 2, 1 - (1 - ci) / 2], axis=0)
+    return q[0], q[1]
+
+
+def _hash_uniform(seed: int, stream: int, index: np.ndarray) -> np.ndarray:
+    """Reproducible random uint64 keys for global token indices (splitmix64 of seed, stream and
+    index): the same key for a token however the trace is chunked."""
+    with np.errstate(over="ignore"):
+        z = index.astype(np.uint64) + np.uint64((seed * 1_000_003 + stream + 1) * 0x9E3779B97F4A7C15 % 2**64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _shuffled_order(trace: RoutingTrace, bos_id, seed: int, stream: int, first_token: int):
+    """(perm, ok): the tokens (BOS left out) with their order permuted inside each document
+    (keeps each document's expert mix, destroys adjacency), and [len(perm)-1] bool: perm[i] and
+    perm[i+1] are in the same document (a pair to compare)."""
     keep = np.ones(trace.n_tokens, dtype=bool)
     if bos_id is not None:
         keep &= trace.token_ids != bos_id
     idx = np.flatnonzero(keep)
-    perm = idx[np.lexsort((rng.random(len(idx)), trace.doc_ids[idx]))]  # shuffled within documents
-    same_doc = trace.doc_ids[perm[:-1]] == trace.doc_ids[perm[1:]]
-    x, y = perm[:-1][same_doc], perm[1:][same_doc]
-    return float(_same(ids[x], ids[y], kind).mean()) if len(x) else float("nan")
+    keys = _hash_uniform(seed, stream, idx + first_token)
+    perm = idx[np.lexsort((keys, trace.doc_ids[idx]))]  # shuffled within documents
+    return perm, trace.doc_ids[perm[:-1]] == trace.doc_ids[perm[1:]]
 
 
 # --------------------------------------------------------------------------------------------
 # Co-activation, confidence, specialisation
 
 
-def coactivation(trace: RoutingTrace, layer: int) -> np.ndarray:
-    """[E, E] C[i, j] = N(i and j both chosen) / N(i chosen) (OLMoE); diagonal NaN.
+def _pair_counts(ids: np.ndarray, E: int) -> np.ndarray:
+    """[E, E] number of tokens whose top-k (ids [N, k]) holds both i and j (diagonal: i chosen)."""
+    k = ids.shape[1]
+    both = np.zeros(E * E)
+    for a in range(k):
+        for b in range(k):
+            both += np.bincount(ids[:, a] * E + ids[:, b], minlength=E * E)
+    return both.reshape(E, E)
+
+
+def coactivation(trace: Source, layer: int) -> np.ndarray:
+    """[E, E] C[i, j] = N(i and j both chosen) / N(i chosen) (OLMoE); diagonal NaN. Trace or store.
     Uniform value (k-1)/(E-1), 1/7 for top-2 of 8."""
-    ids = trace.expert_ids[trace.layer_index(layer)]
+    trace.layer_index(layer)
     E = trace.n_experts
-    onehot = np.zeros((len(ids), E))
-    np.put_along_axis(onehot, ids, 1.0, axis=1)
-    both = onehot.T @ onehot  # [E, E]
+    both = sum(_pair_counts(c.expert_ids[0], E) for c, _, _ in _chunks(trace, "co-activation", layers=[layer]))
     chosen = np.diag(both).copy()
     with np.errstate(divide="ignore", invalid="ignore"):
         c = both / chosen[:, None]
@@ -271,7 +454,9 @@ class Confidence:
 
 def router_confidence(trace: RoutingTrace) -> Confidence:
     """How sure the router is, per layer and token. Uses the full softmax when the trace has
-    router logits, else the renormalised top-k weights (entropy then unavailable)."""
+    router logits, else the renormalised top-k weights (entropy then unavailable). An id-only
+    trace (vLLM, SGLang, the OLMoE study) has neither: a ValueError says so."""
+    trace = _in_memory(trace, "router_confidence")
     if trace.router_logits is not None:
         z = trace.router_logits - trace.router_logits.max(-1, keepdims=True)
         p = np.exp(z)
@@ -285,38 +470,49 @@ def router_confidence(trace: RoutingTrace) -> Confidence:
     return Confidence(entropy=None, top1_prob=w[..., 0], margin=margin)
 
 
-def vocabulary_specialization(trace: RoutingTrace, layer: int, min_count: int = 5):
+def _token_expert_hits(source: Source, layer: int, choice: Choice, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """(vocab [V], hits [V, E]): the token ids seen, and how often each was routed to each
+    expert (among the ``choice`` picks) at ``layer``. Counts add up chunk by chunk."""
+    E = source.n_experts
+    hits = np.zeros((0, E))
+    for c, _, _ in _chunks(source, desc, layers=[layer]):
+        ids = _choice_ids(c, choice)[0]  # [n, j]
+        V = int(c.token_ids.max()) + 1 if c.n_tokens else 0
+        if V > len(hits):
+            hits = np.concatenate([hits, np.zeros((V - len(hits), E))])
+        for j in range(ids.shape[1]):
+            hits += np.bincount(c.token_ids * E + ids[:, j], minlength=len(hits) * E).reshape(-1, E)
+    counts_any = hits.sum(1)
+    vocab = np.flatnonzero(counts_any)
+    return vocab, hits[vocab]
+
+
+def vocabulary_specialization(trace: Source, layer: int, min_count: int = 5):
     """Per token id (seen >= min_count times): the share of its occurrences whose top-k includes
-    its most frequent expert (OLMoE; chance k/E). DataFrame sorted by count."""
+    its most frequent expert (OLMoE; chance k/E). DataFrame sorted by count. Trace or store."""
     import pandas as pd
 
-    ids = trace.expert_ids[trace.layer_index(layer)]
-    E = trace.n_experts
-    vocab, inv, counts = np.unique(trace.token_ids, return_inverse=True, return_counts=True)
-    hits = np.zeros((len(vocab), E))
-    for j in range(trace.top_k):
-        np.add.at(hits, (inv, ids[:, j]), 1)
+    vocab, hits = _token_expert_hits(trace, layer, "either", "vocabulary specialisation")
+    counts = hits.sum(1) / trace.top_k  # occurrences: each adds top_k hits
     keep = counts >= min_count
     share = hits[keep] / counts[keep, None]
-    df = pd.DataFrame({"token_id": vocab[keep], "count": counts[keep], "top_expert": share.argmax(1),
+    df = pd.DataFrame({"token_id": vocab[keep], "count": counts[keep].astype(np.int64), "top_expert": share.argmax(1),
                        "specialization": share.max(1)})
-    if trace.pieces is not None:
+    if isinstance(trace, RoutingTrace) and trace.pieces is not None:
         first = {}
         for t, p in zip(trace.token_ids.tolist(), trace.pieces):
             first.setdefault(t, p)
         df.insert(1, "piece", [first[t] for t in df.token_id])
-    return df.sort_values("count", ascending=False, ignore_index=True)
+    return df.sort_values("count", ascending=False, ignore_index=True, kind="stable")
 
 
-def top_tokens_per_expert(trace: RoutingTrace, layer: int, n: int = 10, min_count: int = 5,
+def top_tokens_per_expert(trace: Source, layer: int, n: int = 10, min_count: int = 5,
                           choice: Choice = "first") -> dict[int, list[tuple[int, float, int]]]:
     """expert -> [(token id, share of that token's occurrences routed to it, count)] for the n
-    tokens most reliably sent to the expert."""
-    ids = _choice_ids(trace, choice)[trace.layer_index(layer)]
-    vocab, inv, counts = np.unique(trace.token_ids, return_inverse=True, return_counts=True)
-    hits = np.zeros((len(vocab), trace.n_experts))
-    for j in range(ids.shape[1]):
-        np.add.at(hits, (inv, ids[:, j]), 1)
+    tokens most reliably sent to the expert. Trace or store."""
+    vocab, hits = _token_expert_hits(trace, layer, choice, "top tokens per expert")
+    picks = trace.top_k if choice == "either" else 1
+    counts = (hits.sum(1) / picks).astype(np.int64)
     share = hits / counts[:, None]
     out = {}
     for e in range(trace.n_experts):
@@ -326,17 +522,36 @@ def top_tokens_per_expert(trace: RoutingTrace, layer: int, n: int = 10, min_coun
     return out
 
 
-def domain_specialization(trace: RoutingTrace, layer: int) -> tuple[list[str], np.ndarray]:
+def domain_specialization(trace: Source, layer: int) -> tuple[list[str], np.ndarray]:
     """(domains, [D, E]) share of each domain's tokens whose top-k includes the expert (OLMoE's
-    N_k(expert, domain) / N(domain)); uniform k/E (25% for top-2 of 8)."""
-    ids = trace.expert_ids[trace.layer_index(layer)]
+    N_k(expert, domain) / N(domain)); uniform k/E (25% for top-2 of 8). Trace or store."""
+    trace.layer_index(layer)
     doms = trace.domain_names
-    tok_dom = trace.token_domains
-    out = np.zeros((len(doms), trace.n_experts))
-    for i, d in enumerate(doms):
-        sel = ids[tok_dom == d]
-        out[i] = np.bincount(sel.ravel(), minlength=trace.n_experts) / max(len(sel), 1)
-    return doms, out
+    counts, tokens = 0, 0
+    for c, _, _ in _chunks(trace, "domain specialisation", layers=[layer]):
+        groups = _token_groups(c, doms)
+        counts = counts + _load_counts(c, "either", groups, len(doms))[:, 0]  # [G, E]
+        tokens = tokens + np.bincount(groups, minlength=len(doms))
+    return doms, counts / np.maximum(tokens, 1)[:, None]
+
+
+def router_saturation(trace: RoutingTrace, final: RoutingTrace, k: int | None = None) -> np.ndarray:
+    """[L] OLMoE's router saturation: per layer, the mean over tokens of |top-k here ∩ top-k in
+    ``final``| / k, between an intermediate checkpoint's trace and the final model's on the same
+    tokens (the OLMoE study's ``c4_results_{step}.jsonl`` against ``c4_results.jsonl``).
+    ``k``: compare the first k choices (default the traces' top-k; OLMoE reports top-1 and
+    top-8). 1 = the router already routes as it will at the end; chance is about k/E."""
+    if not np.array_equal(trace.token_ids, final.token_ids) or trace.layers != final.layers:
+        raise ValueError(f"router_saturation needs the same tokens and layers in both traces, found "
+                         f"{trace.n_tokens} / {final.n_tokens} tokens, layers {trace.layers} / {final.layers}")
+    k = min(trace.top_k, final.top_k) if k is None else k
+    if not 1 <= k <= min(trace.top_k, final.top_k):
+        raise ValueError(f"k must be in [1, {min(trace.top_k, final.top_k)}], got {k}")
+    a, b = trace.expert_ids[:, :, :k], final.expert_ids[:, :, :k]  # [L, N, k]
+    shared = np.zeros(a.shape[:2])
+    for j in range(k):
+        shared += (a[:, :, j:j + 1] == b).any(-1)
+    return shared.mean(1) / k
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,6 +560,7 @@ def domain_specialization(trace: RoutingTrace, layer: int) -> tuple[list[str], n
 
 def layer_transitions(trace: RoutingTrace, from_layer: int, to_layer: int) -> np.ndarray:
     """[E, E] P(first choice at to_layer = j | first choice at from_layer = i)."""
+    trace = _in_memory(trace, "layer_transitions")
     a = trace.expert_ids[trace.layer_index(from_layer), :, 0]
     b = trace.expert_ids[trace.layer_index(to_layer), :, 0]
     E = trace.n_experts
@@ -374,6 +590,7 @@ def normalized_mutual_information(a: np.ndarray, b: np.ndarray, n_classes: int) 
 def cross_layer_nmi(trace: RoutingTrace) -> np.ndarray:
     """[L, L] NMI between the first choices of every pair of traced layers (Mixtral: 0.03-0.07
     between different layers)."""
+    trace = _in_memory(trace, "cross_layer_nmi")
     L = trace.n_layers
     first = trace.expert_ids[:, :, 0]
     out = np.eye(L)
@@ -384,7 +601,114 @@ def cross_layer_nmi(trace: RoutingTrace) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Expert-cache simulation: moved to offload.py (the names stay importable from here)
+# Expert-cache simulation (the offloading question)
+
+
+def simulate_expert_cache(requests: list[list[int]] | np.ndarray, cache_size: int,
+                          policy: Literal["lru", "lfu", "optimal"] = "lru") -> float:
+    """Hit rate of a cache of ``cache_size`` experts serving, token after token, the experts each
+    token needs (``requests[t]`` = its top-k expert ids in one layer). The experts of the current
+    token are all needed at once, so they are never evicted for each other. "optimal" is Belady's
+    rule (evict the expert needed furthest in the future): the ceiling for any policy.
+
+    Memory is O(tokens x k) integers (the next-use times of "optimal"), so a layer of a
+    10-million-token store fits (:func:`cache_hit_rates` reads it one layer at a time)."""
+    if cache_size < 1:
+        raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+    if policy not in ("lru", "lfu", "optimal"):
+        raise ValueError(f"policy must be 'lru', 'lfu' or 'optimal', got {policy!r}")
+    if isinstance(requests, np.ndarray):
+        rows = requests.reshape(len(requests), -1).tolist()
+    else:
+        rows = [list(map(int, r)) for r in requests]
+    if policy == "lru":
+        return _lru_hits(rows, cache_size)
+    nxt = _next_uses(rows) if policy == "optimal" else None  # [T][k] next step needing that expert
+    cache: dict[int, int] = {}  # expert -> last use (LFU tie-break) or next use (optimal)
+    freq: dict[int, int] = {}
+    hits = total = 0
+    for t, need in enumerate(rows):
+        for j, e in enumerate(need):
+            total += 1
+            freq[e] = freq.get(e, 0) + 1
+            if e in cache:
+                hits += 1
+            elif len(cache) >= cache_size:
+                victims = [c for c in cache if c not in need] or list(cache)
+                if nxt is None:  # LFU: fewest uses so far, then least recent
+                    victim = min(victims, key=lambda c: (freq[c], cache[c]))
+                else:  # optimal: needed furthest in the future
+                    victim = max(victims, key=cache.__getitem__)
+                del cache[victim]
+            cache[e] = t if nxt is None else nxt[t][j]
+    return hits / total if total else float("nan")
+
+
+def _lru_hits(rows: list[list[int]], cache_size: int) -> float:
+    """LRU with the dict's order as the recency list (oldest first): a hit moves the expert to
+    the end, a miss evicts the oldest expert the current token does not need. A token's experts
+    are used in rank order (so of two experts last used by the same token, the first choice is
+    the older)."""
+    cache: dict[int, None] = {}
+    hits = total = 0
+    for need in rows:
+        for e in need:
+            total += 1
+            if e in cache:
+                hits += 1
+                del cache[e]
+            elif len(cache) >= cache_size:
+                victim = next((c for c in cache if c not in need), None)
+                del cache[next(iter(cache)) if victim is None else victim]
+            cache[e] = None
+    return hits / total if total else float("nan")
+
+
+def _next_uses(rows: list[list[int]]) -> list[list[int]]:
+    """For each step t and slot j, the next step > t that needs expert rows[t][j] (a large
+    number if none). Vectorised: sort the (expert, step) requests, read the next entry."""
+    T = len(rows)
+    if T == 0:
+        return []
+    ids = np.asarray(rows, dtype=np.int64).reshape(T, -1)  # [T, k]
+    steps = np.repeat(np.arange(T), ids.shape[1])
+    flat = ids.ravel()
+    order = np.lexsort((steps, flat))
+    nxt = np.full(flat.shape, np.iinfo(np.int64).max // 2, dtype=np.int64)
+    same = flat[order[1:]] == flat[order[:-1]]
+    nxt[order[:-1][same]] = steps[order[1:][same]]
+    return nxt.reshape(T, -1).tolist()
+
+
+def cache_hit_rates(trace: Source, sizes=None, policies=("lru", "lfu", "optimal"), *,
+                    layers=None, generated: bool = False):
+    """Long DataFrame (layer, policy, cache_size, hit_rate) over a trace or store in token order
+    (use generated tokens: decoding serves one token at a time; ``generated=True`` keeps only
+    them, or pass ``generated_only(trace)``). Documents are simulated one after the other with the
+    cache carried over. ``layers``: model layers to simulate (default all); a store is read one
+    layer at a time."""
+    import pandas as pd
+
+    sizes = list(range(1, trace.n_experts + 1)) if sizes is None else list(sizes)
+    layers = list(trace.layers) if layers is None else list(layers)
+    keep = None
+    if generated:
+        keep = trace.is_generated() if isinstance(trace, TraceStore) else trace.is_generated
+        if not keep.any():
+            raise ValueError("generated=True but this trace marks no token as generated (no prompt lengths)")
+    rows = []
+    for layer in layers:
+        if isinstance(trace, TraceStore):
+            reqs = trace.column("expert_ids", layer=layer, progress=False)  # [N, k] of one layer
+        else:
+            reqs = trace.expert_ids[trace.layer_index(layer)]
+        if keep is not None:
+            reqs = reqs[keep]
+        for policy in policies:
+            for s in sizes:
+                rows.append({"layer": layer, "policy": policy, "cache_size": s,
+                             "hit_rate": simulate_expert_cache(reqs, s, policy)})
+    return pd.DataFrame(rows)
 
 
 def generated_only(trace: RoutingTrace) -> RoutingTrace:
@@ -393,6 +717,7 @@ def generated_only(trace: RoutingTrace) -> RoutingTrace:
     :func:`cache_hit_rates`: the prompt is processed in one batch (every expert it needs is
     loaded once), while generated tokens are served one at a time, which is where an expert cache
     matters."""
+    trace = _in_memory(trace, "generated_only (for a store: cache_hit_rates(store, generated=True))")
     lengths = trace.meta.get("prompt_lengths")
     if lengths is None:
         raise ValueError("this trace has no meta['prompt_lengths']; make it with moe_lab.trace_generation")
@@ -402,7 +727,7 @@ def generated_only(trace: RoutingTrace) -> RoutingTrace:
     keep = trace.positions >= lengths[trace.doc_ids]
     return RoutingTrace(
         token_ids=trace.token_ids[keep], doc_ids=trace.doc_ids[keep], positions=trace.positions[keep],
-        expert_ids=trace.expert_ids[:, keep], weights=trace.weights[:, keep],
+        expert_ids=trace.expert_ids[:, keep], weights=None if trace.weights is None else trace.weights[:, keep],
         router_logits=None if trace.router_logits is None else trace.router_logits[:, keep],
         domains=list(trace.domains), layers=list(trace.layers), n_experts=trace.n_experts,
         pieces=None if trace.pieces is None else [p for p, k in zip(trace.pieces, keep) if k],

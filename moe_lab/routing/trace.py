@@ -241,6 +241,57 @@ class RoutingTrace:
             meta["files"] = [str(p) for p in paths]
         return cls(**importers.collect(docs, n_experts=n_experts, meta=meta))
 
+    @classmethod
+    def from_vllm(cls, outputs, *, n_experts: int, prompt_start: int = 0, layers: Sequence[int] | None = None,
+                  domain: str | Sequence[str] = "", model: str | None = None, engine_version: str | None = None,
+                  drop_unknown: bool = True) -> "RoutingTrace":
+        """An id-only trace from vLLM ``RequestOutput`` objects (offline ``LLM.generate`` with
+        ``enable_return_routed_experts=True``), the same fields as dicts, or OpenAI-server
+        response dicts: one document per completion, prompt and generated tokens both kept
+        (``meta["prompt_lengths"]``, :attr:`is_generated`). Every vLLM release with the feature
+        (0.14-0.33) is read; format and options: :func:`moe_lab.routing.importers.read_vllm`."""
+        docs = list(importers.read_vllm(outputs, n_experts=n_experts, prompt_start=prompt_start, layers=layers,
+                                        domain=domain, drop_unknown=drop_unknown))
+        if not docs:
+            raise ValueError("no vLLM outputs to import")
+        meta = {"source": "vLLM routed experts", "engine": "vllm", "engine_version": engine_version, "model": model,
+                "ids_only": True, "requests": [d.info for d in docs],
+                "unknown_rows": sum(d.info["unknown_rows"] for d in docs),
+                "note": "the last sampled token of each sequence has no routing (never forwarded) and is not in "
+                        "the trace"}
+        return cls(**importers.collect(docs, n_experts=n_experts, layers=layers, meta=meta))
+
+    @classmethod
+    def from_sglang(cls, responses, *, n_layers: int, top_k: int, n_experts: int,
+                    input_ids: Sequence[Sequence[int]] | None = None, start_len: int | Sequence[int] = 0,
+                    layers: Sequence[int] | None = None, domain: str | Sequence[str] = "",
+                    model: str | None = None, engine_version: str | None = None) -> "RoutingTrace":
+        """An id-only trace from SGLang responses with ``return_routed_experts`` (``/generate``
+        ``meta_info`` or the OpenAI endpoints' ``sglext``): one document per response. Format
+        and options: :func:`moe_lab.routing.importers.read_sglang`."""
+        docs = list(importers.read_sglang(responses, n_layers=n_layers, top_k=top_k, n_experts=n_experts,
+                                          input_ids=input_ids, start_len=start_len, layers=layers, domain=domain))
+        if not docs:
+            raise ValueError("no SGLang responses to import")
+        meta = {"source": "SGLang routed experts", "engine": "sglang", "engine_version": engine_version,
+                "model": model, "ids_only": True}
+        return cls(**importers.collect(docs, n_experts=n_experts, layers=layers, meta=meta))
+
+    @classmethod
+    def from_sglang_dump(cls, dump, *, top_k: int, n_experts: int, logical: bool = True, domain: str = "",
+                         model: str | None = None) -> "RoutingTrace":
+        """An id-only trace from a per-token dump of SGLang's expert-distribution recorder (the
+        ``.pt`` file of ``/dump_expert_distribution_record``, or its loaded dict). Format, how
+        sequences are rebuilt without request ids, and options:
+        :func:`moe_lab.routing.importers.read_sglang_dump`."""
+        docs = list(importers.read_sglang_dump(dump, top_k=top_k, n_experts=n_experts, logical=logical,
+                                               domain=domain))
+        if not docs:
+            raise ValueError("the dump holds no tokens")
+        meta = {"source": "SGLang expert-distribution recorder (per_token)", "engine": "sglang", "model": model,
+                "ids_only": True, "expert_ids": "logical" if logical else "physical"}
+        return cls(**importers.collect(docs, n_experts=n_experts, layers=docs[0].info["layers"], meta=meta))
+
     # ---- export
 
     def to_pandas(self, tokenizer=None):
