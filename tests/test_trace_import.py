@@ -122,6 +122,10 @@ def test_olmoe_bad_input_names_file_line_expected_found(tmp_path):
 def test_routing_trace_rejects_out_of_range_ids():
     with pytest.raises(ValueError, match=r"expert_ids must be in \[0, 4\).*found values 0\.\.5"):
         RoutingTrace(token_ids=[1, 2], doc_ids=[0, 0], positions=[0, 1], expert_ids=[[[0], [5]]], n_experts=4)
+    with pytest.raises(ValueError, match=r"found values -2\.\.0"):
+        RoutingTrace(token_ids=[1, 2], doc_ids=[0, 0], positions=[0, 1], expert_ids=[[[0], [-2]]], n_experts=4)
+    padded = RoutingTrace(token_ids=[1], doc_ids=[0], positions=[0], expert_ids=[[[2, -1]]], n_experts=4)
+    assert padded.top_k == 2  # -1 pads a slot (an intervention that routes to fewer experts)
 
 
 def test_figures_of_an_id_only_trace_say_so():

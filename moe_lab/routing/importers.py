@@ -34,7 +34,7 @@ class RoutedDocument:
     """One sequence's routing as an engine or study recorded it."""
 
     token_ids: np.ndarray  # [T] int64
-    expert_ids: np.ndarray  # [T, L, k] int64, rank order (column 0 = first choice)
+    expert_ids: np.ndarray  # [T, L, k] integers, rank order (column 0 = first choice)
     positions: np.ndarray  # [T] int64, position in the sequence
     prompt_length: int  # tokens at positions >= prompt_length were generated
     domain: str = ""
@@ -68,13 +68,17 @@ def collect(docs: Iterable[RoutedDocument], *, n_experts: int, layers: Sequence[
     if len(layers) != L:
         raise ValueError(f"layers lists {len(layers)} layers but the documents have {L}")
     lengths = [len(d.token_ids) for d in docs]
-    ids = np.concatenate([d.expert_ids for d in docs]).astype(np.int64, copy=False)  # [N, L, k]
+    ids = np.empty((L, sum(lengths), shape[1]), dtype=np.int64)  # [L, N, k], filled document by document
+    start = 0
+    for d, n in zip(docs, lengths):
+        ids[:, start:start + n] = d.expert_ids.transpose(1, 0, 2)
+        start += n
     meta = dict(meta or {})
     meta["prompt_lengths"] = [int(d.prompt_length) for d in docs]
     return dict(token_ids=np.concatenate([d.token_ids for d in docs]).astype(np.int64),
                 doc_ids=np.repeat(np.arange(len(docs)), lengths),
                 positions=np.concatenate([d.positions for d in docs]).astype(np.int64),
-                expert_ids=np.ascontiguousarray(ids.transpose(1, 0, 2)), weights=None, router_logits=None,
+                expert_ids=ids, weights=None, router_logits=None,
                 domains=[d.domain for d in docs], layers=layers, n_experts=int(n_experts), meta=meta)
 
 
@@ -162,8 +166,9 @@ def read_olmoe(path: str | os.PathLike, *, n_experts: int | None = None, domain:
                 raise ValueError(f"{where}: exp_ids has [top_k, layers] = {list(ids.shape[1:])}, expected "
                                  f"{list(shape)} like line 1")
             _check_ids(ids, n_experts, where)
+            narrow = np.uint8 if n_experts <= 256 else np.int32  # 8x less memory while documents pile up
             yield RoutedDocument(token_ids=inp if token_ids == "input" else pred,
-                                 expert_ids=ids.transpose(0, 2, 1),  # [T, L, k]
+                                 expert_ids=ids.transpose(0, 2, 1).astype(narrow),  # [T, L, k]
                                  positions=np.arange(T), prompt_length=T, domain=domain, source=where)
 
 

@@ -75,11 +75,11 @@ class RoutingTrace:
         if not self.n_experts:
             self.n_experts = (self.router_logits.shape[2] if self.router_logits is not None
                               else int(self.expert_ids.max()) + 1 if self.expert_ids.size else 0)
-        if self.expert_ids.size:
+        if self.expert_ids.size:  # -1 pads the slots of a layer that routes to fewer experts (SetTopK)
             lo, hi = int(self.expert_ids.min()), int(self.expert_ids.max())
-            if lo < 0 or hi >= self.n_experts:
-                raise ValueError(f"expert_ids must be in [0, {self.n_experts}) (n_experts={self.n_experts}), "
-                                 f"found values {lo}..{hi}")
+            if lo < -1 or hi >= self.n_experts:
+                raise ValueError(f"expert_ids must be in [0, {self.n_experts}) (n_experts={self.n_experts}; -1 "
+                                 f"for padding), found values {lo}..{hi}")
         if self.pieces is not None and len(self.pieces) != N:
             raise ValueError(f"pieces has {len(self.pieces)} entries, expected {N}")
 
