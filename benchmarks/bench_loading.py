@@ -13,12 +13,28 @@ baseline is left out) for:
   independent of the number of layers.
 
 Run:  .venv/bin/python benchmarks/bench_loading.py [--layers 2 4 8] [--dir /tmp]
+
+``--mixtral-scale N`` (heavy: ~3 GB of bf16 per layer written to disk) measures the streaming
+forward at real scale instead: a checkpoint with Mixtral 8x7B's exact shapes (dim 4096, 8
+experts of 14336, vocab 32000) and N layers, in bf16 and in the HF sharded layout (one shard per
+layer), written to a temporary directory and removed afterwards. Default N = 3: 9.3 GB, more
+than a quarter of a 24 GB machine. It reports
+
+* the peak memory growth of a streaming forward over a batch, against its budget: one layer +
+  the resident globals (embeddings, output head) + activations, + 25%;
+* the forward's wall time against the time to read the same bytes once with plain ``read()``
+  calls (the ceiling: streaming must read every byte), both with the page cache *cold* for
+  the checkpoint's files (evicted with ``posix_fadvise(DONTNEED)``, checked with ``fincore``)
+  and *warm* (read once before). Target: within 1.5x of the ceiling.
+
+Run:  .venv/bin/python benchmarks/bench_loading.py --mixtral-scale 3 [--dir /tmp]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 CONFIG = dict(dim=512, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536, vocab_size=8192, n_experts=8,
               experts_per_token=2, max_seq_len=4096)
@@ -67,7 +84,61 @@ elif mode == "stream":
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, sm.args.vocab_size, (4, 256), generator=g)
     logits = sm(tokens)
-print(json.dumps({"base_kib": base, "peak_kib": kib(), "seconds": time.perf_counter() - t0}))
+elif mode == "stream-big":  # the real-scale checkpoint: bf16, one batch of a few paragraphs
+    sm = StreamingMixtral(path, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, sm.args.vocab_size, (1, int(sys.argv[3])), generator=g)
+    logits = sm(tokens)  # timed from before StreamingMixtral(): the globals' bytes count too
+    assert torch.isfinite(logits.float()).all()
+elif mode == "stream-parts":  # the same work in the documented manual loop, each part timed
+    parts = {"init_s": 0.0, "read_layers_s": 0.0, "compute_s": 0.0}
+    sm = StreamingMixtral(path, dtype=torch.bfloat16)
+    parts["init_s"] = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, sm.args.vocab_size, (1, int(sys.argv[3])), generator=g)
+    with torch.no_grad():
+        t = time.perf_counter()
+        x, *block_inputs = sm.prepare(tokens)  # (x, cos, sin, mask), or (x, ctx) where prepare is Mixtral.embed
+        parts["compute_s"] += time.perf_counter() - t
+        for i in range(len(sm.layer_ids)):
+            t = time.perf_counter()
+            block = sm.load_block(i)
+            t1 = time.perf_counter()
+            x, _ = block(x, *block_inputs)
+            t2 = time.perf_counter()
+            sm.free_block(i)
+            parts["read_layers_s"] += t1 - t + time.perf_counter() - t2
+            parts["compute_s"] += t2 - t1
+        t = time.perf_counter()
+        logits = sm.finish(x)
+        parts["compute_s"] += time.perf_counter() - t
+elif mode == "copy":  # why streaming is slower than reading: a layer-sized copy out of the mapped
+    # file into a buffer allocated fresh each time (as each streamed layer is) vs one reused buffer
+    import ctypes, mmap, os
+    f, n = sys.argv[3], (os.path.getsize(sys.argv[3]) // 4096) * 4096
+    reused = torch.empty(n, dtype=torch.uint8).fill_(0)
+    def copy(dst):
+        with open(f, "rb") as fh:
+            m = mmap.mmap(fh.fileno(), n, access=mmap.ACCESS_READ)
+            src = torch.frombuffer(m, dtype=torch.uint8)
+            dst = torch.empty(n, dtype=torch.uint8) if dst is None else dst
+            dst.copy_(src)
+            del src, dst
+            m.close()
+        ctypes.CDLL(None).malloc_trim(0)
+    parts = {}
+    for name, dst in (("fresh_GBps", None), ("reused_GBps", reused), ("fresh_GBps_2", None), ("reused_GBps_2", reused)):
+        t = time.perf_counter()
+        copy(dst)
+        parts[name] = n / (time.perf_counter() - t) / 1e9
+elif mode == "read":  # the ceiling: every byte of the checkpoint's files read once, plain read()
+    buf = bytearray(64 << 20)
+    for f in sys.argv[3:]:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+print(json.dumps({"base_kib": base, "peak_kib": kib(), "seconds": time.perf_counter() - t0,
+                  **(parts if mode in ("stream-parts", "copy") else {})}))
 """
 
 
@@ -77,11 +148,166 @@ def layer_bytes(args) -> int:
     return 4 * (attn + 2 * D + E * D + 3 * E * D * I)
 
 
-def measure(mode: str, path: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(path)], capture_output=True, text=True, cwd=ROOT)
+def measure(mode: str, path: Path, *extra: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(path), *extra], capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise RuntimeError(f"{mode} {path} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Real scale: Mixtral 8x7B's shapes, a few layers, bf16, on disk
+
+
+def write_mixtral_shaped(path: Path, n_layers: int) -> tuple[Path, list[Path], object]:
+    """Random bf16 checkpoint with Mixtral 8x7B's shapes and ``n_layers`` layers, HF sharded
+    layout (one ``model-*.safetensors`` per layer, the globals in the last), written one tensor
+    at a time so that writing it needs ~one expert of memory, not the model."""
+    import torch
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from moe_lab import ModelArgs
+    from moe_lab.checkpoints.convert import hf_config_dict
+
+    args = ModelArgs.from_name("mixtral-8x7b", n_layers=n_layers)
+    D, I, E, hd = args.dim, args.hidden_dim, args.n_experts, args.head_dim
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+    path.mkdir(parents=True)
+    n_files = n_layers + 1
+    files, weight_map, total = [], {}, 0
+    for f in tqdm(range(n_files), desc="writing shards", unit="shard"):
+        name = f"model-{f + 1:05d}-of-{n_files:05d}.safetensors"
+        if f < n_layers:
+            p = f"model.layers.{f}."
+            shapes = {p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+                      p + "self_attn.q_proj.weight": (args.n_heads * hd, D), p + "self_attn.k_proj.weight": (args.n_kv_heads * hd, D),
+                      p + "self_attn.v_proj.weight": (args.n_kv_heads * hd, D), p + "self_attn.o_proj.weight": (D, args.n_heads * hd),
+                      p + "block_sparse_moe.gate.weight": (E, D)}
+            for e in range(E):
+                shapes.update({p + f"block_sparse_moe.experts.{e}.w1.weight": (I, D),
+                               p + f"block_sparse_moe.experts.{e}.w3.weight": (I, D),
+                               p + f"block_sparse_moe.experts.{e}.w2.weight": (D, I)})
+        else:
+            shapes = {"model.embed_tokens.weight": (args.vocab_size, D), "model.norm.weight": (D,),
+                      "lm_head.weight": (args.vocab_size, D)}
+        tensors = {k: (torch.ones(s, dtype=torch.bfloat16) if k.endswith("norm.weight") else rand(*s)) for k, s in shapes.items()}
+        save_file(tensors, str(path / name), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({k: name for k in tensors})
+        files.append(path / name)
+        del tensors
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    config = hf_config_dict(args)
+    config["torch_dtype"] = config["dtype"] = "bfloat16"
+    (path / "config.json").write_text(json.dumps(config))
+    return path, files, args
+
+
+def evict(files: list[Path]) -> None:
+    """Drop the files' pages from the kernel's page cache (no root needed: clean pages only)."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cached_bytes(files: list[Path]) -> int | None:
+    """Bytes of the files now in the page cache (``fincore``; None when it is missing)."""
+    try:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, files)],
+                             capture_output=True, text=True, check=True).stdout
+        return sum(int(x) for x in out.split())
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return None
+
+
+def activation_bytes(args, B: int, T: int) -> int:
+    """Generous estimate of a block's live activations in bf16 (2 bytes), plus fp32 logits:
+    residual, normed input, q/k/v/out, the fp32 attention matrix, the router's fp32 softmax,
+    each expert's two [n, I] intermediates for all tokens at once (upper bound), the output."""
+    N, D, I, hd = B * T, args.dim, args.hidden_dim, args.head_dim
+    per_block = 2 * N * (4 * D + (args.n_heads + 2 * args.n_kv_heads) * hd + args.n_heads * hd + 3 * I)
+    per_block += 4 * B * args.n_heads * T * T + 4 * N * args.n_experts * 2
+    return per_block + 4 * N * args.vocab_size
+
+
+def mixtral_scale(n_layers: int, tokens: int, where: str | None) -> None:
+    from common import environment
+
+    work = Path(tempfile.mkdtemp(prefix="bench_mixtral_scale_", dir=where))
+    try:
+        free = shutil.disk_usage(work).free
+        need = n_layers * 2.91e9 + 0.53e9
+        if free < need * 1.1:
+            raise SystemExit(f"{work}: {free / 1e9:.1f} GB free, need {need / 1e9:.1f} GB")
+        path, files, args = write_mixtral_shaped(work / "ckpt", n_layers)
+        S = sum(f.stat().st_size for f in files)
+        layer = layer_bytes(args) // 2  # bf16
+        glob = 2 * 2 * args.vocab_size * args.dim + 2 * args.dim
+        act = activation_bytes(args, 1, tokens)
+        mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        rows = []
+        for state in ("cold", "warm", "cold", "warm"):  # interleaved, twice
+            for mode in ("read", "stream-big"):
+                if state == "cold":
+                    evict(files)
+                else:
+                    measure("read", path, *map(str, files))  # warm the page cache
+                before = cached_bytes(files)
+                extra = [str(tokens)] if mode == "stream-big" else list(map(str, files))
+                res = measure(mode, path, *extra)
+                rows.append({"mode": mode, "state": state, "cached_before": before, "seconds": res["seconds"],
+                             "peak": (res["peak_kib"] - res["base_kib"]) * 1024})
+                print(f"  {mode:10} {state}: {res['seconds']:.1f} s, peak +{rows[-1]['peak'] / 1e9:.2f} GB "
+                      f"(cached before: {'?' if before is None else f'{before / 1e9:.2f} GB'})", file=sys.stderr)
+        for state in ("cold", "warm"):  # where the streaming time goes (init = globals + model skeleton)
+            if state == "cold":
+                evict(files)
+            else:
+                measure("read", path, *map(str, files))
+            res = measure("stream-parts", path, str(tokens))
+            rows.append({"mode": "stream-parts", "state": state, **res})
+            print(f"  stream-parts {state}: " + ", ".join(f"{k} {res[k]:.1f}" for k in ("init_s", "read_layers_s", "compute_s")),
+                  file=sys.stderr)
+        measure("read", path, *map(str, files))
+        res = measure("copy", path, str(files[0]))  # one layer's shard, page cache warm
+        rows.append({"mode": "copy", "state": "warm", **res})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    env = environment()
+    print(f"\nmachine: {env['processor']}, {env['cpus']} CPUs, torch {env['torch']} ({env['threads']} threads), "
+          f"{mem_total / 2**30:.1f} GiB RAM; disk: the filesystem of {where or tempfile.gettempdir()}")
+    print(f"checkpoint: Mixtral 8x7B shapes, {n_layers} layers, bf16, HF sharded layout: {S / 1e9:.2f} GB "
+          f"({S / mem_total:.0%} of RAM); one layer {layer / 1e9:.2f} GB, resident globals {glob / 1e9:.2f} GB, "
+          f"activations (estimate, batch 1 x {tokens}) {act / 1e6:.0f} MB\n")
+    med = lambda mode, state, key: sorted(r[key] for r in rows if r["mode"] == mode and r["state"] == state)[0]
+    budget = 1.25 * (layer + glob + act)
+    for state in ("cold", "warm"):
+        t_read, t_stream = med("read", state, "seconds"), med("stream-big", state, "seconds")
+        peak = max(r["peak"] for r in rows if r["mode"] == "stream-big" and r["state"] == state)
+        print(f"page cache {state}: read ceiling {t_read:.1f} s ({S / t_read / 1e9:.2f} GB/s), streaming forward "
+              f"{t_stream:.1f} s ({S / t_stream / 1e9:.2f} GB/s) = {t_stream / t_read:.2f} x the ceiling "
+              f"(target <= 1.5: {'met' if t_stream <= 1.5 * t_read else 'MISSED'}); best of 2 each")
+        print(f"    peak memory growth {peak / 1e9:.2f} GB = {peak / layer:.2f} x one layer; budget 1.25 x (layer + "
+              f"globals + activations) = {budget / 1e9:.2f} GB: {'met' if peak <= budget else 'MISSED'}; "
+              f"without the globals: 1.25 x (layer + activations) = {1.25 * (layer + act) / 1e9:.2f} GB: "
+              f"{'met' if peak <= 1.25 * (layer + act) else 'missed'}")
+    for r in rows:
+        if r["mode"] == "stream-parts":
+            print(f"where the time goes ({r['state']}, manual loop over the same blocks): init (globals + skeleton) "
+                  f"{r['init_s']:.1f} s, reading + freeing layers {r['read_layers_s']:.1f} s, compute "
+                  f"{r['compute_s']:.1f} s; total {r['seconds']:.1f} s")
+        if r["mode"] == "copy":
+            print(f"copying one layer's shard out of the mapped file (warm): into a freshly allocated buffer "
+                  f"{max(r['fresh_GBps'], r['fresh_GBps_2']):.2f} GB/s, into a reused one "
+                  f"{max(r['reused_GBps'], r['reused_GBps_2']):.2f} GB/s (a fresh buffer is first touched page by page)")
+    print("\nraw rows:", json.dumps(rows))
 
 
 def main():
@@ -95,7 +321,12 @@ def main():
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--dir", default=None, help="where to write the temporary checkpoints (default: system temp)")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive-load comparison")
+    ap.add_argument("--mixtral-scale", type=int, default=None, metavar="N",
+                    help="instead: a Mixtral-8x7B-shaped bf16 checkpoint of N layers (~3 GB each), streaming forward")
+    ap.add_argument("--tokens", type=int, default=128, help="--mixtral-scale: tokens in the batch (1 x T)")
     opts = ap.parse_args()
+    if opts.mixtral_scale:
+        return mixtral_scale(opts.mixtral_scale, opts.tokens, opts.dir)
 
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="bench_loading_", dir=opts.dir))

@@ -52,6 +52,7 @@ __all__ = [
     "token_figure", "load_heatmap", "domain_load_bars", "repetition_figure", "coactivation_heatmap",
     "expert_paths_sankey", "cache_hit_figure", "layer_switch_states", "next_token_figure",
     "routing_changes", "routing_change_figure", "domain_specialization_heatmap",
+    "offload_policy_figure", "prefetch_figure", "tokens_per_second_figure", "calibration_figure",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -792,4 +793,101 @@ def routing_change_figure(base: RoutingTrace, new: RoutingTrace, *, marker_layer
                       yaxis=dict(title="share of tokens", tickformat=".0%", range=[0, 1.05]),
                       height=340, width=560, legend=dict(orientation="h", y=-0.3))
     fig.layout.meta = dict(kind="routing_change_figure", layers=layers)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# The offloading what-if (numbers from moe_lab.analysis.offload)
+
+_OFFLOAD_STYLE = {"optimal": ("#0077BB", "solid", "Belady (optimal, knows the future)"),
+                  "lru": ("#EE7733", "dash", "LRU cache"), "lfu": ("#009988", "dot", "LFU cache"),
+                  "frequency": ("#CC3311", "solid", "pin most frequent (ktransformers 'frequency')"),
+                  "uniform": ("#33BBEE", "dashdot", "pin experts 0..c-1 ('uniform')"),
+                  "front_loading": ("#EE3377", "longdash", "whole layers first ('front-loading', llama.cpp -ngl)")}
+
+
+def offload_policy_figure(df, *, n_experts: int | None = None, title: str | None = None) -> go.Figure:
+    """Whole-model hit rate against the per-layer budget for each cache policy and placement, from
+    :func:`moe_lab.analysis.policy_comparison`; the grey line is budget / E (random routing)."""
+    fig = _figure()
+    for policy, g in df.groupby("policy", sort=False):
+        g = g.sort_values("budget")
+        color, dash, label = _OFFLOAD_STYLE.get(policy, ("#333333", "solid", policy))
+        fig.add_trace(go.Scatter(x=g.budget.tolist(), y=g.hit_rate.tolist(), mode="lines+markers", name=label,
+                                 line=dict(color=color, dash=dash, width=2.2),
+                                 customdata=g.misses_per_token.tolist(),
+                                 hovertemplate=f"{policy}, %{{x}} experts per layer: hit %{{y:.1%}}, "
+                                               "%{customdata:.1f} misses per token<extra></extra>"))
+    E = n_experts or int(df.budget.max())
+    xs = sorted(df.budget.unique().tolist())
+    fig.add_trace(go.Scatter(x=xs, y=[b / E for b in xs], mode="lines", name="random routing (budget / E)",
+                             line=dict(color="#AAAAAA", dash="dash", width=1.5), hoverinfo="skip"))
+    fig.update_layout(title=title or "Which experts stay resident? Hit rate by policy and budget",
+                      xaxis=dict(title="experts resident per layer (budget)", dtick=1 if E <= 16 else None),
+                      yaxis=dict(title="share of expert reads served from fast memory", tickformat=".0%",
+                                 range=[0, 1.02]), height=450, width=780, legend=dict(x=0.02, y=0.98, font=dict(size=11)))
+    fig.layout.meta = dict(kind="offload_policy_figure", policies=list(dict.fromkeys(df.policy)))
+    return fig
+
+
+def prefetch_figure(df, *, cache_size: int | None = None, title: str | None = None) -> go.Figure:
+    """Speculative prefetch per layer, from :func:`moe_lab.analysis.prefetch_hit_rates`: the recall
+    of the guesses (bars) and the cache's hit rate without and with them (markers)."""
+    size = cache_size if cache_size is not None else int(sorted(df.cache_size.unique())[0])
+    d = df[df.cache_size == size].groupby("layer", as_index=False).first()
+    fig = _figure()
+    labels = [f"layer {l}" for l in d.layer]
+    fig.add_trace(go.Bar(x=labels, y=d.recall.tolist(), name="recall of the guess", marker_color="#BBBBBB",
+                         hovertemplate="%{x}: %{y:.1%} of the chosen experts were guessed<extra></extra>"))
+    fig.add_trace(go.Scatter(x=labels, y=d.hit_rate.tolist(), mode="markers+lines", name=f"hit rate, {d.policy.iloc[0]} only",
+                             line=dict(color="#EE7733", dash="dash"), marker=dict(size=9)))
+    fig.add_trace(go.Scatter(x=labels, y=d.hit_rate_prefetch.tolist(), mode="markers+lines",
+                             name="hit rate with prefetch", line=dict(color="#0077BB"), marker=dict(size=9, symbol="diamond")))
+    fig.update_layout(title=title or f"Speculative prefetch: guess layer l+1 from layer l ({size} experts cached per layer)",
+                      yaxis=dict(tickformat=".0%", range=[0, 1.05]), xaxis=dict(title="layer being guessed"),
+                      height=420, width=780, legend=dict(orientation="h", y=-0.25))
+    fig.layout.meta = dict(kind="prefetch_figure", cache_size=size)
+    return fig
+
+
+def tokens_per_second_figure(table, *, scenario: str | None = None, title: str | None = None) -> go.Figure:
+    """Predicted decode tokens/s by link (x) and expert precision (bars), log scale, from
+    :func:`moe_lab.analysis.offload_table` (one scenario: the first unless named)."""
+    scenario = scenario if scenario is not None else table.scenario.iloc[0]
+    d = table[table.scenario == scenario]
+    fig = _figure()
+    for i, (prec, g) in enumerate(d.groupby("precision", sort=False)):
+        fig.add_trace(go.Bar(x=g.link.tolist(), y=g.tokens_per_s.tolist(), name=prec,
+                             marker_color=SERIES_COLORS[i % len(SERIES_COLORS)],
+                             customdata=np.stack([g.GB_moved_per_token, g.demand_s, g.resident_s], -1).tolist(),
+                             hovertemplate=f"{prec}, %{{x}}: %{{y:.2f}} tok/s<br>%{{customdata[0]:.2f}} GB moved per token"
+                                           "<br>link %{customdata[1]:.3f} s + resident %{customdata[2]:.3f} s<extra></extra>"))
+    h = d.hit_rate.iloc[0]
+    fig.update_layout(barmode="group", title=title or f"Predicted decode speed ({scenario}: hit rate {h:.0%})",
+                      yaxis=dict(title="tokens/s (upper bound, batch 1)", type="log"), xaxis=dict(title="where misses come from"),
+                      height=450, width=820)
+    fig.layout.meta = dict(kind="tokens_per_second_figure", scenario=scenario)
+    return fig
+
+
+def calibration_figure(cal, *, title: str | None = None) -> go.Figure:
+    """Predicted against published tokens/s (log-log) from :func:`moe_lab.analysis.mixtral_calibration`;
+    on the diagonal the model is exact, the band is a factor of 2 either way."""
+    fig = _figure()
+    lo = 0.5 * min(cal.published_tok_s.min(), cal.predicted_tok_s.min())
+    hi = 2 * max(cal.published_tok_s.max(), cal.predicted_tok_s.max())
+    fig.add_trace(go.Scatter(x=[lo, hi, hi, lo], y=[lo / 2, hi / 2, hi * 2, lo * 2], fill="toself", mode="none",
+                             fillcolor="rgba(170,170,170,0.2)", name="within 2x", hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(color="#555555", dash="dash"),
+                             name="prediction = measurement", hoverinfo="skip"))
+    for i, r in enumerate(cal.itertuples()):
+        fig.add_trace(go.Scatter(x=[r.published_tok_s], y=[r.predicted_tok_s], mode="markers+text", text=[r.system],
+                                 textposition="top center", marker=dict(size=12, color=SERIES_COLORS[i % len(SERIES_COLORS)]),
+                                 name=f"{r.system}: {r.hardware}",
+                                 hovertemplate=f"{r.system}, {r.hardware}, {r.precision}<br>published %{{x:.2f}} tok/s, "
+                                               "predicted %{y:.2f}<extra></extra>"))
+    fig.update_layout(title=title or "Offloading model vs published Mixtral 8x7B decode speeds",
+                      xaxis=dict(title="published tokens/s", type="log"), yaxis=dict(title="predicted tokens/s", type="log"),
+                      height=480, width=820, legend=dict(font=dict(size=10)))
+    fig.layout.meta = dict(kind="calibration_figure")
     return fig

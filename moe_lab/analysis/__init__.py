@@ -1,8 +1,11 @@
 """Routing analyses: pure functions of a :class:`~moe_lab.RoutingTrace`, each with its baseline.
 
 ``stats.py``: load, repetition (the paper's Table 5 / Figure 10), co-activation, confidence,
-specialisation, cross-layer structure, the expert-cache simulator. Analyses documented "trace
-or store" also take a :class:`~moe_lab.TraceStore` (a trace on disk) and read it in chunks.
+specialisation, cross-layer structure, the expert-cache simulator (hit rates; fast enough for a
+store). Analyses documented "trace or store" also take a :class:`~moe_lab.TraceStore` (a trace on
+disk) and read it in chunks.
+``offload.py``: the offloading what-if: per-layer caches with counts, placements and prefetch,
+speculative prefetch, bytes -> tokens/s, calibration against published Mixtral 8x7B numbers.
 """
 
 from .stats import (  # noqa: F401
@@ -31,4 +34,30 @@ from .stats import (  # noqa: F401
     simulate_expert_cache,
     cache_hit_rates,
     generated_only,
+)
+from .offload import (  # noqa: F401
+    Policy,
+    POLICIES,
+    PLACEMENTS,
+    LayerCacheResult,
+    simulate_layer_cache,
+    placement,
+    simulate_offload,
+    policy_comparison,
+    Prefetch,
+    PREFETCH_SOURCES,
+    speculative_prefetch,
+    prefetch_hit_rates,
+    Link,
+    LINKS,
+    MEMORIES,
+    PRECISIONS,
+    bits_per_weight,
+    MoeBytes,
+    moe_bytes,
+    decode_time,
+    offload_table,
+    PublishedRun,
+    MIXTRAL_PUBLISHED,
+    mixtral_calibration,
 )
