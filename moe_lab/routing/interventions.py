@@ -137,7 +137,9 @@ class AblateExpert(Intervention):
       expert in line takes the slot and the weights renormalise over the experts chosen;
     * ``"zero"``: the routing is unchanged (same experts, in a trace too) and the expert's slot
       gets weight 0; the other slots keep their weights (no renormalisation). The MoE output is
-      exactly what zeroing the expert's ``w2`` would give: its contribution is removed.
+      exactly what zeroing the expert's ``w2`` would give: its contribution is removed. (A
+      ``RoutingTrace`` shows the slot with weight 0; its weights always sum to 1, so the other
+      slots appear renormalised there.)
     """
 
     MODES = ("reroute", "zero")
