@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .hooks import StopForward
 from .routing.interventions import AblateExpert, Intervention, intervene, layer_ids, unwrap
 from .routing.tracing import normalise_inputs, trace_routing
 
@@ -98,8 +99,8 @@ def _batches(docs: list[list[int]], batch_size: int, device):
 class _Pieces:
     """A forward split at block boundaries, so an ablation at block i reruns blocks i.. only.
 
-    ``prefix`` runs the model's own forward once (``model(tokens)``, a StreamingMixtral too)
-    and keeps each block's input and the arguments the model passed to its blocks (captured by
+    ``prefix`` runs the model's own forward once (``model(tokens)``, a StreamingMixtral too,
+    stopped after the last block) and keeps each block's input and the arguments the model passed to its blocks (captured by
     a pre-hook, so this follows whatever ``Mixtral.forward`` passes); ``suffix`` calls
     ``blocks[i:]`` with them; ``head_nll`` is the final norm, the output layer and the
     cross-entropy per token. Calling a streamed block loads its weights (its own pre-hook), so
@@ -124,11 +125,14 @@ class _Pieces:
 
         def take_output(mod, args, out):
             states[-1] = out[0]
+            raise StopForward  # the output layer is head_nll's job (in chunks)
 
         handles = [b.register_forward_pre_hook(take_input(i), with_kwargs=True) for i, b in enumerate(blocks)]
         handles.append(blocks[-1].register_forward_hook(take_output))
         try:
             self.call(tokens, attention_mask=mask)
+        except StopForward:
+            pass
         finally:
             for h in handles:
                 h.remove()
