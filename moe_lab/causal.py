@@ -11,6 +11,8 @@ Every function returns a pandas DataFrame; intervals are percentile bootstraps o
   most-routed experts of every layer disabled, r = 0..E-1, against r random experts.
 * :func:`contrastive_experts` -- per (layer, expert): activation rate on texts A minus on texts B
   (SteerMoE's risk difference), ranked.
+* :func:`document_losses` -- the loss of every document under any interventions (for the
+  comparisons the functions above do not make, e.g. ``SwapExpert`` or ``SteerExperts``).
 * :func:`alternative_routes` -- at one (layer, position): every equal-compute set of k experts,
   weighted by the router's own probabilities renormalised over the set, and the log-probability
   of the actual next token under each; the router's own choice is marked.
@@ -37,7 +39,7 @@ from .routing.interventions import AblateExpert, Intervention, intervene, layer_
 from .routing.tracing import normalise_inputs, trace_routing
 
 __all__ = ["ablation_scan", "disable_top_experts", "contrastive_experts", "alternative_routes",
-           "bootstrap_mean"]
+           "document_losses", "bootstrap_mean"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,6 +176,28 @@ def _block_index(mixtral, layer: int) -> int:
     if layer not in ids:
         raise ValueError(f"layer {layer} is not in this model (its layers: {ids})")
     return ids.index(layer)
+
+
+# --------------------------------------------------------------------------------------------
+# loss per document
+
+
+@torch.no_grad()
+def document_losses(model, texts_by_domain, tokenizer=None, interventions: Sequence[Intervention] = (), *,
+                    batch_size: int = 8, max_len: int | None = 256) -> pd.DataFrame:
+    """Mean next-token loss of every document, under ``interventions`` (any, e.g. ``SwapExpert``
+    or ``SteerExperts``; none: the plain model). One row per document: ``domain``, ``doc``
+    (index within the domain), ``n_targets``, ``loss``. Pair two calls by (domain, doc) and use
+    :func:`bootstrap_mean` on the differences for an interval."""
+    pieces = _Pieces(model)
+    docs, domains = _documents(texts_by_domain, tokenizer, max_len)
+    loss = np.zeros(len(docs))
+    with intervene(model, *interventions):
+        for idx, tokens, mask, targets in _batches(docs, batch_size, pieces.mixtral.output.weight.device):
+            x = pieces.prefix(tokens, mask)[0][-1]
+            loss[idx] = _doc_losses(pieces.head_nll(x, targets), targets)
+    within = [sum(d == domains[j] for j in range(i)) for i, d in enumerate(domains)]
+    return pd.DataFrame({"domain": domains, "doc": within, "n_targets": [len(d) - 1 for d in docs], "loss": loss})
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from conftest import CONFIG_IDS, TINY_CONFIGS, make_model, random_tokens
 from moe_lab import AblateExpert, StreamingMixtral, intervene, load_model, save_model, trace_routing
+from moe_lab import SwapExpert
 from moe_lab.causal import (ablation_scan, alternative_routes, bootstrap_mean, contrastive_experts,
-                            disable_top_experts)
+                            disable_top_experts, document_losses)
 
 
 def texts_for(args, seed=0):
@@ -165,3 +166,15 @@ def test_bootstrap_mean():
     assert m == 2.5 and 1.0 <= lo < m < hi <= 4.0
     m, lo, hi = bootstrap_mean(np.full(5, 7.0))
     assert m == lo == hi == 7.0
+
+
+def test_document_losses():
+    args = TINY_CONFIGS[2]
+    model = make_model(args, seed=36)
+    texts = texts_for(args, seed=4)
+    df = document_losses(model, texts, batch_size=2)
+    assert list(df.domain) == ["low"] * 3 + ["high"] * 2 and list(df.doc) == [0, 1, 2, 0, 1]
+    np.testing.assert_allclose(df.loss, [doc_loss(model, d) for ds in texts.values() for d in ds], atol=1e-5)
+    sw = document_losses(model, texts, interventions=[SwapExpert(0, 1, 2)])
+    with intervene(model, SwapExpert(0, 1, 2)):
+        np.testing.assert_allclose(sw.loss, [doc_loss(model, d) for ds in texts.values() for d in ds], atol=1e-5)
