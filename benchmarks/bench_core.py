@@ -1,6 +1,12 @@
 """moe_lab vs transformers' Mixtral: the MoE layer, greedy decoding and a training step.
 
     python benchmarks/bench_core.py [--quick] [--full-layer] [--threads N] [--clock cpu|wall] [--json PATH]
+                                    [--old REF]
+
+``--old REF`` (default: b4094cf, the main before "one forward per concept") also times moe_lab
+as it was at that git commit, in the same process, interleaved with the others: the package is
+extracted with ``git archive`` to a temporary folder and imported as ``moe_lab_old``. Its ratios
+against transformers are reported beside today's (``--old ''`` leaves it out).
 
 Both sides run in one process with the SAME config and the SAME weights (in the MoE-layer runs
 moe_lab's per-expert ``w1``/``w3``/``w2`` are views into transformers' fused ``gate_up_proj`` /
@@ -30,6 +36,8 @@ idle machine would give with both cores.
    and dense matmul FLOP/s of the same weights (512 tokens).
 2. Greedy decoding of the tiny preset: ``model.generate`` vs ``generate(do_sample=False)``,
    same prompt, same number of new tokens; the tokens must be identical.
+   Prefill: one forward of a 512-token sequence through the tiny preset, no autograd, logits of
+   every position on both sides.
 3. One training step (forward, backward, AdamW step) of the tiny preset, fp32, with
    ``labels`` and ``output_router_logits=True`` on the transformers side.
 """
@@ -37,8 +45,12 @@ idle machine would give with both cores.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import os
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -52,7 +64,8 @@ sys.path.insert(0, HERE)
 
 from common import environment, fmt_time, interleaved, markdown_table, use_cpu_clock, write_json  # noqa: E402
 
-from moe_lab.model import MoE, Mixtral, ModelArgs  # noqa: E402
+import moe_lab  # noqa: E402
+from moe_lab.model import MoE, Mixtral  # noqa: E402
 
 try:
     import transformers
@@ -66,9 +79,57 @@ from moe_lab.checkpoints.convert import to_hf_model  # noqa: E402
 transformers.logging.set_verbosity_error()
 warnings.filterwarnings("ignore")
 
+OLD_REF = "b4094cf"  # main before "one forward per concept" (issue 11)
+OLD = None  # the old package (moe_lab_old) when --old is given; see load_old()
 HF_DEFAULT = "grouped_mm"  # transformers v5's default experts backend (checked at start-up)
 TOKEN_COUNTS = (1, 4, 64, 512)
 POOL = 8  # distinct inputs per MoE-layer case
+
+
+def load_old(ref: str):
+    """moe_lab as it was at git commit ``ref``, imported as the package ``moe_lab_old``."""
+    repo = os.path.dirname(HERE)
+    sha = subprocess.run(["git", "-C", repo, "rev-parse", "--short", ref], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    root = os.path.join(tempfile.gettempdir(), f"moe_lab_old-{sha}")
+    if not os.path.isdir(os.path.join(root, "moe_lab")):
+        os.makedirs(root, exist_ok=True)
+        archive = subprocess.run(["git", "-C", repo, "archive", sha, "moe_lab"], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", root], input=archive, check=True)
+    path = os.path.join(root, "moe_lab")
+    spec = importlib.util.spec_from_file_location("moe_lab_old", os.path.join(path, "__init__.py"),
+                                                  submodule_search_locations=[path])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["moe_lab_old"] = mod
+    spec.loader.exec_module(mod)
+    mod.ref = sha
+    return mod
+
+
+def model_args(pkg, **kw):
+    """``pkg.ModelArgs(**kw)`` where ``k`` is the number of experts per token, whatever the
+    package calls it (``experts_per_token`` today, ``top_k`` before)."""
+    k = kw.pop("k", None)
+    if k is not None:
+        names = {f.name for f in dataclasses.fields(pkg.ModelArgs)}
+        kw["experts_per_token" if "experts_per_token" in names else "top_k"] = k
+    return pkg.ModelArgs(**kw)
+
+
+def ours():
+    """The moe_lab candidates: {"moe_lab": package} plus {"old": old package} with --old."""
+    return {"moe_lab": moe_lab, **({"old": OLD} if OLD is not None else {})}
+
+
+def ratios(t: dict) -> dict:
+    """transformers' time / ours (x > 1: ours faster), against its eager and default experts,
+    for today's moe_lab (vs_eager, vs_default) and the old one (old_vs_eager, old_vs_default)."""
+    out = {}
+    for name, prefix in (("moe_lab", ""), ("old", "old_")):
+        if name in t:
+            out[f"{prefix}vs_eager"] = t["hf_eager"] / t[name]
+            out[f"{prefix}vs_default"] = t[f"hf_{HF_DEFAULT}"] / t[name]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,8 +137,8 @@ POOL = 8  # distinct inputs per MoE-layer case
 
 
 def moe_pair(D: int, I: int, E: int, k: int, dtype: torch.dtype, seed: int = 0):
-    """A moe_lab ``MoE`` and transformers ``MixtralSparseMoeBlock``s (one per experts backend)
-    sharing every weight tensor."""
+    """moe_lab ``MoE``s ({"moe_lab": today's, "old": --old's}) and transformers
+    ``MixtralSparseMoeBlock``s (one per experts backend), all sharing every weight tensor."""
     g = torch.Generator().manual_seed(seed)
     gate = torch.empty(E, D, dtype=dtype)
     gate_up = torch.empty(E, 2 * I, D, dtype=dtype)
@@ -91,12 +152,15 @@ def moe_pair(D: int, I: int, E: int, k: int, dtype: torch.dtype, seed: int = 0):
     def P(t):
         return nn.Parameter(t, requires_grad=False)
 
-    args = ModelArgs(dim=D, hidden_dim=I, n_experts=E, top_k=k, n_heads=1, n_kv_heads=1, head_dim=2)
-    with torch.device("meta"):
-        ours = MoE(args)
-    ours.gate.weight = P(gate)
-    for e, ex in enumerate(ours.experts):
-        ex.w1.weight, ex.w3.weight, ex.w2.weight = P(gate_up[e, :I]), P(gate_up[e, I:]), P(down[e])
+    mine = {}
+    for name, pkg in ours().items():
+        args = model_args(pkg, dim=D, hidden_dim=I, n_experts=E, k=k, n_heads=1, n_kv_heads=1, head_dim=2)
+        with torch.device("meta"):
+            moe = pkg.model.MoE(args)
+        moe.gate.weight = P(gate)
+        for e, ex in enumerate(moe.experts):
+            ex.w1.weight, ex.w3.weight, ex.w2.weight = P(gate_up[e, :I]), P(gate_up[e, I:]), P(down[e])
+        mine[name] = moe.eval()
     hf = {}
     for impl in ("eager", HF_DEFAULT):
         cfg = MixtralConfig(hidden_size=D, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k)
@@ -105,7 +169,7 @@ def moe_pair(D: int, I: int, E: int, k: int, dtype: torch.dtype, seed: int = 0):
             blk = MixtralSparseMoeBlock(cfg)
         blk.gate.weight, blk.experts.gate_up_proj, blk.experts.down_proj = P(gate), P(gate_up), P(down)
         hf[impl] = blk.eval()
-    return ours.eval(), hf
+    return mine, hf
 
 
 def _cycling(fn, items):
@@ -168,7 +232,8 @@ def bench_moe_layer(label: str, D: int, I: int, E: int, k: int, dtypes, reps: in
     for dtype in dtypes:
         dname = str(dtype).replace("torch.", "")
         t0 = time.perf_counter()
-        ours, hf = moe_pair(D, I, E, k, dtype)
+        mine, hf = moe_pair(D, I, E, k, dtype)
+        ours = mine["moe_lab"]
         log(f"  [{label} {dname}: weights ready in {time.perf_counter() - t0:.1f} s]")
         torch.manual_seed(1)
         cases = [(N, POOL) for N in TOKEN_COUNTS]
@@ -182,19 +247,19 @@ def bench_moe_layer(label: str, D: int, I: int, E: int, k: int, dtypes, reps: in
             with torch.inference_mode():
                 for x in xs[:2]:  # same routing and the same numbers (up to summation order)
                     ref = ours(x)[0].float()
-                    for impl, blk in hf.items():
+                    others = {**hf, **{n: (lambda x, m=m: m(x)[0]) for n, m in mine.items() if n != "moe_lab"}}
+                    for impl, blk in others.items():
                         err = (blk(x).float() - ref).abs().max().item()
                         tol = (1e-4 if dtype == torch.float32 else 5e-2) * max(1.0, ref.abs().max().item())
                         assert err <= tol, f"{label} {dname} N={N} {impl}: outputs differ by {err}"
-                fns = {"moe_lab": _cycling(ours, xs)}
+                fns = {name: _cycling(m, xs) for name, m in mine.items()}
                 fns.update({f"hf_{impl}": _cycling(blk, xs) for impl, blk in hf.items()})
                 if N == 1:
                     fns["bare"] = _cycling(lambda f: f(), [_bare_expert_matmuls(ours, x) for x in xs])
                     fns["read"] = _cycling(lambda f: f(), [_read_once(ours, x) for x in xs])
                 t = interleaved(fns, reps=r, target_s=target_s)
             row = dict(section="moe_layer", shape=label, D=D, I=I, E=E, k=k, dtype=dname, tokens=N, inputs=pool,
-                       **{f"t_{n}": v for n, v in t.items()},
-                       vs_eager=t["hf_eager"] / t["moe_lab"], vs_default=t[f"hf_{HF_DEFAULT}"] / t["moe_lab"])
+                       **{f"t_{n}": v for n, v in t.items()}, **ratios(t))
             extra = ""
             if N == 1:
                 row["bare_share"] = {n: t["bare"] / t[n] for n in fns if n not in ("bare", "read")}
@@ -218,10 +283,11 @@ def bench_moe_layer(label: str, D: int, I: int, E: int, k: int, dtypes, reps: in
                          f"moe_lab {row['moe_flops'] / 1e9:.0f} = {row['pct_of_dense']:.0f}%")
             results.append(row)
             same = " same input" if pool == 1 else ""
+            old = f"  old x{row['old_vs_eager']:.2f} / x{row['old_vs_default']:.2f}" if "old_vs_eager" in row else ""
             log(f"  {label:>12} {dname:>8} {N:>3} tok{same:<11} moe_lab {fmt_time(t['moe_lab']):>9}  eager "
                 f"{fmt_time(t['hf_eager']):>9}  {HF_DEFAULT} {fmt_time(t[f'hf_{HF_DEFAULT}']):>9}  "
-                f"x{row['vs_eager']:.2f} / x{row['vs_default']:.2f}{extra}")
-        del ours, hf
+                f"x{row['vs_eager']:.2f} / x{row['vs_default']:.2f}{old}{extra}")
+        del ours, mine, hf
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,18 +295,26 @@ def bench_moe_layer(label: str, D: int, I: int, E: int, k: int, dtypes, reps: in
 
 
 def tiny_pair(seed: int = 0):
+    """{"moe_lab": Mixtral, "old": the old package's Mixtral} and transformers models (one per
+    experts backend), all with the same weights (the tiny preset)."""
     torch.manual_seed(seed)
-    model = Mixtral(ModelArgs.from_name("tiny")).eval()
+    model = Mixtral(moe_lab.ModelArgs.from_name("tiny")).eval()
+    mine = {"moe_lab": model}
+    for name, pkg in ours().items():
+        if name != "moe_lab":
+            mine[name] = pkg.Mixtral(pkg.ModelArgs.from_name("tiny")).eval()
+            mine[name].load_state_dict(model.state_dict())
     hf = {}
     for impl in ("eager", HF_DEFAULT):
         m = to_hf_model(model)
         m.set_experts_implementation(impl)
         hf[impl] = m
-    return model, hf
+    return mine, hf
 
 
 def bench_decode(prompt_len: int, new_tokens: int, reps: int, results: list, log) -> None:
-    model, hf = tiny_pair()
+    mine, hf = tiny_pair()
+    model = mine["moe_lab"]
     prompt = torch.randint(3, model.args.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(2))
     hf_kw = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
                  temperature=None, top_p=None, top_k=None)
@@ -256,36 +330,66 @@ def bench_decode(prompt_len: int, new_tokens: int, reps: int, results: list, log
     ours_out = model.generate(prompt, new_tokens)
     for impl, m in hf.items():
         assert torch.equal(hf_generate(m)(), ours_out), f"greedy tokens differ from transformers ({impl})"
-    log(f"  greedy tokens identical ({new_tokens} new tokens after a {prompt_len}-token prompt, both backends)")
-    fns = {"moe_lab": lambda: model.generate(prompt, new_tokens)}
+    for name, m in mine.items():
+        assert torch.equal(m.generate(prompt, new_tokens), ours_out), f"greedy tokens differ ({name})"
+    log(f"  greedy tokens identical ({new_tokens} new tokens after a {prompt_len}-token prompt, all candidates)")
+    fns = {name: (lambda m=m: m.generate(prompt, new_tokens)) for name, m in mine.items()}
     fns.update({f"hf_{impl}": hf_generate(m) for impl, m in hf.items()})
     t = interleaved(fns, reps=reps, target_s=0.0)
     tps = {n: new_tokens / v for n, v in t.items()}
     row = dict(section="decode", prompt_len=prompt_len, new_tokens=new_tokens,
-               **{f"t_{n}": v for n, v in t.items()}, **{f"tok_s_{n}": v for n, v in tps.items()},
-               vs_eager=t["hf_eager"] / t["moe_lab"], vs_default=t[f"hf_{HF_DEFAULT}"] / t["moe_lab"])
+               **{f"t_{n}": v for n, v in t.items()}, **{f"tok_s_{n}": v for n, v in tps.items()}, **ratios(t))
     results.append(row)
-    log(f"  tokens/s: moe_lab {tps['moe_lab']:.0f}  hf eager {tps['hf_eager']:.0f}  hf {HF_DEFAULT} "
-        f"{tps[f'hf_{HF_DEFAULT}']:.0f}  x{row['vs_eager']:.2f} / x{row['vs_default']:.2f}")
+    log(f"  tokens/s: " + "  ".join(f"{n} {v:.0f}" for n, v in tps.items()) + f"  {_x(row)}")
+
+
+def bench_prefill(seq: int, reps: int, results: list, log) -> None:
+    mine, hf = tiny_pair()
+    tokens = torch.randint(3, mine["moe_lab"].args.vocab_size, (1, seq), generator=torch.Generator().manual_seed(4))
+
+    def run(m, hf_model=False):
+        def f():
+            with torch.inference_mode():
+                return m(tokens).logits if hf_model else m(tokens)
+        return f
+
+    ref = run(mine["moe_lab"])()
+    for impl, m in hf.items():
+        err = (run(m, True)() - ref).abs().max().item()
+        assert err < 1e-4, f"prefill logits differ from transformers ({impl}): {err}"
+    fns = {name: run(m) for name, m in mine.items()}
+    fns.update({f"hf_{impl}": run(m, True) for impl, m in hf.items()})
+    t = interleaved(fns, reps=reps, target_s=0.0)
+    row = dict(section="prefill", seq=seq, **{f"t_{n}": v for n, v in t.items()},
+               **{f"tok_s_{n}": seq / v for n, v in t.items()}, **ratios(t))
+    results.append(row)
+    log(f"  forward: " + "  ".join(f"{n} {fmt_time(v)}" for n, v in t.items()) + f"  {_x(row)}")
+
+
+def _x(row) -> str:
+    """'x1.23 / x1.10 (old x1.25 / x1.12)': transformers eager / default time over ours."""
+    old = f" (old x{row['old_vs_eager']:.2f} / x{row['old_vs_default']:.2f})" if "old_vs_eager" in row else ""
+    return f"x{row['vs_eager']:.2f} / x{row['vs_default']:.2f}{old}"
 
 
 def bench_train(batch: int, seq: int, reps: int, results: list, log) -> None:
-    model, hf = tiny_pair()
-    model.train()
-    for m in hf.values():
+    mine, hf = tiny_pair()
+    for m in (*mine.values(), *hf.values()):
         m.train()
-    tokens = torch.randint(0, model.args.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(0, mine["moe_lab"].args.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(3))
     # moe_lab takes already-shifted targets; transformers shifts its labels (last position ignored)
     targets = torch.cat([tokens[:, 1:], torch.full((batch, 1), -100)], dim=1)
-    opts = {"moe_lab": torch.optim.AdamW(model.parameters(), lr=1e-4)}
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in mine.items()}
     opts.update({impl: torch.optim.AdamW(m.parameters(), lr=1e-4) for impl, m in hf.items()})
 
-    def step_ours():
-        _, loss = model(tokens, targets, return_logits=False)  # the training loop's call
-        loss.total.backward()
-        opts["moe_lab"].step()
-        opts["moe_lab"].zero_grad(set_to_none=True)
-        return loss.total.detach()
+    def step_ours(name):
+        def f():
+            _, loss = mine[name](tokens, targets, return_logits=False)  # the training loop's call
+            loss.total.backward()
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+            return loss.total.detach()
+        return f
 
     def step_hf(impl):
         def f():
@@ -296,19 +400,18 @@ def bench_train(batch: int, seq: int, reps: int, results: list, log) -> None:
             return out.loss.detach()
         return f
 
-    first = {"moe_lab": step_ours().item(), **{impl: step_hf(impl)().item() for impl in hf}}
-    for impl in hf:  # same weights, same loss (cross-entropy + 0.02 x load balancing) on step 1
-        assert abs(first[impl] - first["moe_lab"]) < 1e-4 * abs(first["moe_lab"]), first
+    first = {**{name: step_ours(name)().item() for name in mine}, **{impl: step_hf(impl)().item() for impl in hf}}
+    for name in first:  # same weights, same loss (cross-entropy + 0.02 x load balancing) on step 1
+        assert abs(first[name] - first["moe_lab"]) < 1e-4 * abs(first["moe_lab"]), first
     log("  first-step losses agree: " + ", ".join(f"{n} {v:.6f}" for n, v in first.items()))
-    fns = {"moe_lab": step_ours, **{f"hf_{impl}": step_hf(impl) for impl in hf}}
+    fns = {name: step_ours(name) for name in mine}
+    fns.update({f"hf_{impl}": step_hf(impl) for impl in hf})
     t = interleaved(fns, reps=reps, target_s=0.0)
     n = batch * seq
     row = dict(section="train", batch=batch, seq=seq, **{f"t_{k}": v for k, v in t.items()},
-               **{f"tok_s_{k}": n / v for k, v in t.items()},
-               vs_eager=t["hf_eager"] / t["moe_lab"], vs_default=t[f"hf_{HF_DEFAULT}"] / t["moe_lab"])
+               **{f"tok_s_{k}": n / v for k, v in t.items()}, **ratios(t))
     results.append(row)
-    log(f"  step: moe_lab {fmt_time(t['moe_lab'])}  hf eager {fmt_time(t['hf_eager'])}  hf {HF_DEFAULT} "
-        f"{fmt_time(t[f'hf_{HF_DEFAULT}'])}  x{row['vs_eager']:.2f} / x{row['vs_default']:.2f}")
+    log(f"  step: " + "  ".join(f"{n} {fmt_time(v)}" for n, v in t.items()) + f"  {_x(row)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,11 +422,12 @@ def summarise(results: list) -> tuple[str, list[dict]]:
     def x(v):
         return f"x{v:.2f}"
 
+    has_old = any("old_vs_eager" in r for r in results)
     rows = []
     for r in results:
         if r["section"] == "moe_layer":
             same = ", same input" if r["inputs"] == 1 else ""
-            note = ""
+            name, unit, note = f"MoE {r['shape']} {r['dtype']}, {r['tokens']} tok{same}", None, ""
             if "bare_share" in r:
                 note = (f"bare matmuls of its 2 experts: {fmt_time(r['t_bare'])} "
                         f"({100 * r['bare_share']['moe_lab']:.0f}% of moe_lab, {100 * r['bare_share']['hf_eager']:.0f}% of eager); "
@@ -333,29 +437,53 @@ def summarise(results: list) -> tuple[str, list[dict]]:
                         f"({r['tokens'] * r['k']} rows), {r['pct_of_dense_expert_rows']:.0f}% of "
                         f"{r['dense_flops_expert_rows'] / 1e9:.0f} ({r['tokens'] * r['k'] // r['E']} rows); "
                         f"eager {100 * r['hf_eager_flops'] / r['dense_flops']:.0f}%")
-            rows.append([f"MoE {r['shape']} {r['dtype']}, {r['tokens']} tok{same}", fmt_time(r["t_moe_lab"]),
-                         fmt_time(r["t_hf_eager"]), fmt_time(r[f"t_hf_{HF_DEFAULT}"]), x(r["vs_eager"]),
-                         x(r["vs_default"]), note])
         elif r["section"] == "decode":
-            rows.append([f"tiny greedy decode, {r['new_tokens']} new tok (tok/s)", f"{r['tok_s_moe_lab']:.0f}",
-                         f"{r['tok_s_hf_eager']:.0f}", f"{r[f'tok_s_hf_{HF_DEFAULT}']:.0f}", x(r["vs_eager"]),
-                         x(r["vs_default"]), f"identical tokens; prompt {r['prompt_len']}"])
+            name, unit, note = (f"tiny greedy decode, {r['new_tokens']} new tok (tok/s)", "tok_s",
+                                f"identical tokens; prompt {r['prompt_len']}")
+        elif r["section"] == "prefill":
+            name, unit, note = f"tiny prefill, {r['seq']} tok, no grad", None, "all logits"
         elif r["section"] == "train":
-            rows.append([f"tiny train step, {r['batch']}x{r['seq']} tok (tok/s)", f"{r['tok_s_moe_lab']:.0f}",
-                         f"{r['tok_s_hf_eager']:.0f}", f"{r[f'tok_s_hf_{HF_DEFAULT}']:.0f}", x(r["vs_eager"]),
-                         x(r["vs_default"]), f"{fmt_time(r['t_moe_lab'])} per step, fwd+bwd+AdamW"])
-    table = markdown_table(["benchmark", "moe_lab", "HF eager", f"HF {HF_DEFAULT}", "vs eager",
-                            f"vs {HF_DEFAULT}", "notes"], rows)
+            name, unit, note = (f"tiny train step, {r['batch']}x{r['seq']} tok (tok/s)", "tok_s",
+                                f"{fmt_time(r['t_moe_lab'])} per step, fwd+bwd+AdamW")
+        else:
+            continue
 
-    checks = []  # the targets, all against transformers "eager" in the same run
+        def val(n):
+            if unit:
+                return f"{r[f'{unit}_{n}']:.0f}" if f"{unit}_{n}" in r else "-"
+            return fmt_time(r[f"t_{n}"]) if f"t_{n}" in r else "-"
+        cells = [name, val("moe_lab")] + ([val("old")] if has_old else []) + [val("hf_eager"), val(f"hf_{HF_DEFAULT}"),
+                                                                              x(r["vs_eager"])]
+        if has_old:
+            cells.append(x(r["old_vs_eager"]) if "old_vs_eager" in r else "-")
+        cells.append(x(r["vs_default"]))
+        if has_old:
+            cells.append(x(r["old_vs_default"]) if "old_vs_default" in r else "-")
+        rows.append(cells + [note])
+    header = (["benchmark", "moe_lab"] + (["old main"] if has_old else []) + ["HF eager", f"HF {HF_DEFAULT}", "vs eager"]
+              + (["old vs eager"] if has_old else []) + [f"vs {HF_DEFAULT}"] + ([f"old vs {HF_DEFAULT}"] if has_old else [])
+              + ["notes"])
+    table = markdown_table(header, rows)
+
+    checks = []  # the targets, against transformers "eager" unless named, in the same run
+
+    def target(name, r, key, floor, where=None):
+        c = dict(target=f"{name} >= {floor}x", value=r[key], met=r[key] >= floor)
+        if f"old_{key}" in r:  # and within 10% of the old code's ratio in this run
+            old = r[f"old_{key}"]
+            c.update(old=old, met=c["met"] and r[key] >= 0.9 * old)
+            c["target"] += " and >= 0.9 x old main's ratio"
+        if where:
+            c["where"] = where
+        checks.append(c)
+
     moe = [r for r in results if r["section"] == "moe_layer"]
     for r in moe:
         if r["dtype"] == "float32" and r["tokens"] == 1:
             which = "same input every call" if r["inputs"] == 1 else f"{r['inputs']} inputs in turn"
-            checks.append(dict(target=f"MoE {r['shape']} fp32, 1 token ({which}) >= 1.5x eager", value=r["vs_eager"],
-                               met=r["vs_eager"] >= 1.5,
-                               where=f"ceilings: x{r['ceiling']:.2f} = eager's time / reading the 2 experts' weights "
-                                     f"once; x{r['t_hf_eager'] / r['t_bare']:.2f} = eager's time / its own matmul calls alone"))
+            target(f"MoE {r['shape']} fp32, 1 token ({which}) vs eager", r, "vs_eager", 1.5,
+                   f"ceilings: x{r['ceiling']:.2f} = eager's time / reading the 2 experts' weights "
+                   f"once; x{r['t_hf_eager'] / r['t_bare']:.2f} = eager's time / its own matmul calls alone")
     if moe:
         worst = min(moe, key=lambda r: r["vs_eager"])
         checks.append(dict(target="MoE layer never slower than eager (every shape, dtype, token count)",
@@ -364,7 +492,7 @@ def summarise(results: list) -> tuple[str, list[dict]]:
     for r in moe:
         if "pct_of_dense" in r:
             name = f"MoE {r['shape']} {r['dtype']}, 512 tok"
-            checks.append(dict(target=f"{name} >= 1.0x eager", value=r["vs_eager"], met=r["vs_eager"] >= 1.0))
+            target(f"{name} vs eager", r, "vs_eager", 1.0)
             checks.append(dict(target=f"{name} >= 70% of dense matmul FLOP/s ({r['tokens'] * r['k']} rows)",
                                value=r["pct_of_dense"], met=r["pct_of_dense"] >= 70, pct=True,
                                where=f"{r['pct_of_dense_expert_rows']:.0f}% of dense at "
@@ -372,11 +500,11 @@ def summarise(results: list) -> tuple[str, list[dict]]:
     for r in results:
         for key, impl in (("vs_eager", "eager"), ("vs_default", HF_DEFAULT)):
             if r["section"] == "decode":
-                checks.append(dict(target=f"tiny greedy decode >= 2x HF generate() ({impl} experts)",
-                                   value=r[key], met=r[key] >= 2.0))
+                target(f"tiny greedy decode vs HF generate() ({impl} experts)", r, key, 1.8)
+            if r["section"] == "prefill":
+                target(f"tiny prefill, {r['seq']} tokens vs HF forward ({impl} experts)", r, key, 1.0)
             if r["section"] == "train":
-                checks.append(dict(target=f"tiny training step >= 1.15x HF ({impl} experts)",
-                                   value=r[key], met=r[key] >= 1.15))
+                target(f"tiny training step vs HF ({impl} experts)", r, key, 1.15)
     return table, checks
 
 
@@ -388,22 +516,28 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see above)")
     p.add_argument("--clock", choices=("cpu", "wall"), default=None,
                    help="process CPU time (default with 1 thread) or wall time (default with more)")
-    p.add_argument("--skip", default="", help="comma list of sections to skip: moe, decode, train")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: moe, decode, prefill, train")
+    p.add_argument("--old", default=OLD_REF, help=f"git commit of the old moe_lab to time too (default {OLD_REF}; '' = none)")
     p.add_argument("--json", default=os.path.join(HERE, "results", "core.json"), help="where to write results ('' = nowhere)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     clock = args.clock or ("cpu" if args.threads == 1 else "wall")
     use_cpu_clock(clock == "cpu")
     skip = set(filter(None, args.skip.split(",")))
+    global OLD
+    OLD = load_old(args.old) if args.old else None
     reps = 5 if args.quick else 9
     target_s = 0.03 if args.quick else 0.1
 
     def log(msg=""):
         print(msg, flush=True)
 
-    env = environment() | {"transformers": transformers.__version__, "clock": clock}
+    env = environment() | {"transformers": transformers.__version__, "clock": clock,
+                           "avx512": _has_avx512(), "old_main": OLD.ref if OLD is not None else None}
     log(f"moe_lab vs transformers {transformers.__version__} | torch {env['torch']} | {env['threads']} thread(s) | "
         f"{env['cpus']} CPUs ({env['processor']}) | clock: {'process CPU time' if clock == 'cpu' else 'wall time'}")
+    if OLD is not None:
+        log(f"  old main: moe_lab at {OLD.ref} (imported as moe_lab_old), timed interleaved with today's")
     if clock == "cpu" and args.threads > 1:
         log("  note: the CPU clock adds up all threads' time; use --clock wall with several threads")
     tiny_cfg = MixtralConfig(hidden_size=64, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
@@ -428,6 +562,9 @@ def main(argv=None):
     if "decode" not in skip:
         log("\n2. greedy decoding, tiny preset, batch 1")
         bench_decode(prompt_len=16, new_tokens=32 if args.quick else 64, reps=reps, results=results, log=log)
+    if "prefill" not in skip:
+        log("\n2b. prefill: one forward of 512 tokens, tiny preset, no autograd")
+        bench_prefill(seq=512, reps=reps, results=results, log=log)
     if "train" not in skip:
         log("\n3. training step (forward + backward + AdamW), tiny preset, fp32")
         bench_train(batch=4, seq=128, reps=reps, results=results, log=log)
@@ -441,11 +578,20 @@ def main(argv=None):
     for c in checks:
         v = f"{c['value']:.0f}%" if c.get("pct") else f"x{c['value']:.2f}"
         where = f" ({c['where']})" if "where" in c else ""
-        log(f"  {'met   ' if c['met'] else 'MISSED'} {c['target']}: {v}{where}")
+        old = f" (old main x{c['old']:.2f})" if "old" in c else ""
+        log(f"  {'met   ' if c['met'] else 'MISSED'} {c['target']}: {v}{old}{where}")
     if args.json:
         write_json(args.json, dict(env=env, argv=sys.argv[1:], hf_default=HF_DEFAULT, results=results,
                                    targets=checks, table=table))
         log(f"\nwrote {os.path.relpath(args.json)}")
+
+
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
 
 
 def _mem_available() -> float:

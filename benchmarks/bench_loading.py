@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CONFIG = dict(dim=512, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536, vocab_size=8192, n_experts=8,
-              top_k=2, max_seq_len=4096)
+              experts_per_token=2, max_seq_len=4096)
 
 CHILD = r"""
 import json, sys, time

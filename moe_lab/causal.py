@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .hooks import StopForward
 from .routing.interventions import AblateExpert, Intervention, intervene, layer_ids, unwrap
 from .routing.tracing import normalise_inputs, trace_routing
 
@@ -101,58 +100,39 @@ def _batches(docs: list[list[int]], batch_size: int, device):
 class _Pieces:
     """A forward split at block boundaries, so an ablation at block i reruns blocks i.. only.
 
-    ``prefix`` runs the model's own forward once (``model(tokens)``, a StreamingMixtral too,
-    stopped after the last block) and keeps each block's input and the arguments the model passed to its blocks (captured by
-    a pre-hook, so this follows whatever ``Mixtral.forward`` passes); ``suffix`` calls
-    ``blocks[i:]`` with them; ``head_nll`` is the final norm, the output layer and the
-    cross-entropy per token. Calling a streamed block loads its weights (its own pre-hook), so
-    on a StreamingMixtral the suffix re-reads blocks i.. from disk.
+    The model's own pieces (``Mixtral.embed``, ``block(x, ctx)``, ``Mixtral.head``), called in
+    the order ``Mixtral.forward`` calls them: ``prefix`` keeps each block's input, ``suffix``
+    reruns ``blocks[i:]`` from block i's input, ``head_nll`` is the head and the cross-entropy
+    per token. On a StreamingMixtral calling a block loads its weights (its own pre-hook), so
+    the suffix re-reads blocks i.. from disk.
     """
 
     def __init__(self, model):
-        self.mixtral, self.call = unwrap(model)
+        self.mixtral, _ = unwrap(model)
 
     @torch.no_grad()
-    def prefix(self, tokens: Tensor, mask: Tensor | None) -> tuple[list[Tensor], tuple, dict]:
-        blocks = self.mixtral.blocks
-        states: list[Tensor | None] = [None] * (len(blocks) + 1)  # input of each block, then the final stream
-        call_args: dict = {}
-
-        def take_input(i):
-            def pre(mod, args, kwargs):
-                states[i] = args[0]
-                if i == 0:
-                    call_args["args"], call_args["kwargs"] = args[1:], dict(kwargs)
-            return pre
-
-        def take_output(mod, args, out):
-            states[-1] = out[0]
-            raise StopForward  # the output layer is head_nll's job (in chunks)
-
-        handles = [b.register_forward_pre_hook(take_input(i), with_kwargs=True) for i, b in enumerate(blocks)]
-        handles.append(blocks[-1].register_forward_hook(take_output))
-        try:
-            self.call(tokens, attention_mask=mask)
-        except StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return states, call_args["args"], call_args["kwargs"]
+    def prefix(self, tokens: Tensor, mask: Tensor | None):
+        """``(states, ctx)``: ``states[i]`` is block i's input (B, T, D), ``states[-1]`` the final
+        residual stream; ``ctx`` the ForwardContext every block takes."""
+        x, ctx = self.mixtral.embed(tokens, attention_mask=mask)
+        states = [x]
+        for block in self.mixtral.blocks:
+            x, _ = block(x, ctx)
+            states.append(x)
+        return states, ctx
 
     @torch.no_grad()
-    def suffix(self, states: list[Tensor], i: int, args: tuple, kwargs: dict) -> Tensor:
+    def suffix(self, states: list[Tensor], i: int, ctx) -> Tensor:
         """The final residual stream (B, T, D), recomputing blocks i.. from block i's input."""
         x = states[i]
         for block in self.mixtral.blocks[i:]:
-            x, _ = block(x, *args, **kwargs)
+            x, _ = block(x, ctx)
         return x
 
     @torch.no_grad()
     def head_nll(self, x: Tensor, targets: Tensor, rows: Tensor | None = None, chunk: int = 256) -> Tensor:
         """Next-token loss per position (B, T) fp32 from the final stream x (B, T, D); 0 where
         targets is -100. With ``rows`` (B, T) bool, only those positions are computed (others 0)."""
-        m = self.mixtral
         nll = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
         want = targets != -100 if rows is None else rows & (targets != -100)
         flat = want.reshape(-1).nonzero().squeeze(1)
@@ -160,7 +140,7 @@ class _Pieces:
         out = nll.view(-1)
         for s in range(0, len(flat), chunk):  # (chunk, V) logits at a time
             r = flat[s:s + chunk]
-            logits = m.output(m.norm(xs[r])).float()
+            logits = self.mixtral.head(xs[r][None])[0].float()  # (chunk, V)
             out[r] = F.cross_entropy(logits, ts[r], reduction="none")
         return nll
 
@@ -188,7 +168,9 @@ def document_losses(model, texts_by_domain, tokenizer=None, interventions: Seque
     """Mean next-token loss of every document, under ``interventions`` (any, e.g. ``SwapExpert``
     or ``SteerExperts``; none: the plain model). One row per document: ``domain``, ``doc``
     (index within the domain), ``n_targets``, ``loss``. Pair two calls by (domain, doc) and use
-    :func:`bootstrap_mean` on the differences for an interval."""
+    :func:`bootstrap_mean` on the differences for an interval. (The forward runs in pieces,
+    ``embed`` -> blocks -> ``head``, so a ``ForceExpert`` restricted to ``positions=`` cannot
+    see the positions here and says so.)"""
     pieces = _Pieces(model)
     docs, domains = _documents(texts_by_domain, tokenizer, max_len)
     loss = np.zeros(len(docs))
@@ -251,18 +233,18 @@ def ablation_scan(model, texts_by_domain, tokenizer=None, layers: Sequence[int] 
     batches = list(_batches(docs, batch_size, device))
     bar = tqdm(total=len(batches) * (len(needed) + 1), desc="ablation scan", disable=not progress)
     for idx, tokens, mask, targets in batches:
-        states, args, kwargs = pieces.prefix(tokens, mask)
+        states, ctx = pieces.prefix(tokens, mask)
         base_nll = pieces.head_nll(states[-1], targets)
         base[idx] = _doc_losses(base_nll, targets)
         bar.update()
         for layer, e in needed:
             with intervene(model, AblateExpert(layer, e, mode=mode)):
                 if reuse_prefix:
-                    x = pieces.suffix(states, _block_index(mixtral, layer), args, kwargs)
+                    x = pieces.suffix(states, _block_index(mixtral, layer), ctx)
                     changed = (x != states[-1]).any(-1)  # (B, T): other positions keep their loss
                     nll = torch.where(changed, pieces.head_nll(x, targets, rows=changed), base_nll)
                 else:
-                    x = pieces.prefix(tokens, mask)[0][-1]
+                    x = pieces.prefix(tokens, mask)[0][-1]  # a full forward
                     nll = pieces.head_nll(x, targets)
             ablated[(layer, e)][idx] = _doc_losses(nll, targets)
             bar.update()
@@ -468,7 +450,7 @@ def alternative_routes(model, tokens, layer: int, position: int, *, batch_size: 
                      "router_choice": sub == chosen})
     df = pd.DataFrame(rows).sort_values("logprob", ascending=False, kind="stable").reset_index(drop=True)
     df["rank"] = np.arange(1, len(df) + 1)
-    df.attrs.update({"layer": layer, "position": position, "target": target, "plain_logprob": float(plain), "top_k": len(chosen)})
+    df.attrs.update({"layer": layer, "position": position, "target": target, "plain_logprob": float(plain), "experts_per_token": len(chosen)})
     return df
 
 

@@ -1,7 +1,7 @@
 """Mixtral in one readable file.
 
-Order (as in gpt-fast): config -> norm / RoPE -> attention -> experts and router -> MoE block
--> transformer block -> model. Shapes are commented as B (batch), T (new tokens), S (keys in
+Bottom-up, as nanoGPT: config -> norm / RoPE -> KV cache -> mask and attention -> experts and
+router -> MoE block -> transformer block -> model (``embed`` -> blocks -> ``head``). Shapes are commented as B (batch), T (new tokens), S (keys in
 view, cache included), D (dim), H (query heads), Hkv (kv heads), hd (head dim), E (experts),
 k (experts per token), N (tokens flattened), V (vocab).
 
@@ -10,13 +10,18 @@ wq/wk with permuted rows for their "rotate_half" convention, and the loader undo
 
 Hook points (``blocks.{L}.moe.hook_router_logits`` and friends) are identity modules that cost
 nothing until a hook is attached; ``moe_lab.hooks`` attaches and removes them.
+
+Every path (``forward`` with or without autograd, ``generate``, the tracers, ``StreamingMixtral``)
+runs these classes' ``forward`` methods: edit a formula here and every output changes. The few
+speed-ups are chosen by one visible line where they apply (``if self.fast:`` in ``MoE.forward``,
+the one-position branch of ``Mixtral.head``) and call the same methods.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
-from itertools import accumulate
+import warnings
+from dataclasses import InitVar, asdict, dataclass, fields
 from typing import Callable, Iterator, NamedTuple
 
 import torch
@@ -24,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .generation import generate, generate_stream
 from .hooks import HookedMixin, HookPoint, name_hook_points
 
 
@@ -45,12 +51,16 @@ class ModelArgs:
     max_seq_len: int = 32768
     sliding_window: int | None = None  # W keys including self; None = dense causal
     n_experts: int = 8
-    top_k: int = 2
+    experts_per_token: int = 2  # K, the experts each token is routed to (the paper's top-2)
     router_aux_loss_coef: float = 0.02  # load-balancing loss coefficient (HF's definition)
     router_z_loss_coef: float = 0.0  # ST-MoE z-loss; 0 disables it
     init_std: float = 0.02
+    top_k: InitVar[int | None] = None  # deprecated name of experts_per_token (still accepted)
 
-    def __post_init__(self):
+    def __post_init__(self, top_k: int | None = None):
+        if top_k is not None:
+            _warn_top_k("ModelArgs(top_k=...)", stacklevel=4)
+            self.experts_per_token = top_k
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim")
@@ -58,7 +68,8 @@ class ModelArgs:
         checks = [
             (self.n_heads % self.n_kv_heads == 0, f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"),
             (self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE"),
-            (1 <= self.top_k <= self.n_experts, f"top_k={self.top_k} must be in [1, n_experts={self.n_experts}]"),
+            (1 <= self.experts_per_token <= self.n_experts,
+             f"experts_per_token={self.experts_per_token} must be in [1, n_experts={self.n_experts}]"),
             (self.sliding_window is None or self.sliding_window >= 1, f"sliding_window={self.sliding_window} must be >= 1 or None"),
         ]
         for ok, msg in checks:
@@ -73,19 +84,36 @@ class ModelArgs:
         return cls(**{**PRESETS[name], **overrides})
 
     def replace(self, **changes) -> "ModelArgs":
-        return replace(self, **changes)
+        return type(self)(**{**self.to_dict(), **changes})
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} | {"top_k"}  # top_k: the old name, with a warning
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown ModelArgs fields: {sorted(unknown)}")
         return cls(**d)
 
+
+def _warn_top_k(what: str, stacklevel: int = 3) -> None:
+    warnings.warn(f"{what}: `top_k` is now called `experts_per_token` (the number of experts each token is routed "
+                  "to); `top_k` stays the sampling cut-off of generate()", DeprecationWarning, stacklevel=stacklevel)
+
+
+def _top_k_get(self) -> int:
+    _warn_top_k(f"{type(self).__name__}.top_k")
+    return self.experts_per_token
+
+
+def _top_k_set(self, k: int) -> None:
+    _warn_top_k(f"{type(self).__name__}.top_k")
+    self.experts_per_token = k
+
+
+ModelArgs.top_k = property(_top_k_get, _top_k_set, doc="Deprecated: ``experts_per_token``.")
 
 PRESETS: dict[str, dict] = {
     "mixtral-8x7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
@@ -103,7 +131,7 @@ PRESETS: dict[str, dict] = {
 
 class ParamCount(NamedTuple):
     total: int
-    active: int  # with top_k experts per token instead of all of them
+    active: int  # with experts_per_token experts per token instead of all of them
 
 
 def count_params(args: ModelArgs) -> ParamCount:
@@ -114,7 +142,7 @@ def count_params(args: ModelArgs) -> ParamCount:
     shared = attn + 2 * D + E * D  # attention, two norms, router
     embed = 2 * args.vocab_size * D + D  # embeddings, output head, final norm
     return ParamCount(total=args.n_layers * (shared + E * expert) + embed,
-                      active=args.n_layers * (shared + args.top_k * expert) + embed)
+                      active=args.n_layers * (shared + args.experts_per_token * expert) + embed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,17 +167,27 @@ def rope_inv_freq(head_dim: int, theta: float, device=None) -> Tensor:
 
 
 def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """positions [B, T] -> cos, sin [B, T, hd/2] (computed in fp32, cast to the activations' dtype)."""
-    freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
-    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+    """positions (B, T) -> cos, sin (B, T, 1, hd), the tables ``apply_rope`` multiplies by.
+
+    Pair i of a head, channels (2i, 2i+1), turns by the angle pos * inv_freq[i]; the tables hold
+    each pair's cosine twice (c0 c0 c1 c1 ...) and its sine with the rotation's signs
+    (-s0 s0 -s1 s1 ...). Angles in fp32, tables in the activations' dtype. Computed once per
+    forward (``Mixtral.embed``) and shared by every layer and every head (the 1).
+    """
+    angles = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+    cos, sin = angles.cos(), angles.sin()
+    cos = torch.stack((cos, cos), dim=-1).flatten(-2)  # (B, T, hd)  c0 c0 c1 c1 ...
+    sin = torch.stack((-sin, sin), dim=-1).flatten(-2)  # (B, T, hd) -s0 s0 -s1 s1 ...
+    return cos.to(dtype)[:, :, None], sin.to(dtype)[:, :, None]
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) by angle pos * inv_freq[i].  x: (B, T, nh, hd)."""
-    x = x.unflatten(-1, (-1, 2))  # (B, T, nh, hd/2, 2)
-    x0, x1 = x[..., 0], x[..., 1]
-    c, s = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, hd/2)
-    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by angle pos * inv_freq[i].  x: (B, T, nh, hd).
+
+    (x0, x1) -> (x0 c - x1 s, x1 c + x0 s), i.e. x * (c, c) + (x1, x0) * (-s, s) on whole rows.
+    """
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+    return x * cos + swapped * sin
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,7 +198,8 @@ class KVCache:
     """Preallocated keys and values for every layer, plus which slots hold real tokens.
 
     ``length`` counts the slots filled so far; a forward with T new tokens writes slots
-    [length, length + T). ``key_mask[b, s]`` is False for left-padding.
+    [length, length + T) (``update``, once per layer) and then moves on (``advance``).
+    ``key_mask[b, s]`` is False for left-padding; ``positions[b]`` is row b's next RoPE position.
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
@@ -173,6 +212,36 @@ class KVCache:
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # next RoPE position
         self.batch_size, self.max_len, self.length = batch_size, max_len, 0
         self.has_padding = False
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this forward's keys and values k, v (B, Hkv, T, hd) of ``layer`` after the cached
+        ones; return all of that layer's keys and values so far, (B, Hkv, S, hd)."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, T: int) -> None:
+        """The T new tokens of this forward are now cached (every layer has called ``update``)."""
+        self.length += T
+
+    def add_tokens(self, T: int, real: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Positions (B, T) of T new tokens and the key mask (B, S) (None: every key is real).
+
+        ``real`` (B, T) bool marks real tokens (False = left padding; None: all real). Their
+        positions continue the row's count; padding may only come in the first chunk.
+        """
+        S = self.length + T
+        if real is not None:
+            positions = self.positions[:, None] + (real.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+            self.key_mask[:, self.length:S] = real
+            self.has_padding = True
+        elif T == 1:  # a decode step
+            positions = self.positions[:, None]  # (B, 1)
+        else:
+            positions = self.positions[:, None] + torch.arange(T, device=self.positions.device)  # (B, T)
+        self.positions = positions[:, -1] + 1
+        return positions, (self.key_mask[:, :S] if self.has_padding else None)
 
     def reset(self):
         self.length, self.has_padding = 0, False
@@ -187,29 +256,40 @@ class KVCache:
 # Attention
 
 
-def _rope_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """cos, sin (B, T, hd/2) -> (B, T, 1, hd) tables c0 c0 c1 c1 ... and -s0 s0 -s1 s1 ... for
-    ``Attention._rope``. Every layer gets the same cos and sin, so they are built once per forward
-    and remembered on ``cos`` (checked against ``sin`` and both tensors' versions)."""
-    if torch.compiler.is_compiling():
-        return _build_rope_tables(cos, sin)
-    key = (sin, *(-1 if t.is_inference() else t._version for t in (cos, sin)))  # inference tensors have no version
-    memo = getattr(cos, "_moe_lab_rope", None)
-    if memo is None or memo[0][0] is not sin or memo[0][1:] != key[1:]:
-        memo = (key, *_build_rope_tables(cos, sin))
-        cos._moe_lab_rope = memo
-    return memo[1], memo[2]
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """attention_mask (B, T), 1 real / 0 left padding -> RoPE positions (B, T): 0 at each row's
+    first real token (padding gets 0 too; nothing attends to it)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _build_rope_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    cos2 = cos[..., None].expand(*cos.shape, 2).flatten(-2)[:, :, None]
-    sin2 = torch.stack((-sin, sin), dim=-1).flatten(-2)[:, :, None]
-    return cos2, sin2
+def sliding_window_mask(start: int, T: int, window: int | None, key_mask: Tensor | None = None,
+                        device=None) -> Tensor | None:
+    """Which keys each of T new queries may attend to: (B or 1, 1, T, S) bool, or None when
+    that is plain causal attention (SDPA's fast path).
+
+    Queries sit at slots [start, start + T) of a sequence of S = start + T keys. Query q sees
+    key s when s <= q (causal) and s > q - window (Mistral's sliding window: the last
+    ``window`` keys, itself included). ``key_mask`` (B, S) hides left padding; a padding query
+    still sees itself so that its softmax is defined.
+    """
+    S = start + T
+    if key_mask is None and (window is None or S <= window) and (start == 0 or T == 1):
+        return None  # causal over T == S, or one query that sees every key
+    q_idx = torch.arange(start, S, device=device)[:, None]  # (T, 1)
+    k_idx = torch.arange(S, device=device)[None, :]  # (1, S)
+    allowed = k_idx <= q_idx
+    if window is not None:
+        allowed = allowed & (k_idx > q_idx - window)
+    mask = allowed[None, None]  # (1, 1, T, S)
+    if key_mask is not None:
+        mask = (mask & key_mask[:, None, None, :]) | (k_idx == q_idx)[None, None]  # (B, 1, T, S)
+    return mask
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
+        self.layer = layer  # which of the cache's layers this attention writes
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -217,21 +297,17 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.hook_pattern = HookPoint()  # (B, H, T, S); computed only when a hook is attached
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        """x (B, T, D) -> (B, T, D). cos, sin: ``rope_cos_sin`` tables; mask: ``sliding_window_mask``."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        # apply_rope(q, cos, sin) and apply_rope(k, cos, sin), bit for bit, in fewer kernels
-        cos2, sin2 = _rope_tables(cos, sin)
-        q, k = self._rope(q, cos2, sin2), self._rope(k, cos2, sin2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
-            start, end = cache.length, cache.length + T
-            cache.k[layer, :, :, start:end] = k
-            cache.v[layer, :, :, start:end] = v
-            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # (B, Hkv, S, hd)
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, hd): the cached keys, then these
         if self.hook_pattern.active:
             y = self._explicit_attention(q, k, v, mask)
         else:
@@ -241,13 +317,6 @@ class Attention(nn.Module):
                                                enable_gqa=self.n_heads != self.n_kv_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
         return self.wo(y)
-
-    @staticmethod
-    def _rope(x: Tensor, cos2: Tensor, sin2: Tensor) -> Tensor:
-        """apply_rope with the same arithmetic: each pair (x0, x1) -> (x0 c + x1 (-s), x1 c + x0 s),
-        computed as x * (c, c) + swap_pairs(x) * (-s, s) on whole rows: four kernels instead of
-        seven, none on a size-2 inner dimension, and a backward without ``select``/``stack``."""
-        return x * cos2 + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin2
 
     def _explicit_attention(self, q, k, v, mask):
         """softmax(q k^T / sqrt(hd)) v written out, so the pattern can be hooked."""
@@ -280,14 +349,14 @@ class Expert(nn.Module):
         return self.hook_out(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
-def topk_softmax_routing(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Mixtral's router: softmax over all E in fp32, keep the top k, renormalise.
+def topk_softmax_routing(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Mixtral's router: softmax over all E in fp32, keep the top k (experts per token), renormalise.
 
     logits (N, E) -> probs (N, E) fp32, indices (N, k) in rank order, weights (N, k) summing to 1.
     (Equivalent to mistral-inference's top-k on logits then softmax over the k.)
     """
     probs = F.softmax(logits.float(), dim=-1)  # (N, E)
-    weights, indices = torch.topk(probs, top_k, dim=-1)  # (N, k)
+    weights, indices = torch.topk(probs, k, dim=-1)  # (N, k)
     return probs, indices, weights / weights.sum(dim=-1, keepdim=True)
 
 
@@ -299,11 +368,11 @@ class MoE(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_experts, self.top_k = args.n_experts, args.top_k
+        self.n_experts, self.experts_per_token = args.n_experts, args.experts_per_token
         self.gate = nn.Linear(args.dim, args.n_experts, bias=False)
         self.experts = nn.ModuleList(Expert(args.dim, args.hidden_dim) for _ in range(args.n_experts))
         self.routing_fn: RoutingFn = topk_softmax_routing  # swapped by interventions
-        self.fast = True  # grouped dispatch; False = the readable reference loop
+        self.fast = True  # group the expert calls with one sort (dispatch_grouped); False: the loop below
         self.hook_router_logits = HookPoint()  # (N, E)
         self.hook_router_probs = HookPoint()  # (N, E) fp32 softmax over all experts
         self.hook_topk_indices = HookPoint()  # (N, k) chosen experts, rank order
@@ -312,94 +381,66 @@ class MoE(nn.Module):
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (N, D) -> router logits (N, E), expert indices (N, k), weights (N, k) fp32."""
         logits = self.hook_router_logits(self.gate(x))  # (N, E)
-        probs, indices, weights = self.routing_fn(logits, self.top_k)
+        probs, indices, weights = self.routing_fn(logits, self.experts_per_token)
         self.hook_router_probs(probs)
         return logits, self.hook_topk_indices(indices), self.hook_topk_weights(weights)
 
+    top_k = property(_top_k_get, _top_k_set, doc="Deprecated: ``experts_per_token``.")
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, T, D) -> output (B, T, D) and router logits (B*T, E)."""
+        """x (B, T, D) -> output (B, T, D) and router logits (B*T, E).
+
+        y_n = sum over the k experts e chosen for token n of weight_ne * expert_e(x_n)
+        """
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
-        logits, indices, weights = self.route(x)
+        logits, indices, weights = self.route(x)  # (N, E), (N, k), (N, k)
         weights = weights.to(x.dtype)
-        out = self.dispatch_grouped(x, indices, weights) if self.fast else self.dispatch_reference(x, indices, weights)
+        if self.fast:  # the same expert calls, grouped by one sort instead of a search per expert
+            return self.dispatch_grouped(x, indices, weights).view(shape), logits
+        out = torch.zeros_like(x)  # (N, D)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(indices == e)  # the tokens that chose e, and in which of their k slots
+            if len(token):
+                out.index_add_(0, token, weights[token, slot, None] * expert(x[token]))
         return out.view(shape), logits
 
-    def dispatch_reference(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-        """The paper's equation, token by token: y_n = sum_j w_nj * E_{i_nj}(x_n). Slow, obvious."""
-        out = torch.zeros_like(x)
-        for n in range(x.shape[0]):
-            for j in range(indices.shape[1]):
-                expert = self.experts[int(indices[n, j])]
-                out[n] = out[n] + weights[n, j] * expert(x[n : n + 1])[0]
-        return out
-
     def dispatch_grouped(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-        """Same result, fast: sort the (token, slot) pairs by expert, one matmul per expert.
+        """``forward``'s loop with the same ``self.experts[e](rows)`` calls and less work around
+        them: the (token, slot) pairs sorted by expert once, each expert's rows one slice.
 
-        Without autograd, plain experts (see ``_plain_expert``) are computed from their weights
-        directly, in place and into preallocated rows; experts with hooks are always called.
+        x (N, D), indices (N, k), weights (N, k) -> (N, D).
         """
         N, k = indices.shape
-        # the in-place fast paths below assume one dtype; autocast (mixed dtypes) takes the module path
-        grad = torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type)
-        if N == 1 and not grad:  # decode step: no sorting, k small matmuls, Python-scalar weights
+        if N == 1 and not torch.is_grad_enabled():  # one token (a decode step): its k experts in turn
             out = None
-            for e, w in zip(indices[0].tolist(), weights[0].tolist()):
-                ex = self.experts[e]
-                if _plain_expert(ex):  # out (+)= w * (h @ w2^T) in one matmul call
-                    h, w2t = _swiglu_hidden(ex, x), ex.w2.weight.t()
-                    out = torch.mm(h, w2t).mul_(w) if out is None else out.addmm_(h, w2t, alpha=w)
-                else:
-                    y = ex(x) * w  # (1, D); not in place: a hook may hold the expert's output
-                    out = y if out is None else out.add_(y)
+            for e, w in zip(indices.tolist()[0], weights.tolist()[0]):
+                y = self.experts[e](x)  # (1, D)
+                out = y * w if out is None else out.add_(y, alpha=w)
             return out
         flat = indices.reshape(-1)  # (N*k,)
         order = flat.argsort(stable=True)  # slots grouped by expert
         token_of_slot = order.div(k, rounding_mode="floor")  # (N*k,)
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        xs = x.index_select(0, token_of_slot)  # (N*k, D) tokens in expert order
-        ws = weights.reshape(-1).index_select(0, order).unsqueeze(1)  # (N*k, 1)
-        groups = [(e, end - c, end) for e, (c, end) in enumerate(zip(counts, accumulate(counts))) if c]  # rows [lo, hi) of xs
-        if grad:  # split, not slices: its backward is one cat, not a zero-filled (N*k, D) per expert
-            pieces = xs.split(counts)
-            ys = torch.cat([self.experts[e](pieces[e]) for e, _, _ in groups]) * ws  # (N*k, D)
-        else:
-            ys = torch.empty_like(xs)  # (N*k, D), filled expert by expert
-            for e, lo, hi in groups:
-                ex = self.experts[e]
-                if _plain_expert(ex):
-                    torch.mm(_swiglu_hidden(ex, xs[lo:hi]), ex.w2.weight.t(), out=ys[lo:hi])
-                else:
-                    ys[lo:hi] = ex(xs[lo:hi])
-            ys.mul_(ws)
+        rows = x.index_select(0, token_of_slot).split(counts)  # rows[e]: (counts[e], D)
+        ys = torch.cat([self.experts[e](rows[e]) for e in range(self.n_experts) if counts[e]])  # (N*k, D)
+        ys = ys * weights.reshape(-1, 1)[order]
         return torch.zeros_like(x).index_add_(0, token_of_slot, ys.to(x.dtype))
-
-
-_MODULE_STATE = nn.modules.module
-
-
-def _plain_expert(ex: nn.Module) -> bool:
-    """True when computing with an expert's weights directly is the same as calling it: an ``Expert``
-    of three bias-free ``nn.Linear`` with no hooks on it, on them or on its ``hook_out``, and no
-    global module hooks."""
-    if type(ex) is not Expert or _MODULE_STATE._global_forward_hooks or _MODULE_STATE._global_forward_pre_hooks:
-        return False
-    mods = ex._modules
-    linears, hook = (mods["w1"], mods["w3"], mods["w2"]), mods["hook_out"]
-    if type(hook) is not HookPoint or any(type(m) is not nn.Linear or m.bias is not None for m in linears):
-        return False
-    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                   for m in (ex, hook, *linears))
-
-
-def _swiglu_hidden(ex: Expert, x: Tensor) -> Tensor:
-    """silu(x w1^T) * (x w3^T), in place (no autograd): the hidden state an Expert feeds to w2."""
-    return F.silu(F.linear(x, ex.w1.weight), inplace=True).mul_(F.linear(x, ex.w3.weight))
 
 
 # --------------------------------------------------------------------------------------------
 # Transformer block and model
+
+
+@dataclass
+class ForwardContext:
+    """What every block needs besides the residual stream; ``Mixtral.embed`` makes it once per forward."""
+
+    positions: Tensor  # (B, T) RoPE position of each new token
+    cos: Tensor  # (B, T, 1, hd) RoPE tables (``rope_cos_sin``)
+    sin: Tensor
+    mask: Tensor | None  # (B or 1, 1, T, S) bool (``sliding_window_mask``); None = plain causal
+    cache: KVCache | None = None
 
 
 class Block(nn.Module):
@@ -407,7 +448,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attn = Attention(args)
+        self.attn = Attention(args, layer)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.moe = MoE(args)
         self.hook_resid_pre = HookPoint()  # (B, T, D)
@@ -416,32 +457,13 @@ class Block(nn.Module):
         self.hook_moe_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def forward(self, x, cos, sin, mask, cache=None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, ctx: ForwardContext) -> tuple[Tensor, Tensor]:
+        """x (B, T, D) -> x (B, T, D) and this layer's router logits (B*T, E)."""
         x = self.hook_resid_pre(x)
-        h = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.attention_norm(x), cos, sin, mask, cache, self.layer)))
+        attn_out = self.attn(self.attention_norm(x), ctx.cos, ctx.sin, ctx.mask, ctx.cache)
+        h = self.hook_resid_mid(x + self.hook_attn_out(attn_out))
         moe_out, router_logits = self.moe(self.ffn_norm(h))
         return self.hook_resid_post(h + self.hook_moe_out(moe_out)), router_logits
-
-    def decode_step(self, x: Tensor, cos2: Tensor, sin2: Tensor, cache: KVCache) -> Tensor:
-        """``forward(x, cos, sin, None, cache)[0]`` for one new token of one sequence, x (1, 1, D),
-        in about half the kernel calls: no hook points, views or routing outputs nobody reads.
-        The same arithmetic, so the same numbers. Only for a plain block (see
-        ``generation._LastLogits``): no hooks, the default routing rule, no attention mask.
-        ``cos2``/``sin2`` are ``_rope_tables(cos, sin)``."""
-        a, (H, Hkv, hd) = self.attn, (self.attn.n_heads, self.attn.n_kv_heads, self.attn.head_dim)
-        h = self.attention_norm(x)  # (1, 1, D)
-        q = a._rope(F.linear(h, a.wq.weight).view(1, 1, H, hd), cos2, sin2)  # (1, 1, H, hd)
-        k = a._rope(F.linear(h, a.wk.weight).view(1, 1, Hkv, hd), cos2, sin2)  # (1, 1, Hkv, hd)
-        pos, keys, values = cache.length, cache.k[self.layer], cache.v[self.layer]  # (1, Hkv, max_len, hd)
-        keys[:, :, pos] = k[:, 0]
-        values[:, :, pos] = F.linear(h, a.wv.weight).view(1, Hkv, hd)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys[:, :, : pos + 1], values[:, :, : pos + 1],
-                                           enable_gqa=H != Hkv)  # (1, H, 1, hd)
-        x = x + F.linear(y.reshape(1, 1, H * hd), a.wo.weight)
-        moe = self.moe
-        h = self.ffn_norm(x).view(1, -1)  # (1, D)
-        _, indices, weights = topk_softmax_routing(F.linear(h, moe.gate.weight), moe.top_k)
-        return x + moe.dispatch_grouped(h, indices, weights.to(h.dtype)).view(x.shape)
 
 
 @dataclass
@@ -458,7 +480,7 @@ class Loss:
         return {f.name: float(getattr(self, f.name).detach()) for f in fields(self)}
 
 
-def load_balancing_loss(router_logits: list[Tensor], n_experts: int, top_k: int,
+def load_balancing_loss(router_logits: list[Tensor], n_experts: int, k: int,
                         token_mask: Tensor | None = None) -> Tensor:
     """transformers' Mixtral auxiliary loss over all layers: E * sum_e f_e * P_e (= k at balance).
 
@@ -467,7 +489,7 @@ def load_balancing_loss(router_logits: list[Tensor], n_experts: int, top_k: int,
     """
     logits = torch.cat(router_logits).float()  # (L*N, E)
     probs = logits.softmax(-1)
-    chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, n_experts).sum(1).float()  # (L*N, E)
+    chosen = F.one_hot(probs.topk(k, dim=-1).indices, n_experts).sum(1).float()  # (L*N, E)
     if token_mask is None:
         f, p = chosen.mean(0), probs.mean(0)
     else:
@@ -545,6 +567,9 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int 
         return _LinearCrossEntropy.apply(h.to(dtype), weight.to(dtype), targets, chunk)
 
 
+_GLOBAL_HOOKS = nn.modules.module  # where nn.Module keeps hooks registered for every module
+
+
 class Mixtral(HookedMixin, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -555,6 +580,7 @@ class Mixtral(HookedMixin, nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.hook_embed = HookPoint()  # (B, T, D)
         self._inv_freq: dict = {}
+        self._head_t: tuple | None = None  # (weight's identity and version, [D, V] copy), see head()
         name_hook_points(self)
         self.reset_parameters()
 
@@ -590,38 +616,90 @@ class Mixtral(HookedMixin, nn.Module):
             self._inv_freq[key] = rope_inv_freq(self.args.head_dim, self.args.rope_theta, device)
         return self._inv_freq[key]
 
-    # ---- forward
+    # ---- forward: embed -> blocks -> head
+
+    def embed(self, tokens: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
+              *, check_inputs: bool = True) -> tuple[Tensor, ForwardContext]:
+        """tokens (B, T) -> residual stream x (B, T, D) (after ``hook_embed``) and the
+        ``ForwardContext`` every block takes: RoPE positions and tables, attention mask, cache.
+
+        Then ``x, router_logits = block(x, ctx)`` for each block, ``cache.advance(T)`` when there
+        is a cache, and ``logits = model.head(x)``. ``check_inputs=False`` skips the input
+        checks (token ids in range, shapes) for tokens the model itself produced.
+        """
+        if check_inputs:
+            self._check_inputs(tokens, None, attention_mask, cache)
+        if tokens.dtype not in (torch.long, torch.int):
+            tokens = tokens.long()  # nn.Embedding takes only int64 / int32 indices
+        B, T = tokens.shape
+        start = 0 if cache is None else cache.length
+        if start + T > self.args.max_seq_len:  # every position is <= its slot index
+            raise ValueError(f"position {start + T - 1} exceeds max_seq_len={self.args.max_seq_len}")
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        real = attention_mask.bool() if padded else None  # (B, T) or None
+        if cache is not None:
+            positions, key_mask = cache.add_tokens(T, real)
+        else:
+            positions = positions_from_mask(real) if padded else torch.arange(T, device=tokens.device).expand(B, T)
+            key_mask = real
+        mask = sliding_window_mask(start, T, self.args.sliding_window, key_mask, tokens.device)
+        x = self.hook_embed(self.tok_embeddings(tokens))  # (B, T, D)
+        cos, sin = rope_cos_sin(positions, self.inv_freq(tokens.device), x.dtype)  # (B, T, 1, hd)
+        return x, ForwardContext(positions, cos, sin, mask, cache)
+
+    def head(self, x: Tensor) -> Tensor:
+        """Final norm and output layer: x (B, T, D) -> logits (B, T, V). ``head(x[:, [-1]])`` for
+        the last position only (what generation needs)."""
+        x = self.norm(x)  # (B, T, D)
+        if x.shape[1] == 1 and self._plain_small_head(x):  # one position of a small fp32 model on CPU:
+            return x @ self._output_weight_t()  # the same x W^T, W stored [D, V]: ~2x faster CPU BLAS
+        return self.output(x)  # (B, T, V)
+
+    def _plain_small_head(self, x: Tensor) -> bool:
+        """``self.output`` is a plain bias-free ``nn.Linear`` nobody hooks and nothing needs its
+        gradient, and x is fp32 on CPU with D <= 1024 (where the [D, V] layout pays)."""
+        out = self.output
+        return (type(out) is nn.Linear and out.bias is None and not (out._forward_hooks or out._forward_pre_hooks)
+                and not (_GLOBAL_HOOKS._global_forward_hooks or _GLOBAL_HOOKS._global_forward_pre_hooks)
+                and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+                and out.weight.dtype == torch.float32 and x.shape[-1] <= 1024 and not out.weight.is_inference())
+
+    def _output_weight_t(self) -> Tensor:
+        """A [D, V] copy of the output weight, made again whenever the weight changes."""
+        w = self.output.weight
+        key = (w.data_ptr(), w._version, tuple(w.shape))
+        if self._head_t is None or self._head_t[0] != key:
+            self._head_t = (key, w.detach().t().contiguous())
+        return self._head_t[1]
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None, *,
                 attention_mask: Tensor | None = None, cache: KVCache | None = None,
-                return_logits: bool = True):
+                return_logits: bool = True, last_only: bool = False):
         """tokens (B, T) int -> logits (B, T, V); with targets (B, T) ``(logits, Loss)``.
 
         ``targets[b, t]`` is the token that should follow ``tokens[b, t]`` (already shifted);
         -100 is ignored. ``attention_mask`` (B, T) marks real tokens (1) and left padding (0).
-        With a ``cache``, tokens continue the cached sequence. ``return_logits=False`` (with
+        With a ``cache``, tokens continue the cached sequence. ``last_only=True`` gives the
+        logits of the last position only, (B, 1, V) (generation). ``return_logits=False`` (with
         targets; for training) returns ``(None, Loss)`` and computes the cross-entropy in chunks
         without ever holding the (B, T, V) logits: same loss and gradients, less time and memory.
         """
         if not return_logits and targets is None:
             raise ValueError("return_logits=False needs targets: without them the logits are the only output")
-        B, T = self._check_inputs(tokens, targets, attention_mask, cache)
-        if tokens.dtype not in (torch.long, torch.int):
-            tokens = tokens.long()  # nn.Embedding takes only int64 / int32 indices
-        positions, mask = self._positions_and_mask(B, T, attention_mask, cache, tokens.device)
-        x = self.hook_embed(self.tok_embeddings(tokens))  # (B, T, D)
-        cos, sin = rope_cos_sin(positions, self.inv_freq(tokens.device), x.dtype)  # (B, T, hd/2)
+        if targets is not None and last_only:
+            raise ValueError("last_only=True gives no loss: the targets need every position's logits")
+        self._check_inputs(tokens, targets, attention_mask, cache)
+        x, ctx = self.embed(tokens, attention_mask, cache, check_inputs=False)  # (B, T, D)
         router_logits = []
         for block in self.blocks:
-            x, logits = block(x, cos, sin, mask, cache)
+            x, logits = block(x, ctx)
             router_logits.append(logits)
         if cache is not None:
-            cache.length += T
-        x = self.norm(x)
-        if not return_logits:
-            ce = linear_cross_entropy(x.flatten(0, 1), self.output.weight, targets.flatten())
+            cache.advance(tokens.shape[1])
+        if not return_logits:  # training: the head's matmul fused with the cross-entropy, in chunks
+            ce = linear_cross_entropy(self.norm(x).flatten(0, 1), self.output.weight, targets.flatten())
             return None, self.router_losses(ce, router_logits, attention_mask)
-        logits = self.output(x)  # (B, T, V)
+        logits = self.head(x[:, -1:] if last_only else x)  # (B, T or 1, V)
         if targets is None:
             return logits
         return logits, self.loss(logits, targets, router_logits, attention_mask)
@@ -632,7 +710,7 @@ class Mixtral(HookedMixin, nn.Module):
 
     def router_losses(self, ce: Tensor, router_logits, attention_mask=None) -> Loss:
         """The full ``Loss``: ``ce`` plus the load-balancing and z-losses of ``router_logits``."""
-        lb = load_balancing_loss(router_logits, self.args.n_experts, self.args.top_k, attention_mask)
+        lb = load_balancing_loss(router_logits, self.args.n_experts, self.args.experts_per_token, attention_mask)
         total = ce + self.args.router_aux_loss_coef * lb
         z = router_z_loss(router_logits, attention_mask)
         if self.args.router_z_loss_coef:
@@ -649,7 +727,7 @@ class Mixtral(HookedMixin, nn.Module):
         B, T = tokens.shape
         if T == 0:
             raise ValueError("tokens is empty (T = 0)")
-        lo, hi = int(tokens.min()), int(tokens.max())
+        lo, hi = (int(t) for t in torch.aminmax(tokens))  # one pass over the ids
         if lo < 0 or hi >= self.args.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is outside [0, vocab_size={self.args.vocab_size})")
@@ -674,51 +752,6 @@ class Mixtral(HookedMixin, nn.Module):
                 raise ValueError("padding is only allowed in the first chunk given to a cache")
         return B, T
 
-    def _positions_and_mask(self, B, T, attention_mask, cache, device) -> tuple[Tensor, Tensor | None]:
-        """RoPE positions (B, T) and a boolean attention mask (B, 1, T, S), or None for plain causal."""
-        start = 0 if cache is None else cache.length
-        S = start + T
-        if attention_mask is not None and not bool(attention_mask.all()):
-            real = attention_mask.bool()
-            positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # first real token at 0
-            if cache is not None:
-                cache.key_mask[:, start:S] = real
-                cache.has_padding = True
-            key_mask = real if cache is None else cache.key_mask[:, :S]
-            if cache is not None:
-                cache.positions = positions[:, -1] + 1
-        else:
-            # no padding in this chunk: positions continue from the cache's (a decode step: no arange)
-            if cache is None:
-                positions = torch.arange(T, device=device).expand(B, T)
-            else:
-                prev = cache.positions[:, None]  # (B, 1)
-                positions = prev if T == 1 else prev + torch.arange(T, device=device)
-                cache.positions = cache.positions + T
-            key_mask = cache.key_mask[:, :S] if cache is not None and cache.has_padding else None
-        # every position is <= its slot index S - 1 (padding restarts them at 0), so this bounds them
-        # all without reading them back (_check_inputs and KVCache keep S within max_seq_len anyway)
-        if S > self.args.max_seq_len:
-            raise ValueError(f"position {S - 1} exceeds max_seq_len={self.args.max_seq_len}")
-        W = self.args.sliding_window
-        if key_mask is None and (W is None or S <= W) and (start == 0 or T == 1):
-            return positions, None  # plain causal (or one query that sees everything): SDPA's fast path
-        if T == 1 and key_mask is not None and (W is None or S <= W):
-            # decode step after a padded prompt: every real key, and the query itself
-            mask = key_mask.clone()
-            mask[:, -1] = True
-            return positions, mask[:, None, None, :]  # (B, 1, 1, S)
-        q_idx = torch.arange(start, S, device=device)[:, None]  # (T, 1)
-        k_idx = torch.arange(S, device=device)[None, :]  # (1, S)
-        allowed = k_idx <= q_idx
-        if W is not None:
-            allowed = allowed & (k_idx > q_idx - W)
-        mask = allowed[None, None]  # (1, 1, T, S)
-        if key_mask is not None:
-            # padding keys hidden; a padding query still sees itself so its softmax is defined
-            mask = (mask & key_mask[:, None, None, :]) | (k_idx == q_idx)[None, None]
-        return positions, mask.expand(B, 1, T, S)
-
     # ---- generation
 
     @torch.inference_mode()
@@ -726,12 +759,12 @@ class Mixtral(HookedMixin, nn.Module):
         """Continue ``prompt`` ([B, T] tensor, list of ints, or list of lists of varying lengths,
         left-padded here). Returns the prompt (padded) followed by the new tokens, [B, T + n]
         where n <= max_new_tokens (fewer when every row hit ``eos_id``; finished rows are filled
-        with ``pad_id``). Sampling options as in :func:`moe_lab.generation.generate_stream`.
+        with ``pad_id``). Sampling options as in :func:`moe_lab.generation.generate_stream`
+        (``top_k`` keeps the top_k most likely TOKENS; unrelated to experts, see ``experts_per_token``).
+        Every step is this model's own ``forward`` (with a KV cache, the head on the last position).
         """
-        from .generation import generate
         return generate(self, prompt, max_new_tokens, **kw)
 
     def generate_stream(self, prompt, max_new_tokens: int = 32, **kw) -> Iterator[Tensor]:
         """Like ``generate`` but yields each step's new tokens ([B] tensor) as soon as they exist."""
-        from .generation import generate_stream
         return generate_stream(self, prompt, max_new_tokens, **kw)

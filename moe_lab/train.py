@@ -491,7 +491,7 @@ def objective(cfg: TrainConfig, loss, router_logits: list[torch.Tensor]) -> tupl
     one is optimised: "hf" adds ``coef * load_balancing``, "per_layer" ``coef * sum over layers``.
     """
     a = cfg.model
-    per_layer = torch.stack([load_balancing_loss([lg], a.n_experts, a.top_k) for lg in router_logits])
+    per_layer = torch.stack([load_balancing_loss([lg], a.n_experts, a.experts_per_token) for lg in router_logits])
     if cfg.load_balancing == "hf":
         total = loss.total
     else:
@@ -1022,7 +1022,7 @@ def evaluate_model(model: Mixtral, token_data: TokenData, tokenizer, *, seq_len:
         "heldout_tokens_scored": {d: int((heldout[d][:, 1:] != token_data.bos_id).sum()) for d in heldout},
         "load": shares.tolist(), "load_by_domain": by_domain, "load_summary": load_summary(shares),
         "repetition": rep, "routing_tokens": int(r["indices"].shape[1]), "routing_docs": int(r["doc_ids"].max() + 1),
-        "n_layers": L, "n_experts": E, "top_k": model.args.top_k, "n_boot": n_boot,
+        "n_layers": L, "n_experts": E, "top_k": model.args.experts_per_token, "n_boot": n_boot,
     }
     if samples:
         report["samples"] = greedy_samples(model, tokenizer, token_data)
@@ -1081,7 +1081,7 @@ def write_model_card(report: dict, path: str | os.PathLike, *, config: TrainConf
         "## Architecture", "",
         f"Mixtral: {a.n_layers} layers, dim {a.dim}, {a.n_heads} query heads / {a.n_kv_heads} key-value heads "
         f"(grouped-query attention), head_dim {a.head_dim}, {a.n_experts} SwiGLU experts per layer with hidden size "
-        f"{a.hidden_dim}, top-{a.top_k} routing (softmax over all experts, renormalised over the chosen), RoPE theta "
+        f"{a.hidden_dim}, top-{a.experts_per_token} routing (softmax over all experts, renormalised over the chosen), RoPE theta "
         f"{a.rope_theta:g}, RMSNorm, untied input/output embeddings, vocabulary {a.vocab_size} "
         f"(the real Mixtral v1 SentencePiece tokenizer, so token ids mean the same as in Mixtral 8x7B). "
         f"Parameters: {pc.total / 1e6:.2f} M total, {pc.active / 1e6:.2f} M active per token. "

@@ -15,29 +15,29 @@ from moe_lab.model import Mixtral, ModelArgs
 torch.set_num_threads(1)
 
 # At least one config for each axis the parity tests care about:
-#   n_experts 4 / 8, top_k 1 / 2 / 3, GQA ratio 1 / 2 / 4, head_dim != dim / n_heads,
+#   n_experts 4 / 8, experts_per_token 1 / 2 / 3, GQA ratio 1 / 2 / 4, head_dim != dim / n_heads,
 #   rope_theta 1e4 / 1e6, sliding window on / off.
 # init_std is larger than the training default so that router logits and attention are far
 # from uniform (otherwise near-ties would make the routing checks meaningless).
 TINY_CONFIGS: list[ModelArgs] = [
     # GQA 1, head_dim == dim / n_heads, top-1 of 4, theta 1e4, dense causal
     ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, hidden_dim=96, vocab_size=300,
-              max_seq_len=128, sliding_window=None, n_experts=4, top_k=1, rope_theta=1e4, init_std=0.05),
+              max_seq_len=128, sliding_window=None, n_experts=4, experts_per_token=1, rope_theta=1e4, init_std=0.05),
     # GQA 2, head_dim 24 != 12, top-2 of 8, theta 1e6, sliding window 16
     ModelArgs(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=24, hidden_dim=80, vocab_size=384,
-              max_seq_len=128, sliding_window=16, n_experts=8, top_k=2, rope_theta=1e6, init_std=0.05),
+              max_seq_len=128, sliding_window=16, n_experts=8, experts_per_token=2, rope_theta=1e6, init_std=0.05),
     # GQA 4, head_dim 12 != 8, top-3 of 8, theta 1e4, dense causal
     ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=12, hidden_dim=64, vocab_size=512,
-              max_seq_len=128, sliding_window=None, n_experts=8, top_k=3, rope_theta=1e4, init_std=0.05),
+              max_seq_len=128, sliding_window=None, n_experts=8, experts_per_token=3, rope_theta=1e4, init_std=0.05),
     # GQA 4 with a single kv head, head_dim 16 != 8, top-2 of 4, theta 1e6, sliding window 8
     ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=1, head_dim=16, hidden_dim=48, vocab_size=320,
-              max_seq_len=128, sliding_window=8, n_experts=4, top_k=2, rope_theta=1e6, init_std=0.05),
+              max_seq_len=128, sliding_window=8, n_experts=4, experts_per_token=2, rope_theta=1e6, init_std=0.05),
 ]
 
 
 def config_id(args: ModelArgs) -> str:
     sw = f"w{args.sliding_window}" if args.sliding_window else "dense"
-    return (f"E{args.n_experts}k{args.top_k}-gqa{args.n_heads // args.n_kv_heads}-hd{args.head_dim}"
+    return (f"E{args.n_experts}k{args.experts_per_token}-gqa{args.n_heads // args.n_kv_heads}-hd{args.head_dim}"
             f"-theta{args.rope_theta:.0e}-{sw}")
 
 

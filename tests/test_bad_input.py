@@ -125,8 +125,8 @@ def test_targets_wrong_shape(model, shape):
 @pytest.mark.parametrize("kw,msg", [
     (dict(n_heads=6, n_kv_heads=4, head_dim=8), "n_heads=6 must be a multiple of n_kv_heads=4"),
     (dict(head_dim=7), "head_dim=7 must be even for RoPE"),
-    (dict(n_experts=4, top_k=5), r"top_k=5 must be in \[1, n_experts=4\]"),
-    (dict(n_experts=4, top_k=0), r"top_k=0 must be in \[1, n_experts=4\]"),
+    (dict(n_experts=4, experts_per_token=5), r"experts_per_token=5 must be in \[1, n_experts=4\]"),
+    (dict(n_experts=4, experts_per_token=0), r"experts_per_token=0 must be in \[1, n_experts=4\]"),
     (dict(dim=30, n_heads=4, head_dim=None), "dim=30 is not divisible by n_heads=4; set head_dim"),
     (dict(sliding_window=0), "sliding_window=0 must be >= 1 or None"),
 ])

@@ -49,7 +49,7 @@ def test_mixtral_trace_identical_to_moe_lab(pair):
 
 def test_mixtral_interventions_identical_to_moe_lab(pair):
     args, model, hf = pair
-    E, k = args.n_experts, args.top_k
+    E, k = args.n_experts, args.experts_per_token
     cases = [
         [AblateExpert(0, 1), ForceExpert(args.n_layers - 1, 2, positions=[1, 4])],
         [SetTopK(E)],

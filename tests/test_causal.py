@@ -118,7 +118,7 @@ def test_contrastive_experts():
         assert math.isclose(r.rate_a, ra, abs_tol=1e-12) and math.isclose(r.risk_diff, ra - rb, abs_tol=1e-12)
         assert r.ci_low <= r.risk_diff <= r.ci_high
     # each layer's rates sum to k (every token uses k experts)
-    np.testing.assert_allclose(df.groupby("layer").rate_a.sum(), args.top_k)
+    np.testing.assert_allclose(df.groupby("layer").rate_a.sum(), args.experts_per_token)
     same = contrastive_experts(model, texts["low"], texts["low"], n_boot=20)
     assert (same.risk_diff == 0).all()
 
@@ -129,7 +129,7 @@ def test_alternative_routes_router_choice_equals_plain_model(args):
     tokens = random_tokens(args, 1, 11, seed=8)
     L, pos = args.n_layers - 1, 6
     df = alternative_routes(model, tokens, L, pos)
-    assert len(df) == math.comb(args.n_experts, args.top_k)
+    assert len(df) == math.comb(args.n_experts, args.experts_per_token)
     assert df.router_choice.sum() == 1 and (np.diff(df.logprob) <= 0).all()
     with torch.no_grad():
         plain = model(tokens)[0, pos].float().log_softmax(-1)[tokens[0, pos + 1]].item()
@@ -155,7 +155,7 @@ def test_alternative_routes_router_choice_equals_plain_model(args):
         with model.hooks(fwd_hooks=[(f"blocks.{L}.hook_moe_out", replace)]):
             by_hand = model(tokens[:, :pos + 1])[0, -1].float().log_softmax(-1)[tokens[0, pos + 1]].item()
     assert math.isclose(alt.logprob, by_hand, abs_tol=1e-5)
-    if args.top_k < args.n_experts:
+    if args.experts_per_token < args.n_experts:
         assert df.logprob.nunique() > 1  # the routes differ
     with pytest.raises(ValueError, match="has no next token"):
         alternative_routes(model, tokens, L, 10)

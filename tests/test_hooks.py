@@ -66,11 +66,11 @@ def test_run_with_cache_indexing(model, tokens):
         probs = cache["router_probs", L]
         assert probs.dtype == torch.float32
         torch.testing.assert_close(probs, F.softmax(expected.float(), -1))
-        top = probs.topk(ARGS.top_k, -1)
+        top = probs.topk(ARGS.experts_per_token, -1)
         assert torch.equal(cache["topk_indices", L], top.indices)
         torch.testing.assert_close(cache["topk_weights", L], top.values / top.values.sum(-1, keepdim=True))
     assert cache.layers("router_logits") == list(range(ARGS.n_layers))
-    assert cache.stack("topk_indices").shape == (ARGS.n_layers, N, ARGS.top_k)
+    assert cache.stack("topk_indices").shape == (ARGS.n_layers, N, ARGS.experts_per_token)
     assert ("router_logits", 0) in cache and ("pattern", 0) not in cache
     with pytest.raises(KeyError, match="not in this cache"):
         cache["pattern", 0]
@@ -207,4 +207,4 @@ def test_run_with_cache_padded_batch_and_targets(model):
     (logits, loss), cache = model.run_with_cache(tokens, targets, attention_mask=mask, names_filter="topk_indices")
     ref_logits, ref_loss = model(tokens, targets, attention_mask=mask)
     assert torch.equal(logits, ref_logits) and torch.equal(loss.total, ref_loss.total)
-    assert cache["topk_indices", 0].shape == (tokens.numel(), ARGS.top_k)
+    assert cache["topk_indices", 0].shape == (tokens.numel(), ARGS.experts_per_token)

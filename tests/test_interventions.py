@@ -47,7 +47,7 @@ def test_ablate_expert(model):
     np.testing.assert_allclose(t.router_logits[L], logits.numpy(), atol=1e-6)
     masked = logits.clone()
     masked[:, e] = float("-inf")
-    top = masked.softmax(-1).topk(ARGS.top_k, -1)
+    top = masked.softmax(-1).topk(ARGS.experts_per_token, -1)
     assert np.array_equal(t.expert_ids[L], top.indices.numpy())
     np.testing.assert_allclose(t.weights[L], (top.values / top.values.sum(-1, keepdim=True)).numpy(), atol=1e-6)
     untouched = ~(base.expert_ids[L] == e).any(-1)  # tokens that did not use e keep their routing in layer L
@@ -72,7 +72,7 @@ def test_force_expert(model):
     # the other k-1 are the router's favourites among the rest, in rank order
     rest = probs.clone()
     rest[:, e] = -1
-    assert np.array_equal(t.expert_ids[L][:, 1:], rest.topk(ARGS.top_k - 1, -1).indices.numpy())
+    assert np.array_equal(t.expert_ids[L][:, 1:], rest.topk(ARGS.experts_per_token - 1, -1).indices.numpy())
 
 
 def test_force_expert_at_positions(model):
@@ -112,7 +112,7 @@ def test_router_temperature(model):
         t = trace(model)
     assert np.array_equal(t.expert_ids[0], base.expert_ids[0])  # same choice, sharper weights
     assert (t.weights[0][:, 0] >= base.weights[0][:, 0] - 1e-6).all()
-    p = torch.from_numpy(base.router_logits[0] / 0.5).softmax(-1).topk(ARGS.top_k, -1).values
+    p = torch.from_numpy(base.router_logits[0] / 0.5).softmax(-1).topk(ARGS.experts_per_token, -1).values
     np.testing.assert_allclose(t.weights[0], (p / p.sum(-1, keepdim=True)).numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="t must be > 0"):
         RouterTemperature(0)
@@ -126,8 +126,8 @@ def test_custom_routing(model):
     with intervene(model, CustomRouting(first_experts, layers=[1])):
         t = trace(model)
         assert "CustomRouting(first_experts" in t.meta["interventions"][0]
-    assert (t.expert_ids[1] == np.arange(ARGS.top_k)).all()
-    np.testing.assert_allclose(t.weights[1], 1 / ARGS.top_k)
+    assert (t.expert_ids[1] == np.arange(ARGS.experts_per_token)).all()
+    np.testing.assert_allclose(t.weights[1], 1 / ARGS.experts_per_token)
 
     def broken(logits, k):
         return logits, torch.zeros(3, k, dtype=torch.long), torch.zeros(3, k)
@@ -284,7 +284,7 @@ def test_steering():
     shifted = torch.from_numpy(t.router_logits[1]).clone()
     shifted[:, e] += 1.5
     shifted[:, 0] -= 2.0
-    _, idx, w = moe_lab.topk_softmax_routing(shifted, args.top_k)
+    _, idx, w = moe_lab.topk_softmax_routing(shifted, args.experts_per_token)
     assert np.array_equal(t.expert_ids[1], idx.numpy())
     np.testing.assert_allclose(t.weights[1], w.numpy(), atol=1e-6)
     # composes: steering toward e, then zero-ablating e keeps the slot but empties it

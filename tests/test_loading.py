@@ -126,7 +126,7 @@ def test_moe_lab_to_hf_dir_to_transformers(args, shard, tmp_path):
     else:
         assert names == ["config.json", "model.safetensors"]
     hf = transformers.MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    hf_logits, hf_chosen = hf_routing(hf, tok, args.top_k)
+    hf_logits, hf_chosen = hf_routing(hf, tok, args.experts_per_token)
     logits, chosen = routing(m, tok)
     torch.testing.assert_close(hf_logits, logits, atol=ATOL, rtol=0)
     for a, b in zip(hf_chosen, chosen):
@@ -148,7 +148,7 @@ def test_transformers_save_pretrained_to_moe_lab(args, original_format, tmp_path
     assert any("gate_up_proj" in k for k in keys) != original_format
     tok = random_tokens(args, 2, 10)
     loaded = load_model(tmp_path / "hf")
-    hf_logits, hf_chosen = hf_routing(hf, tok, args.top_k)
+    hf_logits, hf_chosen = hf_routing(hf, tok, args.experts_per_token)
     logits, chosen = routing(loaded, tok)
     torch.testing.assert_close(logits, hf_logits, atol=ATOL, rtol=0)
     for a, b in zip(chosen, hf_chosen):
@@ -176,7 +176,7 @@ def test_moe_lab_to_mistral_to_moe_lab(args, shard, tmp_path):
     assert "params.json" in names
     assert ("consolidated.safetensors" in names) == (shard is None)
     params = json.loads((path / "params.json").read_text())
-    assert params["moe"] == {"num_experts": args.n_experts, "num_experts_per_tok": args.top_k}
+    assert params["moe"] == {"num_experts": args.n_experts, "num_experts_per_tok": args.experts_per_token}
     loaded = load_model(path)
     # params.json holds the architecture; training-only fields (init_std, loss coefs) take defaults
     assert loaded.args == m.args.replace(init_std=0.02, router_aux_loss_coef=0.02)

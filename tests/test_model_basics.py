@@ -37,12 +37,12 @@ def test_count_params_equals_module(args):
     total = sum(p.numel() for p in m.parameters())
     # active: every parameter except experts k..E-1 of each layer (the count is per token)
     active = sum(p.numel() for n, p in m.named_parameters()
-                 if ".experts." not in n or int(n.split(".experts.")[1].split(".")[0]) < args.top_k)
+                 if ".experts." not in n or int(n.split(".experts.")[1].split(".")[0]) < args.experts_per_token)
     pc = count_params(args)
     assert (pc.total, pc.active) == (total, active)
     # and the same by the formula written out once more
     D, I = args.dim, args.hidden_dim
-    assert pc.total - pc.active == args.n_layers * (args.n_experts - args.top_k) * 3 * D * I
+    assert pc.total - pc.active == args.n_layers * (args.n_experts - args.experts_per_token) * 3 * D * I
 
 
 def test_meta_build_of_8x7b_is_instant_and_allocates_nothing():
@@ -130,7 +130,7 @@ def test_loss_parts_by_hand(z_coef, masked):
     z = torch.stack([r.logsumexp(-1).pow(2)[keep].mean() for r in router]).mean()
     allr = torch.cat([r[keep] for r in router])  # (L * n_real, E)
     p = allr.softmax(-1)
-    f = F.one_hot(p.topk(args.top_k, -1).indices, args.n_experts).sum(1).float().mean(0)
+    f = F.one_hot(p.topk(args.experts_per_token, -1).indices, args.n_experts).sum(1).float().mean(0)
     lb = args.n_experts * (f * p.mean(0)).sum()
 
     assert abs(loss.ce.item() - ce.item()) <= 1e-6
@@ -164,7 +164,7 @@ def test_adamw_reduces_loss_on_repeated_batch():
 
 def test_init_std_and_norms():
     args = ModelArgs(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=512, n_experts=4,
-                     top_k=2, init_std=0.03)
+                     experts_per_token=2, init_std=0.03)
     m = make_model(args, seed=8)
     resid_std = args.init_std / math.sqrt(2 * args.n_layers)
     for name, p in m.named_parameters():

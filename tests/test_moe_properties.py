@@ -28,7 +28,7 @@ def moe_cases(draw, dtypes=(torch.float32,)):
 
 
 def build_moe(c) -> tuple[MoE, torch.Tensor]:
-    args = ModelArgs(dim=c["D"], hidden_dim=c["I"], n_experts=c["E"], top_k=c["k"], n_heads=1, n_kv_heads=1,
+    args = ModelArgs(dim=c["D"], hidden_dim=c["I"], n_experts=c["E"], experts_per_token=c["k"], n_heads=1, n_kv_heads=1,
                      head_dim=2, n_layers=1, vocab_size=8)
     torch.manual_seed(c["seed"])
     moe = MoE(args)
@@ -96,7 +96,7 @@ def by_hand(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     probs = logits.softmax(-1)
     out = torch.zeros_like(x)
     for n in range(x.shape[0]):
-        top = sorted(range(moe.n_experts), key=lambda e: -probs[n, e].item())[: moe.top_k]
+        top = sorted(range(moe.n_experts), key=lambda e: -probs[n, e].item())[: moe.experts_per_token]
         z = sum(probs[n, e] for e in top)
         for e in top:
             ex = moe.experts[e]

@@ -77,7 +77,7 @@ def test_router_logits_and_chosen_experts_match(pair):
         assert rec.logits[L].shape == theirs.shape == (2 * T_LONG, args.n_experts)
         diff = (rec.logits[L] - theirs).abs().max().item()
         assert diff <= 1e-5, f"layer {L}: router logits differ by {diff:.3g}"
-        assert torch.equal(rec.indices[L], hf_topk(theirs, args.top_k)), f"layer {L}: chosen experts differ"
+        assert torch.equal(rec.indices[L], hf_topk(theirs, args.experts_per_token)), f"layer {L}: chosen experts differ"
 
 
 @torch.no_grad()
@@ -178,7 +178,7 @@ def test_bf16_routing_flip_rate(args, record_property):
     ref_logits, ref = _ours_routes(model, tokens)  # fp32 (equals HF fp32, tested above)
     model, hf = model.to(torch.bfloat16), hf.to(torch.bfloat16)
     ours_logits, ours = _ours_routes(model, tokens)
-    hf_logits, theirs = _hf_routes(hf, tokens, args.top_k)
+    hf_logits, theirs = _hf_routes(hf, tokens, args.experts_per_token)
 
     rates = {
         "ours_bf16_vs_hf_bf16": flip_rates(ours, theirs),
@@ -195,7 +195,7 @@ def test_bf16_routing_flip_rate(args, record_property):
     }
     n = tokens.numel() * args.n_layers
     print(f"\n[bf16 routing, {n} (token, layer) pairs] " + "; ".join(
-        f"{k}: first-choice {f:.2%}, top-{args.top_k} set {s:.2%}, rel RMS logits diff {logit_diffs[k]:.3g}"
+        f"{k}: first-choice {f:.2%}, top-{args.experts_per_token} set {s:.2%}, rel RMS logits diff {logit_diffs[k]:.3g}"
         for k, (f, s) in rates.items()))
     for k, (f, s) in rates.items():
         record_property(f"{k}_first_flip", f)

@@ -119,11 +119,11 @@ def test_iter_layers_manual_loop(tmp_path):
     with torch.no_grad():
         ref = m(tokens, attention_mask=mask)
     sm = StreamingMixtral(path)
-    x, cos, sin, attn_mask = sm.prepare(tokens, mask)
+    x, ctx = sm.prepare(tokens, mask)
     with torch.no_grad():
         for i, block in sm.iter_layers():
             assert sm.loaded_blocks() == [i]
-            x, _ = block(x, cos, sin, attn_mask)
+            x, _ = block(x, ctx)
     assert sm.loaded_blocks() == []
     assert torch.equal(sm.finish(x), ref)
 

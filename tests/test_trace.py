@@ -44,7 +44,7 @@ def test_list_of_token_lists_matches_each_document_alone(model):
     trace = trace_routing(model, DOCS, batch_size=3, progress=False, keep_logits=True)
     assert isinstance(trace, RoutingTrace)
     N = sum(map(len, DOCS))
-    L, k, E = ARGS.n_layers, ARGS.top_k, ARGS.n_experts
+    L, k, E = ARGS.n_layers, ARGS.experts_per_token, ARGS.n_experts
     assert trace.expert_ids.shape == (L, N, k) and trace.weights.shape == (L, N, k)
     assert trace.router_logits.shape == (L, N, E) and trace.router_logits.dtype == np.float32
     assert trace.token_ids.tolist() == [t for d in DOCS for t in d]
@@ -103,7 +103,7 @@ def test_texts_and_domains(model, capsys):
     sub = t.select(domain="prose")
     assert sub.n_docs == 1 and sub.pieces[1] == "O"
     df = t.to_pandas()
-    assert len(df) == t.n_tokens * ARGS.n_layers * ARGS.top_k
+    assert len(df) == t.n_tokens * ARGS.n_layers * ARGS.experts_per_token
     assert set(df["domain"]) == {"code", "prose"}
     t2 = trace_routing(model, ["abc", "de"], tokenizer=tok, domain="x", add_bos=False, progress=False)
     assert t2.domains == ["x", "x"] and t2.token_ids[0] == tok.encode("abc", bos=False)[0]

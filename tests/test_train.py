@@ -77,7 +77,7 @@ def tokenizer():
 
 def tiny_config(**changes) -> TrainConfig:
     args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, vocab_size=32000,
-                     max_seq_len=64, n_experts=4, top_k=2)
+                     max_seq_len=64, n_experts=4, experts_per_token=2)
     cfg = TrainConfig(model=args,
                       data=DataConfig(seq_len=32, eval_tokens_per_domain=128, eval_windows=2, probe_windows=1),
                       optim=OptimConfig(steps=24, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=4),
@@ -352,7 +352,7 @@ def test_export_run_writes_card(full_run, corpus, tokenizer, tmp_path):
 def test_demo_config_meets_the_spec():
     cfg = load_config(REPO / "configs" / "tiny-mixtral.json")
     a = cfg.model
-    assert (a.n_experts, a.top_k, a.rope_theta, a.vocab_size) == (8, 2, 1e6, 32000)
+    assert (a.n_experts, a.experts_per_token, a.rope_theta, a.vocab_size) == (8, 2, 1e6, 32000)
     assert a.n_kv_heads < a.n_heads, "grouped-query attention"
     assert a.router_aux_loss_coef == 0.02
     assert 2 * count_params(a).total <= 64e6, "bf16 checkpoint must fit in 64 MB"

@@ -12,7 +12,7 @@ from moe_lab.tokenizer import load_tokenizer
 from moe_lab.widgets import RoutingExplorer, explore, intervention_effect, widget_frontend
 
 ARGS = ModelArgs(dim=32, n_layers=3, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=48, vocab_size=32000,
-                 max_seq_len=128, n_experts=4, top_k=2, init_std=0.2)
+                 max_seq_len=128, n_experts=4, experts_per_token=2, init_std=0.2)
 SAMPLES = {"python": ["def f(x):\n    return x + 1\n", "import os\nprint(os.getcwd())"],
            "english": ["The cat sat on the mat and looked at the dog."]}
 

@@ -57,7 +57,7 @@ def hf_config_dict(args: ModelArgs) -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
         "sliding_window": args.sliding_window,
         "num_local_experts": args.n_experts,
-        "num_experts_per_tok": args.top_k,
+        "num_experts_per_tok": args.experts_per_token,
         "router_aux_loss_coef": args.router_aux_loss_coef,
         "output_router_logits": False,
         "vocab_size": args.vocab_size,
@@ -88,7 +88,7 @@ def args_from_hf_config(cfg: dict, **overrides) -> ModelArgs:
         hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"], norm_eps=cfg.get("rms_norm_eps", 1e-5),
         rope_theta=float(theta), max_seq_len=cfg.get("max_position_embeddings", 32768),
         sliding_window=cfg.get("sliding_window"), n_experts=cfg["num_local_experts"],
-        top_k=cfg["num_experts_per_tok"], router_aux_loss_coef=cfg.get("router_aux_loss_coef", 0.02),
+        experts_per_token=cfg["num_experts_per_tok"], router_aux_loss_coef=cfg.get("router_aux_loss_coef", 0.02),
         init_std=cfg.get("initializer_range", 0.02),
     )
     d.update(overrides)

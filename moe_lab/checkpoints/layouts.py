@@ -169,7 +169,7 @@ def args_from_params(params: dict, **overrides) -> ModelArgs:
         n_kv_heads=params.get("n_kv_heads") or params["n_heads"], head_dim=params.get("head_dim"),
         hidden_dim=params["hidden_dim"], vocab_size=params["vocab_size"], norm_eps=params.get("norm_eps", 1e-5),
         rope_theta=float(params.get("rope_theta") or 1e6), sliding_window=params.get("sliding_window"),
-        n_experts=moe["num_experts"], top_k=moe["num_experts_per_tok"],
+        n_experts=moe["num_experts"], experts_per_token=moe["num_experts_per_tok"],
     )
     if params.get("max_seq_len"):
         d["max_seq_len"] = params["max_seq_len"]
@@ -182,7 +182,7 @@ def params_dict(args: ModelArgs) -> dict:
     p = {"dim": args.dim, "n_layers": args.n_layers, "head_dim": args.head_dim, "hidden_dim": args.hidden_dim,
          "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "norm_eps": args.norm_eps,
          "vocab_size": args.vocab_size, "rope_theta": args.rope_theta, "max_seq_len": args.max_seq_len,
-         "moe": {"num_experts": args.n_experts, "num_experts_per_tok": args.top_k}}
+         "moe": {"num_experts": args.n_experts, "num_experts_per_tok": args.experts_per_token}}
     if args.sliding_window is not None:
         p["sliding_window"] = args.sliding_window
     return p

@@ -78,7 +78,8 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
            "float64": torch.float64, "fp64": torch.float64}
 
 
-def _as_dtype(dtype) -> torch.dtype | None:
+def as_dtype(dtype) -> torch.dtype | None:
+    """None, a torch floating-point dtype or its name ("bf16", "float32", ...) -> the dtype or None."""
     if dtype is None or isinstance(dtype, torch.dtype):
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
@@ -472,7 +473,7 @@ class CheckpointReader:
 
     def read_globals(self, dtype=None, device="cpu") -> dict[str, Tensor]:
         """``tok_embeddings.weight``, ``norm.weight``, ``output.weight`` (moe_lab names)."""
-        return self._read(None, 0, _as_dtype(dtype), device)
+        return self._read(None, 0, as_dtype(dtype), device)
 
     def read_layer(self, layer: int, as_index: int | None = None, dtype=None, device="cpu", *,
                    one_buffer: bool = False) -> dict[str, Tensor]:
@@ -484,7 +485,7 @@ class CheckpointReader:
         """
         if not 0 <= layer < self.n_layers:
             raise CheckpointError(f"layer {layer} out of range: {self._where()} has {self.n_layers} layers")
-        return self._read(layer, layer if as_index is None else as_index, _as_dtype(dtype), device, one_buffer)
+        return self._read(layer, layer if as_index is None else as_index, as_dtype(dtype), device, one_buffer)
 
     def close(self):
         store = getattr(self, "store", None)
@@ -525,7 +526,7 @@ def load_model(path, *, dtype=None, device="cpu", layers=None, args: ModelArgs |
     ``FileNotFoundError``) naming the file and keys for anything wrong, before any weights are
     read. No partly loaded model is ever returned.
     """
-    dtype = _as_dtype(dtype)
+    dtype = as_dtype(dtype)
     device = torch.device(device)
     with CheckpointReader(path, args=args, layout=layout) as reader:
         ids = reader.layer_ids(layers)

@@ -24,11 +24,11 @@ API::
     #    its weights loaded, hidden: (B, T, D) residual stream after the block,
     #    router_logits: (B*T, E).
 
-    # 3. your own loop:
-    x, cos, sin, mask = sm.prepare(tokens, attention_mask)
+    # 3. your own loop (the pieces of ``Mixtral.forward``: embed -> blocks -> head):
+    x, ctx = sm.prepare(tokens, attention_mask)          # = sm.model.embed(...)
     for i, block in sm.iter_layers():                   # weights freed when the loop moves on
-        x, router_logits = block(x, cos, sin, mask)
-    logits = sm.finish(x)
+        x, router_logits = block(x, ctx)
+    logits = sm.finish(x)                               # = sm.model.head(x)
 
     # 4. code written for an in-memory Mixtral can take ``sm.model`` directly: calling it streams
     #    too (e.g. ``moe_lab.trace_routing(sm.model, docs, tokenizer=tok)``); call
@@ -49,8 +49,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from .layouts import meta_model
-from .loading import CheckpointReader, _as_dtype
-from ..model import Block, ModelArgs, rope_cos_sin
+from .loading import CheckpointReader, as_dtype
+from ..model import Block, ForwardContext, ModelArgs
 
 __all__ = ["StreamingMixtral", "LayerCallback"]
 
@@ -91,7 +91,7 @@ class StreamingMixtral:
         self.reader = CheckpointReader(path, args=args, layout=layout)
         try:
             self.layer_ids = self.reader.layer_ids(layers)
-            self.dtype = _as_dtype(dtype) or self.reader.default_dtype
+            self.dtype = as_dtype(dtype) or self.reader.default_dtype
             self.device = torch.device(device)
             self.args = self.reader.args.replace(n_layers=len(self.layer_ids))
             self.model = meta_model(self.args)
@@ -167,22 +167,17 @@ class StreamingMixtral:
     __call__ = forward
 
     @torch.no_grad()
-    def prepare(self, tokens: Tensor, attention_mask: Tensor | None = None):
-        """Embeddings and the RoPE / mask inputs every block takes: ``(x, cos, sin, mask)``."""
-        m = self.model
+    def prepare(self, tokens: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, ForwardContext]:
+        """``Mixtral.embed``: embeddings (B, T, D) and the ``ForwardContext`` every block takes."""
         tokens = tokens.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
-        B, T = m._check_inputs(tokens, None, attention_mask, None)
-        positions, mask = m._positions_and_mask(B, T, attention_mask, None, tokens.device)
-        x = m.hook_embed(m.tok_embeddings(tokens))
-        cos, sin = rope_cos_sin(positions, m.inv_freq(tokens.device), x.dtype)
-        return x, cos, sin, mask
+        return self.model.embed(tokens, attention_mask)
 
     @torch.no_grad()
     def finish(self, x: Tensor) -> Tensor:
-        """Final norm and output head: residual stream (B, T, D) -> logits (B, T, V)."""
-        return self.model.output(self.model.norm(x))
+        """``Mixtral.head``: final norm and output layer, residual stream (B, T, D) -> logits (B, T, V)."""
+        return self.model.head(x)
 
     # ---- housekeeping
 

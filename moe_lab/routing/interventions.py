@@ -278,8 +278,10 @@ class ForceExpert(Intervention):
 
 
 class SetTopK(Intervention):
-    """Route every token to ``k`` experts (``layers=None``: all layers). ``k = n_experts``
-    gives the dense mixture: every expert, weighted by the full softmax."""
+    """Set the experts per token (``ModelArgs.experts_per_token``, the paper's K): route every
+    token to ``k`` experts (``layers=None``: all layers). ``k = n_experts`` gives the dense
+    mixture: every expert, weighted by the full softmax. (The name is kept from moe_lab 0.1;
+    unrelated to the sampling ``top_k`` of ``generate``.)"""
 
     def __init__(self, k: int, layers: int | Iterable[int] | None = None):
         self.k = int(k)

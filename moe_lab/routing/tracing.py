@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..generation import generate_stream, left_pad
 from ..hooks import StopForward
 from .trace import RoutingTrace
 
@@ -431,12 +432,13 @@ def trace_generation(model, prompt, max_new_tokens: int = 32, *, tokenizer=None,
     through the model once more so that its routing is known too. ``trace.meta["prompt_lengths"]``
     says where generation starts (``trace.positions >= prompt_length``).
 
+    The tokens come from :func:`moe_lab.generation.generate_stream` (sampling: ``temperature``;
+    ``top_k`` keeps the top_k most likely TOKENS, unrelated to experts; ``top_p``; ``seed``).
     ``prompt``: a text or list of texts (with ``tokenizer``), a list of token ids, a list of
     lists or a [B, T] tensor. On a transformers model, generation uses ``hf_model.generate``
     and the trace comes from one forward over the final sequences.
     """
     from .bridge import is_hf_model
-    from ..generation import left_pad, sample_next
 
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -454,27 +456,21 @@ def trace_generation(model, prompt, max_new_tokens: int = 32, *, tokenizer=None,
     B, T = tokens.shape
     if T + max_new_tokens > model.args.max_seq_len:
         raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={model.args.max_seq_len}")
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     cache = model.new_cache(B, T + max_new_tokens)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
     new: list[Tensor] = []
     steps: list[dict] = []
     was_training = model.training
     model.eval()
     try:
         with engine.recorder as rec:
-            logits = model(tokens, attention_mask=mask, cache=cache)[:, -1]
-            steps.append(rec.take())
-            for step in range(max_new_tokens):
-                nxt = sample_next(logits, temperature, top_k, top_p, generator).masked_fill(finished, pad_id)
+            for nxt in generate_stream(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, seed=seed, eos_id=eos_id, pad_id=pad_id,
+                                       attention_mask=mask, cache=cache):
+                steps.append(rec.take())  # the forward whose logits gave nxt: the prompt, then each token
                 new.append(nxt)
-                if eos_id is not None:
-                    finished |= nxt == eos_id
-                # feed every generated token, the last one too, so that its routing is recorded
-                logits = model(nxt[:, None], cache=cache)[:, -1]
-                steps.append(rec.take())
-                if eos_id is not None and bool(finished.all()):
-                    break
+            if new:  # feed the last generated token too, so that its routing is recorded
+                model(new[-1][:, None], cache=cache, last_only=True)
+            steps.append(rec.take())
     finally:
         model.train(was_training)
     out = torch.cat([tokens, torch.stack(new, dim=1)], dim=1) if new else tokens
