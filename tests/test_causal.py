@@ -70,6 +70,20 @@ def test_ablation_scan_on_partial_and_streaming_models(tmp_path):
         streamed = ablation_scan(sm, texts, layers=[2], experts=[0, 3], **kw)
         assert sm.loaded_blocks() == []
     np.testing.assert_allclose(streamed.delta, ours.delta, atol=1e-6)
+    doc = texts["low"][0]
+    routes = alternative_routes(part, doc, 2, 6)
+    red = disable_top_experts(part, texts, r_values=[0, 2], n_random=1, n_boot=10, progress=False)
+    con = contrastive_experts(part, texts["low"], texts["high"], n_boot=10)
+    assert set(con.layer) == {1, 2}
+    with StreamingMixtral(path, layers=[1, 2]) as sm:
+        s_routes = alternative_routes(sm, doc, 2, 6)
+        s_red = disable_top_experts(sm, texts, r_values=[0, 2], n_random=1, n_boot=10, progress=False)
+        s_con = contrastive_experts(sm, texts["low"], texts["high"], n_boot=10)
+        assert sm.loaded_blocks() == []
+    np.testing.assert_allclose(s_routes.logprob, routes.logprob, atol=1e-6)
+    assert list(s_routes.experts) == list(routes.experts)
+    np.testing.assert_allclose(s_red.loss, red.loss, atol=1e-6)
+    np.testing.assert_allclose(s_con.risk_diff, con.risk_diff, atol=0)
     with pytest.raises(ValueError, match=r"layer 0 is not in this model \(its layers: \[1, 2\]\)"):
         ablation_scan(part, texts, layers=[0], **kw)
     with pytest.raises(ValueError, match="unknown mode"):

@@ -39,7 +39,14 @@ ERNIE-4.5-MoE     ``Ernie4_5_MoeTopKRouter``    yes          no (bias-corrected 
 untested; interventions refuse routers whose rule moe_lab cannot recompute. Interventions
 recompute the routing from the router logits (softmax in fp32, top-k, renormalised when the
 model renormalises) and replace the router's output through a forward hook, so the experts
-receive the intervened indices and weights (also inside ``generate``).
+receive the intervened indices and weights (also inside ``generate``). Everything that acts on
+the routing works (``AblateExpert`` in both modes, ``SteerExperts``, ``ForceExpert``,
+``SetTopK``, ``RouterTemperature``, ``CustomRouting``); ``SwapExpert`` does not (transformers
+fuses a layer's experts into one module) and says so.
+
+This module is an adapter: it knows transformers' modules and calling conventions and nothing
+about interventions or traces (it imports neither); :mod:`moe_lab.routing.interventions` and
+:mod:`moe_lab.routing.tracing` call it.
 
 Notes:
 
