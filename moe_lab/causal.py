@@ -344,11 +344,12 @@ def contrastive_experts(model, texts_a, texts_b, tokenizer=None, *, n_boot: int 
             docs = [d[:max_len] for d in docs]
         t = trace_routing(model, docs, batch_size=batch_size, progress=False)
         E, L = t.n_experts, t.n_layers
-        hit = np.zeros((L, t.n_tokens, E), dtype=bool)  # token used the expert in this layer
-        np.put_along_axis(hit, t.expert_ids, True, axis=-1)
-        per_doc = np.stack([np.add.reduceat(hit[l], np.flatnonzero(np.r_[True, np.diff(t.doc_ids) != 0]), axis=0)
-                            for l in range(L)], 1)  # (n_docs, L, E) tokens using e per document
-        counts.append(np.bincount(t.doc_ids))
+        hit = np.zeros((L, t.n_tokens, E), dtype=np.int64)  # 1 where the token used the expert in this layer
+        np.put_along_axis(hit, t.expert_ids, 1, axis=-1)
+        n_docs = int(t.doc_ids.max()) + 1
+        per_doc = np.zeros((n_docs, L, E), dtype=np.int64)  # tokens using e, per document
+        np.add.at(per_doc, t.doc_ids, hit.transpose(1, 0, 2))
+        counts.append(np.bincount(t.doc_ids, minlength=n_docs))
         rates.append(per_doc)
         layers = t.layers
     rng = np.random.default_rng(seed)

@@ -133,6 +133,14 @@ def test_contrastive_experts():
         assert r.ci_low <= r.risk_diff <= r.ci_high
     # each layer's rates sum to k (every token uses k experts)
     np.testing.assert_allclose(df.groupby("layer").rate_a.sum(), args.experts_per_token)
+    # the interval: documents resampled with their own token counts (a document-level bootstrap by hand)
+    rng = np.random.default_rng(0)
+    L0, e0 = int(df.layer[0]), int(df.expert[0])
+    hits_a = [(ta.expert_ids[L0][ta.doc_ids == i] == e0).any(-1) for i in range(3)]
+    hits_b = [(tb.expert_ids[L0][tb.doc_ids == i] == e0).any(-1) for i in range(2)]
+    boots = [np.concatenate([hits_a[i] for i in rng.integers(0, 3, 3)]).mean()
+             - np.concatenate([hits_b[i] for i in rng.integers(0, 2, 2)]).mean() for _ in range(50)]
+    np.testing.assert_allclose([df.ci_low[0], df.ci_high[0]], np.quantile(boots, [0.025, 0.975]), atol=1e-12)
     same = contrastive_experts(model, texts["low"], texts["low"], n_boot=20)
     assert (same.risk_diff == 0).all()
 
