@@ -19,6 +19,7 @@ from conftest import CONFIG_IDS, TINY_CONFIGS, make_pair
 from moe_lab import (AblateExpert, ForceExpert, RouterTemperature, SetTopK, SteerExperts, SwapExpert, intervene,
                      trace_generation, trace_routing)
 from moe_lab import bridge
+from moe_lab.causal import ablation_scan
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,6 +82,8 @@ def test_mixtral_zero_ablation_and_steering_logits_equal_moe_lab(pair):
     with pytest.raises(NotImplementedError, match="fuse a layer's experts"):
         with intervene(hf, SwapExpert(0, 1, 2)):
             pass
+    with pytest.raises(TypeError, match="from_hf_model"):  # the experiments need a moe_lab model
+        ablation_scan(hf, {"a": [DOCS[1]]}, progress=False)
     assert not bridge.find_routers(hf)[0]._forward_hooks and not hf._forward_pre_hooks
 
 

@@ -394,7 +394,9 @@ def unwrap(model):
         return inner, model
     if hasattr(model, "blocks") and hasattr(model, "args"):
         return model, model
-    raise TypeError(f"expected a moe_lab Mixtral (or StreamingMixtral), got {type(model).__name__}")
+    hint = ("; convert a transformers model with moe_lab.checkpoints.convert.from_hf_model(model)"
+            if bridge.is_hf_model(model) else "")
+    raise TypeError(f"expected a moe_lab Mixtral (or StreamingMixtral), got {type(model).__name__}{hint}")
 
 
 def layer_ids(mixtral) -> list[int]:
