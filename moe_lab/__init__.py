@@ -44,7 +44,6 @@ from .checkpoints.loading import CheckpointError, describe_checkpoint, load_mode
 from .checkpoints.streaming import StreamingMixtral  # noqa: F401
 from .checkpoints import convert, files, layouts, loading, streaming  # noqa: F401
 from .routing import bridge, interventions, trace, tracing  # noqa: F401
-from . import attribution, causal  # noqa: F401  (experiments on experts: moe_lab.causal.ablation_scan, ...)
 
 # The module paths of moe_lab 0.1 (``moe_lab.trace``, ``moe_lab.loading``, ...) keep working:
 # each names the module that now lives in a subpackage.
