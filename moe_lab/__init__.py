@@ -36,6 +36,8 @@ from .routing.interventions import (  # noqa: F401
     ForceExpert,
     RouterTemperature,
     SetTopK,
+    SteerExperts,
+    SwapExpert,
     intervene,
 )
 from .routing.tracing import trace_generation, trace_routing  # noqa: F401

@@ -52,6 +52,12 @@ _LAYER_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 _EXPERT_RE = re.compile(r"\.experts\.(\d+)\.")
 
 
+class StopForward(Exception):
+    """Raised by a hook to end a forward early (nothing after that module is computed): routing
+    traces stop after the last traced layer, attribution after the layer it explains. The caller
+    that registered the hook catches it."""
+
+
 # --------------------------------------------------------------------------------------------
 # the hook point
 

@@ -1,7 +1,9 @@
 """An ipywidgets explorer of routing: type a text (or pick a sample of a domain), pick the
 layer and the model, and see the tokens coloured by expert, a table of every token's top-k
-experts and the expert load; an intervention panel switches an expert off (or forces it on)
-at a layer and shows how the next-token distribution and the routing of later layers change.
+experts and the expert load; an intervention panel switches an expert off (three ways: the
+router reroutes, its contribution is zeroed, or another expert computes its slot), steers the
+router toward it, or forces it on at a layer, and shows how the next-token distribution and the
+routing of later layers change.
 
 ::
 
@@ -33,9 +35,11 @@ import numpy as np
 import torch
 
 from . import viz
+from .routing.interventions import AblateExpert, ForceExpert, SteerExperts, SwapExpert, intervene
 from .routing.trace import RoutingTrace
 
-__all__ = ["RoutingExplorer", "InterventionEffect", "explore", "intervention_effect", "widget_frontend"]
+__all__ = ["RoutingExplorer", "InterventionEffect", "INTERVENTION_KINDS", "explore", "intervention_effect",
+           "widget_frontend"]
 
 WIDGETS_ENV = "MOE_LAB_WIDGETS"
 
@@ -87,13 +91,23 @@ def widget_frontend() -> str:
 class InterventionEffect:
     """What an intervention changed on one text: next-token distributions and routing."""
 
-    kind: str  # "ablate" or "force"
+    kind: str  # one of INTERVENTION_KINDS: "ablate", "zero", "swap", "steer", "force"
     layer: int
     expert: int
     base_probs: np.ndarray  # [V] next-token distribution with normal routing
     new_probs: np.ndarray  # [V] with the intervention
     base_trace: RoutingTrace
     new_trace: RoutingTrace
+    replacement: int | None = None  # "swap": the expert that computes the slot
+    offset: float | None = None  # "steer": added to the expert's router logit
+
+    @property
+    def description(self) -> str:
+        """``"expert 3 switched off (rerouted) at layer 1"`` and so on."""
+        what = {"ablate": "switched off (rerouted)", "zero": "switched off (contribution zeroed)",
+                "swap": f"replaced by expert {self.replacement}", "steer": f"steered ({self.offset:+g} on its logit)"
+                if self.offset is not None else "steered", "force": "forced on"}[self.kind]
+        return f"expert {self.expert} {what} at layer {self.layer}"
 
     @property
     def kl(self) -> float:
@@ -113,26 +127,44 @@ class InterventionEffect:
         return pd.DataFrame({"layer": layers, "first_choice_changed": first, "topk_set_changed": sets})
 
     def summary(self, tokenizer=None) -> str:
-        what = "switched off" if self.kind == "ablate" else "forced on"
         top = lambda p: int(p.argmax())  # noqa: E731
         name = (lambda i: repr(tokenizer.pieces([i])[0])) if tokenizer is not None else str
         df = self.changes()
         later = df[df.layer > self.layer]
-        return (f"Expert {self.expert} {what} at layer {self.layer}: next token {name(top(self.base_probs))} "
+        d = self.description
+        return (f"{d[0].upper()}{d[1:]}: next token {name(top(self.base_probs))} "
                 f"({self.base_probs.max():.1%}) -> {name(top(self.new_probs))} ({self.new_probs.max():.1%}), "
                 f"KL {self.kl:.3f} nats; top-k set changed for "
                 f"{df[df.layer == self.layer].topk_set_changed.iloc[0]:.0%} of tokens at layer {self.layer}"
                 + (f" and {later.topk_set_changed.mean():.0%} on average in later layers" if len(later) else "") + ".")
 
 
-def _intervention(kind: str, layer: int, expert: int):
-    from .routing.interventions import AblateExpert, ForceExpert
+# what the intervention panel offers: kind -> label (the three ablations, steering, forcing)
+INTERVENTION_KINDS = {
+    "ablate": "switch off: reroute",  # AblateExpert(mode="reroute"): the next expert takes the slot
+    "zero": "switch off: zero",  # AblateExpert(mode="zero"): routing kept, contribution removed
+    "swap": "swap for another",  # SwapExpert: another expert computes the slot
+    "steer": "steer (logit offset)",  # SteerExperts: offset added to the router logit
+    "force": "force on",  # ForceExpert: in every token's top-k
+}
 
+
+def _intervention(kind: str, layer: int, expert: int, replacement: int | None = None, offset: float | None = None):
     if kind == "ablate":
         return AblateExpert(layer=layer, expert=expert)
+    if kind == "zero":
+        return AblateExpert(layer=layer, expert=expert, mode="zero")
+    if kind == "swap":
+        if replacement is None:
+            raise ValueError("kind 'swap' needs replacement= (the expert that computes the slot)")
+        return SwapExpert(layer=layer, expert=expert, replacement=int(replacement))
+    if kind == "steer":
+        if offset is None:
+            raise ValueError("kind 'steer' needs offset= (added to the expert's router logit)")
+        return SteerExperts(layer=layer, offsets={expert: float(offset)})
     if kind == "force":
         return ForceExpert(layer=layer, expert=expert)
-    raise ValueError(f"kind must be 'ablate' or 'force', got {kind!r}")
+    raise ValueError(f"kind must be one of {list(INTERVENTION_KINDS)}, got {kind!r}")
 
 
 def _trace_ids(model, ids: list[int], tokenizer=None, domain: str = "") -> RoutingTrace:
@@ -150,22 +182,26 @@ def _next_probs(model, ids: list[int]) -> np.ndarray:
 
 
 def intervention_effect(model, ids: Sequence[int], kind: str, layer: int, expert: int, *,
+                        replacement: int | None = None, offset: float | None = None,
                         tokenizer=None, base: tuple[np.ndarray, RoutingTrace] | None = None) -> InterventionEffect:
-    """Run ``ids`` with normal routing and with expert ``expert`` switched off (``"ablate"``) or
-    forced on (``"force"``) at ``layer`` (:class:`moe_lab.AblateExpert` / :class:`moe_lab.ForceExpert`
-    inside :func:`moe_lab.intervene`), and compare. ``base`` reuses an earlier normal run
-    ``(probs, trace)``."""
-    from .routing.interventions import intervene
-
+    """Run ``ids`` with normal routing and with an intervention on expert ``expert`` at ``layer``
+    (inside :func:`moe_lab.intervene`), and compare. ``kind``: ``"ablate"`` (switched off, the
+    next expert takes the slot: :class:`moe_lab.AblateExpert`), ``"zero"`` (its contribution
+    removed, routing kept: ``AblateExpert(mode="zero")``), ``"swap"`` (expert ``replacement``
+    computes its slots: :class:`moe_lab.SwapExpert`), ``"steer"`` (``offset`` added to its router
+    logit: :class:`moe_lab.SteerExperts`) or ``"force"`` (:class:`moe_lab.ForceExpert`). ``base``
+    reuses an earlier normal run ``(probs, trace)``."""
     ids = [int(i) for i in ids]
-    iv = _intervention(kind, layer, expert)
+    iv = _intervention(kind, layer, expert, replacement, offset)
     if base is None:
         base = (_next_probs(model, ids), _trace_ids(model, ids, tokenizer))
     with intervene(model, iv):
         new_probs = _next_probs(model, ids)
         new_trace = _trace_ids(model, ids, tokenizer)
     return InterventionEffect(kind=kind, layer=int(layer), expert=int(expert), base_probs=base[0],
-                              new_probs=new_probs, base_trace=base[1], new_trace=new_trace)
+                              new_probs=new_probs, base_trace=base[1], new_trace=new_trace,
+                              replacement=None if kind != "swap" else int(replacement),
+                              offset=None if kind != "steer" else float(offset))
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,14 +360,17 @@ class RoutingExplorer:
         self._refresh()
         return self
 
-    def apply_intervention(self, kind: str, expert: int, layer: int | None = None) -> InterventionEffect:
-        """Switch ``expert`` off (``kind="ablate"``) or force it on (``"force"``) at ``layer``
-        (default: the layer shown) and compare with normal routing."""
+    def apply_intervention(self, kind: str, expert: int, layer: int | None = None, *,
+                           replacement: int | None = None, offset: float | None = None) -> InterventionEffect:
+        """Act on ``expert`` at ``layer`` (default: the layer shown) and compare with normal
+        routing. ``kind``: ``"ablate"`` (switch off, reroute), ``"zero"`` (switch off, zero its
+        contribution), ``"swap"`` (with ``replacement``), ``"steer"`` (with ``offset``) or
+        ``"force"``; see :func:`intervention_effect`."""
         layer = self.layer if layer is None else self._check_layer(layer)
         if not 0 <= int(expert) < self.n_experts:
             raise ValueError(f"expert {expert} is outside [0, {self.n_experts})")
-        self.effect = intervention_effect(self.model, self.ids, kind, layer, int(expert), tokenizer=self.tokenizer,
-                                          base=(self.next_probs, self.trace))
+        self.effect = intervention_effect(self.model, self.ids, kind, layer, int(expert), replacement=replacement,
+                                          offset=offset, tokenizer=self.tokenizer, base=(self.next_probs, self.trace))
         self._refresh(intervention_only=True)
         return self.effect
 
@@ -356,10 +395,9 @@ class RoutingExplorer:
             self.routing_change_fig = None
         else:
             e = self.effect
-            verb = "off" if e.kind == "ablate" else "forced on"
             self.next_token_fig = viz.next_token_figure(
                 e.base_probs, e.new_probs, self.tokenizer, top_n=self.top_n,
-                labels=("normal routing", f"expert {e.expert} {verb} at layer {e.layer}"))
+                labels=("normal routing", e.description))
             self.routing_change_fig = viz.routing_change_figure(e.base_trace, e.new_trace, marker_layer=e.layer)
         if self._widget is not None:
             self._render()
@@ -417,10 +455,14 @@ class RoutingExplorer:
         self.w_status = W.HTML()
         self.out_tokens, self.out_load, self.out_next, self.out_change = (W.Output() for _ in range(4))
         self.w_table = W.HTML()
-        self.w_kind = W.ToggleButtons(options=[("switch off", "ablate"), ("force on", "force")], value="ablate",
+        self.w_kind = W.ToggleButtons(options=[(label, k) for k, label in INTERVENTION_KINDS.items()], value="ablate",
                                       description="action")
         self.w_expert = W.Dropdown(options=list(range(self.n_experts)), value=0, description="expert",
                                    layout=W.Layout(width="150px"))
+        self.w_replacement = W.Dropdown(options=list(range(self.n_experts)), value=min(1, self.n_experts - 1),
+                                        description="by expert", layout=W.Layout(width="170px"))  # for "swap"
+        self.w_offset = W.FloatSlider(value=2.0, min=-10.0, max=10.0, step=0.5, description="offset",
+                                      layout=W.Layout(width="300px"))  # for "steer"
         self.w_iv_layer = W.Dropdown(options=self.layers, value=self.layer, description="at layer",
                                      layout=W.Layout(width="160px"))
         self.w_apply = W.Button(description="Apply", button_style="warning", icon="flask")
@@ -433,8 +475,11 @@ class RoutingExplorer:
                               names="value")
         self.w_text.observe(lambda ch: self._from_widget(self.set_text, ch["new"]), names="value")
         self.w_trace.on_click(lambda _: self._from_widget(self.set_text, self.w_text.value))
-        self.w_apply.on_click(lambda _: self._from_widget(self.apply_intervention, self.w_kind.value,
-                                                          self.w_expert.value, self.w_iv_layer.value))
+        self.w_apply.on_click(lambda _: self._from_widget(
+            self.apply_intervention, self.w_kind.value, self.w_expert.value, self.w_iv_layer.value,
+            replacement=self.w_replacement.value if self.w_kind.value == "swap" else None,
+            offset=self.w_offset.value if self.w_kind.value == "steer" else None))
+        self.w_kind.observe(lambda ch: self._show_kind_options(), names="value")
         self.w_clear.on_click(lambda _: self._from_widget(self.clear_intervention))
 
         wrap = W.Layout(flex_flow="row wrap", align_items="flex-start")  # side by side when there is room
@@ -442,20 +487,30 @@ class RoutingExplorer:
         routing = W.VBox([self.out_tokens, W.HBox([W.VBox([W.HTML("<b>Top-k experts per token</b>"), self.w_table],
                                                           layout=W.Layout(width="500px", margin="0 16px 0 0")),
                                                    self.out_load], layout=wrap)])
-        panel = W.VBox([W.HTML("<b>Intervention</b>: switch an expert off (router logit -inf) or force it "
-                               "into every token's top-k at one layer, then compare."),
-                        W.HBox([self.w_kind, self.w_expert, self.w_iv_layer, self.w_apply, self.w_clear], layout=wrap),
+        panel = W.VBox([W.HTML("<b>Intervention</b> at one layer, then compare: switch an expert off "
+                               "(<i>reroute</i>: router logit -inf, the next expert takes the slot; <i>zero</i>: "
+                               "routing kept, its contribution removed), <i>swap</i> it for another expert, "
+                               "<i>steer</i> the router toward it (an offset on its logit) or <i>force</i> it into "
+                               "every token's top-k."),
+                        self.w_kind,
+                        W.HBox([self.w_expert, self.w_replacement, self.w_offset, self.w_iv_layer, self.w_apply,
+                                self.w_clear], layout=wrap),
                         self.w_effect, W.HBox([self.out_next, self.out_change], layout=wrap)])
         self._widget = W.VBox([controls, W.HBox([self.w_text, self.w_trace]), self.w_status, routing,
                                W.HTML("<hr>"), panel])
 
-    def _from_widget(self, method, *args):
+    def _show_kind_options(self) -> None:
+        """Show the replacement picker for "swap" and the offset slider for "steer" only."""
+        self.w_replacement.layout.display = None if self.w_kind.value == "swap" else "none"
+        self.w_offset.layout.display = None if self.w_kind.value == "steer" else "none"
+
+    def _from_widget(self, method, *args, **kwargs):
         """Run a callback for a widget event; errors show in the status line, not as tracebacks."""
         if self._syncing:
             return None
         try:
             self.w_status.value = ""
-            return method(*args)
+            return method(*args, **kwargs)
         except Exception as e:  # shown to the learner, the widget keeps working
             self.w_status.value = f"<span style='color:#CC3311'>{html.escape(type(e).__name__)}: {html.escape(str(e))}</span>"
             return None
@@ -474,6 +529,8 @@ class RoutingExplorer:
                 self.w_iv_layer.value = self.layer
             if list(self.w_expert.options) != list(range(self.n_experts)):
                 self.w_expert.options = list(range(self.n_experts))
+                self.w_replacement.options = list(range(self.n_experts))
+            self._show_kind_options()
             if self.w_text.value != self.text:
                 self.w_text.value = self.text
             self.w_sample.value = self.sample

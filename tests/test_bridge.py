@@ -16,8 +16,10 @@ import torch
 import torch.nn as nn
 
 from conftest import CONFIG_IDS, TINY_CONFIGS, make_pair
-from moe_lab import AblateExpert, ForceExpert, RouterTemperature, SetTopK, intervene, trace_generation, trace_routing
+from moe_lab import (AblateExpert, ForceExpert, RouterTemperature, SetTopK, SteerExperts, SwapExpert, intervene,
+                     trace_generation, trace_routing)
 from moe_lab import bridge
+from moe_lab.causal import ablation_scan
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,6 +55,7 @@ def test_mixtral_interventions_identical_to_moe_lab(pair):
         [AblateExpert(0, 1), ForceExpert(args.n_layers - 1, 2, positions=[1, 4])],
         [SetTopK(E)],
         [RouterTemperature(0.3, layers=[0]), SetTopK(min(k + 1, E), layers=list(range(args.n_layers)))],
+        [AblateExpert(0, [0, 1], mode="zero"), SteerExperts(args.n_layers - 1, {2: 2.0, 0: -1.0})],
     ]
     for ivs in cases:
         with intervene(model, *ivs):
@@ -63,6 +66,25 @@ def test_mixtral_interventions_identical_to_moe_lab(pair):
         np.testing.assert_allclose(ours.weights, theirs.weights, atol=1e-5)
         assert theirs.meta["interventions"] == [repr(iv) for iv in ivs]
     assert not bridge.find_routers(hf)[0]._forward_hooks  # removed on exit
+
+
+def test_mixtral_zero_ablation_and_steering_logits_equal_moe_lab(pair):
+    args, model, hf = pair
+    tokens = torch.tensor([DOCS[1]])
+    ivs = [AblateExpert(0, 1, mode="zero"), SteerExperts(args.n_layers - 1, {2: 1.5})]
+    with torch.no_grad():
+        with intervene(model, *ivs):
+            ours = model(tokens)
+        with intervene(hf, *ivs):
+            theirs = hf(tokens).logits
+        assert not torch.allclose(ours, model(tokens), atol=1e-3)  # the interventions did something
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match="fuse a layer's experts"):
+        with intervene(hf, SwapExpert(0, 1, 2)):
+            pass
+    with pytest.raises(TypeError, match="from_hf_model"):  # the experiments need a moe_lab model
+        ablation_scan(hf, {"a": [DOCS[1]]}, progress=False)
+    assert not bridge.find_routers(hf)[0]._forward_hooks and not hf._forward_pre_hooks
 
 
 def test_mixtral_generation(pair):

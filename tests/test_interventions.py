@@ -198,3 +198,148 @@ def test_interventions_act_during_generate(model):
     assert np.array_equal(t.expert_ids[0][~at & ~gen], base.expert_ids[0][~at & ~gen])  # the prompt is unchanged
     assert t.meta["interventions"] == [f"AblateExpert(layer=2, expert={e})", "ForceExpert(layer=0, expert=7, positions=[6, 7])"]
     assert_untouched(model)
+
+
+# --------------------------------------------------------------------------------------------
+# the three ablation semantics and steering (issue 13)
+
+import copy  # noqa: E402
+
+from conftest import CONFIG_IDS, TINY_CONFIGS as CONFIGS, random_tokens  # noqa: E402
+from moe_lab import StreamingMixtral, SteerExperts, SwapExpert, load_model, save_model  # noqa: E402
+
+
+def busiest(t, L):
+    return int(np.bincount(t.expert_ids[L].ravel()).argmax())
+
+
+@pytest.mark.parametrize("args", CONFIGS, ids=CONFIG_IDS)
+def test_zero_ablation_equals_zeroed_w2(args):
+    model = make_model(args, seed=3)
+    tokens = random_tokens(args, 2, 12, seed=1)
+    base = trace_routing(model, tokens, progress=False)
+    L = args.n_layers - 1
+    e = busiest(base, L)
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        zeroed.blocks[L].moe.experts[e].w2.weight.zero_()
+        want = zeroed(tokens)
+        with intervene(model, AblateExpert(L, e, mode="zero")):
+            got = model(tokens)
+            t = trace_routing(model, tokens, progress=False)
+    assert not torch.allclose(got, model(tokens).detach(), atol=1e-4)  # it did something
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert np.array_equal(t.expert_ids[L], base.expert_ids[L])  # routing unchanged in the trace
+    hit = t.expert_ids[L] == e
+    assert hit.any() and (t.weights[L][hit] == 0).all()  # (a trace's weights are renormalised over the k)
+    with intervene(model, AblateExpert(L, e, mode="zero")):  # the training path (autograd) too
+        torch.testing.assert_close(model(tokens), zeroed(tokens), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("args", CONFIGS, ids=CONFIG_IDS)
+def test_swap_equals_copied_weights(args):
+    model = make_model(args, seed=4)
+    tokens = random_tokens(args, 2, 12, seed=2)
+    base = trace_routing(model, tokens, progress=False)
+    L = 0
+    e = busiest(base, L)
+    r, x = [i for i in range(args.n_experts) if i != e][-2:]
+    copied = copy.deepcopy(model)
+    copied.blocks[L].moe.experts[e].load_state_dict(model.blocks[L].moe.experts[r].state_dict())
+    with torch.no_grad():
+        with intervene(model, SwapExpert(L, e, replacement=r)):
+            got = model(tokens)
+            t = trace_routing(model, tokens, progress=False)
+        assert torch.equal(got, copied(tokens))
+        assert not torch.allclose(got, model(tokens), atol=1e-4)
+    assert np.array_equal(t.expert_ids[L], base.expert_ids[L]) and np.array_equal(t.weights[L], base.weights[L])
+    assert [int(k) for k in model.blocks[L].moe.experts._modules] == list(range(args.n_experts))
+    assert model.blocks[L].moe.experts[e] is not model.blocks[L].moe.experts[r]
+    # two swaps apply in order, like copying weights one after the other; nesting restores in order
+    copied.blocks[L].moe.experts[r].load_state_dict(model.blocks[L].moe.experts[x].state_dict())
+    with torch.no_grad(), intervene(model, SwapExpert(L, e, r)):
+        with intervene(model, SwapExpert(L, r, x)):
+            assert torch.equal(model(tokens), copied(tokens))
+        assert torch.equal(model(tokens), got)
+    assert_untouched(model)
+
+
+def test_steering():
+    args = CONFIGS[1]  # top-2 of 8
+    model = make_model(args, seed=5)
+    tokens = random_tokens(args, 2, 12, seed=3)
+    base = trace_routing(model, tokens, progress=False, keep_logits=True)
+    with torch.no_grad():
+        ref = model(tokens)
+        with intervene(model, SteerExperts(0, {3: 0.0, 5: 0.0})):
+            assert torch.equal(model(tokens), ref)  # offset 0: bit for bit
+    e = int(np.argmin(np.bincount(base.expert_ids[0].ravel(), minlength=args.n_experts)))  # least used
+    with intervene(model, SteerExperts(0, {e: 1e4})):
+        t = trace_routing(model, tokens, progress=False, keep_logits=True)
+    assert (t.expert_ids[0] == e).any(-1).all()  # in every token's top-k
+    np.testing.assert_array_equal(t.router_logits[0], base.router_logits[0])  # the trace keeps the raw logits
+    # a moderate offset: the routing is the rule applied to the shifted logits
+    with intervene(model, SteerExperts(1, {e: 1.5, 0: -2.0})):
+        t = trace_routing(model, tokens, progress=False, keep_logits=True)
+    shifted = torch.from_numpy(t.router_logits[1]).clone()
+    shifted[:, e] += 1.5
+    shifted[:, 0] -= 2.0
+    _, idx, w = moe_lab.topk_softmax_routing(shifted, args.experts_per_token)
+    assert np.array_equal(t.expert_ids[1], idx.numpy())
+    np.testing.assert_allclose(t.weights[1], w.numpy(), atol=1e-6)
+    # composes: steering toward e, then zero-ablating e keeps the slot but empties it
+    with intervene(model, SteerExperts(0, {e: 1e4}), AblateExpert(0, e, mode="zero")):
+        t = trace_routing(model, tokens, progress=False)
+    assert (t.weights[0][t.expert_ids[0] == e] == 0).all()
+    assert_untouched(model)
+
+
+def test_new_interventions_errors_and_restoring(model):
+    with pytest.raises(ValueError, match="unknown mode 'erase'"):
+        AblateExpert(0, 1, mode="erase")
+    with pytest.raises(ValueError, match="is the expert itself"):
+        SwapExpert(0, 2, replacement=2)
+    with pytest.raises(ValueError, match=r"offsets for expert 9 is outside \[0, 8\) \(this model has 8 experts"):
+        with intervene(model, SteerExperts(0, {9: 1.0})):
+            pass
+    with pytest.raises(ValueError, match=r"replacement 8 is outside \[0, 8\)"):
+        with intervene(model, SwapExpert(0, 1, 8)):
+            pass
+    with pytest.raises(ValueError, match=r"layer 7 is not an MoE layer of this model \(3 layers"):
+        with intervene(model, AblateExpert(7, 1, mode="zero")):
+            pass
+    with pytest.raises(ValueError, match="non-empty dict"):
+        SteerExperts(0, {})
+    assert_untouched(model)
+    # an error inside the swapped forward: the experts are put back
+    experts = list(model.blocks[1].moe.experts)
+    h = model.blocks[1].moe.experts[4].w1.register_forward_hook(lambda *a: 1 / 0)
+    try:
+        with pytest.raises(ZeroDivisionError):
+            with intervene(model, SwapExpert(1, 2, 4), AblateExpert(1, 3, mode="zero"), SteerExperts(1, {4: 50.0})):
+                model(torch.tensor(DOCS[1])[None])
+    finally:
+        h.remove()
+    assert list(model.blocks[1].moe.experts) == experts
+    assert all(not b.moe._forward_hooks and not b.moe._forward_pre_hooks for b in model.blocks)
+    assert_untouched(model)
+
+
+def test_new_interventions_on_partial_and_streaming_models(tmp_path):
+    args = CONFIGS[3]  # 3 layers, top-2 of 4
+    full = make_model(args, seed=6)
+    path = save_model(full, tmp_path / "c")
+    part = load_model(path, layers=[1, 2])  # checkpoint layer numbers
+    tokens = random_tokens(args, 2, 10, seed=4)
+    ivs = [SwapExpert(2, 0, 3), AblateExpert(1, 1, mode="zero"), SteerExperts(2, {2: 1.0})]
+    with torch.no_grad(), intervene(part, *ivs):
+        want = part(tokens)
+    assert_untouched(part)
+    with StreamingMixtral(path, layers=[1, 2]) as sm:
+        with intervene(sm, *ivs):
+            got = sm(tokens)
+        assert torch.equal(got, want)
+        assert sm.loaded_blocks() == [] and not active_interventions(sm)
+        with pytest.raises(ValueError, match="layer 0 is not an MoE layer"):
+            with intervene(sm, SwapExpert(0, 0, 1)):
+                pass

@@ -149,6 +149,50 @@ def test_ablation_changes_exactly_the_tokens_that_used_the_expert(model, tok):
         intervention_effect(model, ex.ids, "remove", 0, 0)
 
 
+def test_ablation_modes_swap_and_steering(model, tok):
+    ex = RoutingExplorer(model, tok, text="The quick brown fox jumps over the lazy dog. " * 3)
+    layer = 1
+    ids = ex.trace.expert_ids[layer]
+    expert = int(np.bincount(ids.ravel(), minlength=4).argmax())
+    used = (ids == expert).any(-1)
+    zero = ex.apply_intervention("zero", expert, layer)
+    assert np.array_equal(zero.new_trace.expert_ids[layer], ids)  # routing kept at the layer...
+    assert (zero.new_trace.weights[layer][ids == expert] == 0).all() and zero.kl > 0  # ...its slot emptied
+    assert "contribution zeroed" in zero.summary(tok)
+    other = (expert + 1) % 4
+    swap = ex.apply_intervention("swap", expert, layer, replacement=other)
+    assert np.array_equal(swap.new_trace.expert_ids[layer], ids) and swap.kl > 0
+    assert f"replaced by expert {other}" in ex.next_token_fig.data[1].name
+    rare = int(np.bincount(ids.ravel(), minlength=4).argmin())
+    steer = ex.apply_intervention("steer", rare, layer, offset=50.0)
+    assert (steer.new_trace.expert_ids[layer] == rare).any(-1).all()  # in every token's top-k
+    assert steer.offset == 50.0 and "+50 on its logit" in steer.summary()
+    assert ex.apply_intervention("steer", rare, layer, offset=0.0).kl == pytest.approx(0, abs=1e-9)
+    with pytest.raises(ValueError, match="needs replacement"):
+        ex.apply_intervention("swap", expert, layer)
+    with pytest.raises(ValueError, match="is the expert itself"):
+        ex.apply_intervention("swap", expert, layer, replacement=expert)
+    with pytest.raises(ValueError, match="needs offset"):
+        ex.apply_intervention("steer", expert, layer)
+    assert used.any()
+    # the widget offers the five kinds; swap and steer show their extra control
+    w = ex.widget
+    assert w is not None and [v for _, v in ex.w_kind.options] == ["ablate", "zero", "swap", "steer", "force"]
+    ex.w_kind.value = "swap"
+    assert ex.w_replacement.layout.display is None and ex.w_offset.layout.display == "none"
+    ex.w_expert.value, ex.w_replacement.value, ex.w_iv_layer.value = expert, other, layer
+    ex.w_apply.click()
+    assert (ex.effect.kind, ex.effect.replacement) == ("swap", other) and "replaced by" in ex.w_effect.value
+    ex.w_kind.value = "steer"
+    assert ex.w_offset.layout.display is None and ex.w_replacement.layout.display == "none"
+    ex.w_expert.value, ex.w_offset.value = rare, 8.0
+    ex.w_apply.click()
+    assert (ex.effect.kind, ex.effect.offset, ex.effect.expert) == ("steer", 8.0, rare)
+    ex.w_kind.value = "zero"
+    ex.w_apply.click()
+    assert ex.effect.kind == "zero" and ex.effect.offset is None
+
+
 def test_explore_without_a_frontend_shows_static_output(model, tok, capsys):
     assert widget_frontend() == "none"  # pytest: plain Python
     ex = explore(model, tok, samples=SAMPLES)

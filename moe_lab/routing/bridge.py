@@ -39,7 +39,14 @@ ERNIE-4.5-MoE     ``Ernie4_5_MoeTopKRouter``    yes          no (bias-corrected 
 untested; interventions refuse routers whose rule moe_lab cannot recompute. Interventions
 recompute the routing from the router logits (softmax in fp32, top-k, renormalised when the
 model renormalises) and replace the router's output through a forward hook, so the experts
-receive the intervened indices and weights (also inside ``generate``).
+receive the intervened indices and weights (also inside ``generate``). Everything that acts on
+the routing works (``AblateExpert`` in both modes, ``SteerExperts``, ``ForceExpert``,
+``SetTopK``, ``RouterTemperature``, ``CustomRouting``); ``SwapExpert`` does not (transformers
+fuses a layer's experts into one module) and says so.
+
+This module is an adapter: it knows transformers' modules and calling conventions and nothing
+about interventions or traces (it imports neither); :mod:`moe_lab.routing.interventions` and
+:mod:`moe_lab.routing.tracing` call it.
 
 Notes:
 
@@ -68,6 +75,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..hooks import StopForward
 
 # Router classes the tests check: class name -> (model_type, rule). rule "softmax_topk": softmax
 # over all experts, top-k, renormalised when ``renormalise`` (None: the router's norm_topk_prob)
@@ -215,8 +224,6 @@ class RouterRecorder:
 def hf_forward(model, tokens: Tensor, attention_mask: Tensor | None, stop_after: nn.Module | None = None):
     """One forward of the decoder on ``tokens`` [B, T] (left-padded, positions restarting at 0 on
     the first real token like moe_lab's), without the LM head; stops after ``stop_after``."""
-    from .tracing import _StopForward
-
     device = input_device(model)
     tokens = tokens.to(device)
     kw = {"use_cache": False}
@@ -229,11 +236,11 @@ def hf_forward(model, tokens: Tensor, attention_mask: Tensor | None, stop_after:
     handle = None
     if stop_after is not None:
         def stop(mod, inputs, out):
-            raise _StopForward
+            raise StopForward
         handle = stop_after.register_forward_hook(stop)
     try:
         base(input_ids=tokens, **kw)
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         if handle is not None:
@@ -241,10 +248,16 @@ def hf_forward(model, tokens: Tensor, attention_mask: Tensor | None, stop_after:
 
 
 # --------------------------------------------------------------------------------------------
-# interventions on transformers models
+# replacing router outputs (what ``moe_lab.intervene`` calls on a transformers model)
+#
+# The bridge is an adapter: it knows transformers' module names and call conventions, and
+# nothing about interventions. ``moe_lab.routing.interventions`` composes its rules into one
+# routing function per layer and hands them to :func:`replace_router_outputs`.
 
 
-def _softmax_topk_rule(renormalise: bool):
+def softmax_topk_rule(renormalise: bool):
+    """The routing rule of the softmax top-k routers: ``fn(logits (N, E), top_k) -> (probs (N, E)
+    fp32, indices (N, k), weights (N, k))``, weights renormalised over the k when ``renormalise``."""
     def rule(logits: Tensor, top_k: int):
         probs = F.softmax(logits.float(), dim=-1)
         weights, indices = torch.topk(probs, top_k, dim=-1)
@@ -254,7 +267,26 @@ def _softmax_topk_rule(renormalise: bool):
     return rule
 
 
-def _hf_positions(args, kwargs) -> Tensor | None:
+def replaceable_routers(model) -> dict[int, nn.Module]:
+    """``{layer: router}`` of a model whose routers' rule moe_lab can recompute (softmax, top-k);
+    ``NotImplementedError`` naming the router class otherwise."""
+    routers = find_routers(model)
+    ok = sorted(c for c, (_, rule, _) in ROUTERS.items() if rule == "softmax_topk")
+    bad = {type(r).__name__ for r in routers.values()} - set(ok)
+    if bad:
+        raise NotImplementedError(f"interventions need a router whose rule moe_lab can recompute (softmax, top-k); "
+                                  f"{sorted(bad)} route differently (supported: {ok})")
+    return routers
+
+
+def base_rule(router: nn.Module):
+    """The routing rule ``router`` applies, as a function of its logits (see :func:`softmax_topk_rule`)."""
+    return softmax_topk_rule(bool(renormalises(router)))
+
+
+def hf_positions(args, kwargs) -> Tensor | None:
+    """RoPE positions (B, T) of a transformers forward, from its arguments (position 0 = first real
+    token, as moe_lab counts them)."""
     pid = kwargs.get("position_ids")
     if pid is not None:
         return pid
@@ -272,47 +304,33 @@ def _hf_positions(args, kwargs) -> Tensor | None:
 
 
 @contextmanager
-def hf_intervene(model, interventions):
-    """``moe_lab.intervene`` for transformers models (routers replaced through forward hooks)."""
-    from .interventions import _ACTIVE_ATTR, _Context, compose
-
-    routers = find_routers(model)
-    ok = sorted(c for c, (_, rule, _) in ROUTERS.items() if rule == "softmax_topk")
-    bad = {type(r).__name__ for r in routers.values()} - set(ok)
-    if bad:
-        raise NotImplementedError(f"interventions need a router whose rule moe_lab can recompute (softmax, top-k); "
-                                  f"{sorted(bad)} route differently (supported: {ok})")
-    n_experts = n_experts_of(next(iter(routers.values())))
-    n_layers = len(decoder_layers(model))
-    for iv in interventions:
-        iv.check(n_layers, n_experts, list(routers))
-    ctx = _Context()
+def replace_router_outputs(model, routing_fns: dict, on_positions=None):
+    """For the block, layer ``L``'s router returns ``routing_fns[L](logits, top_k)``'s indices and
+    weights instead of its own (its logits are kept), through forward hooks; removed on exit, also
+    when the block raises. ``on_positions(positions (B, T))``, when given, is called before every
+    forward with the tokens' positions (for interventions that act at some positions only)."""
+    routers = replaceable_routers(model)
+    missing = sorted(set(routing_fns) - set(routers))
+    if missing:
+        raise ValueError(f"layer(s) {missing} have no router; MoE layers are {list(routers)}")
     handles = []
-    previous = model.__dict__.get(_ACTIVE_ATTR, [])
     try:
-        if any(iv.needs_positions for iv in interventions):
+        if on_positions is not None:
             def set_positions(module, args, kwargs):
-                ctx.positions = _hf_positions(args, kwargs)
+                on_positions(hf_positions(args, kwargs))
             handles.append(model.register_forward_pre_hook(set_positions, with_kwargs=True))
             base = decoder_layers(model)  # the CausalLM wrapper passes position_ids down: record them there too
             parent = next((m for m in model.modules() if any(c is base for c in m.children())), None)
             if parent is not None and parent is not model:
                 handles.append(parent.register_forward_pre_hook(set_positions, with_kwargs=True))
-        for layer, router in routers.items():
-            base_rule = _softmax_topk_rule(bool(renormalises(router)))
-            fn = compose(layer, base_rule, interventions, ctx, n_experts)
-            if fn is base_rule:
-                continue
-
+        for layer, fn in routing_fns.items():
             def hook(mod, inputs, out, fn=fn):
                 _check_router_output(mod, out)
                 logits, scores = out[0], out[1]
                 _, indices, weights = fn(logits, mod.top_k)
                 return logits, weights.to(scores.dtype), indices
-            handles.append(router.register_forward_hook(hook))
-        object.__setattr__(model, _ACTIVE_ATTR, previous + list(interventions))
+            handles.append(routers[layer].register_forward_hook(hook))
         yield model
     finally:
         for h in reversed(handles):
             h.remove()
-        object.__setattr__(model, _ACTIVE_ATTR, previous)

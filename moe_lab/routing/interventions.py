@@ -11,7 +11,8 @@ How they act (in this order, for every layer an intervention applies to):
 1. **router logits** are edited: :class:`AblateExpert` sets the ablated experts' logits to
    ``-inf`` (so the next expert in line takes the slot and the softmax renormalises over the
    others); :class:`RouterTemperature` divides the logits by ``t`` (the choice of experts is
-   unchanged, only the weights get sharper, t < 1, or flatter, t > 1);
+   unchanged, only the weights get sharper, t < 1, or flatter, t > 1); :class:`SteerExperts`
+   adds an offset to some experts' logits (SteerMoE);
 2. **k** is set: :class:`SetTopK` (``k = n_experts`` is the dense mixture);
 3. **the routing rule** runs: the model's own (softmax in fp32, top-k, renormalise) or the
    one given to :class:`CustomRouting` ``fn(logits, top_k) -> (probs, indices, weights)``;
@@ -20,6 +21,22 @@ How they act (in this order, for every layer an intervention applies to):
    Design decision: the selection is forced, the *weight* is the router's own probability of
    that expert, and the weights of the chosen experts are renormalised to sum to 1 (so a
    forced expert the router dislikes gets a small weight; with ``top_k = 1`` it gets 1).
+   ``AblateExpert(..., mode="zero")`` sets the weight of the expert's slot to 0 here (the
+   routing is unchanged, the other slots keep their weights);
+5. **the experts** are edited: :class:`SwapExpert` makes the MoE call another expert's module
+   for an expert's slots (only during that MoE's forward: a pre-hook swaps the module in the
+   ``ModuleList``, a forward hook that also runs on errors puts it back).
+
+Three ablations, three questions:
+
+=====================================  =============================================================
+``AblateExpert(l, e)`` (``"reroute"``)  what if the router could not pick e? (the next best expert
+                                        takes the slot; the model stays a top-k MoE)
+``AblateExpert(l, e, mode="zero")``     what does e's contribution add? (the same as zeroing its
+                                        ``w2``; tokens keep their routing, their slot is just empty)
+``SwapExpert(l, e, replacement=r)``     does e's *function* matter, or only that some expert fills
+                                        the slot? (the same as copying r's weights into e)
+=====================================  =============================================================
 
 Interventions of the same stage apply in the order given. Indices and weights always stay
 consistent (weights are the chosen experts' probabilities, renormalised). An ablated expert
@@ -27,8 +44,11 @@ is never chosen: if ``k`` exceeds the number of experts left in a layer, ``k`` s
 
 They compose by wrapping ``MoE.routing_fn`` of the layers concerned (other layers are not
 touched, so they stay bit-identical); ``intervene`` contexts may be nested. On a transformers
-model with a Mixtral-style router (see :mod:`moe_lab.routing.bridge`) the same objects act through a
-forward hook on each router that replaces its output.
+model with a Mixtral-style router the composed routing functions are handed to
+:func:`moe_lab.routing.bridge.replace_router_outputs`, which replaces each router's output
+through a forward hook (the bridge is an adapter: it knows nothing of interventions).
+:class:`SwapExpert` needs one module per expert and is refused there (transformers fuses the
+experts of a layer into one module).
 
 ``ForceExpert(..., positions=[...])`` needs the positions of the tokens in each forward
 (position 0 = first real token, as in a :class:`~moe_lab.routing.trace.RoutingTrace`); ``intervene``
@@ -38,6 +58,7 @@ acts on the right tokens during ``generate``.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -45,6 +66,7 @@ import torch
 from torch import Tensor
 
 from ..model import topk_softmax_routing
+from . import bridge
 
 RoutingFn = Callable[[Tensor, int], "tuple[Tensor, Tensor, Tensor]"]
 
@@ -83,7 +105,16 @@ class Intervention:
         for layer in self.layers or ():
             if layer not in moe_layers:
                 raise ValueError(f"{self!r}: layer {layer} is not an MoE layer of this model "
-                                 f"(MoE layers: {list(moe_layers)})")
+                                 f"({n_layers} layers; MoE layers: {list(moe_layers)})")
+
+    def check_expert(self, e: int, n_experts: int, what: str = "expert") -> None:
+        if not 0 <= e < n_experts:
+            raise ValueError(f"{self!r}: {what} {e} is outside [0, {n_experts}) (this model has "
+                             f"{n_experts} experts per layer)")
+
+    def swaps(self, layer: int) -> list[tuple[int, int]]:
+        """``[(expert, replacement), ...]``: slots of ``expert`` computed by ``replacement``'s module."""
+        return []
 
     def edit_logits(self, layer: int, logits: Tensor, ctx: _Context) -> Tensor:
         return logits
@@ -100,34 +131,110 @@ class Intervention:
 
 
 class AblateExpert(Intervention):
-    """Switch expert(s) off in one layer (or several): router logit ``-inf``, so the next
-    expert in line takes the slot and the weights renormalise over the experts left."""
+    """Switch expert(s) off in one layer (or several). Two meanings (``mode``):
 
-    def __init__(self, layer: int | Iterable[int], expert: int | Iterable[int]):
+    * ``"reroute"`` (default): router logit ``-inf``, so the expert cannot be chosen: the next
+      expert in line takes the slot and the weights renormalise over the experts chosen;
+    * ``"zero"``: the routing is unchanged (same experts, in a trace too) and the expert's slot
+      gets weight 0; the other slots keep their weights (no renormalisation). The MoE output is
+      exactly what zeroing the expert's ``w2`` would give: its contribution is removed. (A
+      ``RoutingTrace`` shows the slot with weight 0; its weights always sum to 1, so the other
+      slots appear renormalised there.)
+    """
+
+    MODES = ("reroute", "zero")
+
+    def __init__(self, layer: int | Iterable[int], expert: int | Iterable[int], mode: str = "reroute"):
         self.layers = _layer_tuple(layer, "AblateExpert")
         self.experts = (int(expert),) if isinstance(expert, int) else tuple(int(e) for e in expert)
         if not self.experts:
             raise ValueError("AblateExpert needs at least one expert")
+        if mode not in self.MODES:
+            raise ValueError(f"AblateExpert: unknown mode {mode!r}; choose one of {list(self.MODES)}")
+        self.mode = mode
 
     def check(self, n_layers, n_experts, moe_layers):
         super().check(n_layers, n_experts, moe_layers)
-        bad = [e for e in self.experts if not 0 <= e < n_experts]
-        if bad:
-            raise ValueError(f"{self!r}: expert {bad[0]} is outside [0, {n_experts})")
-        if len(set(self.experts)) >= n_experts:
+        for e in self.experts:
+            self.check_expert(e, n_experts)
+        if self.mode == "reroute" and len(set(self.experts)) >= n_experts:
             raise ValueError(f"{self!r} would switch off all {n_experts} experts")
 
     def edit_logits(self, layer, logits, ctx):
+        if self.mode != "reroute":
+            return logits
         idx = torch.tensor(self.experts, device=logits.device)
         return logits.index_fill(-1, idx, float("-inf"))
 
     def ablated(self, layer):
-        return set(self.experts)
+        return set(self.experts) if self.mode == "reroute" else set()
+
+    def edit_routing(self, layer, probs, indices, weights, ctx):
+        if self.mode != "zero":
+            return probs, indices, weights
+        off = torch.isin(indices, torch.tensor(self.experts, device=indices.device))  # (N, k)
+        return probs, indices, weights.masked_fill(off, 0.0)
 
     def __repr__(self):
         e = self.experts[0] if len(self.experts) == 1 else list(self.experts)
         layer = self.layers[0] if len(self.layers) == 1 else list(self.layers)
-        return f"AblateExpert(layer={layer}, expert={e})"
+        mode = "" if self.mode == "reroute" else f", mode={self.mode!r}"
+        return f"AblateExpert(layer={layer}, expert={e}{mode})"
+
+
+class SwapExpert(Intervention):
+    """Wherever the router picked ``expert`` in ``layer``, compute the slot with expert
+    ``replacement`` (same weight, same routing): exactly what copying ``replacement``'s weights
+    into ``expert`` would give, without touching any weight. Only for moe_lab models (one module
+    per expert); several swaps apply in the order given, like copying weights one after another."""
+
+    def __init__(self, layer: int | Iterable[int], expert: int, replacement: int):
+        self.layers = _layer_tuple(layer, "SwapExpert")
+        self.expert, self.replacement = int(expert), int(replacement)
+        if self.expert == self.replacement:
+            raise ValueError(f"SwapExpert: replacement={self.replacement} is the expert itself "
+                             "(swapping an expert for itself changes nothing)")
+
+    def check(self, n_layers, n_experts, moe_layers):
+        super().check(n_layers, n_experts, moe_layers)
+        self.check_expert(self.expert, n_experts)
+        self.check_expert(self.replacement, n_experts, "replacement")
+
+    def swaps(self, layer):
+        return [(self.expert, self.replacement)]
+
+    def __repr__(self):
+        layer = self.layers[0] if len(self.layers) == 1 else list(self.layers)
+        return f"SwapExpert(layer={layer}, expert={self.expert}, replacement={self.replacement})"
+
+
+class SteerExperts(Intervention):
+    """Add ``offsets[e]`` to expert ``e``'s router logit in ``layer`` before the routing rule
+    (SteerMoE's offsets: the logits are log-probabilities up to a constant, so +d multiplies
+    e's unnormalised probability by exp(d)). Offset 0 changes nothing (bit for bit); a large
+    positive offset puts the expert in every token's top-k, a large negative one keeps it out."""
+
+    def __init__(self, layer: int | Iterable[int], offsets: dict[int, float]):
+        self.layers = _layer_tuple(layer, "SteerExperts")
+        if not isinstance(offsets, dict) or not offsets:
+            raise ValueError(f"SteerExperts needs offsets as a non-empty dict {{expert: offset}}, got {offsets!r}")
+        self.offsets = {int(e): float(d) for e, d in offsets.items()}
+        if any(math.isnan(d) for d in self.offsets.values()):
+            raise ValueError(f"SteerExperts: offsets must be numbers, got {offsets!r}")
+
+    def check(self, n_layers, n_experts, moe_layers):
+        super().check(n_layers, n_experts, moe_layers)
+        for e in self.offsets:
+            self.check_expert(e, n_experts, "offsets for expert")
+
+    def edit_logits(self, layer, logits, ctx):
+        shift = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)  # (E,)
+        shift[list(self.offsets)] = torch.tensor(list(self.offsets.values()), dtype=logits.dtype)
+        return logits + shift
+
+    def __repr__(self):
+        layer = self.layers[0] if len(self.layers) == 1 else list(self.layers)
+        return f"SteerExperts(layer={layer}, offsets={self.offsets})"
 
 
 class ForceExpert(Intervention):
@@ -142,8 +249,7 @@ class ForceExpert(Intervention):
 
     def check(self, n_layers, n_experts, moe_layers):
         super().check(n_layers, n_experts, moe_layers)
-        if not 0 <= self.expert < n_experts:
-            raise ValueError(f"{self!r}: expert {self.expert} is outside [0, {n_experts})")
+        self.check_expert(self.expert, n_experts)
 
     def edit_routing(self, layer, probs, indices, weights, ctx):
         N, k = indices.shape
@@ -288,7 +394,9 @@ def unwrap(model):
         return inner, model
     if hasattr(model, "blocks") and hasattr(model, "args"):
         return model, model
-    raise TypeError(f"expected a moe_lab Mixtral (or StreamingMixtral), got {type(model).__name__}")
+    hint = ("; convert a transformers model with moe_lab.checkpoints.convert.from_hf_model(model)"
+            if bridge.is_hf_model(model) else "")
+    raise TypeError(f"expected a moe_lab Mixtral (or StreamingMixtral), got {type(model).__name__}{hint}")
 
 
 def layer_ids(mixtral) -> list[int]:
@@ -322,49 +430,111 @@ def _moe_lab_positions(args, kwargs) -> Tensor | None:
 @contextmanager
 def intervene(model, *interventions: Intervention) -> Iterator:
     """Apply ``interventions`` to ``model`` for the block; everything is restored on exit, also
-    when the block raises. Works on moe_lab models and on transformers models with
-    Mixtral-style routers (see :mod:`moe_lab.routing.bridge`). Yields the model."""
+    when the block raises. Works on moe_lab models (``Mixtral``, one loaded with ``layers=``,
+    ``StreamingMixtral``) and on transformers models with Mixtral-style routers (see
+    :mod:`moe_lab.routing.bridge`). Yields the model."""
     for iv in interventions:
         if not isinstance(iv, Intervention):
-            raise TypeError(f"intervene takes Intervention objects (AblateExpert, ForceExpert, SetTopK, "
-                            f"RouterTemperature, CustomRouting), got {iv!r}")
-    from .bridge import is_hf_model
+            raise TypeError(f"intervene takes Intervention objects (AblateExpert, SwapExpert, SteerExperts, "
+                            f"ForceExpert, SetTopK, RouterTemperature, CustomRouting), got {iv!r}")
+    apply = _hf_intervene if bridge.is_hf_model(model) else _moe_lab_intervene
+    with apply(model, interventions):
+        yield model
 
-    if is_hf_model(model):
-        from .bridge import hf_intervene
-        with hf_intervene(model, interventions):
-            yield model
-        return
 
-    outer = model
-    model, _ = unwrap(model)
+def _bookkeeping(model, interventions):
+    """Record the interventions as active on ``model`` (see :func:`active_interventions`)."""
+    previous = model.__dict__.get(_ACTIVE_ATTR, [])
+    object.__setattr__(model, _ACTIVE_ATTR, previous + list(interventions))
+    return previous
+
+
+@contextmanager
+def _moe_lab_intervene(outer, interventions):
+    model, _ = unwrap(outer)
     moes = {lid: block.moe for lid, block in zip(layer_ids(model), model.blocks)}
     n_experts = model.args.n_experts
     for iv in interventions:
-        iv.check(model.args.n_layers, n_experts, list(moes))
+        iv.check(len(model.blocks), n_experts, list(moes))
     ctx = _Context()
     saved: list[tuple[object, RoutingFn]] = []
-    handle = None
+    handles = []
     previous = model.__dict__.get(_ACTIVE_ATTR, [])
     try:
         if any(iv.needs_positions for iv in interventions):
             def set_positions(module, args, kwargs):
                 ctx.positions = _moe_lab_positions(args, kwargs)
-            handle = model.register_forward_pre_hook(set_positions, with_kwargs=True)
+            handles.append(model.register_forward_pre_hook(set_positions, with_kwargs=True))
         for layer, moe in moes.items():
             fn = compose(layer, moe.routing_fn, interventions, ctx, n_experts)
             if fn is not moe.routing_fn:
                 saved.append((moe, moe.routing_fn))
                 moe.routing_fn = fn
-        object.__setattr__(model, _ACTIVE_ATTR, previous + list(interventions))
+            swaps = [sw for iv in interventions if iv.applies(layer) for sw in iv.swaps(layer)]
+            if swaps:
+                handles.extend(_swap_during_forward(moe, swaps))
+        _bookkeeping(model, interventions)
         yield outer
     finally:
         for moe, fn in reversed(saved):
             moe.routing_fn = fn
-        if handle is not None:
-            handle.remove()
+        for h in reversed(handles):
+            h.remove()
         object.__setattr__(model, _ACTIVE_ATTR, previous)
 
 
-__all__ = ["Intervention", "AblateExpert", "ForceExpert", "SetTopK", "RouterTemperature", "CustomRouting",
+def _swap_during_forward(moe, swaps: list[tuple[int, int]]):
+    """Hooks on ``moe`` that, during its forward only, put ``experts[replacement]``'s module in
+    slot ``expert`` (in order) and put the originals back afterwards, also when the forward raises.
+    Only during the forward, so a StreamingMixtral still loads each expert's own weights."""
+    originals: list = []
+
+    def swap_in(module, args):
+        experts = module.experts._modules
+        originals.append(dict(experts))
+        for e, r in swaps:
+            experts[str(e)] = experts[str(r)]
+
+    def swap_back(module, args, output):
+        if originals:
+            module.experts._modules.update(originals.pop())
+
+    return [moe.register_forward_pre_hook(swap_in), moe.register_forward_hook(swap_back, prepend=True, always_call=True)]  # nested: inner first
+
+
+@contextmanager
+def _hf_intervene(model, interventions):
+    """Interventions on a transformers model: the composed routing function of each layer goes
+    to the bridge, which replaces the router's output with it."""
+    routers = bridge.replaceable_routers(model)
+    n_experts = bridge.n_experts_of(next(iter(routers.values())))
+    n_layers = len(bridge.decoder_layers(model))
+    for iv in interventions:
+        iv.check(n_layers, n_experts, list(routers))
+        if any(iv.swaps(layer) for layer in routers if iv.applies(layer)):
+            raise NotImplementedError(f"{iv!r}: swapping experts needs one module per expert; transformers "
+                                      f"models ({type(model).__name__}) fuse a layer's experts into one module. "
+                                      "Convert the model (moe_lab.checkpoints.convert.from_hf_model) or use "
+                                      "AblateExpert(..., mode='zero') / SteerExperts, which the bridge supports")
+    ctx = _Context()
+    fns = {}
+    for layer, router in routers.items():
+        base = bridge.base_rule(router)
+        fn = compose(layer, base, interventions, ctx, n_experts)
+        if fn is not base:
+            fns[layer] = fn
+    on_positions = None
+    if any(iv.needs_positions for iv in interventions):
+        def on_positions(positions):
+            ctx.positions = positions
+    previous = model.__dict__.get(_ACTIVE_ATTR, [])
+    try:
+        with bridge.replace_router_outputs(model, fns, on_positions=on_positions):
+            _bookkeeping(model, interventions)
+            yield model
+    finally:
+        object.__setattr__(model, _ACTIVE_ATTR, previous)
+
+
+__all__ = ["Intervention", "AblateExpert", "SwapExpert", "SteerExperts", "ForceExpert", "SetTopK", "RouterTemperature", "CustomRouting",
            "intervene", "active_interventions", "compose", "topk_softmax_routing"]

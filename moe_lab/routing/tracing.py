@@ -31,11 +31,8 @@ import torch
 from torch import Tensor
 
 from ..generation import generate_stream, left_pad
+from ..hooks import StopForward
 from .trace import RoutingTrace
-
-
-class _StopForward(Exception):
-    """Raised by a hook after the last traced layer to skip the rest of the forward."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,11 +241,11 @@ class _MoeLabEngine:
         last = self.model.blocks[max(self.recorder._block[l] for l in self.layers)]
 
         def stop(mod, inputs, out):
-            raise _StopForward
+            raise StopForward
         handle = last.register_forward_hook(stop)
         try:
             self.call(tokens, attention_mask=mask)
-        except _StopForward:
+        except StopForward:
             pass
         finally:
             handle.remove()

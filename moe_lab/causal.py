@@ -1,0 +1,462 @@
+"""Causal experiments on experts: what happens to the loss when experts are taken away, which
+experts separate two kinds of text, and how good the router's choice was among the alternatives.
+
+Every function returns a pandas DataFrame; intervals are percentile bootstraps over documents
+(the unit that varies between samples of text), never over tokens of one document.
+
+* :func:`ablation_scan` -- per (layer, expert, domain): the change in mean next-token loss when
+  the expert is ablated (``mode="reroute"``, or ``"zero"``: see :class:`moe_lab.AblateExpert`),
+  next to a control: the same ablation of randomly drawn *other* experts of the layer.
+* :func:`disable_top_experts` -- DeepSeekMoE's redundancy test: loss per domain with the r
+  most-routed experts of every layer disabled, r = 0..E-1, against r random experts.
+* :func:`contrastive_experts` -- per (layer, expert): activation rate on texts A minus on texts B
+  (SteerMoE's risk difference), ranked.
+* :func:`document_losses` -- the loss of every document under any interventions (for the
+  comparisons the functions above do not make, e.g. ``SwapExpert`` or ``SteerExperts``).
+* :func:`alternative_routes` -- at one (layer, position): every equal-compute set of k experts,
+  weighted by the router's own probabilities renormalised over the set, and the log-probability
+  of the actual next token under each; the router's own choice is marked.
+
+They run on a moe_lab ``Mixtral`` (also one loaded with ``layers=``) and on a
+``StreamingMixtral`` (each block is then read from disk whenever it runs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .routing.interventions import AblateExpert, Intervention, intervene, layer_ids, unwrap
+from .routing.tracing import normalise_inputs, trace_routing
+
+__all__ = ["ablation_scan", "disable_top_experts", "contrastive_experts", "alternative_routes",
+           "document_losses", "bootstrap_mean"]
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+
+
+def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95):
+    """``(mean, low, high)`` of the mean of ``values`` [n_docs] with a percentile bootstrap
+    interval (resampling documents with replacement)."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, n, size=(n_boot, n))].mean(1)
+    a = (1 - level) / 2
+    return float(values.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+# --------------------------------------------------------------------------------------------
+# documents -> padded batches with next-token targets
+
+
+def _documents(texts_by_domain, tokenizer, max_len: int | None) -> tuple[list[list[int]], list[str]]:
+    if not isinstance(texts_by_domain, Mapping):
+        raise TypeError(f"texts_by_domain must be a mapping domain -> list of texts (or token lists), "
+                        f"got {type(texts_by_domain).__name__}")
+    docs, domains = normalise_inputs(texts_by_domain, tokenizer)
+    if max_len is not None:
+        docs = [d[:max_len] for d in docs]
+    short = [i for i, d in enumerate(docs) if len(d) < 2]
+    if short:
+        raise ValueError(f"document {short[0]} ({domains[short[0]]!r}) has fewer than 2 tokens: no next token to predict")
+    return docs, domains
+
+
+def _batches(docs: list[list[int]], batch_size: int, device):
+    """Yield ``(doc indices, tokens [B, T], attention_mask or None, targets [B, T])``: left-padded;
+    ``targets[b, t]`` is the next token, -100 where there is none (padding, last position)."""
+    order = sorted(range(len(docs)), key=lambda i: len(docs[i]))  # similar lengths together: less padding
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        T = max(len(docs[i]) for i in idx)
+        tokens = torch.zeros(len(idx), T, dtype=torch.long)
+        mask = torch.zeros(len(idx), T, dtype=torch.long)
+        targets = torch.full((len(idx), T), -100, dtype=torch.long)
+        for b, i in enumerate(idx):
+            d = torch.tensor(docs[i], dtype=torch.long)
+            tokens[b, T - len(d):] = d
+            mask[b, T - len(d):] = 1
+            targets[b, T - len(d):-1] = d[1:]
+        yield idx, tokens.to(device), (None if bool(mask.all()) else mask.to(device)), targets.to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# the forward in pieces: the one place that uses the model's forward API directly
+
+
+class _Pieces:
+    """A forward split at block boundaries, so an ablation at block i reruns blocks i.. only.
+
+    The model's own pieces (``Mixtral.embed``, ``block(x, ctx)``, ``Mixtral.head``), called in
+    the order ``Mixtral.forward`` calls them: ``prefix`` keeps each block's input, ``suffix``
+    reruns ``blocks[i:]`` from block i's input, ``head_nll`` is the head and the cross-entropy
+    per token. On a StreamingMixtral calling a block loads its weights (its own pre-hook), so
+    the suffix re-reads blocks i.. from disk.
+    """
+
+    def __init__(self, model):
+        self.mixtral, _ = unwrap(model)
+
+    @torch.no_grad()
+    def prefix(self, tokens: Tensor, mask: Tensor | None):
+        """``(states, ctx)``: ``states[i]`` is block i's input (B, T, D), ``states[-1]`` the final
+        residual stream; ``ctx`` the ForwardContext every block takes."""
+        x, ctx = self.mixtral.embed(tokens, attention_mask=mask)
+        states = [x]
+        for block in self.mixtral.blocks:
+            x, _ = block(x, ctx)
+            states.append(x)
+        return states, ctx
+
+    @torch.no_grad()
+    def suffix(self, states: list[Tensor], i: int, ctx) -> Tensor:
+        """The final residual stream (B, T, D), recomputing blocks i.. from block i's input."""
+        x = states[i]
+        for block in self.mixtral.blocks[i:]:
+            x, _ = block(x, ctx)
+        return x
+
+    @torch.no_grad()
+    def head_nll(self, x: Tensor, targets: Tensor, rows: Tensor | None = None, chunk: int = 256) -> Tensor:
+        """Next-token loss per position (B, T) fp32 from the final stream x (B, T, D); 0 where
+        targets is -100. With ``rows`` (B, T) bool, only those positions are computed (others 0)."""
+        nll = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+        want = targets != -100 if rows is None else rows & (targets != -100)
+        flat = want.reshape(-1).nonzero().squeeze(1)
+        xs, ts = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+        out = nll.view(-1)
+        for s in range(0, len(flat), chunk):  # (chunk, V) logits at a time
+            r = flat[s:s + chunk]
+            logits = self.mixtral.head(xs[r][None])[0].float()  # (chunk, V)
+            out[r] = F.cross_entropy(logits, ts[r], reduction="none")
+        return nll
+
+
+def _doc_losses(nll: Tensor, targets: Tensor) -> np.ndarray:
+    """Mean next-token loss of each row (B,)."""
+    n = (targets != -100).sum(-1).clamp(min=1)
+    return (nll.sum(-1) / n).cpu().double().numpy()
+
+
+def _block_index(mixtral, layer: int) -> int:
+    ids = layer_ids(mixtral)
+    if layer not in ids:
+        raise ValueError(f"layer {layer} is not in this model (its layers: {ids})")
+    return ids.index(layer)
+
+
+# --------------------------------------------------------------------------------------------
+# loss per document
+
+
+@torch.no_grad()
+def document_losses(model, texts_by_domain, tokenizer=None, interventions: Sequence[Intervention] = (), *,
+                    batch_size: int = 8, max_len: int | None = 256) -> pd.DataFrame:
+    """Mean next-token loss of every document, under ``interventions`` (any, e.g. ``SwapExpert``
+    or ``SteerExperts``; none: the plain model). One row per document: ``domain``, ``doc``
+    (index within the domain), ``n_targets``, ``loss``. Pair two calls by (domain, doc) and use
+    :func:`bootstrap_mean` on the differences for an interval. (The forward runs in pieces,
+    ``embed`` -> blocks -> ``head``, so a ``ForceExpert`` restricted to ``positions=`` cannot
+    see the positions here and says so.)"""
+    pieces = _Pieces(model)
+    docs, domains = _documents(texts_by_domain, tokenizer, max_len)
+    loss = np.zeros(len(docs))
+    with intervene(model, *interventions):
+        for idx, tokens, mask, targets in _batches(docs, batch_size, pieces.mixtral.output.weight.device):
+            x = pieces.prefix(tokens, mask)[0][-1]
+            loss[idx] = _doc_losses(pieces.head_nll(x, targets), targets)
+    within = [sum(d == domains[j] for j in range(i)) for i, d in enumerate(domains)]
+    return pd.DataFrame({"domain": domains, "doc": within, "n_targets": [len(d) - 1 for d in docs], "loss": loss})
+
+
+# --------------------------------------------------------------------------------------------
+# ablation scan
+
+
+@torch.no_grad()
+def ablation_scan(model, texts_by_domain, tokenizer=None, layers: Sequence[int] | None = None,
+                  mode: str = "reroute", *, experts: Sequence[int] | None = None, n_controls: int = 20,
+                  n_boot: int = 1000, batch_size: int = 8, max_len: int | None = 256, seed: int = 0,
+                  reuse_prefix: bool = True, progress: bool = True) -> pd.DataFrame:
+    """The change in mean next-token loss per layer, expert and domain when the expert is ablated.
+
+    ``texts_by_domain``: ``{domain: [text or token list, ...]}`` (texts need ``tokenizer``; BOS is
+    added). ``mode``: ``"reroute"`` (the next expert takes the slot) or ``"zero"`` (the slot's
+    contribution is removed), see :class:`moe_lab.AblateExpert`. ``layers``/``experts``: which
+    to scan (default all).
+
+    One row per (layer, expert, domain): ``base_loss`` and ``ablated_loss`` (means over the
+    domain's documents of each document's mean loss), ``delta`` = ablated - base with a bootstrap
+    interval over documents (``ci_low``, ``ci_high``), and the control: the same ablation of one
+    randomly drawn *other* expert of the same layer, ``n_controls`` draws (``control_mean`` and
+    the 2.5-97.5 percentiles of the drawn effects ``control_low``/``control_high``).
+    ``beyond_control`` is True when ``ci_low > control_high``: the expert matters for that
+    domain more than a random expert of its layer does.
+
+    ``reuse_prefix`` (default): layers before the ablated one are computed once per batch (the
+    unablated forward), and only blocks from the ablated layer on are rerun; positions whose
+    final residual stream is bitwise unchanged keep their unablated loss. ``False`` runs a full
+    forward per ablation (the same numbers; ``benchmarks/bench_causal.py`` compares the two).
+    """
+    if mode not in AblateExpert.MODES:
+        raise ValueError(f"ablation_scan: unknown mode {mode!r}; choose one of {list(AblateExpert.MODES)}")
+    pieces = _Pieces(model)
+    mixtral = pieces.mixtral
+    E, ids = mixtral.args.n_experts, layer_ids(mixtral)
+    layers = list(ids) if layers is None else [int(l) for l in layers]
+    for layer in layers:
+        _block_index(mixtral, layer)
+    experts = list(range(E)) if experts is None else [int(e) for e in experts]
+    bad = [e for e in experts if not 0 <= e < E]
+    if bad:
+        raise ValueError(f"expert {bad[0]} is outside [0, {E}) (this model has {E} experts per layer)")
+    docs, domains = _documents(texts_by_domain, tokenizer, max_len)
+    rng = np.random.default_rng(seed)
+    controls = {(l, e): rng.choice([x for x in range(E) if x != e], size=n_controls) for l in layers for e in experts}
+    needed = sorted({(l, e) for l in layers for e in experts} | {(l, int(c)) for (l, _), cs in controls.items() for c in cs})
+    base = np.zeros(len(docs))
+    ablated = {pair: np.zeros(len(docs)) for pair in needed}
+    device = mixtral.output.weight.device
+    batches = list(_batches(docs, batch_size, device))
+    bar = tqdm(total=len(batches) * (len(needed) + 1), desc="ablation scan", disable=not progress)
+    for idx, tokens, mask, targets in batches:
+        states, ctx = pieces.prefix(tokens, mask)
+        base_nll = pieces.head_nll(states[-1], targets)
+        base[idx] = _doc_losses(base_nll, targets)
+        bar.update()
+        for layer, e in needed:
+            with intervene(model, AblateExpert(layer, e, mode=mode)):
+                if reuse_prefix:
+                    x = pieces.suffix(states, _block_index(mixtral, layer), ctx)
+                    changed = (x != states[-1]).any(-1)  # (B, T): other positions keep their loss
+                    nll = torch.where(changed, pieces.head_nll(x, targets, rows=changed), base_nll)
+                else:
+                    x = pieces.prefix(tokens, mask)[0][-1]  # a full forward
+                    nll = pieces.head_nll(x, targets)
+            ablated[(layer, e)][idx] = _doc_losses(nll, targets)
+            bar.update()
+    bar.close()
+    dom = np.asarray(domains)
+    rows = []
+    for layer in layers:
+        for e in experts:
+            for d in dict.fromkeys(domains):
+                sel = dom == d
+                delta = ablated[(layer, e)][sel] - base[sel]
+                mean, lo, hi = bootstrap_mean(delta, n_boot, seed)
+                drawn = np.array([(ablated[(layer, int(c))][sel] - base[sel]).mean() for c in controls[(layer, e)]])
+                c_lo, c_hi = np.quantile(drawn, [0.025, 0.975])
+                rows.append({"layer": layer, "expert": e, "domain": d, "mode": mode, "n_docs": int(sel.sum()),
+                             "base_loss": base[sel].mean(), "ablated_loss": ablated[(layer, e)][sel].mean(),
+                             "delta": mean, "ci_low": lo, "ci_high": hi, "control_mean": drawn.mean(),
+                             "control_low": c_lo, "control_high": c_hi, "beyond_control": bool(lo > c_hi)})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSeekMoE's redundancy test
+
+
+@torch.no_grad()
+def disable_top_experts(model, texts_by_domain, tokenizer=None, r_values: Sequence[int] | None = None, *,
+                        n_random: int = 5, n_boot: int = 1000, batch_size: int = 8, max_len: int | None = 256,
+                        seed: int = 0, progress: bool = True) -> pd.DataFrame:
+    """DeepSeekMoE's redundancy test (Dai et al. 2024, Fig. 3): disable the ``r`` most-routed
+    experts of *every* layer at once (counted over these texts) and measure the loss per domain,
+    for r = 0..E-1, against disabling ``r`` randomly drawn experts per layer (``n_random`` draws).
+    Disabled experts cannot be chosen (``AblateExpert`` ``"reroute"``: the router picks its top-k
+    among the others; k shrinks when fewer than k are left). A model whose experts are redundant
+    loses little; specialised, non-redundant experts make the "top" curve rise faster.
+
+    One row per (r, kind in {"top", "random"}, domain): ``loss`` (mean over documents; for
+    "random", each document's loss averaged over the draws first) with a bootstrap interval.
+    """
+    mixtral, _ = unwrap(model)
+    E, ids = mixtral.args.n_experts, layer_ids(mixtral)
+    r_values = list(range(E)) if r_values is None else [int(r) for r in r_values]
+    bad = [r for r in r_values if not 0 <= r < E]
+    if bad:
+        raise ValueError(f"r={bad[0]} is outside [0, {E - 1}] (this model has {E} experts per layer)")
+    docs, domains = _documents(texts_by_domain, tokenizer, max_len)
+    trace = trace_routing(model, docs, batch_size=batch_size, progress=False)
+    counts = np.stack([np.bincount(trace.expert_ids[i].ravel(), minlength=E) for i in range(len(ids))])  # (L, E)
+    ranked = np.argsort(-counts, axis=1, kind="stable")  # most-routed first
+    rng = np.random.default_rng(seed)
+    settings = []  # (r, kind, draw, {layer: experts})
+    for r in r_values:
+        settings.append((r, "top", 0, {l: ranked[i, :r].tolist() for i, l in enumerate(ids)}))
+        for j in range(n_random if r else 1):
+            settings.append((r, "random", j, {l: rng.choice(E, size=r, replace=False).tolist() for l in ids}))
+    pieces = _Pieces(model)
+    device = mixtral.output.weight.device
+    batches = list(_batches(docs, batch_size, device))
+    losses = {s[:3]: np.zeros(len(docs)) for s in settings}
+    bar = tqdm(total=len(batches) * len(settings), desc="disable top experts", disable=not progress)
+    for idx, tokens, mask, targets in batches:
+        for r, kind, j, off in settings:
+            ivs = [AblateExpert(l, es) for l, es in off.items() if es]
+            with intervene(model, *ivs):
+                x = pieces.prefix(tokens, mask)[0][-1]
+            losses[(r, kind, j)][idx] = _doc_losses(pieces.head_nll(x, targets), targets)
+            bar.update()
+    bar.close()
+    dom = np.asarray(domains)
+    rows = []
+    for r in r_values:
+        for kind in ("top", "random"):
+            per_doc = np.mean([v for (rr, kk, _), v in losses.items() if rr == r and kk == kind], axis=0)
+            for d in dict.fromkeys(domains):
+                mean, lo, hi = bootstrap_mean(per_doc[dom == d], n_boot, seed)
+                rows.append({"r": r, "kind": kind, "domain": d, "loss": mean, "ci_low": lo, "ci_high": hi,
+                             "n_docs": int((dom == d).sum())})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# contrastive experts (SteerMoE)
+
+
+def contrastive_experts(model, texts_a, texts_b, tokenizer=None, *, n_boot: int = 1000, max_len: int | None = 256,
+                        batch_size: int = 8, seed: int = 0) -> pd.DataFrame:
+    """SteerMoE's risk difference (Fayyaz et al. 2025): per layer and expert, the share of tokens
+    of ``texts_a`` whose top-k includes the expert minus that share on ``texts_b``, with a
+    bootstrap interval (documents of each set resampled). Ranked: largest difference (experts
+    of A) first; the most negative rows are B's experts. Columns: ``layer``, ``expert``,
+    ``rate_a``, ``rate_b``, ``risk_diff``, ``ci_low``, ``ci_high``, ``rank``.
+    """
+    rates, counts = [], []
+    for texts in (texts_a, texts_b):
+        docs, _ = normalise_inputs(list(texts), tokenizer)
+        if max_len is not None:
+            docs = [d[:max_len] for d in docs]
+        t = trace_routing(model, docs, batch_size=batch_size, progress=False)
+        E, L = t.n_experts, t.n_layers
+        hit = np.zeros((L, t.n_tokens, E), dtype=np.int64)  # 1 where the token used the expert in this layer
+        np.put_along_axis(hit, t.expert_ids, 1, axis=-1)
+        n_docs = int(t.doc_ids.max()) + 1
+        per_doc = np.zeros((n_docs, L, E), dtype=np.int64)  # tokens using e, per document
+        np.add.at(per_doc, t.doc_ids, hit.transpose(1, 0, 2))
+        counts.append(np.bincount(t.doc_ids, minlength=n_docs))
+        rates.append(per_doc)
+        layers = t.layers
+    rng = np.random.default_rng(seed)
+
+    def pooled(per_doc, n_tok, pick):
+        return per_doc[pick].sum(0) / n_tok[pick].sum()  # (L, E)
+
+    (ha, na), (hb, nb) = zip(rates, counts)
+    ra, rb = pooled(ha, na, slice(None)), pooled(hb, nb, slice(None))
+    boots = np.stack([pooled(ha, na, rng.integers(0, len(na), len(na))) - pooled(hb, nb, rng.integers(0, len(nb), len(nb)))
+                      for _ in range(n_boot)])  # (n_boot, L, E)
+    lo, hi = np.quantile(boots, [0.025, 0.975], axis=0)
+    rows = [{"layer": int(layers[i]), "expert": e, "rate_a": ra[i, e], "rate_b": rb[i, e],
+             "risk_diff": ra[i, e] - rb[i, e], "ci_low": lo[i, e], "ci_high": hi[i, e]}
+            for i in range(ra.shape[0]) for e in range(ra.shape[1])]
+    df = pd.DataFrame(rows).sort_values("risk_diff", ascending=False, kind="stable").reset_index(drop=True)
+    df["rank"] = np.arange(1, len(df) + 1)
+    return df
+
+
+# --------------------------------------------------------------------------------------------
+# alternative routes
+
+
+class _RouteRows(Intervention):
+    """At ``layer``, token row ``rows[j]`` (of the flattened batch) is routed to ``subsets[j]``
+    with the router's own probabilities renormalised over the set; other rows keep their routing."""
+
+    def __init__(self, layer: int, rows: Tensor, subsets: Tensor):
+        self.layers = (int(layer),)
+        self.rows, self.subsets = rows, subsets
+
+    def edit_routing(self, layer, probs, indices, weights, ctx):
+        idx, w = indices.clone(), weights.clone()
+        p = probs.float()[self.rows].gather(1, self.subsets)  # (R, k)
+        idx[self.rows] = self.subsets.to(idx.dtype)
+        w[self.rows] = (p / p.sum(-1, keepdim=True)).to(w.dtype)
+        return probs, idx, w
+
+    def __repr__(self):
+        return f"_RouteRows(layer={self.layers[0]}, {len(self.rows)} rows)"
+
+
+@torch.no_grad()
+def alternative_routes(model, tokens, layer: int, position: int, *, batch_size: int = 64) -> pd.DataFrame:
+    """Every equal-compute route for one token: at ``layer`` and ``position`` of one sequence
+    (``tokens`` ``[T]`` or ``[1, T]``), each set of k of the E experts, weighted by the router's
+    own probabilities renormalised over the set (other tokens and layers route as usual), and
+    the log-probability of the actual next token ``tokens[position + 1]`` that results.
+
+    One row per set, best first: ``experts`` (tuple), ``weights`` (tuple), ``logprob``,
+    ``router_choice`` (True for the router's own top-k; its ``logprob`` equals the unmodified
+    model's) and ``rank``. With 8 experts and top-2: 28 routes.
+    """
+    mixtral, _ = unwrap(model)
+    _block_index(mixtral, layer)
+    tokens = torch.as_tensor(tokens)
+    tokens = tokens[0] if tokens.dim() == 2 and tokens.shape[0] == 1 else tokens
+    if tokens.dim() != 1:
+        raise ValueError(f"alternative_routes explains one sequence: tokens [T] or [1, T], got {tuple(tokens.shape)}")
+    T = tokens.numel()
+    if not 0 <= position < T - 1:
+        raise ValueError(f"position {position} has no next token (positions 0..{T - 2} for {T} tokens)")
+    E = mixtral.args.n_experts
+    device = mixtral.output.weight.device
+    prefix = tokens[:position + 1].long().to(device)  # later tokens cannot change this position's prediction
+    target = int(tokens[position + 1])
+    # the router's own choice and probabilities at (layer, position), through the model's own rule
+    own = {}
+    block = mixtral.blocks[_block_index(mixtral, layer)]
+
+    def grab_probs(mod, inputs, out):
+        own["probs"] = out[-1].float()  # (N, E): the row of `position` is last
+
+    def grab_idx(mod, inputs, out):
+        own["idx"] = out[-1]
+    handles = [block.moe.hook_router_probs.register_forward_hook(grab_probs),
+               block.moe.hook_topk_indices.register_forward_hook(grab_idx)]
+    try:
+        plain = _next_logprob(model, prefix[None], target)[0]
+    finally:
+        for h in handles:
+            h.remove()
+    chosen = tuple(sorted(int(e) for e in own["idx"].tolist()))
+    subsets = list(itertools.combinations(range(E), len(own["idx"])))
+    out = []
+    for s in range(0, len(subsets), batch_size):
+        part = torch.tensor(subsets[s:s + batch_size], device=device)  # (R, k)
+        R = len(part)
+        rows = torch.arange(R, device=device) * (position + 1) + position  # each copy's last token
+        with intervene(model, _RouteRows(layer, rows, part)):
+            out.append(_next_logprob(model, prefix[None].expand(R, -1), target))
+    logprob = torch.cat(out).cpu().numpy()
+    p = own["probs"].cpu()
+    rows = []
+    for j, sub in enumerate(subsets):
+        w = p[list(sub)] / p[list(sub)].sum()
+        rows.append({"experts": sub, "weights": tuple(round(float(x), 6) for x in w), "logprob": float(logprob[j]),
+                     "router_choice": sub == chosen})
+    df = pd.DataFrame(rows).sort_values("logprob", ascending=False, kind="stable").reset_index(drop=True)
+    df["rank"] = np.arange(1, len(df) + 1)
+    df.attrs.update({"layer": layer, "position": position, "target": target, "plain_logprob": float(plain), "experts_per_token": len(chosen)})
+    return df
+
+
+def _next_logprob(model, tokens: Tensor, target: int) -> Tensor:
+    """log p(target | tokens) at the last position of each row (R,)."""
+    _, call = unwrap(model)
+    logits = call(tokens)[:, -1].float()  # (R, V)
+    return logits.log_softmax(-1)[:, target]
