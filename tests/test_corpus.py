@@ -307,3 +307,13 @@ def test_bad_template_file_names_file_and_key(monkeypatch, tmp_path):
 def test_every_domain_has_a_source_and_a_budget():
     assert set(mc.SOURCES) | set(languages.LANGS) == set(mc.DOMAINS)
     assert set(mc.CHARS_PER_TOKEN) == set(mc.DOMAINS)
+
+
+def test_cli_without_the_corpus_extra_says_how_to_install_it(monkeypatch, capsys, tmp_path):
+    from moe_lab.corpus.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "faker", None)
+    assert main(["--out", str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "faker" in err and "pip install 'moe_lab[corpus]'" in err
+    assert not (tmp_path / "out").exists()  # nothing half-written
