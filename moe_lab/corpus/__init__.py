@@ -48,5 +48,15 @@ from .base import (  # noqa: F401
     Document,
     Item,
 )
-from .build import INSTALL_EXTRA, SOURCES, build_corpus, check_extra, load_corpus, sample_texts, write_corpus  # noqa: F401
+from .build import (  # noqa: F401
+    INSTALL_EXTRA,
+    REQUIRES,
+    SOURCES,
+    build_corpus,
+    check_extra,
+    domain_items,
+    load_corpus,
+    sample_texts,
+    write_corpus,
+)
 from .mathematics import math_item  # noqa: F401

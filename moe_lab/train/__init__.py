@@ -103,4 +103,13 @@ from .export import (  # noqa: F401
     save_hf_checkpoint,
     write_evaluation,
 )
-from .loop import LOSS_KEYS, TrainResult, machine_description, make_optimizer, objective, read_log, train, training_step  # noqa: F401,E501
+from .loop import (  # noqa: F401
+    LOSS_KEYS,
+    TrainResult,
+    machine_description,
+    make_optimizer,
+    objective,
+    read_log,
+    train,
+    training_step,
+)

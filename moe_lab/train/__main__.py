@@ -1,4 +1,5 @@
-"""``python -m moe_lab.train [train] --config C --out RUN`` | ``export --run RUN --out DIR`` | ``evaluate --model DIR --config C``."""
+"""The command line: ``python -m moe_lab.train [train] --config C --out RUN``,
+``... export --run RUN --out DIR`` and ``... evaluate --model DIR --config C [--write-card]``."""
 
 from __future__ import annotations
 

@@ -87,7 +87,8 @@ def write_evaluation(model_dir: str | os.PathLike, cfg: TrainConfig, facts: dict
         f"difference| {hf['max_abs_diff']:.2e} (logits up to {hf['max_abs_logit']:.1f}); "
         f"argmax agreement {hf['argmax_agree']:.3f}.")}
     _atomic_write_text(out / EVALUATION_NAME, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.name != CARD_NAME and not p.name.startswith(".")}
+    files = {p.name: p.stat().st_size for p in sorted(out.iterdir())
+             if p.name != CARD_NAME and not p.name.startswith(".")}
     write_model_card(report, out / CARD_NAME, config=cfg, command=command or reproduce_command(cfg),
                      run_info=report["run"], corpus_stats=corpus_token_stats(td, corpus), files=files)
     return report
