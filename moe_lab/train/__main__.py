@@ -74,7 +74,7 @@ def _evaluate_main(argv: list[str]) -> int:
     td = tokenize_corpus(get_corpus(cfg.data), tok, a.cache, cfg.data.domains)
     report = evaluate_model(load_model(a.model, dtype=torch.float32), td, tok, seq_len=cfg.data.seq_len,
                             eval_tokens_per_domain=a.eval_tokens, n_boot=a.n_boot,
-                            seed=cfg.seed, samples=not a.no_samples)
+                            seed=cfg.seed, samples=not a.no_samples, progress=True)
     print(json.dumps(report, indent=1, ensure_ascii=False))
     return 0
 

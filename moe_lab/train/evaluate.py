@@ -14,6 +14,7 @@ import contextlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..analysis import expert_load, expert_load_by_domain, load_balance, repetition
 from ..model import Mixtral
@@ -27,16 +28,18 @@ from .data import IGNORE, TokenData, inputs_targets, pack_windows, spread
 
 @torch.no_grad()
 def heldout_ce(model: Mixtral, heldout: dict[str, np.ndarray], bos_id: int, batch_size: int = 8,
-               autocast=None) -> dict[str, float]:
+               autocast=None, progress: bool = False) -> dict[str, float]:
     """Held-out cross-entropy (nats per token) per domain over windows [n, T+1]; BOS targets not scored."""
     was_training = model.training
     model.eval()
     device = model.output.weight.device
     ce = {}
+    bar = tqdm(total=sum(len(w) for w in heldout.values()), desc="held-out CE", unit="window", disable=not progress)
     try:
         for d, w in heldout.items():
             total, n = 0.0, 0
             for i in range(0, len(w), batch_size):
+                bar.update(len(w[i:i + batch_size]))
                 x, y = inputs_targets(w[i:i + batch_size], bos_id)
                 x, y = x.to(device), y.to(device)
                 with autocast or contextlib.nullcontext():
@@ -46,6 +49,7 @@ def heldout_ce(model: Mixtral, heldout: dict[str, np.ndarray], bos_id: int, batc
                 n += int(mask.sum())
             ce[d] = total / max(n, 1)
     finally:
+        bar.close()
         model.train(was_training)
     return ce
 
@@ -183,11 +187,11 @@ def greedy_samples(model: Mixtral, tokenizer, token_data: TokenData, prompt_toke
 @torch.no_grad()
 def evaluate_model(model: Mixtral, token_data: TokenData, tokenizer, *, seq_len: int = 256,
                    eval_tokens_per_domain: int | None = None, n_boot: int = 1000, seed: int = 0,
-                   samples: bool = True, max_docs: int = 64) -> dict:
+                   samples: bool = True, max_docs: int = 64, progress: bool = False) -> dict:
     """Everything the model card reports, as a JSON-able dict (see :func:`quality_bar`)."""
     model = model.float().eval()
-    report = cross_entropy_report(model, token_data, seq_len, eval_tokens_per_domain)
-    trace = trace_routing(model, heldout_documents(token_data, max_docs, seq_len), batch_size=8, progress=False)
+    report = cross_entropy_report(model, token_data, seq_len, eval_tokens_per_domain, progress)
+    trace = trace_routing(model, heldout_documents(token_data, max_docs, seq_len), batch_size=8, progress=progress)
     report.update(routing_report(trace, token_data.bos_id, n_boot, seed))
     report.update(n_layers=trace.n_layers, n_experts=model.args.n_experts, top_k=model.args.top_k, n_boot=n_boot,
                   routing_max_len=seq_len)
@@ -198,11 +202,11 @@ def evaluate_model(model: Mixtral, token_data: TokenData, tokenizer, *, seq_len:
 
 
 def cross_entropy_report(model: Mixtral, token_data: TokenData, seq_len: int,
-                         eval_tokens_per_domain: int | None = None) -> dict:
+                         eval_tokens_per_domain: int | None = None, progress: bool = False) -> dict:
     """Held-out CE per domain (windows of ``seq_len`` as in training), the unigram CE and their ratio."""
     max_windows = max(1, eval_tokens_per_domain // seq_len) if eval_tokens_per_domain else None
     heldout = {d: pack_windows(token_data, "heldout", d, seq_len, max_windows=max_windows) for d in token_data.domains}
-    ce = heldout_ce(model, heldout, token_data.bos_id)
+    ce = heldout_ce(model, heldout, token_data.bos_id, progress=progress)
     uni = unigram_baseline(token_data, heldout, model.args.vocab_size)
     return {"heldout_ce": ce, "unigram_ce": uni, "ce_ratio": {d: ce[d] / uni[d] for d in ce},
             "heldout_tokens_scored": {d: int((heldout[d][:, 1:] != token_data.bos_id).sum()) for d in heldout}}

@@ -77,7 +77,7 @@ def write_evaluation(model_dir: str | os.PathLike, cfg: TrainConfig, facts: dict
     td = tokenize_corpus(corpus, tok, token_cache, cfg.data.domains, progress)
     report = evaluate_model(load_model(out, dtype=torch.float32), td, tok, seq_len=cfg.data.seq_len,
                             eval_tokens_per_domain=eval_tokens_per_domain, n_boot=n_boot, seed=cfg.seed,
-                            max_docs=max_docs)
+                            max_docs=max_docs, progress=progress)
     probe = torch.as_tensor(pack_windows(td, "heldout", td.domains[0], 64, max_windows=2)[:, :-1])
     hf = check_against_transformers(out, probe)
     report["transformers_check"] = hf
