@@ -196,12 +196,11 @@ def test_router_saturation_by_hand():
     # one layer, two tokens, k = 2; final choices {0, 1} and {2, 3}
     final = [[[0, 1], [2, 3]]]
     early = [[[1, 5], [6, 7]]]  # token 0 shares one of two experts, token 1 none
-    sat = analysis.router_saturation(np.array([early, final]))
+    sat = router_saturation(np.array([early, final]))
     assert sat.shape == (2, 1)
     assert sat[0, 0] == pytest.approx((1 / 2 + 0) / 2) and sat[1, 0] == 1.0
-    assert router_saturation is analysis.router_saturation  # the 0.1 name moe_lab.train.router_saturation
     with pytest.raises(ValueError, match="snapshots, layers, tokens, k"):
-        analysis.router_saturation(np.zeros((2, 3, 2), dtype=int))
+        router_saturation(np.zeros((2, 3, 2), dtype=int))
 
 
 def test_two_runs_are_identical(corpus, tokenizer, full_run):

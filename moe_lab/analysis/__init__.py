@@ -2,7 +2,6 @@
 
 ``stats.py``: load, repetition (the paper's Table 5 / Figure 10), co-activation, confidence,
 specialisation, cross-layer structure, the expert-cache simulator.
-``training.py``: routing over training (router saturation from a run's router snapshots).
 """
 
 from .stats import (  # noqa: F401
@@ -30,4 +29,3 @@ from .stats import (  # noqa: F401
     cache_hit_rates,
     generated_only,
 )
-from .training import router_saturation  # noqa: F401

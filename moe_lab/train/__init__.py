@@ -49,7 +49,6 @@ The package, in the order a run uses it::
     __main__.py  the command line
 """
 
-from ..analysis import router_saturation  # noqa: F401  (0.1 path: moe_lab.train.router_saturation)
 from .card import write_model_card  # noqa: F401
 from .config import (  # noqa: F401
     CKPT_NAME,
@@ -90,6 +89,7 @@ from .evaluate import (  # noqa: F401
     load_summary,
     quality_bar,
     routing_report,
+    router_saturation,
     routing_snapshot,
     trace_windows,
     unigram_baseline,

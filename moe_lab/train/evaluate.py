@@ -84,6 +84,21 @@ def routing_snapshot(model: Mixtral, probe: torch.Tensor) -> np.ndarray:
     return trace.expert_ids.astype(np.uint8)
 
 
+def router_saturation(snapshot_indices: np.ndarray) -> np.ndarray:
+    """OLMoE's router saturation over a run's router snapshots: for every snapshot s and layer l,
+    the mean over probe tokens of |topk_s ∩ topk_final| / k, the share of each token's final experts
+    already chosen at s. ``snapshot_indices`` [S, L, N, k] (the last is the final model) -> [S, L];
+    1 at the last snapshot by definition, about k/E for a router that has not learned yet."""
+    idx = np.asarray(snapshot_indices).astype(np.int64)
+    if idx.ndim != 4:
+        raise ValueError(f"snapshot_indices must be [snapshots, layers, tokens, k], got shape {idx.shape}")
+    S, L, N, k = idx.shape
+    E = int(idx.max()) + 1
+    onehot = np.zeros((S, L, N, E), dtype=bool)  # [S, L, N, E] chosen experts
+    np.put_along_axis(onehot, idx, True, axis=-1)
+    return (onehot & onehot[-1:]).sum(-1).mean(-1) / k
+
+
 def load_summary(shares: np.ndarray) -> dict:
     """min, max, CV and normalised entropy of expert shares [..., E] (each row sums to 1), row by
     row: :func:`moe_lab.analysis.load_balance` plus the extremes."""
