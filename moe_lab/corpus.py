@@ -20,6 +20,7 @@ Output layout of ``build_corpus(out_dir=...)``::
     train.jsonl      one {"domain", "id", "text"} object per line
     heldout.jsonl    same, ~5% of documents (chosen by a hash of domain/id)
     parallel.jsonl   English/other-language sentence pairs from catalogues
+    aligned.jsonl    the same paragraph in en/fr/de/es/it (real prose only; empty without it)
     stats.json       documents/characters per domain and split, sources, licences
 """
 
@@ -50,6 +51,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from .prose import (APT_COMMAND, LANG_DOMAINS, MissingProseSources, ProseSet, aligned_paragraphs, is_heldout_page,
+                    load_prose, prose_documents, split_key)
+
 DOMAINS: tuple[str, ...] = (
     "python", "english", "math", "french", "german", "spanish", "italian", "data", "latex",
 )
@@ -68,7 +72,9 @@ HELDOUT_PERCENT = 5
 #: whole documents and a held-out sample is never one giant file.
 MAX_DOC_CHARS = 4_000
 PSF = "PSF-2.0"
-FILES = ("train.jsonl", "heldout.jsonl", "parallel.jsonl", "stats.json")
+FILES = ("train.jsonl", "heldout.jsonl", "parallel.jsonl", "aligned.jsonl", "stats.json")
+#: With real prose, generated template text and interface strings are at most this share of a language domain.
+MAX_SYNTHETIC_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,7 @@ class Corpus:
     domains: list[str]
     parallel: list[dict] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    aligned: list[dict] = field(default_factory=list)  # moe_lab.prose.aligned_paragraphs rows
 
     def split(self, name: str) -> list[Document]:
         if name not in ("train", "heldout"):
@@ -1225,8 +1232,37 @@ def _catalogue_pairs(package: str) -> list[tuple[str, str, str]]:
     return pairs
 
 
-def _language_docs(lang: str, rng: random.Random, parallel: list[dict]) -> Iterator[Item]:
-    """Real catalogue text interleaved with template-generated documents."""
+def _prose_items(prose: ProseSet, code: str, limit: float = math.inf) -> Iterator[Item]:
+    """Real prose documents of one language (``moe_lab.prose``), in page order, up to ``limit`` characters;
+    a document whose text repeats an earlier one is skipped here (as the builder would) so callers
+    can count on every yielded character."""
+    total, seen = 0, set()
+    for doc_id, text, source in prose_documents(prose, code):
+        if total + len(text) > limit:
+            return
+        digest = hashlib.sha1(text.encode("utf-8")).digest()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        total += len(text)
+        yield Document(LANG_DOMAINS[code], doc_id, text), f"deb:{source}", prose.sources[source]["licence"]
+
+
+def _capped(items: Iterator[Item], limit: float) -> Iterator[Item]:
+    """Whole items while their characters stay within ``limit``."""
+    total = 0
+    for item in items:
+        if total + len(item[0].text) > limit:
+            return
+        total += len(item[0].text)
+        yield item
+
+
+def _language_docs(lang: str, rng: random.Random, parallel: list[dict], prose: ProseSet | None = None,
+                   budget: int = 0) -> Iterator[Item]:
+    """Real catalogue text interleaved with template-generated documents; with ``prose``, the real
+    prose first fills up to 3/4 of the budget and the synthetic text is capped at 1/3 of the prose
+    used (so at most ``MAX_SYNTHETIC_SHARE`` of the domain)."""
     cfg = _LANGS[lang]
     package = cfg["catalogue"]
 
@@ -1253,7 +1289,13 @@ def _language_docs(lang: str, rng: random.Random, parallel: list[dict]) -> Itera
             yield Document(lang, f"gen/{kind}/{i:06d}", text), "generated-templates+faker+babel", \
                 "generated; Faker (MIT) and Babel/CLDR (BSD-3-Clause, Unicode-3.0) data"
 
-    yield from _round_robin(catalogue(), generated())
+    synthetic = _round_robin(catalogue(), generated())
+    if prose is None:
+        yield from synthetic
+        return
+    real = list(_prose_items(prose, cfg["code"], (1 - MAX_SYNTHETIC_SHARE) * budget))
+    real_chars = sum(len(doc.text) for doc, _, _ in real)
+    yield from _round_robin(iter(real), _capped(synthetic, real_chars * MAX_SYNTHETIC_SHARE / (1 - MAX_SYNTHETIC_SHARE)))
 
 
 # --------------------------------------------------------------------------- data (JSON / CSV)
@@ -1583,14 +1625,20 @@ def _latex_docs(rng: random.Random) -> Iterator[Item]:
 
 # --------------------------------------------------------------------------- build
 
-def _domain_items(domain: str, rng: random.Random, parallel: list[dict]) -> Iterator[Item]:
+def _domain_items(domain: str, rng: random.Random, parallel: list[dict], prose: ProseSet | None = None,
+                  budget: int = 0) -> Iterator[Item]:
     if domain in _LANGS:
-        return _language_docs(domain, rng, parallel)
+        return _language_docs(domain, rng, parallel, prose, budget)
+    if domain == "english" and prose is not None:  # the handbook's English interleaved with the docstrings
+        return _round_robin(_prose_items(prose, "en"), _english_docs(rng))
     return {"python": _python_docs, "english": _english_docs, "math": _math_docs,
             "data": _data_docs, "latex": _latex_docs}[domain](rng)
 
 
 def _is_heldout(doc: Document) -> bool:
+    page = split_key(doc.id)  # real prose: held out by page, the same page in every language
+    if page is not None:
+        return is_heldout_page(*page.split("/", 1))
     return _stable_int(f"{doc.domain}/{doc.id}") % 100 < HELDOUT_PERCENT
 
 
@@ -1598,27 +1646,38 @@ def _split(docs: list[Document]) -> tuple[list[Document], list[Document]]:
     """Hash-based split, fixed up so every domain has at least one held-out document."""
     held = [d for d in docs if _is_heldout(d)]
     if not held and len(docs) > 1:
-        held = [min(docs, key=lambda d: _stable_int(f"{d.domain}/{d.id}"))]
+        # never a prose page by itself: its translations in other domains would stay in training
+        pool = [d for d in docs if split_key(d.id) is None] or docs
+        held = [min(pool, key=lambda d: _stable_int(f"{d.domain}/{d.id}"))]
     held_ids = {d.id for d in held}
     return [d for d in docs if d.id not in held_ids], held
 
 
-def _environment() -> dict:
+def _environment(prose: ProseSet | None = None) -> dict:
     versions = {}
     for name in ["faker", "babel"] + [c["catalogue"] for c in _LANGS.values()]:
         dist = _package_dist(name)
         versions[name] = dist.version if dist else None
-    return {"python": sys.version.split()[0], "packages": versions}
+    env = {"python": sys.version.split()[0], "packages": versions}
+    if prose is not None:
+        env["debian_packages"] = {name: src["version"] for name, src in prose.sources.items()}
+    return env
 
 
 def build_corpus(out_dir: str | os.PathLike | None = None, size: str = "small", seed: int = 0,
-                 progress: bool = True, domains: Iterable[str] | None = None) -> Corpus:
+                 progress: bool = True, domains: Iterable[str] | None = None,
+                 prose: str | os.PathLike | ProseSet | None = None) -> Corpus:
     """Assemble the corpus (deterministic for a given seed and environment).
 
     Each domain receives the same approximate token budget (``SIZES[size]``,
     converted to characters with ``CHARS_PER_TOKEN``); domains
     whose sources run dry stay smaller. With ``out_dir`` the result is also
     written there (atomically); without it everything stays in memory.
+
+    ``prose``: a directory holding the downloaded Debian packages of :mod:`moe_lab.prose`
+    (or a loaded ``ProseSet``). Their real paragraphs then make up the French, German,
+    Spanish and Italian domains (synthetic text at most ``MAX_SYNTHETIC_SHARE``) and join
+    the English one; without it the corpus is the v3 one, from pip-installed material only.
     """
     from tqdm.auto import tqdm
 
@@ -1629,6 +1688,8 @@ def build_corpus(out_dir: str | os.PathLike | None = None, size: str = "small", 
     if unknown:
         raise ValueError(f"unknown domains: {sorted(unknown)}")
     budgets = {d: int(SIZES[size] * CHARS_PER_TOKEN[d]) for d in domains}
+    if prose is not None and not isinstance(prose, ProseSet):
+        prose = load_prose(prose)
     train, heldout, parallel, sources = [], [], [], {}
     with tqdm(total=sum(budgets.values()), unit="char", unit_scale=True, desc="corpus", disable=not progress) as bar:
         for domain in domains:
@@ -1636,7 +1697,7 @@ def build_corpus(out_dir: str | os.PathLike | None = None, size: str = "small", 
             bar.set_postfix_str(domain)
             rng = random.Random(f"{seed}/{domain}")  # str seeds are hashed with SHA-512: stable across runs
             docs, total, dom_parallel, seen, texts = [], 0, [], set(), set()
-            for doc, label, licence in _domain_items(domain, rng, dom_parallel):
+            for doc, label, licence in _domain_items(domain, rng, dom_parallel, prose, budget):
                 if total >= budget:
                     break
                 if doc.id in seen:
@@ -1659,8 +1720,12 @@ def build_corpus(out_dir: str | os.PathLike | None = None, size: str = "small", 
                             for p in dom_parallel if p["doc_id"] in seen)
             train.extend(tr)
             heldout.extend(he)
-    meta = {"size": size, "seed": seed, "sources": sources, "environment": _environment()}
-    corpus = Corpus(train=train, heldout=heldout, domains=domains, parallel=parallel, meta=meta)
+    meta = {"size": size, "seed": seed, "sources": sources, "environment": _environment(prose)}
+    aligned = []
+    if prose is not None:
+        meta["prose"] = prose.sources
+        aligned = aligned_paragraphs(prose)
+    corpus = Corpus(train=train, heldout=heldout, domains=domains, parallel=parallel, meta=meta, aligned=aligned)
     if out_dir is not None:
         write_corpus(corpus, out_dir)
     return corpus
@@ -1697,7 +1762,10 @@ def write_corpus(corpus: Corpus, out_dir: str | os.PathLike, count_tokens: bool 
     out.mkdir(parents=True, exist_ok=True)
     stats = {"size": corpus.meta.get("size"), "seed": corpus.meta.get("seed"), "domains": corpus.domains,
              "splits": corpus.stats(count_tokens=count_tokens), "parallel_pairs": len(corpus.parallel),
+             "aligned_paragraphs": len(corpus.aligned),
              "sources": corpus.meta.get("sources", {}), "environment": corpus.meta.get("environment", {})}
+    if corpus.meta.get("prose"):
+        stats["prose"] = corpus.meta["prose"]
 
     def lines(items: Iterable[str]) -> Callable[[io.TextIOBase], None]:
         return lambda fh: fh.writelines(items)
@@ -1706,6 +1774,7 @@ def write_corpus(corpus: Corpus, out_dir: str | os.PathLike, count_tokens: bool 
         out / "train.jsonl": lines(_dump_doc(d) for d in corpus.train),
         out / "heldout.jsonl": lines(_dump_doc(d) for d in corpus.heldout),
         out / "parallel.jsonl": lines(json.dumps(p, ensure_ascii=False) + "\n" for p in corpus.parallel),
+        out / "aligned.jsonl": lines(json.dumps(p, ensure_ascii=False) + "\n" for p in corpus.aligned),
         out / "stats.json": lines([json.dumps(stats, ensure_ascii=False, indent=2) + "\n"]),
     })
     return out
@@ -1730,7 +1799,8 @@ def load_corpus(directory: str | os.PathLike) -> Corpus:
     heldout = [Document(**x) for x in read("heldout.jsonl")]
     present = {doc.domain for doc in train + heldout}
     domains = meta.get("domains") or [x for x in DOMAINS if x in present] + sorted(present - set(DOMAINS))
-    return Corpus(train=train, heldout=heldout, domains=list(domains), parallel=read("parallel.jsonl"), meta=meta)
+    return Corpus(train=train, heldout=heldout, domains=list(domains), parallel=read("parallel.jsonl"), meta=meta,
+                  aligned=read("aligned.jsonl"))
 
 
 def sample_texts(corpus: Corpus, domain: str, n: int, split: str = "heldout", seed: int = 0,
@@ -1767,8 +1837,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--count-tokens", action="store_true", help="also count tokens (needs moe_lab.tokenizer)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--prose", metavar="DIR", help="directory with the Debian packages of real prose "
+                        f"(`{APT_COMMAND}`), e.g. ~/.cache/moe_lab/debs; without it: the v3 corpus")
     args = parser.parse_args(argv)
-    corpus = build_corpus(None, size=args.size, seed=args.seed, progress=not args.quiet)
+    try:
+        prose = load_prose(args.prose) if args.prose else None
+    except MissingProseSources as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    corpus = build_corpus(None, size=args.size, seed=args.seed, progress=not args.quiet, prose=prose)
     write_corpus(corpus, args.out, count_tokens=args.count_tokens)
     stats = json.loads((Path(args.out) / "stats.json").read_text(encoding="utf-8"))["splits"]
     print(f"{'domain':<10}{'train docs':>12}{'train chars':>14}{'heldout docs':>14}{'heldout chars':>15}{'tokens':>12}")

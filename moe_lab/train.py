@@ -83,6 +83,7 @@ class DataConfig:
     corpus_seed: int = 0
     corpus_dir: str | None = None  # read the corpus from here if built (else build it and write it here)
     domains: list[str] | None = None  # None: every domain of the corpus
+    prose_dir: str | None = None  # downloaded Debian packages of real prose (moe_lab.prose); None: the v3 corpus
     seq_len: int = 256
     domain_alpha: float = 1.0  # a domain is drawn with probability ~ weight * (its training windows) ** alpha
     domain_weights: dict[str, float] | None = None  # per-domain multipliers of that probability (default 1)
@@ -400,11 +401,13 @@ def get_corpus(data: DataConfig, progress: bool = True):
         if stats.exists() and hasattr(corpus_mod, "load_corpus"):
             meta = json.loads(stats.read_text())
             m = meta.get("meta", meta)
-            if m.get("size") == data.corpus_size and m.get("seed") == data.corpus_seed:
+            if (m.get("size") == data.corpus_size and m.get("seed") == data.corpus_seed
+                    and bool(m.get("prose")) == (data.prose_dir is not None)):
                 return corpus_mod.load_corpus(d)
-        return corpus_mod.build_corpus(out_dir=d, size=data.corpus_size, seed=data.corpus_seed, progress=progress)
+        return corpus_mod.build_corpus(out_dir=d, size=data.corpus_size, seed=data.corpus_seed, progress=progress,
+                                       prose=data.prose_dir)
     return corpus_mod.build_corpus(out_dir=None, size=data.corpus_size, seed=data.corpus_seed,
-                                   progress=progress)
+                                   progress=progress, prose=data.prose_dir)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,351 @@
+"""Real prose in five languages, read from downloaded Debian packages (no network, no dpkg).
+
+Why this exists: the template sentences of the French/German/Spanish/Italian corpus
+domains teach a model each language's surface, not the language. Debian ships real,
+freely licensed books whose translations are *paragraph-parallel*: the same paragraph,
+at the same place of the same page, in English, French, German, Spanish and Italian.
+That gives (1) real running text for every language domain and (2) aligned paragraphs
+for asking whether routing follows the language or the content.
+
+The packages are downloaded once, by you, with ``apt-get download`` (see
+:data:`APT_COMMAND`); this module only reads the ``.deb`` files (an ``ar`` archive holding
+``data.tar.xz``) with the standard library, or an already unpacked tree.
+
+    sources = load_prose("~/.cache/moe_lab/debs")           # every source, every language
+    sources.paragraphs["fr"][0]                             # Paragraph(source, page, index, text)
+    aligned_paragraphs(sources)                             # [{"id", "page", "en", "fr", ...}, ...]
+    is_heldout_page("debian-handbook", "sect.apt-get")     # the same answer in every language
+
+Paragraphs are identified by ``(source, page, index)``: the index is the paragraph's position
+in the page, which is what makes two languages comparable. A translated paragraph that is
+identical to the English one is an untranslated fallback and is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tarfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Iterator
+
+LANGS: tuple[str, ...] = ("en", "fr", "de", "es", "it")
+#: Corpus domain of each language (the English prose joins the ``english`` domain).
+LANG_DOMAINS: dict[str, str] = {"en": "english", "fr": "french", "de": "german", "es": "spanish", "it": "italian"}
+DEFAULT_DIR = Path("~/.cache/moe_lab/debs")
+#: Percent of pages held out; a page is held out in every language or in none.
+HELDOUT_PAGE_PERCENT = 8
+MIN_WORDS = 6
+MAX_DOC_CHARS = 4_000
+
+
+@dataclass(frozen=True)
+class ProseSource:
+    """One Debian package of paragraph-parallel documentation."""
+
+    package: str
+    title: str
+    licence: str
+    kind: str  # "docbook-html" (publican XHTML, <div class="para">) or "mallard" (<p> in .page files)
+    dirs: dict[str, str]  # language -> directory inside the package holding its pages
+    suffix: str  # page file suffix
+
+
+SOURCES: dict[str, ProseSource] = {
+    "debian-handbook": ProseSource(
+        "debian-handbook", "The Debian Administrator's Handbook (Hertzog, Mas)",
+        "GPL-2.0-or-later OR CC-BY-SA-3.0", "docbook-html",
+        {lang: f"usr/share/doc/debian-handbook/html/{loc}"
+         for lang, loc in [("en", "en-US"), ("fr", "fr-FR"), ("de", "de-DE"), ("es", "es-ES"), ("it", "it-IT")]},
+        ".html"),
+    "gnome-user-docs": ProseSource(
+        "gnome-user-docs", "GNOME Help (the desktop user guide)", "CC-BY-SA-3.0", "mallard",
+        {lang: f"usr/share/help/{loc}/gnome-help"
+         for lang, loc in [("en", "C"), ("fr", "fr"), ("de", "de"), ("es", "es"), ("it", "it")]},
+        ".page"),
+}
+#: The exact command that fetches every source (Debian 12 "bookworm" package names).
+APT_COMMAND = "apt-get download " + " ".join(SOURCES)
+
+
+class MissingProseSources(FileNotFoundError):
+    """The Debian packages are not where the builder looked; the message says how to get them."""
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    source: str
+    page: str
+    index: int  # position in the page (the same paragraph has the same index in every language)
+    text: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.source}/{self.page}#{self.index}"
+
+
+@dataclass
+class ProseSet:
+    """Paragraphs per language, and where they came from."""
+
+    paragraphs: dict[str, list[Paragraph]]
+    sources: dict[str, dict]  # package -> {"version", "licence", "title", "file"}
+    raw: dict[str, dict[str, dict[str, list[str]]]] = field(default_factory=dict, repr=False)
+    # raw[source][lang][page]: every paragraph of the page, untranslated ones included (for alignment)
+
+
+# --------------------------------------------------------------------------- reading .deb files
+
+def _ar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
+    """Members of a Unix ``ar`` archive (a .deb is one): 8-byte magic, then 60-byte headers."""
+    if data[:8] != b"!<arch>\n":
+        raise ValueError("not an ar archive (a .deb starts with '!<arch>\\n')")
+    pos = 8
+    while pos + 60 <= len(data):
+        header = data[pos:pos + 60]
+        name = header[:16].decode("ascii").strip().rstrip("/")
+        size = int(header[48:58].decode("ascii").strip())
+        yield name, data[pos + 60:pos + 60 + size]
+        pos += 60 + size + (size % 2)  # members are padded to an even offset
+
+
+def _open_tar(name: str, blob: bytes) -> tarfile.TarFile:
+    if name.endswith(".zst"):
+        raise ValueError(f"{name} is zstd-compressed, which Python's tarfile cannot read before 3.14; "
+                         "unpack the package with `dpkg-deb -x FILE.deb DIR` and pass DIR instead")
+    return tarfile.open(fileobj=io.BytesIO(blob), mode="r:*")
+
+
+def read_deb(path: str | os.PathLike, prefixes: tuple[str, ...] = ("",)) -> tuple[dict, dict[str, bytes]]:
+    """(control fields, {path: bytes}) of a .deb: the files of ``data.tar.*`` under ``prefixes``."""
+    data = Path(path).read_bytes()
+    control, files = {}, {}
+    for name, blob in _ar_members(data):
+        if name.startswith("control.tar"):
+            with _open_tar(name, blob) as tar:
+                member = next((m for m in tar.getmembers() if m.name.lstrip("./") == "control"), None)
+                if member is not None:
+                    text = tar.extractfile(member).read().decode("utf-8")
+                    control = dict(re.findall(r"(?m)^([A-Za-z-]+):[ \t]*(.*)$", text))
+        elif name.startswith("data.tar"):
+            with _open_tar(name, blob) as tar:
+                for m in tar.getmembers():
+                    rel = m.name.lstrip("./")
+                    if m.isfile() and any(rel.startswith(p) for p in prefixes):
+                        files[rel] = tar.extractfile(m).read()
+    if not files and not control:
+        raise ValueError(f"{path}: no control.tar.* or data.tar.* member; is it a Debian package?")
+    return control, files
+
+
+def _read_tree(root: Path, prefixes: tuple[str, ...]) -> dict[str, bytes]:
+    files = {}
+    for prefix in prefixes:
+        base = root / prefix
+        if base.is_dir():
+            for p in sorted(base.rglob("*")):
+                if p.is_file():
+                    files[p.relative_to(root).as_posix()] = p.read_bytes()
+    return files
+
+
+def locate_sources(where: str | os.PathLike | None = None,
+                   packages: tuple[str, ...] = tuple(SOURCES)) -> dict[str, Path]:
+    """Find each package's newest ``<package>_<version>_all.deb`` in ``where`` (default
+    ``~/.cache/moe_lab/debs``), or an unpacked tree (``where/usr/share/...``) holding its files.
+    Raises :class:`MissingProseSources` with the exact download command when one is missing."""
+    root = Path(where if where is not None else DEFAULT_DIR).expanduser()
+    found, missing = {}, []
+    for pkg in packages:
+        debs = sorted(root.glob(f"{pkg}_*.deb")) if root.is_dir() else []
+        if debs:
+            found[pkg] = debs[-1]
+        elif root.is_dir() and any((root / d).is_dir() for d in SOURCES[pkg].dirs.values()):
+            found[pkg] = root
+        else:
+            missing.append(pkg)
+    if missing:
+        raise MissingProseSources(
+            f"the real-prose sources {missing} are not in {root} (looked for {missing[0]}_<version>_all.deb "
+            f"or an unpacked tree with {SOURCES[missing[0]].dirs['en']}/). Download them once, on a "
+            f"Debian/Ubuntu machine, with:\n    mkdir -p {root} && cd {root} && apt-get download "
+            f"{' '.join(missing)}\n(or pass the directory that holds them).")
+    return found
+
+
+# --------------------------------------------------------------------------- page formats
+
+class _DocbookParas(HTMLParser):
+    """Text of every top-level ``<div class="para">`` of a publican XHTML page, in order."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.paras: list[str] = []
+        self._buf: list[str] | None = None
+        self._depth = 0
+
+    def handle_starttag(self, tag, attrs):
+        if self._buf is not None:
+            self._depth += tag not in ("br", "img", "hr")  # void elements have no end tag
+        elif tag == "div" and ("class", "para") in attrs:
+            self._buf, self._depth = [], 1
+
+    def handle_endtag(self, tag):
+        if self._buf is None or tag in ("br", "img", "hr"):
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            self.paras.append(" ".join("".join(self._buf).split()))
+            self._buf = None
+
+    def handle_data(self, data):
+        if self._buf is not None:
+            self._buf.append(data)
+
+
+_MALLARD = "{http://projectmallard.org/1.0/}"
+_MALLARD_SKIP = {"info", "code", "screen", "media", "title", "desc", "links", "subtitle"}
+
+
+def _mallard_paras(xml: bytes) -> list[str]:
+    """Text of every ``<p>`` of a Mallard page, outside metadata and code, in document order."""
+    root = ET.fromstring(xml)
+    out: list[str] = []
+
+    def walk(el, skip: bool):
+        tag = el.tag.replace(_MALLARD, "") if isinstance(el.tag, str) else ""
+        skip = skip or tag in _MALLARD_SKIP
+        if tag == "p" and not skip:
+            out.append(" ".join("".join(el.itertext()).split()))
+            return
+        for child in el:
+            walk(child, skip)
+
+    walk(root, False)
+    return out
+
+
+def page_paragraphs(kind: str, blob: bytes) -> list[str]:
+    """Every paragraph of one page (``kind``: ``"docbook-html"`` or ``"mallard"``)."""
+    if kind == "docbook-html":
+        parser = _DocbookParas()
+        parser.feed(blob.decode("utf-8"))
+        return parser.paras
+    if kind == "mallard":
+        return _mallard_paras(blob)
+    raise ValueError(f"unknown page kind {kind!r}; expected 'docbook-html' or 'mallard'")
+
+
+def is_prose(text: str, min_words: int = MIN_WORDS) -> bool:
+    """A running-text paragraph: enough words, mostly letters, not a command line or a list of names."""
+    words = text.split()
+    if len(words) < min_words:
+        return False
+    letters = sum(ch.isalpha() or ch.isspace() for ch in text)
+    return letters >= 0.8 * len(text) and text[-1] in ".!?:;)»\"'…"
+
+
+# --------------------------------------------------------------------------- the prose set
+
+def _pages(source: ProseSource, files: dict[str, bytes]) -> dict[str, dict[str, list[str]]]:
+    """raw[lang][page] = every paragraph, pages sorted by name (a stable order)."""
+    raw: dict[str, dict[str, list[str]]] = {}
+    for lang, d in source.dirs.items():
+        prefix = d.rstrip("/") + "/"
+        names = sorted(n for n in files if n.startswith(prefix) and n.endswith(source.suffix)
+                       and "/" not in n[len(prefix):])
+        raw[lang] = {n[len(prefix):-len(source.suffix)]: page_paragraphs(source.kind, files[n]) for n in names}
+    return raw
+
+
+def load_prose(where: str | os.PathLike | None = None, sources: tuple[str, ...] = tuple(SOURCES),
+               langs: tuple[str, ...] = LANGS) -> ProseSet:
+    """Read the packages (see :func:`locate_sources`) into paragraphs per language.
+
+    A paragraph is kept when it is running text (:func:`is_prose`) and, outside English,
+    differs from every English paragraph of the same page (identical text is an untranslated
+    fallback that would put English into the French domain)."""
+    unknown = set(sources) - set(SOURCES)
+    if unknown:
+        raise ValueError(f"unknown prose sources {sorted(unknown)}; known: {sorted(SOURCES)}")
+    located = locate_sources(where, tuple(sources))
+    paragraphs: dict[str, list[Paragraph]] = {lang: [] for lang in langs}
+    meta, raw_all = {}, {}
+    for name in sources:
+        src, path = SOURCES[name], located[name]
+        prefixes = tuple(src.dirs[lang] for lang in langs)
+        if path.is_dir():
+            control, files = {}, _read_tree(path, prefixes)
+        else:
+            control, files = read_deb(path, prefixes)
+        raw = _pages(src, files)
+        empty = [lang for lang in langs if not raw.get(lang)]
+        if empty:
+            raise ValueError(f"{path}: no {src.suffix} pages for {empty} under "
+                             f"{[src.dirs[lang] for lang in empty]}; is this the {name} package?")
+        raw_all[name] = raw
+        meta[name] = {"version": control.get("Version", "unpacked tree"), "licence": src.licence,
+                      "title": src.title, "file": path.name}
+        english = raw.get("en", {})
+        for lang in langs:
+            for page, paras in raw[lang].items():
+                en = set(english.get(page, ())) if lang != "en" else set()
+                paragraphs[lang].extend(Paragraph(name, page, i, t) for i, t in enumerate(paras)
+                                        if is_prose(t) and t not in en)
+    return ProseSet(paragraphs=paragraphs, sources=meta, raw=raw_all)
+
+
+def aligned_paragraphs(prose: ProseSet, langs: tuple[str, ...] = LANGS) -> list[dict]:
+    """The same paragraph in every language: ``{"id", "source", "page", "index", "split", <lang>: text}``.
+
+    Alignment is by document structure: a page enters only when it has the same number of
+    paragraphs in every language, and a paragraph only when each translation is running text
+    and differs from the English one (so it *was* translated)."""
+    kept = {lang: {p.key for p in prose.paragraphs[lang]} for lang in langs}
+    out = []
+    for name, raw in prose.raw.items():
+        for page in sorted(raw[langs[0]]):
+            per = [raw[lang].get(page) for lang in langs]
+            if any(p is None for p in per) or len({len(p) for p in per}) != 1:
+                continue
+            for i in range(len(per[0])):
+                key = f"{name}/{page}#{i}"
+                if all(key in kept[lang] for lang in langs):
+                    out.append({"id": key, "source": name, "page": page, "index": i,
+                                "split": "heldout" if is_heldout_page(name, page) else "train",
+                                **{lang: raw[lang][page][i] for lang in langs}})
+    return out
+
+
+def is_heldout_page(source: str, page: str, percent: int = HELDOUT_PAGE_PERCENT) -> bool:
+    """Held out by page, never by language: the key names the source and page only, so a
+    held-out page is held out in every language and no translation of it is trained on."""
+    return int.from_bytes(hashlib.sha1(f"{source}/{page}".encode()).digest()[:8], "big") % 100 < percent
+
+
+def prose_documents(prose: ProseSet, lang: str, max_chars: int = MAX_DOC_CHARS) -> Iterator[tuple[str, str, str]]:
+    """(document id, text, source) for one language: a page's kept paragraphs, in order,
+    packed into documents of at most ``max_chars`` (ids ``deb/<source>/<page>/<n>``)."""
+    by_page: dict[tuple[str, str], list[str]] = {}
+    for p in prose.paragraphs[lang]:
+        by_page.setdefault((p.source, p.page), []).append(p.text)
+    for (source, page), texts in by_page.items():
+        buf, size, n = [], 0, 0
+        for t in texts + [None]:  # None flushes the last document
+            if buf and (t is None or size + len(t) > max_chars):
+                yield f"deb/{source}/{page}/{n:03d}", "\n\n".join(buf), source
+                buf, size, n = [], 0, n + 1
+            if t is not None:
+                buf.append(t)
+                size += len(t) + 2
+
+
+def split_key(doc_id: str) -> str | None:
+    """The page a prose document id belongs to (``source/page``), or None for other documents."""
+    parts = doc_id.split("/")
+    return f"{parts[1]}/{parts[2]}" if len(parts) == 4 and parts[0] == "deb" else None
