@@ -2,6 +2,8 @@
 
 ``stats.py``: load, repetition (the paper's Table 5 / Figure 10), co-activation, confidence,
 specialisation, cross-layer structure, the expert-cache simulator.
+``language.py``: does routing follow the language or the content (aligned paragraphs in five
+languages), and how much of it hidden-state similarity explains.
 """
 
 from .stats import (  # noqa: F401
@@ -28,4 +30,15 @@ from .stats import (  # noqa: F401
     simulate_expert_cache,
     cache_hit_rates,
     generated_only,
+)
+from .language import (  # noqa: F401
+    expert_usage,
+    pairwise_similarity,
+    mean_router_inputs,
+    aligned_grid,
+    compare_pairs,
+    LanguageContent,
+    language_vs_content,
+    HiddenControl,
+    hidden_state_control,
 )
