@@ -137,3 +137,25 @@ def test_mean_router_inputs_are_what_the_router_sees():
             mean_logits = cache[names[i]][1:].mean(0)  # tokens after BOS
             got = block.moe.gate(torch.as_tensor(h[i, d], dtype=torch.float32))
             torch.testing.assert_close(got, mean_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_figures_show_the_results():
+    from moe_lab import viz
+
+    tr, par, lang = aligned_trace(lambda p, g, t: (2 * (p % 4), 2 * (p % 4) + 1), P=4)
+    r = A.language_vs_content(tr, par, lang, n_boot=100, n_shuffle=20)
+    fig = viz.language_content_figure(r)
+    by_name = {t.name: t for t in fig.data}
+    np.testing.assert_allclose(by_name["same paragraph, other language"].y, r.same_content)
+    np.testing.assert_allclose(by_name["other paragraph, same language"].y, r.same_language)
+    np.testing.assert_allclose(by_name["shuffled: paragraphs within a language"].y, r.shuffled_content)
+    t = by_name["other paragraph, other language"]
+    np.testing.assert_allclose(np.asarray(t.y) + np.asarray(t.error_y.array), r.ci_neither[:, 1])
+    c = A.hidden_state_control(tr, np.random.default_rng(0).normal(size=(1, 12, 8)), par, lang, n_boot=50, n_shuffle=5)
+    fig2 = viz.hidden_control_figure(c, r)
+    bars = [t for t in fig2.data if t.type == "bar"]
+    np.testing.assert_allclose(bars[0].y, c.r2)
+    lines = {t.name: t for t in fig2.data if t.type == "scatter"}
+    np.testing.assert_allclose(lines["raw routing similarity"].y, r.content_minus_language)
+    np.testing.assert_allclose(lines["residuals after the control"].y, c.residual.content_minus_language)
+    fig.to_json(), fig2.to_json()  # serialisable (notebooks save them)
