@@ -23,6 +23,7 @@ identical to the English one is an untranslated fallback and is dropped.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -51,9 +52,15 @@ class ProseSource:
     package: str
     title: str
     licence: str
-    kind: str  # "docbook-html" (publican XHTML, <div class="para">) or "mallard" (<p> in .page files)
+    kind: str  # "docbook-html" (publican XHTML, <div class="para">), "mallard" (<p> in .page files) or "roff"
     dirs: dict[str, str]  # language -> directory inside the package holding its pages
     suffix: str  # page file suffix
+    group: str = ""  # the held-out namespace: pages of one group are held out together in every language
+    parallel: bool = True  # translations of one text, page by page (alignable)
+
+    @property
+    def split_group(self) -> str:
+        return self.group or self.package
 
 
 SOURCES: dict[str, ProseSource] = {
@@ -68,7 +75,13 @@ SOURCES: dict[str, ProseSource] = {
         {lang: f"usr/share/help/{loc}/gnome-help"
          for lang, loc in [("en", "C"), ("fr", "fr"), ("de", "de"), ("es", "es"), ("it", "it")]},
         ".page"),
+    **{f"manpages-{lang}": ProseSource(
+        f"manpages-{lang}", f"Translated manual pages ({lang}; manpages-l10n)", "GPL-3.0-or-later (translations); "
+        "the original pages' own free licences", "roff", {lang: f"usr/share/man/{lang}"}, ".gz",
+        group="manpages", parallel=False) for lang in ("fr", "de", "es", "it")},
 }
+#: The paragraph-parallel books (the aligned set comes from these).
+PARALLEL_SOURCES = tuple(name for name, src in SOURCES.items() if src.parallel)
 #: The exact command that fetches every source (Debian 12 "bookworm" package names).
 APT_COMMAND = "apt-get download " + " ".join(SOURCES)
 
@@ -165,14 +178,14 @@ def locate_sources(where: str | os.PathLike | None = None,
         debs = sorted(root.glob(f"{pkg}_*.deb")) if root.is_dir() else []
         if debs:
             found[pkg] = debs[-1]
-        elif root.is_dir() and any((root / d).is_dir() for d in SOURCES[pkg].dirs.values()):
+        elif root.is_dir() and all((root / d).is_dir() for d in SOURCES[pkg].dirs.values()):
             found[pkg] = root
         else:
             missing.append(pkg)
     if missing:
         raise MissingProseSources(
             f"the real-prose sources {missing} are not in {root} (looked for {missing[0]}_<version>_all.deb "
-            f"or an unpacked tree with {SOURCES[missing[0]].dirs['en']}/). Download them once, on a "
+            f"or an unpacked tree with {next(iter(SOURCES[missing[0]].dirs.values()))}/). Download them once, on a "
             f"Debian/Ubuntu machine, with:\n    mkdir -p {root} && cd {root} && apt-get download "
             f"{' '.join(missing)}\n(or pass the directory that holds them).")
     return found
@@ -230,24 +243,100 @@ def _mallard_paras(xml: bytes) -> list[str]:
     return out
 
 
+_ROFF_ESCAPES = [  # (pattern, replacement), applied in order to a paragraph's text
+    (r"\\f(\[[^\]]*\]|\(..|.)", ""),  # font changes \fB \fI \fP \f(CW \f[B]
+    (r"\\\((em|en)", "\u2014"), (r"\\[*]?\(([lr]q|[LR]q)", '"'), (r"\\\(aq", "'"),
+    (r"\\\(Fo", "\u00ab"), (r"\\\(Fc", "\u00bb"), (r"\\\(co", "\u00a9"), (r"\\\*\[[^\]]*\]", ""),
+    (r"\\-", "-"), (r"\\[&,/:%|^)]", ""), (r"\\e", "\\\\"), (r"\\ ", " "), (r"\\~", " "),
+    (r"\\\(..", ""), (r"\\s[-+]?\d", ""), (r"\\\*.", ""),
+]
+_ROFF_ESCAPES_RX = [(re.compile(a), b) for a, b in _ROFF_ESCAPES]
+_ROFF_INLINE = {"B", "I", "BR", "IR", "RB", "RI", "BI", "IB", "SM", "SB"}  # font macros: their arguments are text
+
+
+def _roff_paras(blob: bytes) -> list[str]:
+    """Running-text paragraphs of a (gzipped) manual page: text lines between paragraph macros
+    (``.PP``, ``.SH``, ``.TP``...), font macros (``.B word``) kept as text, no-fill blocks
+    (``.nf``/``.EX``: examples, synopses) and the tag line after ``.TP`` left out, escapes resolved."""
+    data = gzip.decompress(blob) if blob[:2] == b"\x1f\x8b" else blob
+    text = data.decode("utf-8", errors="replace")
+    out, buf = [], []
+    nofill = tag_next = False
+
+    def flush():
+        if buf:
+            out.append(" ".join(buf))
+            buf.clear()
+
+    for line in text.splitlines():
+        if line.startswith((".", "'")):
+            m = re.match(r"[.'][ \t]*([A-Za-z]+)[ \t]*(.*)", line)
+            if not m:  # a comment (.\\") or an unknown request
+                continue
+            macro, args = m.groups()
+            if macro in ("nf", "EX"):
+                flush()
+                nofill = True
+            elif macro in ("fi", "EE"):
+                nofill = False
+            elif macro in _ROFF_INLINE and not nofill:
+                words = " ".join(a.strip('"') for a in re.findall(r'"[^"]*"|\S+', args))
+                if tag_next:
+                    tag_next = False
+                else:
+                    buf.append(words)
+            else:
+                flush()
+                tag_next = macro == "TP"
+        elif nofill:
+            continue
+        elif not line.strip():
+            flush()
+        elif tag_next:  # the term of a .TP item, not a sentence
+            tag_next = False
+        else:
+            buf.append(line)
+    flush()
+    paras = []
+    for p in out:
+        for rx, sub in _ROFF_ESCAPES_RX:
+            p = rx.sub(sub, p)
+        paras.append(" ".join(p.split()))
+    return paras
+
+
 def page_paragraphs(kind: str, blob: bytes) -> list[str]:
-    """Every paragraph of one page (``kind``: ``"docbook-html"`` or ``"mallard"``)."""
+    """Every paragraph of one page (``kind``: ``"docbook-html"``, ``"mallard"`` or ``"roff"``)."""
+    if kind == "roff":
+        return _roff_paras(blob)
     if kind == "docbook-html":
         parser = _DocbookParas()
         parser.feed(blob.decode("utf-8"))
         return parser.paras
     if kind == "mallard":
         return _mallard_paras(blob)
-    raise ValueError(f"unknown page kind {kind!r}; expected 'docbook-html' or 'mallard'")
+    raise ValueError(f"unknown page kind {kind!r}; expected 'docbook-html', 'mallard' or 'roff'")
+
+
+_MOJIBAKE = re.compile("[\u00c3\u00c2][\u0080-\u00bf]")  # UTF-8 read as Latin-1 (e.g. "altresÃ¬")
+_ENGLISH = frozenset("the and of to is are with this that for be by from".split())
 
 
 def is_prose(text: str, min_words: int = MIN_WORDS) -> bool:
-    """A running-text paragraph: enough words, mostly letters, not a command line or a list of names."""
+    """A running-text paragraph: enough words, mostly letters, ends like a sentence; not a
+    command line, a list of names or mis-decoded text."""
     words = text.split()
-    if len(words) < min_words:
+    if len(words) < min_words or _MOJIBAKE.search(text):
         return False
     letters = sum(ch.isalpha() or ch.isspace() for ch in text)
     return letters >= 0.8 * len(text) and text[-1] in ".!?:;)»\"'…"
+
+
+def looks_english(text: str, threshold: float = 0.12) -> bool:
+    """More than ``threshold`` of the words are common English function words: an untranslated
+    paragraph (used where no English original of the same page is at hand, i.e. manual pages)."""
+    words = text.lower().split()
+    return sum(w in _ENGLISH for w in words) > threshold * len(words)
 
 
 # --------------------------------------------------------------------------- the prose set
@@ -258,7 +347,7 @@ def _pages(source: ProseSource, files: dict[str, bytes]) -> dict[str, dict[str, 
     for lang, d in source.dirs.items():
         prefix = d.rstrip("/") + "/"
         names = sorted(n for n in files if n.startswith(prefix) and n.endswith(source.suffix)
-                       and "/" not in n[len(prefix):])
+                       and (source.kind == "roff" or "/" not in n[len(prefix):]))  # man pages: man1/ls.1.gz
         raw[lang] = {n[len(prefix):-len(source.suffix)]: page_paragraphs(source.kind, files[n]) for n in names}
     return raw
 
@@ -269,7 +358,9 @@ def load_prose(where: str | os.PathLike | None = None, sources: tuple[str, ...] 
 
     A paragraph is kept when it is running text (:func:`is_prose`) and, outside English,
     differs from every English paragraph of the same page (identical text is an untranslated
-    fallback that would put English into the French domain)."""
+    fallback that would put English into the French domain); for manual pages, which have no
+    English original here, when it does not :func:`looks_english`. ``langs`` limits the
+    languages read; a source with none of them is skipped."""
     unknown = set(sources) - set(SOURCES)
     if unknown:
         raise ValueError(f"unknown prose sources {sorted(unknown)}; known: {sorted(SOURCES)}")
@@ -278,13 +369,16 @@ def load_prose(where: str | os.PathLike | None = None, sources: tuple[str, ...] 
     meta, raw_all = {}, {}
     for name in sources:
         src, path = SOURCES[name], located[name]
-        prefixes = tuple(src.dirs[lang] for lang in langs)
+        src_langs = tuple(lang for lang in langs if lang in src.dirs)
+        if not src_langs:
+            continue
+        prefixes = tuple(src.dirs[lang] for lang in src_langs)
         if path.is_dir():
             control, files = {}, _read_tree(path, prefixes)
         else:
             control, files = read_deb(path, prefixes)
         raw = _pages(src, files)
-        empty = [lang for lang in langs if not raw.get(lang)]
+        empty = [lang for lang in src_langs if not raw.get(lang)]
         if empty:
             raise ValueError(f"{path}: no {src.suffix} pages for {empty} under "
                              f"{[src.dirs[lang] for lang in empty]}; is this the {name} package?")
@@ -292,11 +386,12 @@ def load_prose(where: str | os.PathLike | None = None, sources: tuple[str, ...] 
         meta[name] = {"version": control.get("Version", "unpacked tree"), "licence": src.licence,
                       "title": src.title, "file": path.name}
         english = raw.get("en", {})
-        for lang in langs:
+        for lang in src_langs:
             for page, paras in raw[lang].items():
                 en = set(english.get(page, ())) if lang != "en" else set()
-                paragraphs[lang].extend(Paragraph(name, page, i, t) for i, t in enumerate(paras)
-                                        if is_prose(t) and t not in en)
+                paragraphs[lang].extend(
+                    Paragraph(name, page, i, t) for i, t in enumerate(paras)
+                    if is_prose(t) and t not in en and not (src.kind == "roff" and looks_english(t)))
     return ProseSet(paragraphs=paragraphs, sources=meta, raw=raw_all)
 
 
@@ -309,6 +404,8 @@ def aligned_paragraphs(prose: ProseSet, langs: tuple[str, ...] = LANGS) -> list[
     kept = {lang: {p.key for p in prose.paragraphs[lang]} for lang in langs}
     out = []
     for name, raw in prose.raw.items():
+        if not SOURCES[name].parallel or not set(langs) <= set(raw):
+            continue
         for page in sorted(raw[langs[0]]):
             per = [raw[lang].get(page) for lang in langs]
             if any(p is None for p in per) or len({len(p) for p in per}) != 1:
@@ -330,15 +427,18 @@ def is_heldout_page(source: str, page: str, percent: int = HELDOUT_PAGE_PERCENT)
 
 def prose_documents(prose: ProseSet, lang: str, max_chars: int = MAX_DOC_CHARS) -> Iterator[tuple[str, str, str]]:
     """(document id, text, source) for one language: a page's kept paragraphs, in order,
-    packed into documents of at most ``max_chars`` (ids ``deb/<source>/<page>/<n>``)."""
+    packed into documents of at most ``max_chars``. Ids are ``deb/<group>/<page>/<n>`` with the
+    source's held-out group (``manpages`` for every language's manual pages), so
+    :func:`split_key` gives the same page key in every language."""
     by_page: dict[tuple[str, str], list[str]] = {}
     for p in prose.paragraphs[lang]:
         by_page.setdefault((p.source, p.page), []).append(p.text)
-    for (source, page), texts in by_page.items():
+    for (name, page), texts in by_page.items():
+        group, source = SOURCES[name].split_group, name
         buf, size, n = [], 0, 0
         for t in texts + [None]:  # None flushes the last document
             if buf and (t is None or size + len(t) > max_chars):
-                yield f"deb/{source}/{page}/{n:03d}", "\n\n".join(buf), source
+                yield f"deb/{group}/{page}/{n:03d}", "\n\n".join(buf), source
                 buf, size, n = [], 0, n + 1
             if t is not None:
                 buf.append(t)
@@ -346,6 +446,8 @@ def prose_documents(prose: ProseSet, lang: str, max_chars: int = MAX_DOC_CHARS) 
 
 
 def split_key(doc_id: str) -> str | None:
-    """The page a prose document id belongs to (``source/page``), or None for other documents."""
-    parts = doc_id.split("/")
-    return f"{parts[1]}/{parts[2]}" if len(parts) == 4 and parts[0] == "deb" else None
+    """The page a prose document id belongs to (``group/page``), or None for other documents."""
+    if not doc_id.startswith("deb/"):
+        return None
+    group, rest = doc_id[4:].split("/", 1)
+    return f"{group}/{rest.rsplit('/', 1)[0]}"

@@ -2,7 +2,8 @@
 
 ``make_prose_debs(dir)`` writes ``debian-handbook_0.1-test_all.deb`` (publican XHTML pages with
 ``<div class="para">``) and ``gnome-user-docs_0.1-test_all.deb`` (Mallard ``.page`` files): real
-``ar`` archives with ``control.tar.xz`` and ``data.tar.xz``, as ``apt-get download`` gives them.
+``ar`` archives with ``control.tar.xz`` and ``data.tar.xz``, as ``apt-get download`` gives them;
+and ``manpages-<fr|de|es|it>_0.1-test_all.deb`` (gzipped roff manual pages).
 The text is built so the expected outcome is known: paragraph ``j`` of page ``i`` says the same
 thing in every language; a few paragraphs are deliberately untranslated (English text in the
 French page), too short, or code; one Mallard page has an extra Italian paragraph (so it cannot
@@ -11,6 +12,7 @@ be aligned).
 
 from __future__ import annotations
 
+import gzip
 import io
 import tarfile
 from pathlib import Path
@@ -78,6 +80,21 @@ def _gnome_page(lang: str, i: int) -> str:
             f'<code>ls -l /etc/apt/sources.list.d and more words here.</code></page>')
 
 
+N_MAN_PAGES = 4
+
+
+def man_page(lang: str, i: int) -> str:
+    """A roff manual page: two running-text paragraphs (one with font escapes and a .B line), a
+    .TP item whose tag is not text, a no-fill example, and an untranslated English paragraph."""
+    words = paragraph(lang, 200 + i, 0).split()
+    first = " ".join(words[:3]) + "\n\\fB" + words[3] + "\\fP " + " ".join(words[4:7]) + "\n.B " + " ".join(words[7:9]) + \
+        "\n" + " ".join(words[9:])
+    return (f'.\\" a comment\n.TH PAGE{i} 1 "2024" "test"\n.SH NAME\npage{i} \\- a test page\n.SH DESCRIPTION\n.PP\n'
+            f"{first}\n.TP\n\\fB\\-\\-verbose\\fP\n{paragraph(lang, 200 + i, 1)}\n.nf\n"
+            f"$ page{i} \\-\\-verbose and some more example words here.\n.fi\n.PP\n"
+            "The options of this program are described in the English original and are not translated.\n")
+
+
 def _tar_xz(files: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:xz") as tar:
@@ -110,7 +127,11 @@ def prose_files() -> dict[str, dict[str, bytes]]:
     handbook["usr/share/doc/debian-handbook/copyright"] = b"License: GPL-2.0+ or CC-BY-SA-3.0\n"
     gnome = {f"usr/share/help/{d}/gnome-help/topic-{i:02d}.page": _gnome_page(lang, i).encode()
              for lang, d in GNOME_DIRS.items() for i in range(N_GNOME_PAGES)}
-    return {"debian-handbook": handbook, "gnome-user-docs": gnome}
+    out = {"debian-handbook": handbook, "gnome-user-docs": gnome}
+    for lang in ("fr", "de", "es", "it"):
+        out[f"manpages-{lang}"] = {f"usr/share/man/{lang}/man1/page{i}.1.gz": gzip.compress(man_page(lang, i).encode(), mtime=0)
+                                   for i in range(N_MAN_PAGES)}
+    return out
 
 
 def make_prose_debs(directory: Path) -> Path:

@@ -10,7 +10,7 @@ import pytest
 
 from moe_lab import corpus as mc
 from moe_lab import prose as mp
-from prose_fixture import (N_GNOME_PAGES, N_HANDBOOK_PAGES, PARAS_PER_PAGE, make_deb, make_prose_debs,
+from prose_fixture import (N_GNOME_PAGES, N_HANDBOOK_PAGES, N_MAN_PAGES, PARAS_PER_PAGE, make_deb, make_prose_debs,
                            make_prose_tree, paragraph)
 
 N_PAGES = {"debian-handbook": N_HANDBOOK_PAGES, "gnome-user-docs": N_GNOME_PAGES}
@@ -53,10 +53,11 @@ def test_paragraphs_per_language_and_what_is_dropped(prose):
     # every page: PARAS_PER_PAGE real paragraphs; the short "apt-get" paragraph, <pre>, <code>,
     # <desc>/<title> metadata are not prose
     full = PARAS_PER_PAGE * (N_HANDBOOK_PAGES + N_GNOME_PAGES)
+    man = 2 * N_MAN_PAGES  # two running-text paragraphs per manual page (no English manual pages)
     counts = {lang: len(p) for lang, p in prose.paragraphs.items()}
-    assert counts["en"] == counts["de"] == counts["es"] == full
-    assert counts["fr"] == full - 1  # the untranslated (English) paragraph of page00 is dropped
-    assert counts["it"] == full + 1  # the extra paragraph of topic-01
+    assert counts["en"] == full and counts["de"] == counts["es"] == full + man
+    assert counts["fr"] == full + man - 1  # the untranslated (English) paragraph of page00 is dropped
+    assert counts["it"] == full + man + 1  # the extra paragraph of topic-01
     fr = {p.key: p.text for p in prose.paragraphs["fr"]}
     assert "debian-handbook/page00#1" not in fr
     assert fr["debian-handbook/page03#2"] == paragraph("fr", 3, 2)
@@ -64,6 +65,19 @@ def test_paragraphs_per_language_and_what_is_dropped(prose):
     assert en["debian-handbook/page03#2"] == paragraph("en", 3, 2)  # inline <code> markup flattened
     assert en["gnome-user-docs/topic-04#0"] == paragraph("en", 104, 0)  # the <p> inside a <note>
     assert not any("description" in t or "sources.list" in t or "apt-get install" in t for t in en.values())
+
+
+def test_manual_pages_give_running_text_only(prose):
+    for lang in ("fr", "de", "es", "it"):
+        man = {p.key: p.text for p in prose.paragraphs[lang] if p.source == f"manpages-{lang}"}
+        # roff: font escapes and the .B line joined into the sentence; the .TP tag, the .nf example,
+        # the NAME line and the untranslated English paragraph are not kept
+        assert sorted(man.values()) == sorted(paragraph(lang, 200 + i, j) for i in range(N_MAN_PAGES) for j in (0, 1))
+    assert mp.looks_english("The options of this program are described in the original.")
+    assert not mp.looks_english(paragraph("fr", 1, 1)) and not mp.looks_english(paragraph("it", 2, 0))
+    docs = {doc_id: src for doc_id, _, src in mp.prose_documents(prose, "de")}
+    assert "deb/manpages/man1/page0.1/000" in docs and docs["deb/manpages/man1/page0.1/000"] == "manpages-de"
+    assert mp.split_key("deb/manpages/man1/page0.1/000") == "manpages/man1/page0.1"  # the same key in every language
 
 
 def test_versions_and_licences_are_recorded(prose):
@@ -82,6 +96,7 @@ def test_aligned_paragraphs_are_the_same_content_in_every_language(prose):
     ids = {row["id"] for row in aligned}
     assert "debian-handbook/page00#1" not in ids  # untranslated in French
     assert not any(row["page"] == "topic-01" for row in aligned)  # paragraph counts differ: not alignable
+    assert {row["source"] for row in aligned} == {"debian-handbook", "gnome-user-docs"}  # not the manual pages
     assert len(aligned) == PARAS_PER_PAGE * (N_HANDBOOK_PAGES + N_GNOME_PAGES - 1) - 1
     for row in aligned:
         page_no = int(row["page"][-2:]) + (100 if row["source"] == "gnome-user-docs" else 0)
@@ -99,18 +114,22 @@ def test_heldout_is_by_page_and_the_same_for_every_language():
 
 
 def test_missing_packages_stop_with_the_exact_command(tmp_path, capsys):
-    with pytest.raises(mp.MissingProseSources, match="apt-get download debian-handbook gnome-user-docs"):
+    assert mp.APT_COMMAND == ("apt-get download debian-handbook gnome-user-docs manpages-fr manpages-de "
+                              "manpages-es manpages-it")
+    with pytest.raises(mp.MissingProseSources, match=mp.APT_COMMAND):
         mp.load_prose(tmp_path)
+    make_deb(tmp_path / "debian-handbook_1_all.deb", "debian-handbook", "1", {"usr/share/doc/x": b"x"})
+    with pytest.raises(mp.MissingProseSources, match="apt-get download gnome-user-docs manpages-fr"):
+        mp.load_prose(tmp_path)  # the command names only what is missing
     assert mc.main(["--out", str(tmp_path / "c"), "--size", "tiny", "--prose", str(tmp_path), "--quiet"]) == 2
-    assert "apt-get download debian-handbook gnome-user-docs" in capsys.readouterr().err
+    assert "apt-get download gnome-user-docs manpages-fr" in capsys.readouterr().err
     assert not (tmp_path / "c" / "train.jsonl").exists()
 
 
 def test_a_package_without_pages_is_named(tmp_path):
     make_deb(tmp_path / "debian-handbook_1_all.deb", "debian-handbook", "1", {"usr/share/doc/x": b"x"})
-    make_deb(tmp_path / "gnome-user-docs_1_all.deb", "gnome-user-docs", "1", {"usr/share/doc/y": b"y"})
     with pytest.raises(ValueError, match="debian-handbook.*no .html pages"):
-        mp.load_prose(tmp_path)
+        mp.load_prose(tmp_path, sources=("debian-handbook",))
 
 
 # --------------------------------------------------------------------------- in the corpus
@@ -141,7 +160,7 @@ def test_no_page_is_in_training_in_one_language_and_held_out_in_another(corpus):
                 split_of.setdefault(key, set()).add(split)
     assert split_of and all(len(s) == 1 for s in split_of.values())
     held = {k for k, s in split_of.items() if s == {"heldout"}}
-    assert held == {k for k in split_of if mp.is_heldout_page(*k.split("/"))}
+    assert held == {k for k in split_of if mp.is_heldout_page(*k.split("/", 1))}
     assert held  # the fixture has held-out pages
 
 
@@ -151,7 +170,7 @@ def test_written_corpus_records_sources_and_is_byte_identical(debs, tmp_path):
     for name in mc.FILES:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     stats = json.loads((tmp_path / "a" / "stats.json").read_text())
-    assert stats["environment"]["debian_packages"] == {"debian-handbook": "0.1-test", "gnome-user-docs": "0.1-test"}
+    assert stats["environment"]["debian_packages"] == {name: "0.1-test" for name in mp.SOURCES}
     assert stats["sources"]["french"]["deb:debian-handbook"]["license"] == "GPL-2.0-or-later OR CC-BY-SA-3.0"
     assert stats["aligned_paragraphs"] == len(a.aligned) > 0
     back = mc.load_corpus(tmp_path / "a")
