@@ -52,7 +52,7 @@ class ProseSource:
     package: str
     title: str
     licence: str
-    kind: str  # "docbook-html" (publican XHTML, <div class="para">), "mallard" (<p> in .page files) or "roff"
+    kind: str  # "docbook-html" (publican XHTML <div class="para">), "mallard" (<p> in .page), "fortune" or "roff"
     dirs: dict[str, str]  # language -> directory inside the package holding its pages
     suffix: str  # page file suffix
     group: str = ""  # the held-out namespace: pages of one group are held out together in every language
@@ -75,6 +75,18 @@ SOURCES: dict[str, ProseSource] = {
         {lang: f"usr/share/help/{loc}/gnome-help"
          for lang, loc in [("en", "C"), ("fr", "fr"), ("de", "de"), ("es", "es"), ("it", "it")]},
         ".page"),
+    # everyday language: quotations, proverbs, jokes (strfile format: entries separated by "%" lines).
+    # Not fortunes-it: it writes accents as apostrophes ("e'" for "è"); there is no French package.
+    "fortunes": ProseSource(
+        "fortunes", "Fortune cookies (fortune-mod, English)", "BSD-style (fortune-mod); a collection of "
+        "quotations, see the package's copyright file", "fortune", {"en": "usr/share/games/fortunes"}, "",
+        parallel=False),
+    "fortunes-de": ProseSource(
+        "fortunes-de", "German fortune cookies (quotations, proverbs, jokes)", "GPL-2.0-or-later", "fortune",
+        {"de": "usr/share/games/fortunes/de"}, "", parallel=False),
+    "fortunes-es": ProseSource(
+        "fortunes-es", "Spanish fortune cookies (quotations, proverbs)", "GPL-2.0-or-later", "fortune",
+        {"es": "usr/share/games/fortunes/es"}, "", parallel=False),
     **{f"manpages-{lang}": ProseSource(
         f"manpages-{lang}", f"Translated manual pages ({lang}; manpages-l10n)", "GPL-3.0-or-later (translations); "
         "the original pages' own free licences", "roff", {lang: f"usr/share/man/{lang}"}, ".gz",
@@ -305,17 +317,29 @@ def _roff_paras(blob: bytes) -> list[str]:
     return paras
 
 
+_ATTRIBUTION = re.compile(r"(?m)^\s*(--|\u2014)\s.*", re.S)  # "\t\t-- Author" and all that follows
+
+
+def _fortune_paras(blob: bytes) -> list[str]:
+    """One paragraph per fortune (entries separated by ``%`` lines), without its attribution."""
+    text = blob.decode("utf-8", errors="replace")
+    entries = re.split(r"(?m)^%[ \t]*$", text)
+    return [" ".join(_ATTRIBUTION.sub("", e).split()) for e in entries if e.strip()]
+
+
 def page_paragraphs(kind: str, blob: bytes) -> list[str]:
-    """Every paragraph of one page (``kind``: ``"docbook-html"``, ``"mallard"`` or ``"roff"``)."""
+    """Every paragraph of one page (``kind``: ``"docbook-html"``, ``"mallard"``, ``"fortune"`` or ``"roff"``)."""
     if kind == "roff":
         return _roff_paras(blob)
+    if kind == "fortune":
+        return _fortune_paras(blob)
     if kind == "docbook-html":
         parser = _DocbookParas()
         parser.feed(blob.decode("utf-8"))
         return parser.paras
     if kind == "mallard":
         return _mallard_paras(blob)
-    raise ValueError(f"unknown page kind {kind!r}; expected 'docbook-html', 'mallard' or 'roff'")
+    raise ValueError(f"unknown page kind {kind!r}; expected 'docbook-html', 'mallard', 'fortune' or 'roff'")
 
 
 _MOJIBAKE = re.compile("[\u00c3\u00c2][\u0080-\u00bf]")  # UTF-8 read as Latin-1 (e.g. "altresÃ¬")
@@ -347,8 +371,9 @@ def _pages(source: ProseSource, files: dict[str, bytes]) -> dict[str, dict[str, 
     for lang, d in source.dirs.items():
         prefix = d.rstrip("/") + "/"
         names = sorted(n for n in files if n.startswith(prefix) and n.endswith(source.suffix)
-                       and (source.kind == "roff" or "/" not in n[len(prefix):]))  # man pages: man1/ls.1.gz
-        raw[lang] = {n[len(prefix):-len(source.suffix)]: page_paragraphs(source.kind, files[n]) for n in names}
+                       and (source.kind == "roff" or "/" not in n[len(prefix):])  # man pages: man1/ls.1.gz
+                       and not n.endswith((".dat", ".u8")))  # strfile indexes, UTF-8 duplicates of fortunes
+        raw[lang] = {n[len(prefix):len(n) - len(source.suffix)]: page_paragraphs(source.kind, files[n]) for n in names}
     return raw
 
 

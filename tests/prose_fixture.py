@@ -3,7 +3,8 @@
 ``make_prose_debs(dir)`` writes ``debian-handbook_0.1-test_all.deb`` (publican XHTML pages with
 ``<div class="para">``) and ``gnome-user-docs_0.1-test_all.deb`` (Mallard ``.page`` files): real
 ``ar`` archives with ``control.tar.xz`` and ``data.tar.xz``, as ``apt-get download`` gives them;
-and ``manpages-<fr|de|es|it>_0.1-test_all.deb`` (gzipped roff manual pages).
+``fortunes``/``fortunes-de``/``fortunes-es`` (strfile text: entries between ``%`` lines) and
+``manpages-<fr|de|es|it>_0.1-test_all.deb`` (gzipped roff manual pages).
 The text is built so the expected outcome is known: paragraph ``j`` of page ``i`` says the same
 thing in every language; a few paragraphs are deliberately untranslated (English text in the
 French page), too short, or code; one Mallard page has an extra Italian paragraph (so it cannot
@@ -95,6 +96,22 @@ def man_page(lang: str, i: int) -> str:
             "The options of this program are described in the English original and are not translated.\n")
 
 
+N_FORTUNES = 5
+FORTUNE_DIRS = {"fortunes": ("en", "usr/share/games/fortunes"), "fortunes-de": ("de", "usr/share/games/fortunes/de"),
+                "fortunes-es": ("es", "usr/share/games/fortunes/es")}
+
+
+def fortune_file(lang: str) -> str:
+    """N_FORTUNES entries (sentences 300+i), each with an attribution, plus one too short to keep."""
+    entries = [f"{paragraph(lang, 300 + i, 0)[:-1]},\nand then it ends.\n\t\t-- Somebody Famous, {1900 + i}\n\t\tthe end"
+               for i in range(N_FORTUNES)]
+    return "%\n".join(e + "\n" for e in entries + ["Too short."])
+
+
+def fortune_text(lang: str, i: int) -> str:
+    return f"{paragraph(lang, 300 + i, 0)[:-1]}, and then it ends."
+
+
 def _tar_xz(files: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:xz") as tar:
@@ -128,6 +145,8 @@ def prose_files() -> dict[str, dict[str, bytes]]:
     gnome = {f"usr/share/help/{d}/gnome-help/topic-{i:02d}.page": _gnome_page(lang, i).encode()
              for lang, d in GNOME_DIRS.items() for i in range(N_GNOME_PAGES)}
     out = {"debian-handbook": handbook, "gnome-user-docs": gnome}
+    for package, (lang, d) in FORTUNE_DIRS.items():
+        out[package] = {f"{d}/everyday": fortune_file(lang).encode(), f"{d}/everyday.dat": b"\x00\x00\x00\x02binary"}
     for lang in ("fr", "de", "es", "it"):
         out[f"manpages-{lang}"] = {f"usr/share/man/{lang}/man1/page{i}.1.gz": gzip.compress(man_page(lang, i).encode(), mtime=0)
                                    for i in range(N_MAN_PAGES)}

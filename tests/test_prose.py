@@ -10,8 +10,8 @@ import pytest
 
 from moe_lab import corpus as mc
 from moe_lab import prose as mp
-from prose_fixture import (N_GNOME_PAGES, N_HANDBOOK_PAGES, N_MAN_PAGES, PARAS_PER_PAGE, make_deb, make_prose_debs,
-                           make_prose_tree, paragraph)
+from prose_fixture import (N_FORTUNES, N_GNOME_PAGES, N_HANDBOOK_PAGES, N_MAN_PAGES, PARAS_PER_PAGE, fortune_text,
+                           make_deb, make_prose_debs, make_prose_tree, paragraph)
 
 N_PAGES = {"debian-handbook": N_HANDBOOK_PAGES, "gnome-user-docs": N_GNOME_PAGES}
 
@@ -55,7 +55,7 @@ def test_paragraphs_per_language_and_what_is_dropped(prose):
     full = PARAS_PER_PAGE * (N_HANDBOOK_PAGES + N_GNOME_PAGES)
     man = 2 * N_MAN_PAGES  # two running-text paragraphs per manual page (no English manual pages)
     counts = {lang: len(p) for lang, p in prose.paragraphs.items()}
-    assert counts["en"] == full and counts["de"] == counts["es"] == full + man
+    assert counts["en"] == full + N_FORTUNES and counts["de"] == counts["es"] == full + man + N_FORTUNES
     assert counts["fr"] == full + man - 1  # the untranslated (English) paragraph of page00 is dropped
     assert counts["it"] == full + man + 1  # the extra paragraph of topic-01
     fr = {p.key: p.text for p in prose.paragraphs["fr"]}
@@ -78,6 +78,13 @@ def test_manual_pages_give_running_text_only(prose):
     docs = {doc_id: src for doc_id, _, src in mp.prose_documents(prose, "de")}
     assert "deb/manpages/man1/page0.1/000" in docs and docs["deb/manpages/man1/page0.1/000"] == "manpages-de"
     assert mp.split_key("deb/manpages/man1/page0.1/000") == "manpages/man1/page0.1"  # the same key in every language
+
+
+def test_fortunes_one_paragraph_each_without_attribution(prose):
+    for lang in ("en", "de", "es"):
+        got = [p.text for p in prose.paragraphs[lang] if p.source.startswith("fortunes")]
+        assert got == [fortune_text(lang, i) for i in range(N_FORTUNES)]  # not the short one, not the .dat
+    assert not any(p.source.startswith("fortunes") for lang in ("fr", "it") for p in prose.paragraphs[lang])
 
 
 def test_versions_and_licences_are_recorded(prose):
@@ -114,15 +121,15 @@ def test_heldout_is_by_page_and_the_same_for_every_language():
 
 
 def test_missing_packages_stop_with_the_exact_command(tmp_path, capsys):
-    assert mp.APT_COMMAND == ("apt-get download debian-handbook gnome-user-docs manpages-fr manpages-de "
-                              "manpages-es manpages-it")
+    assert mp.APT_COMMAND == ("apt-get download debian-handbook gnome-user-docs fortunes fortunes-de fortunes-es "
+                              "manpages-fr manpages-de manpages-es manpages-it")
     with pytest.raises(mp.MissingProseSources, match=mp.APT_COMMAND):
         mp.load_prose(tmp_path)
     make_deb(tmp_path / "debian-handbook_1_all.deb", "debian-handbook", "1", {"usr/share/doc/x": b"x"})
-    with pytest.raises(mp.MissingProseSources, match="apt-get download gnome-user-docs manpages-fr"):
+    with pytest.raises(mp.MissingProseSources, match="apt-get download gnome-user-docs fortunes "):
         mp.load_prose(tmp_path)  # the command names only what is missing
     assert mc.main(["--out", str(tmp_path / "c"), "--size", "tiny", "--prose", str(tmp_path), "--quiet"]) == 2
-    assert "apt-get download gnome-user-docs manpages-fr" in capsys.readouterr().err
+    assert "apt-get download gnome-user-docs fortunes " in capsys.readouterr().err
     assert not (tmp_path / "c" / "train.jsonl").exists()
 
 
