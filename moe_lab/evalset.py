@@ -9,6 +9,13 @@ A uniform guess over the 32,000-token vocabulary scores ln(32000) = 10.37.
 
     model, tok = moe_lab.load_model("data/tiny-mixtral"), moe_lab.load_tokenizer()
     sentence_nll(model, tok)            # {"en": 5.9, "fr": 7.8, ...}
+
+``data/eval/aligned_heldout.jsonl`` (:func:`load_aligned_sample`) holds 64 paragraphs of the
+corpus' aligned set in all five languages, all from held-out pages (never trained on, in any
+language), so the language-vs-content study (:mod:`moe_lab.analysis.language`) runs without the
+Debian packages. Their text is from *The Debian Administrator's Handbook* (Raphaël Hertzog,
+Roland Mas; GPL-2.0-or-later or CC-BY-SA-3.0) and GNOME Help (the GNOME Documentation Project;
+CC-BY-SA-3.0), unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch.nn.functional as F
 
 EVAL_SENTENCES = Path(__file__).resolve().parent.parent / "data" / "eval" / "everyday_sentences.json"
 EVAL_LANGS: tuple[str, ...] = ("en", "fr", "de", "es", "it")
+ALIGNED_SAMPLE = EVAL_SENTENCES.parent / "aligned_heldout.jsonl"
 
 
 def load_eval_sentences(path: str | os.PathLike | None = None) -> dict[str, list[str]]:
@@ -40,6 +48,20 @@ def load_eval_sentences(path: str | os.PathLike | None = None) -> dict[str, list
                 raise ValueError(f"{path}: sentence {i} ({row.get('id')!r}) has no {lang!r} text")
             out.setdefault(lang, []).append(row[lang])
     return out
+
+
+def load_aligned_sample(path: str | os.PathLike | None = None) -> list[dict]:
+    """Rows ``{"id", "source", "page", "index", "split", "en", "fr", "de", "es", "it"}`` of the
+    shipped aligned sample (or of a corpus' ``aligned.jsonl``)."""
+    path = Path(path) if path is not None else ALIGNED_SAMPLE
+    if not path.exists():
+        raise FileNotFoundError(f"aligned paragraphs not found: {path}")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for i, row in enumerate(rows):
+        missing = [k for k in ("id", *EVAL_LANGS) if not row.get(k)]
+        if missing:
+            raise ValueError(f"{path}: line {i + 1} lacks {missing}")
+    return rows
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,3 +74,33 @@ def test_mean_pools_tokens_and_matches_a_direct_computation(tok):
     assert out["sentences"] == pytest.approx([float(d.mean()) for d in direct], rel=1e-5)
     assert len(token_nlls(model, tok, texts[0])) == len(tok.encode(texts[0], bos=False))
     assert model.training is False
+
+
+def test_aligned_sample_is_held_out_and_complete():
+    from moe_lab.evalset import load_aligned_sample
+    from moe_lab.prose import is_heldout_page
+
+    rows = load_aligned_sample()
+    assert len(rows) == 64 and len({r["id"] for r in rows}) == 64
+    for r in rows:
+        assert r["split"] == "heldout" and is_heldout_page(r["source"], r["page"])
+        assert len({r[lang] for lang in EVAL_LANGS}) == 5  # five different texts: translated
+
+
+def test_the_study_runs_on_the_sample(tok):
+    """The language-vs-content study end to end (trace, usage, hidden states) on a tiny model."""
+    from moe_lab import analysis as A
+    from moe_lab.evalset import load_aligned_sample
+    from moe_lab.routing.tracing import trace_routing
+
+    rows = load_aligned_sample()[:4]
+    texts = [r[lang] for r in rows for lang in EVAL_LANGS]
+    paragraphs = [r["id"] for r in rows for _ in EVAL_LANGS]
+    languages = [lang for _ in rows for lang in EVAL_LANGS]
+    model = make_model(ARGS)
+    trace = trace_routing(model, texts, tokenizer=tok, max_len=32, progress=False)
+    result = A.language_vs_content(trace, paragraphs, languages, n_boot=50, n_shuffle=5)
+    assert result.n_paragraphs == 4 and result.same_content.shape == (ARGS.n_layers,)
+    hidden = A.mean_router_inputs(model, [tok.encode(t)[:32] for t in texts])
+    control = A.hidden_state_control(trace, hidden, paragraphs, languages, n_boot=50, n_shuffle=5)
+    assert np.all((control.r2 >= 0) & (control.r2 <= 1))
