@@ -187,3 +187,20 @@ def test_written_corpus_records_sources_and_is_byte_identical(debs, tmp_path):
 def test_corpus_without_prose_is_unchanged_and_has_no_aligned_set():
     plain = mc.build_corpus(None, size="tiny", seed=0, progress=False, domains=["french"])
     assert plain.aligned == [] and not any(d.id.startswith("deb/") for d in plain.train + plain.heldout)
+
+
+def test_v4_config_meets_the_spec():
+    """configs/tiny-mixtral-v4.json (the proposal for issue 12's retraining): the same family as
+    the demo model, fits 64 MB in bf16, reads the real prose, trains on CPU."""
+    from pathlib import Path
+
+    from moe_lab.model import count_params
+    from moe_lab.train import load_config
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny-mixtral-v4.json")
+    a = cfg.model
+    assert (a.n_experts, a.top_k, a.rope_theta, a.vocab_size) == (8, 2, 1e6, 32000)
+    assert a.n_kv_heads < a.n_heads and a.router_aux_loss_coef == 0.02
+    assert 2 * count_params(a).total <= 64e6
+    assert cfg.device == "cpu" and cfg.data.prose_dir and cfg.data.corpus_size == "full"
+    assert set(cfg.data.domain_weights) == set(mc.DOMAINS)
