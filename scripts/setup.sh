@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Set up moe_lab in ./.venv: a CPU build of PyTorch, then the package with its extras.
 #   bash scripts/setup.sh            # runtime + notebooks
-#   bash scripts/setup.sh --dev      # also the test tools
+#   bash scripts/setup.sh --dev      # also the test tools and the corpus builder (extras dev, corpus)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="notebooks"
-[ "${1:-}" = "--dev" ] && extras="notebooks,dev"
+[ "${1:-}" = "--dev" ] && extras="notebooks,dev,corpus"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip "$@"; }

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from moe_lab import corpus as mc
+from moe_lab.corpus import build as corpus_build
+from moe_lab.corpus import languages
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +206,7 @@ def test_parallel_pairs_point_at_documents(small):
     if not small.parallel:
         pytest.skip("no JupyterLab language packs installed")
     split_of = {(d.domain, d.id): s for s in ("train", "heldout") for d in small.split(s)}
-    domain_of = {cfg["code"]: name for name, cfg in mc._LANGS.items()}
+    domain_of = {cfg["code"]: name for name, cfg in languages.LANGS.items()}
     for pair in small.parallel:
         key = (domain_of[pair["lang"]], pair["doc_id"])
         assert split_of[key] == pair["split"]
@@ -213,9 +215,9 @@ def test_parallel_pairs_point_at_documents(small):
 
 
 def test_language_helpers():
-    assert mc._es_conjunctions("habla francés y inglés o otro") == "habla francés e inglés u otro"
-    assert mc._it_art("il", 8) == "l'" and mc._it_art("al", 3) == "al "
-    assert mc._FR_ELISION.sub(lambda m: m.group(1)[0] + "'", "études de informatique") == "études d'informatique"
+    assert languages.es_conjunctions("habla francés y inglés o otro") == "habla francés e inglés u otro"
+    assert languages.it_art("il", 8) == "l'" and languages.it_art("al", 3) == "al "
+    assert languages.FR_ELISION.sub(lambda m: m.group(1)[0] + "'", "études de informatique") == "études d'informatique"
 
 
 # ----------------------------------------------------------------------------- writing
@@ -224,7 +226,7 @@ def test_failed_write_leaves_previous_files_untouched(tmp_path, monkeypatch, tin
     tiny0 = mc.build_corpus(tmp_path, size="tiny", seed=0, progress=False)
     before = _files(tmp_path)
     calls = {"n": 0}
-    real_dump = mc._dump_doc
+    real_dump = corpus_build._dump_doc
 
     def failing_dump(doc):
         calls["n"] += 1
@@ -232,7 +234,7 @@ def test_failed_write_leaves_previous_files_untouched(tmp_path, monkeypatch, tin
             raise OSError("disk full")
         return real_dump(doc)
 
-    monkeypatch.setattr(mc, "_dump_doc", failing_dump)
+    monkeypatch.setattr(corpus_build, "_dump_doc", failing_dump)
     with pytest.raises(OSError, match="disk full"):
         mc.write_corpus(tiny_seed1, tmp_path)
     assert _files(tmp_path) == before  # no temp files left, old corpus intact
@@ -261,3 +263,57 @@ def test_cli_build_is_byte_identical_to_api_build(small, tmp_path):
     cli, api = _files(out), _files(tmp_path / "api")
     assert sorted(cli) == sorted(mc.FILES)
     assert cli == api
+
+
+# ----------------------------------------------------------------------------- package layout
+
+@pytest.mark.parametrize("missing", ["faker", "babel", "jupyterlab_language_pack_de_DE"])
+def test_building_without_the_corpus_extra_names_the_install_command(monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # what `import missing` sees when it is not installed
+    with pytest.raises(ImportError, match=re.escape("pip install 'moe_lab[corpus]'")) as info:
+        mc.build_corpus(None, size="tiny", progress=False)
+    assert missing in str(info.value)
+
+
+def test_domains_without_extra_packages_build_without_them(monkeypatch):
+    for name in ("faker", "babel"):
+        monkeypatch.setitem(sys.modules, name, None)
+    corpus = mc.build_corpus(None, size="tiny", progress=False, domains=["math", "latex"])
+    assert {d.domain for d in corpus.train} == {"math", "latex"}
+    with pytest.raises(ImportError, match="faker"):
+        mc.build_corpus(None, size="tiny", progress=False, domains=["data"])
+
+
+def test_language_templates_are_data_files_with_every_key():
+    files = sorted(p.name for p in languages.TEMPLATES_DIR.glob("*.json"))
+    assert files == sorted(f"{code}.json" for code in languages.LANGUAGE_CODES.values())
+    for name, code in languages.LANGUAGE_CODES.items():
+        cfg = json.loads((languages.TEMPLATES_DIR / f"{code}.json").read_text(encoding="utf-8"))
+        assert languages.LANGS[name] == cfg
+        assert set(languages.TEMPLATE_KEYS) <= set(cfg)
+        for gender in ("m", "f"):  # both genders fill the same agreement slots
+            assert set(cfg["gender"][gender]) == set(cfg["gender"]["m"])
+
+
+def test_bad_template_file_names_file_and_key(monkeypatch, tmp_path):
+    cfg = json.loads((languages.TEMPLATES_DIR / "fr.json").read_text(encoding="utf-8"))
+    del cfg["bio"]
+    (tmp_path / "fr.json").write_text(json.dumps(cfg), encoding="utf-8")
+    monkeypatch.setattr(languages, "TEMPLATES_DIR", tmp_path)
+    with pytest.raises(ValueError, match=r"fr\.json.*'bio'"):
+        languages.load_templates("fr")
+
+
+def test_every_domain_has_a_source_and_a_budget():
+    assert set(mc.SOURCES) | set(languages.LANGS) == set(mc.DOMAINS)
+    assert set(mc.CHARS_PER_TOKEN) == set(mc.DOMAINS)
+
+
+def test_cli_without_the_corpus_extra_says_how_to_install_it(monkeypatch, capsys, tmp_path):
+    from moe_lab.corpus.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "faker", None)
+    assert main(["--out", str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "faker" in err and "pip install 'moe_lab[corpus]'" in err
+    assert not (tmp_path / "out").exists()  # nothing half-written

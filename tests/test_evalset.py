@@ -78,7 +78,7 @@ def test_mean_pools_tokens_and_matches_a_direct_computation(tok):
 
 def test_aligned_sample_is_held_out_and_complete():
     from moe_lab.evalset import load_aligned_sample
-    from moe_lab.prose import is_heldout_page
+    from moe_lab.corpus.prose import is_heldout_page
 
     rows = load_aligned_sample()
     assert len(rows) == 64 and len({r["id"] for r in rows}) == 64

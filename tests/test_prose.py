@@ -1,4 +1,4 @@
-"""The real-prose reader (moe_lab.prose) and its place in the corpus, on a few-KB fixture in the
+"""The real-prose reader (moe_lab.corpus.prose) and its place in the corpus, on a few-KB fixture in the
 packages' own formats (tests/prose_fixture.py), so no test needs the Debian packages."""
 
 import io
@@ -9,7 +9,8 @@ from collections import Counter
 import pytest
 
 from moe_lab import corpus as mc
-from moe_lab import prose as mp
+from moe_lab.corpus.__main__ import main as corpus_main
+from moe_lab.corpus import prose as mp
 from prose_fixture import (N_FORTUNES, N_GNOME_PAGES, N_HANDBOOK_PAGES, N_MAN_PAGES, PARAS_PER_PAGE, fortune_text,
                            make_deb, make_prose_debs, make_prose_tree, paragraph)
 
@@ -128,7 +129,7 @@ def test_missing_packages_stop_with_the_exact_command(tmp_path, capsys):
     make_deb(tmp_path / "debian-handbook_1_all.deb", "debian-handbook", "1", {"usr/share/doc/x": b"x"})
     with pytest.raises(mp.MissingProseSources, match="apt-get download gnome-user-docs fortunes "):
         mp.load_prose(tmp_path)  # the command names only what is missing
-    assert mc.main(["--out", str(tmp_path / "c"), "--size", "tiny", "--prose", str(tmp_path), "--quiet"]) == 2
+    assert corpus_main(["--out", str(tmp_path / "c"), "--size", "tiny", "--prose", str(tmp_path), "--quiet"]) == 2
     assert "apt-get download gnome-user-docs fortunes " in capsys.readouterr().err
     assert not (tmp_path / "c" / "train.jsonl").exists()
 

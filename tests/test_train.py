@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+import moe_lab
+from moe_lab import analysis
+
 from moe_lab.corpus import Corpus, Document
 from moe_lab.model import ModelArgs, count_params
 from moe_lab.train import (
@@ -25,14 +28,16 @@ from moe_lab.train import (
     TrainConfig,
     batch_schedule,
     classify_domain,
-    consecutive_repetition,
     evaluate_model,
+    heldout_documents,
     inputs_targets,
     load_config,
+    load_summary,
     lr_at,
     pack_windows,
     quality_bar,
     read_log,
+    routing_report,
     router_saturation,
     tokenize_corpus,
     train,
@@ -187,6 +192,18 @@ def test_router_snapshots_and_saturation(full_run):
     assert np.all((sat >= 0) & (sat <= 1))
 
 
+def test_router_saturation_by_hand():
+    # one layer, two tokens, k = 2; final choices {0, 1} and {2, 3}
+    final = [[[0, 1], [2, 3]]]
+    early = [[[1, 5], [6, 7]]]  # token 0 shares one of two experts, token 1 none
+    sat = analysis.router_saturation(np.array([early, final]))
+    assert sat.shape == (2, 1)
+    assert sat[0, 0] == pytest.approx((1 / 2 + 0) / 2) and sat[1, 0] == 1.0
+    assert router_saturation is analysis.router_saturation  # the 0.1 name moe_lab.train.router_saturation
+    with pytest.raises(ValueError, match="snapshots, layers, tokens, k"):
+        analysis.router_saturation(np.zeros((2, 3, 2), dtype=int))
+
+
 def test_two_runs_are_identical(corpus, tokenizer, full_run):
     again = run(corpus, tokenizer, None)
     assert same_params(again.model, full_run.model)
@@ -286,21 +303,34 @@ def test_quality_bar_checks_code_and_math_samples():
     assert bad["code_math_samples_in_domain"]["in_domain"]["python"] == "0/1"
 
 
-def test_consecutive_repetition_statistics():
-    rng = np.random.default_rng(0)
-    docs = np.repeat(np.arange(50), 40)
-    sticky = np.repeat(rng.integers(0, 8, 50 * 8), 5)  # runs of 5 identical experts
-    r = consecutive_repetition(sticky, docs, 8, n_boot=300)
-    assert r["rate"] > 0.7 and r["above_marginal"] and r["ci"][0] > r["marginal"]
-    assert r["uniform"] == 1 / 8
-    iid = rng.integers(0, 8, len(docs))
-    r = consecutive_repetition(iid, docs, 8, n_boot=300, topk=np.stack([iid, (iid + 1) % 8], 1))
-    assert not r["above_marginal"] and r["diff_ci"][0] < 0 < r["diff_ci"][1]
-    assert abs(r["rate"] - r["marginal"]) < 0.03
-    assert r["any_uniform"] == pytest.approx(1 - 15 / 28)
-    # pairs never cross documents
-    r = consecutive_repetition(np.array([0, 0, 1, 1]), np.array([0, 1, 2, 3]), 8, n_boot=10)
-    assert r["n_pairs"] == 0 and math.isnan(r["rate"])
+def test_load_summary_is_analysis_load_balance_plus_extremes():
+    shares = np.array([[0.5, 0.25, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    s = load_summary(shares)
+    bal = analysis.load_balance(shares)
+    assert s["min"] == [0.0, 0.25] and s["max"] == [0.5, 0.25]
+    assert np.allclose(s["cv"], bal.cv) and np.allclose(s["entropy"], bal.normalized_entropy)
+    assert s["entropy"][1] == pytest.approx(1.0) and s["cv"][1] == pytest.approx(0.0)
+    over_steps = load_summary(np.stack([shares, shares]))  # [S, L, E] -> per step and layer
+    assert np.array(over_steps["max"]).shape == (2, 2)
+
+
+def test_card_routing_numbers_are_notebook_06s(full_run, tokenizer, corpus):
+    """The card's load and repetition are moe_lab.analysis on a trace_routing trace of the same
+    held-out documents: recomputing them the way notebook 06 does gives the same numbers."""
+    td = tokenize_corpus(corpus, tokenizer, None, progress=False)
+    docs = heldout_documents(td, max_docs=4, max_len=32)
+    report = routing_report(moe_lab.trace_routing(full_run.model, docs, progress=False), td.bos_id, n_boot=50)
+    trace = moe_lab.trace_routing(full_run.model, docs, progress=False, batch_size=3)  # other batches: same routing
+    first = analysis.repetition(trace, "first", n_boot=50)
+    anyk = analysis.repetition(trace, "any", n_boot=50)
+    assert np.allclose(report["load"], analysis.expert_load(trace))
+    assert [r["rate"] for r in report["repetition"]] == pytest.approx(first.rate.tolist())
+    assert np.allclose([r["ci"] for r in report["repetition"]], np.stack([first.ci_low, first.ci_high], 1))
+    assert [r["marginal"] for r in report["repetition"]] == pytest.approx(first.marginal.tolist())
+    assert [r["above_marginal"] for r in report["repetition"]] == first.above_marginal().tolist()
+    assert [r["any_rate"] for r in report["repetition"]] == pytest.approx(anyk.rate.tolist())
+    assert report["routing_tokens"] == trace.n_tokens == sum(len(d) for ds in docs.values() for d in ds)
+    assert report["load_by_domain"].keys() == docs.keys()
 
 
 def test_evaluate_model_report(full_run, tokenizer, corpus):
@@ -310,7 +340,7 @@ def test_evaluate_model_report(full_run, tokenizer, corpus):
     assert set(rep["heldout_ce"]) == set(rep["unigram_ce"]) == {"numbers", "code", "prose"}
     assert np.array(rep["load"]).shape == (2, 4) and np.allclose(np.array(rep["load"]).sum(1), 1)
     assert len(rep["repetition"]) == 2
-    assert {"rate", "uniform", "marginal", "ci", "diff_ci", "above_marginal"} <= set(rep["repetition"][0])
+    assert {"rate", "uniform", "marginal", "shuffled", "ci", "above_marginal", "any_rate"} <= set(rep["repetition"][0])
     assert {s["domain"] for s in rep["samples"]} >= {"numbers", "code", "prose", "python", "math"}
     qb = quality_bar(rep)
     assert set(qb) == {"ce_at_most_70pct_of_unigram", "load_between_2_and_40pct",

@@ -4,6 +4,7 @@
 specialisation, cross-layer structure, the expert-cache simulator.
 ``language.py``: does routing follow the language or the content (aligned paragraphs in five
 languages), and how much of it hidden-state similarity explains.
+``training.py``: routing over training (router saturation from a run's router snapshots).
 """
 
 from .stats import (  # noqa: F401
@@ -42,3 +43,4 @@ from .language import (  # noqa: F401
     HiddenControl,
     hidden_state_control,
 )
+from .training import router_saturation  # noqa: F401

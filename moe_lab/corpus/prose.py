@@ -35,6 +35,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Iterator
 
+from .base import Document, Item
+
 LANGS: tuple[str, ...] = ("en", "fr", "de", "es", "it")
 #: Corpus domain of each language (the English prose joins the ``english`` domain).
 LANG_DOMAINS: dict[str, str] = {"en": "english", "fr": "french", "de": "german", "es": "spanish", "it": "italian"}
@@ -468,6 +470,32 @@ def prose_documents(prose: ProseSet, lang: str, max_chars: int = MAX_DOC_CHARS) 
             if t is not None:
                 buf.append(t)
                 size += len(t) + 2
+
+
+def prose_items(prose: ProseSet, lang: str, limit: float = float("inf")) -> Iterator[Item]:
+    """Corpus items (document, source label, licence) of one language's real prose, in page
+    order, up to ``limit`` characters; a document whose text repeats an earlier one is skipped
+    here (as the builder would) so callers can count on every yielded character."""
+    total, seen = 0, set()
+    for doc_id, text, source in prose_documents(prose, lang):
+        if total + len(text) > limit:
+            return
+        digest = hashlib.sha1(text.encode("utf-8")).digest()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        total += len(text)
+        yield Document(LANG_DOMAINS[lang], doc_id, text), f"deb:{source}", prose.sources[source]["licence"]
+
+
+def capped(items: Iterator[Item], limit: float) -> Iterator[Item]:
+    """Whole items while their characters stay within ``limit``."""
+    total = 0
+    for item in items:
+        if total + len(item[0].text) > limit:
+            return
+        total += len(item[0].text)
+        yield item
 
 
 def split_key(doc_id: str) -> str | None:
