@@ -200,8 +200,8 @@ def locate_sources(where: str | os.PathLike | None = None,
         raise MissingProseSources(
             f"the real-prose sources {missing} are not in {root} (looked for {missing[0]}_<version>_all.deb "
             f"or an unpacked tree with {next(iter(SOURCES[missing[0]].dirs.values()))}/). Download them once, on a "
-            f"Debian/Ubuntu machine, with:\n    mkdir -p {root} && cd {root} && apt-get download "
-            f"{' '.join(missing)}\n(or pass the directory that holds them).")
+            f"Debian/Ubuntu machine, with:\n    mkdir -p {root} && (cd {root} && apt-get download "
+            f"{' '.join(missing)})\n(or pass the directory that holds them).")
     return found
 
 
