@@ -205,3 +205,18 @@ def test_v4_config_meets_the_spec():
     assert 2 * count_params(a).total <= 64e6
     assert cfg.device == "cpu" and cfg.data.prose_dir and cfg.data.corpus_size == "full"
     assert set(cfg.data.domain_weights) == set(mc.DOMAINS)
+
+
+def test_a_small_corpus_takes_the_same_pages_in_every_language_and_holds_some_out(prose):
+    """Pages come in hash order, so a budget that takes only some of them takes the same ones
+    in every language, with held-out pages among them."""
+    firsts = {}
+    for lang in ("en", "de", "es"):
+        pages = []
+        for doc_id, _, src in mp.prose_documents(prose, lang):
+            key = mp.split_key(doc_id)
+            if src == "debian-handbook" and key not in pages:
+                pages.append(key)
+        firsts[lang] = pages[:10]
+    assert firsts["en"] == firsts["de"] == firsts["es"]
+    assert any(mp.is_heldout_page(*k.split("/", 1)) for k in firsts["en"][:10])

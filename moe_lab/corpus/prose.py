@@ -446,21 +446,34 @@ def aligned_paragraphs(prose: ProseSet, langs: tuple[str, ...] = LANGS) -> list[
     return out
 
 
+def _page_hash(group: str, page: str) -> int:
+    return int.from_bytes(hashlib.sha1(f"{group}/{page}".encode()).digest()[:8], "big")
+
+
 def is_heldout_page(source: str, page: str, percent: int = HELDOUT_PAGE_PERCENT) -> bool:
-    """Held out by page, never by language: the key names the source and page only, so a
-    held-out page is held out in every language and no translation of it is trained on."""
-    return int.from_bytes(hashlib.sha1(f"{source}/{page}".encode()).digest()[:8], "big") % 100 < percent
+    """Held out by page, never by language: the key names the source (its held-out group) and
+    page only, so a held-out page is held out in every language and no translation of it is
+    trained on."""
+    return _page_hash(source, page) % 100 < percent
 
 
 def prose_documents(prose: ProseSet, lang: str, max_chars: int = MAX_DOC_CHARS) -> Iterator[tuple[str, str, str]]:
     """(document id, text, source) for one language: a page's kept paragraphs, in order,
     packed into documents of at most ``max_chars``. Ids are ``deb/<group>/<page>/<n>`` with the
     source's held-out group (``manpages`` for every language's manual pages), so
-    :func:`split_key` gives the same page key in every language."""
+    :func:`split_key` gives the same page key in every language.
+
+    Sources come in the order of :data:`SOURCES` (the books first), and the pages of a source in
+    the order of the hash that also picks the held-out pages: a corpus that takes only the first
+    documents (a small size) takes the same pages in every language, and about
+    ``HELDOUT_PAGE_PERCENT`` of them are held out."""
     by_page: dict[tuple[str, str], list[str]] = {}
     for p in prose.paragraphs[lang]:
         by_page.setdefault((p.source, p.page), []).append(p.text)
-    for (name, page), texts in by_page.items():
+    rank = {name: i for i, name in enumerate(SOURCES)}
+    order = sorted(by_page, key=lambda sp: (rank[sp[0]], _page_hash(SOURCES[sp[0]].split_group, sp[1]), sp[1]))
+    for name, page in order:
+        texts = by_page[(name, page)]
         group, source = SOURCES[name].split_group, name
         buf, size, n = [], 0, 0
         for t in texts + [None]:  # None flushes the last document
@@ -473,8 +486,8 @@ def prose_documents(prose: ProseSet, lang: str, max_chars: int = MAX_DOC_CHARS) 
 
 
 def prose_items(prose: ProseSet, lang: str, limit: float = float("inf")) -> Iterator[Item]:
-    """Corpus items (document, source label, licence) of one language's real prose, in page
-    order, up to ``limit`` characters; a document whose text repeats an earlier one is skipped
+    """Corpus items (document, source label, licence) of one language's real prose, in the order
+    of :func:`prose_documents`, up to ``limit`` characters; a document whose text repeats an earlier one is skipped
     here (as the builder would) so callers can count on every yielded character."""
     total, seen = 0, set()
     for doc_id, text, source in prose_documents(prose, lang):
