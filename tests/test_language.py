@@ -159,3 +159,13 @@ def test_figures_show_the_results():
     np.testing.assert_allclose(lines["raw routing similarity"].y, r.content_minus_language)
     np.testing.assert_allclose(lines["residuals after the control"].y, c.residual.content_minus_language)
     fig.to_json(), fig2.to_json()  # serialisable (notebooks save them)
+
+
+def test_js_similarity_is_the_same_in_blocks():
+    """Rows are computed 128 at a time: the result must not depend on where the blocks fall."""
+    v = np.random.default_rng(0).dirichlet(np.ones(8), size=(2, 300))  # [L=2, D=300, E=8]
+    full = A.pairwise_similarity(v, "js")
+    assert full.shape == (2, 300, 300)
+    one = A.pairwise_similarity(v[1, 250:260], "js")
+    np.testing.assert_allclose(full[1, 250:260, 250:260], one, atol=1e-12)
+    np.testing.assert_allclose(full, np.swapaxes(full, -1, -2), atol=1e-12)

@@ -66,14 +66,16 @@ def pairwise_similarity(vectors: np.ndarray, measure: Measure = "js") -> np.ndar
         u = v / np.linalg.norm(v, axis=-1, keepdims=True).clip(1e-12)
         return u @ np.swapaxes(u, -1, -2)
     if measure == "js":
-        p, q = v[..., :, None, :], v[..., None, :, :]  # [..., D, 1, E], [..., 1, D, E]
-        m = (p + q) / 2
-
         def kl(a, b):  # sum a log2(a/b) with 0 log 0 = 0 (b > 0 wherever a > 0, since b = mean)
             with np.errstate(divide="ignore", invalid="ignore"):
                 return np.where(a > 0, a * np.log2(a / b), 0.0).sum(-1)
 
-        return 1.0 - (kl(p, m) + kl(q, m)) / 2
+        out = np.empty(v.shape[:-1] + v.shape[-2:-1])  # [..., D, D]
+        for i in range(0, v.shape[-2], 128):  # 128 rows at a time: memory [..., 128, D, E]
+            p, q = v[..., i:i + 128, None, :], v[..., None, :, :]  # [..., b, 1, E], [..., 1, D, E]
+            m = (p + q) / 2
+            out[..., i:i + 128, :] = 1.0 - (kl(p, m) + kl(q, m)) / 2
+        return out
     raise ValueError(f"measure must be 'js' or 'cosine', got {measure!r}")
 
 
