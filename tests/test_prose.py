@@ -220,3 +220,13 @@ def test_a_small_corpus_takes_the_same_pages_in_every_language_and_holds_some_ou
         firsts[lang] = pages[:10]
     assert firsts["en"] == firsts["de"] == firsts["es"]
     assert any(mp.is_heldout_page(*k.split("/", 1)) for k in firsts["en"][:10])
+
+
+def test_page_order_spreads_held_out_pages():
+    pages = [f"page{i}" for i in range(500)]
+    order = mp.page_order("src", pages)
+    assert sorted(order) == sorted(pages) and order == mp.page_order("src", list(reversed(pages)))
+    held = [mp.is_heldout_page("src", p) for p in order]
+    share = sum(held) / len(held)
+    for k in (13, 50, 120, 333):  # every prefix holds out its share, to within one page
+        assert abs(sum(held[:k]) - k * share) <= 1

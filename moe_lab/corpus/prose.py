@@ -457,6 +457,26 @@ def is_heldout_page(source: str, page: str, percent: int = HELDOUT_PAGE_PERCENT)
     return _page_hash(source, page) % 100 < percent
 
 
+def page_order(group: str, pages: list[str]) -> list[str]:
+    """Pages in a fixed order that depends on nothing but their names, with the held-out pages
+    spread evenly: training and held-out pages each sorted by their hash, then merged so that
+    every prefix holds out its share (``len(held) / len(pages)``, about ``HELDOUT_PAGE_PERCENT``)."""
+    ranked = sorted(pages, key=lambda pg: (_page_hash(group, pg), pg))
+    held = [pg for pg in ranked if is_heldout_page(group, pg)]
+    kept = [pg for pg in ranked if not is_heldout_page(group, pg)]
+    n, n_held = len(pages), len(held)
+    out: list[str] = []
+    taken = 0  # held-out pages placed so far
+    for k in range(n):
+        due = ((k + 1) * n_held + n // 2) // n  # held-out pages a prefix of k + 1 pages should have
+        if held and (taken < due or not kept):
+            out.append(held.pop(0))
+            taken += 1
+        else:
+            out.append(kept.pop(0))
+    return out
+
+
 def prose_documents(prose: ProseSet, lang: str, max_chars: int = MAX_DOC_CHARS) -> Iterator[tuple[str, str, str]]:
     """(document id, text, source) for one language: a page's kept paragraphs, in order,
     packed into documents of at most ``max_chars``. Ids are ``deb/<group>/<page>/<n>`` with the
@@ -464,14 +484,13 @@ def prose_documents(prose: ProseSet, lang: str, max_chars: int = MAX_DOC_CHARS) 
     :func:`split_key` gives the same page key in every language.
 
     Sources come in the order of :data:`SOURCES` (the books first), and the pages of a source in
-    the order of the hash that also picks the held-out pages: a corpus that takes only the first
-    documents (a small size) takes the same pages in every language, and about
-    ``HELDOUT_PAGE_PERCENT`` of them are held out."""
+    :func:`page_order`: a corpus that takes only the first documents (a small size) takes the
+    same pages in every language, and about ``HELDOUT_PAGE_PERCENT`` of them are held out."""
     by_page: dict[tuple[str, str], list[str]] = {}
     for p in prose.paragraphs[lang]:
         by_page.setdefault((p.source, p.page), []).append(p.text)
-    rank = {name: i for i, name in enumerate(SOURCES)}
-    order = sorted(by_page, key=lambda sp: (rank[sp[0]], _page_hash(SOURCES[sp[0]].split_group, sp[1]), sp[1]))
+    order = [(name, page) for name in SOURCES
+             for page in page_order(SOURCES[name].split_group, [pg for src, pg in by_page if src == name])]
     for name, page in order:
         texts = by_page[(name, page)]
         group, source = SOURCES[name].split_group, name
