@@ -230,3 +230,10 @@ def test_page_order_spreads_held_out_pages():
     share = sum(held) / len(held)
     for k in (13, 50, 120, 333):  # every prefix holds out its share, to within one page
         assert abs(sum(held[:k]) - k * share) <= 1
+
+
+def test_two_versions_of_a_package_are_refused(tmp_path):
+    make_prose_debs(tmp_path)
+    make_deb(tmp_path / "gnome-user-docs_0.2-test_all.deb", "gnome-user-docs", "0.2-test", {"usr/share/x": b"x"})
+    with pytest.raises(ValueError, match="2 versions of gnome-user-docs"):
+        mp.load_prose(tmp_path)

@@ -183,15 +183,19 @@ def _read_tree(root: Path, prefixes: tuple[str, ...]) -> dict[str, bytes]:
 
 def locate_sources(where: str | os.PathLike | None = None,
                    packages: tuple[str, ...] = tuple(SOURCES)) -> dict[str, Path]:
-    """Find each package's newest ``<package>_<version>_all.deb`` in ``where`` (default
+    """Find each package's ``<package>_<version>_all.deb`` in ``where`` (default
     ``~/.cache/moe_lab/debs``), or an unpacked tree (``where/usr/share/...``) holding its files.
-    Raises :class:`MissingProseSources` with the exact download command when one is missing."""
+    Raises :class:`MissingProseSources` with the exact download command when one is missing, and
+    ``ValueError`` when a package is there in two versions (the corpus would depend on which)."""
     root = Path(where if where is not None else DEFAULT_DIR).expanduser()
     found, missing = {}, []
     for pkg in packages:
         debs = sorted(root.glob(f"{pkg}_*.deb")) if root.is_dir() else []
+        if len(debs) > 1:
+            raise ValueError(f"{root} holds {len(debs)} versions of {pkg} ({', '.join(d.name for d in debs)}); "
+                             "keep one, so the corpus depends on a known version")
         if debs:
-            found[pkg] = debs[-1]
+            found[pkg] = debs[0]
         elif root.is_dir() and all((root / d).is_dir() for d in SOURCES[pkg].dirs.values()):
             found[pkg] = root
         else:
