@@ -13,6 +13,8 @@
     viz.domain_specialization_heatmap(trace)  # domain x expert share of tokens (OLMoE)
     viz.expert_paths_sankey(trace)            # first choices from layer to layer
     viz.cache_hit_figure(trace)               # expert-cache hit rate against cache size
+    viz.language_content_figure(result)       # routing: same content vs same language (aligned paragraphs)
+    viz.hidden_control_figure(control, raw)   # how much of it hidden-state similarity explains
 
 Colours: one colour per expert, the same in every figure (:data:`EXPERT_COLORS`,
 :func:`expert_color`): the Okabe-Ito palette for experts 0-7, which stays distinguishable
@@ -53,6 +55,7 @@ __all__ = [
     "expert_paths_sankey", "cache_hit_figure", "layer_switch_states", "next_token_figure",
     "routing_changes", "routing_change_figure", "domain_specialization_heatmap",
     "offload_policy_figure", "prefetch_figure", "tokens_per_second_figure", "calibration_figure",
+    "language_content_figure", "hidden_control_figure",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -890,4 +893,73 @@ def calibration_figure(cal, *, title: str | None = None) -> go.Figure:
                       xaxis=dict(title="published tokens/s", type="log"), yaxis=dict(title="predicted tokens/s", type="log"),
                       height=480, width=820, legend=dict(font=dict(size=10)))
     fig.layout.meta = dict(kind="calibration_figure")
+# Language or content? (aligned paragraphs; moe_lab.analysis.language)
+
+_PAIR_SERIES = (("same_content", "same paragraph, other language", "#0077BB"),
+                ("same_language", "other paragraph, same language", "#EE7733"),
+                ("neither", "other paragraph, other language", "#999999"))
+
+
+def language_content_figure(result: "A.LanguageContent", *, layers: Sequence[int] | None = None,
+                            title: str | None = None) -> go.Figure:
+    """Per layer, how alike the routing of two documents is (mean pair similarity of their
+    expert-usage vectors) when they share the content (the same paragraph translated), the
+    language, or neither; error bars are bootstrap 95% intervals over paragraphs. Dashed: the
+    shuffled baselines (paragraph labels permuted within each language, language labels
+    permuted within each paragraph), what "no effect" looks like."""
+    x = list(layers) if layers is not None else list(range(len(result.same_content)))
+    fig = _figure()
+    for name, label, color in _PAIR_SERIES:
+        y, ci = getattr(result, name), getattr(result, f"ci_{name}")
+        fig.add_trace(go.Scatter(
+            x=x, y=y, mode="lines+markers", name=label, line=dict(color=color, width=2.5),
+            error_y=dict(type="data", symmetric=False, array=ci[:, 1] - y, arrayminus=y - ci[:, 0], color=color),
+            customdata=ci.round(4),
+            hovertemplate="layer %{x}: %{y:.3f} (95% CI %{customdata[0]:.3f}-%{customdata[1]:.3f})"
+                          f"<extra>{label}</extra>"))
+    for name, label, color in (("shuffled_content", "shuffled: paragraphs within a language", "#0077BB"),
+                               ("shuffled_language", "shuffled: languages within a paragraph", "#EE7733")):
+        fig.add_trace(go.Scatter(x=x, y=getattr(result, name), mode="lines", name=label,
+                                 line=dict(color=color, dash="dash", width=1.5),
+                                 hovertemplate=f"layer %{{x}}: %{{y:.3f}}<extra>{label}</extra>"))
+    measure = {"js": "1 - Jensen-Shannon divergence (bits)", "cosine": "cosine similarity"}.get(result.measure,
+                                                                                                 result.measure)
+    fig.update_layout(title=title or f"Does routing follow the language or the content? ({result.n_paragraphs} "
+                                     f"paragraphs x {len(result.languages)} languages)",
+                      xaxis=dict(title="layer", tickmode="array", tickvals=x),
+                      yaxis=dict(title=f"routing similarity ({measure})"),
+                      height=420, width=720, legend=dict(font=dict(size=11)))
+    fig.layout.meta = dict(kind="language_content_figure", measure=result.measure, layers=x)
+    return fig
+
+
+def hidden_control_figure(control: "A.HiddenControl", raw: "A.LanguageContent | None" = None, *,
+                          layers: Sequence[int] | None = None, title: str | None = None) -> go.Figure:
+    """Left: per layer, the share of the variance of routing similarity (over all pairs of
+    documents) that the cosine similarity of their mean router inputs explains (R^2). Right: the
+    content-minus-language difference of routing similarity with its 95% interval, on the raw
+    similarities (``raw``, if given) and on what the hidden states leave unexplained (residuals):
+    a difference that survives the control is more than "similar inputs, similar routing"."""
+    x = list(layers) if layers is not None else list(range(len(control.r2)))
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.14,
+                        subplot_titles=["explained by hidden-state similarity (R²)",
+                                        "same content minus same language"])
+    fig.update_layout(template=TEMPLATE)
+    fig.add_trace(go.Bar(x=x, y=control.r2, name="R²", marker_color="#0077BB", showlegend=False,
+                         hovertemplate="layer %{x}: R² = %{y:.2f}<extra></extra>"), row=1, col=1)
+    series = [("residuals after the control", control.residual, "#0077BB")]
+    if raw is not None:
+        series.insert(0, ("raw routing similarity", raw, "#222222"))
+    for label, res, color in series:
+        y, ci = res.content_minus_language, res.ci_content_minus_language
+        fig.add_trace(go.Scatter(
+            x=x, y=y, mode="lines+markers", name=label, line=dict(color=color, width=2.5),
+            error_y=dict(type="data", symmetric=False, array=ci[:, 1] - y, arrayminus=y - ci[:, 0], color=color),
+            hovertemplate=f"layer %{{x}}: %{{y:.3f}}<extra>{label}</extra>"), row=1, col=2)
+    fig.add_hline(y=0, line=dict(color=_BASELINE_COLOR, dash="dash", width=1), row=1, col=2)
+    fig.update_xaxes(title_text="layer", tickmode="array", tickvals=x)
+    fig.update_yaxes(range=[0, 1], row=1, col=1)
+    fig.update_layout(title=title or "The control: how much of routing similarity the hidden states explain",
+                      height=400, width=900, legend=dict(orientation="h", y=-0.25))
+    fig.layout.meta = dict(kind="hidden_control_figure", layers=x)
     return fig

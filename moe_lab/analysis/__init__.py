@@ -6,6 +6,8 @@ store). Analyses documented "trace or store" also take a :class:`~moe_lab.TraceS
 disk) and read it in chunks.
 ``offload.py``: the offloading what-if: per-layer caches with counts, placements and prefetch,
 speculative prefetch, bytes -> tokens/s, calibration against published Mixtral 8x7B numbers.
+``language.py``: does routing follow the language or the content (aligned paragraphs in five
+languages), and how much of it hidden-state similarity explains.
 """
 
 from .stats import (  # noqa: F401
@@ -60,4 +62,15 @@ from .offload import (  # noqa: F401
     PublishedRun,
     MIXTRAL_PUBLISHED,
     mixtral_calibration,
+)
+from .language import (  # noqa: F401
+    expert_usage,
+    pairwise_similarity,
+    mean_router_inputs,
+    aligned_grid,
+    compare_pairs,
+    LanguageContent,
+    language_vs_content,
+    HiddenControl,
+    hidden_state_control,
 )

@@ -26,6 +26,8 @@ The package, one module per concern::
     languages.py      domains "french", "german", "spanish", "italian" (templates/*.json + catalogues)
     records.py        domain "data": JSON / CSV records and shipped JSON files
     latex.py          domain "latex": LaTeX documents with computed mathematics
+    prose.py          real prose from downloaded Debian packages (--prose): paragraphs per language,
+                      page-level held-out split, the paragraph-aligned set (stdlib only)
     build.py          build_corpus (domain registry SOURCES), write_corpus, load_corpus, sample_texts
     __main__.py       the command line
 
@@ -34,6 +36,7 @@ Output layout of ``build_corpus(out_dir=...)``::
     train.jsonl      one {"domain", "id", "text"} object per line
     heldout.jsonl    same, ~5% of documents (chosen by a hash of domain/id)
     parallel.jsonl   English/other-language sentence pairs from catalogues
+    aligned.jsonl    the same paragraph in en/fr/de/es/it (with --prose; empty without it)
     stats.json       documents/characters per domain and split, sources, licences
 """
 
@@ -43,6 +46,7 @@ from .base import (  # noqa: F401
     FILES,
     HELDOUT_PERCENT,
     MAX_DOC_CHARS,
+    MAX_SYNTHETIC_SHARE,
     SIZES,
     Corpus,
     Document,
@@ -60,3 +64,10 @@ from .build import (  # noqa: F401
     write_corpus,
 )
 from .mathematics import math_item  # noqa: F401
+from .prose import (  # noqa: F401
+    APT_COMMAND,
+    MissingProseSources,
+    ProseSet,
+    aligned_paragraphs,
+    load_prose,
+)

@@ -38,7 +38,10 @@ HELDOUT_PERCENT = 5
 #: whole documents and a held-out sample is never one giant file.
 MAX_DOC_CHARS = 4_000
 PSF = "PSF-2.0"
-FILES = ("train.jsonl", "heldout.jsonl", "parallel.jsonl", "stats.json")
+FILES = ("train.jsonl", "heldout.jsonl", "parallel.jsonl", "aligned.jsonl", "stats.json")
+#: With real prose (``build_corpus(prose=...)``), generated template text and interface strings are
+#: at most this share of a language domain.
+MAX_SYNTHETIC_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Corpus:
     domains: list[str]
     parallel: list[dict] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    aligned: list[dict] = field(default_factory=list)  # corpus.prose.aligned_paragraphs rows
 
     def split(self, name: str) -> list[Document]:
         if name not in ("train", "heldout"):

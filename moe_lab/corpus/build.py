@@ -17,11 +17,13 @@ from typing import Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
-from .base import CHARS_PER_TOKEN, DOMAINS, HELDOUT_PERCENT, SIZES, Corpus, Document, Item, package_dist, stable_int
+from .base import (CHARS_PER_TOKEN, DOMAINS, HELDOUT_PERCENT, SIZES, Corpus, Document, Item, package_dist, round_robin,
+                   stable_int)
 from .english import english_docs
 from .languages import LANGS, language_docs, requires
 from .latex import latex_docs
 from .mathematics import math_docs
+from .prose import ProseSet, aligned_paragraphs, is_heldout_page, load_prose, prose_items, split_key
 from .python_source import python_docs
 from .records import REQUIRES as RECORDS_REQUIRES
 from .records import records_docs
@@ -39,10 +41,14 @@ REQUIRES: dict[str, tuple[str, ...]] = {"data": RECORDS_REQUIRES, **{lang: requi
 INSTALL_EXTRA = "pip install 'moe_lab[corpus]'"
 
 
-def domain_items(domain: str, rng: random.Random, parallel: list[dict]) -> Iterator[Item]:
-    """The stream of documents of one domain."""
+def domain_items(domain: str, rng: random.Random, parallel: list[dict], prose: ProseSet | None = None,
+                 budget: int = 0) -> Iterator[Item]:
+    """The stream of documents of one domain (with ``prose``: real prose in the language domains,
+    and the English prose interleaved with the English sources)."""
     if domain in LANGS:
-        return language_docs(domain, rng, parallel)
+        return language_docs(domain, rng, parallel, prose, budget)
+    if domain == "english" and prose is not None:
+        return round_robin(prose_items(prose, "en"), english_docs(rng))
     return SOURCES[domain](rng)
 
 
@@ -64,6 +70,9 @@ def check_extra(domains: Iterable[str]) -> None:
 
 
 def _is_heldout(doc: Document) -> bool:
+    page = split_key(doc.id)  # real prose: held out by page, the same page in every language
+    if page is not None:
+        return is_heldout_page(*page.split("/", 1))
     return stable_int(f"{doc.domain}/{doc.id}") % 100 < HELDOUT_PERCENT
 
 
@@ -71,27 +80,38 @@ def _split(docs: list[Document]) -> tuple[list[Document], list[Document]]:
     """Hash-based split, fixed up so every domain has at least one held-out document."""
     held = [d for d in docs if _is_heldout(d)]
     if not held and len(docs) > 1:
-        held = [min(docs, key=lambda d: stable_int(f"{d.domain}/{d.id}"))]
+        # never a prose page by itself: its translations in other domains would stay in training
+        pool = [d for d in docs if split_key(d.id) is None] or docs
+        held = [min(pool, key=lambda d: stable_int(f"{d.domain}/{d.id}"))]
     held_ids = {d.id for d in held}
     return [d for d in docs if d.id not in held_ids], held
 
 
-def _environment() -> dict:
+def _environment(prose: ProseSet | None = None) -> dict:
     versions = {}
     for name in ["faker", "babel"] + [c["catalogue"] for c in LANGS.values()]:
         dist = package_dist(name)
         versions[name] = dist.version if dist else None
-    return {"python": sys.version.split()[0], "packages": versions}
+    env = {"python": sys.version.split()[0], "packages": versions}
+    if prose is not None:
+        env["debian_packages"] = {name: src["version"] for name, src in prose.sources.items()}
+    return env
 
 
 def build_corpus(out_dir: str | os.PathLike | None = None, size: str = "small", seed: int = 0,
-                 progress: bool = True, domains: Iterable[str] | None = None) -> Corpus:
+                 progress: bool = True, domains: Iterable[str] | None = None,
+                 prose: str | os.PathLike | ProseSet | None = None) -> Corpus:
     """Assemble the corpus (deterministic for a given seed and environment).
 
     Each domain receives the same approximate token budget (``SIZES[size]``,
     converted to characters with ``CHARS_PER_TOKEN``); domains
     whose sources run dry stay smaller. With ``out_dir`` the result is also
     written there (atomically); without it everything stays in memory.
+
+    ``prose``: a directory holding the downloaded Debian packages of :mod:`moe_lab.corpus.prose`
+    (or a loaded ``ProseSet``). Their real paragraphs then make up the French, German,
+    Spanish and Italian domains (synthetic text at most ``MAX_SYNTHETIC_SHARE``) and join
+    the English one; without it the corpus is the v3 one, from pip-installed material only.
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
@@ -101,6 +121,8 @@ def build_corpus(out_dir: str | os.PathLike | None = None, size: str = "small", 
         raise ValueError(f"unknown domains: {sorted(unknown)}")
     check_extra(domains)
     budgets = {d: int(SIZES[size] * CHARS_PER_TOKEN[d]) for d in domains}
+    if prose is not None and not isinstance(prose, ProseSet):
+        prose = load_prose(prose)
     train, heldout, parallel, sources = [], [], [], {}
     with tqdm(total=sum(budgets.values()), unit="char", unit_scale=True, desc="corpus", disable=not progress) as bar:
         for domain in domains:
@@ -108,7 +130,7 @@ def build_corpus(out_dir: str | os.PathLike | None = None, size: str = "small", 
             bar.set_postfix_str(domain)
             rng = random.Random(f"{seed}/{domain}")  # str seeds are hashed with SHA-512: stable across runs
             docs, total, dom_parallel, seen, texts = [], 0, [], set(), set()
-            for doc, label, licence in domain_items(domain, rng, dom_parallel):
+            for doc, label, licence in domain_items(domain, rng, dom_parallel, prose, budget):
                 if total >= budget:
                     break
                 if doc.id in seen:
@@ -131,8 +153,12 @@ def build_corpus(out_dir: str | os.PathLike | None = None, size: str = "small", 
                             for p in dom_parallel if p["doc_id"] in seen)
             train.extend(tr)
             heldout.extend(he)
-    meta = {"size": size, "seed": seed, "sources": sources, "environment": _environment()}
-    corpus = Corpus(train=train, heldout=heldout, domains=domains, parallel=parallel, meta=meta)
+    meta = {"size": size, "seed": seed, "sources": sources, "environment": _environment(prose)}
+    aligned = []
+    if prose is not None:
+        meta["prose"] = prose.sources
+        aligned = aligned_paragraphs(prose)
+    corpus = Corpus(train=train, heldout=heldout, domains=domains, parallel=parallel, meta=meta, aligned=aligned)
     if out_dir is not None:
         write_corpus(corpus, out_dir)
     return corpus
@@ -169,7 +195,10 @@ def write_corpus(corpus: Corpus, out_dir: str | os.PathLike, count_tokens: bool 
     out.mkdir(parents=True, exist_ok=True)
     stats = {"size": corpus.meta.get("size"), "seed": corpus.meta.get("seed"), "domains": corpus.domains,
              "splits": corpus.stats(count_tokens=count_tokens), "parallel_pairs": len(corpus.parallel),
+             "aligned_paragraphs": len(corpus.aligned),
              "sources": corpus.meta.get("sources", {}), "environment": corpus.meta.get("environment", {})}
+    if corpus.meta.get("prose"):
+        stats["prose"] = corpus.meta["prose"]
 
     def lines(items: Iterable[str]) -> Callable[[io.TextIOBase], None]:
         return lambda fh: fh.writelines(items)
@@ -178,6 +207,7 @@ def write_corpus(corpus: Corpus, out_dir: str | os.PathLike, count_tokens: bool 
         out / "train.jsonl": lines(_dump_doc(d) for d in corpus.train),
         out / "heldout.jsonl": lines(_dump_doc(d) for d in corpus.heldout),
         out / "parallel.jsonl": lines(json.dumps(p, ensure_ascii=False) + "\n" for p in corpus.parallel),
+        out / "aligned.jsonl": lines(json.dumps(p, ensure_ascii=False) + "\n" for p in corpus.aligned),
         out / "stats.json": lines([json.dumps(stats, ensure_ascii=False, indent=2) + "\n"]),
     })
     return out
@@ -202,7 +232,8 @@ def load_corpus(directory: str | os.PathLike) -> Corpus:
     heldout = [Document(**x) for x in read("heldout.jsonl")]
     present = {doc.domain for doc in train + heldout}
     domains = meta.get("domains") or [x for x in DOMAINS if x in present] + sorted(present - set(DOMAINS))
-    return Corpus(train=train, heldout=heldout, domains=list(domains), parallel=read("parallel.jsonl"), meta=meta)
+    return Corpus(train=train, heldout=heldout, domains=list(domains), parallel=read("parallel.jsonl"), meta=meta,
+                  aligned=read("aligned.jsonl"))
 
 
 def sample_texts(corpus: Corpus, domain: str, n: int, split: str = "heldout", seed: int = 0,

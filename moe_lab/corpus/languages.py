@@ -29,7 +29,8 @@ try:  # the `corpus` extra; build_corpus names the install command when it is mi
 except ImportError:  # pragma: no cover - exercised through build.check_extra
     Locale = dates = numbers = Faker = None
 
-from .base import Document, Item, dist_license, package_dir, package_dist, rel_files, round_robin
+from .base import MAX_SYNTHETIC_SHARE, Document, Item, dist_license, package_dir, package_dist, rel_files, round_robin
+from .prose import ProseSet, capped, prose_items
 
 #: Domain name -> language code; ``templates/<code>.json`` holds the language's settings
 #: (Faker locale, catalogue package, date format), word lists and sentence templates.
@@ -199,8 +200,12 @@ def _catalogue_pairs(package: str) -> list[tuple[str, str, str]]:
     return pairs
 
 
-def language_docs(lang: str, rng: random.Random, parallel: list[dict]) -> Iterator[Item]:
-    """Real catalogue text interleaved with template-generated documents."""
+def language_docs(lang: str, rng: random.Random, parallel: list[dict], prose: ProseSet | None = None,
+                  budget: int = 0) -> Iterator[Item]:
+    """Real catalogue text interleaved with template-generated documents; with ``prose`` (real
+    paragraphs from :mod:`.prose`), the prose first fills up to 3/4 of the ``budget`` and the
+    catalogue + template text is capped at 1/3 of the prose used, so it is at most
+    ``MAX_SYNTHETIC_SHARE`` of the domain."""
     cfg = LANGS[lang]
     package = cfg["catalogue"]
 
@@ -227,5 +232,11 @@ def language_docs(lang: str, rng: random.Random, parallel: list[dict]) -> Iterat
             yield Document(lang, f"gen/{kind}/{i:06d}", text), "generated-templates+faker+babel", \
                 "generated; Faker (MIT) and Babel/CLDR (BSD-3-Clause, Unicode-3.0) data"
 
-    yield from round_robin(catalogue(), generated())
+    synthetic = round_robin(catalogue(), generated())
+    if prose is None:
+        yield from synthetic
+        return
+    real = list(prose_items(prose, cfg["code"], (1 - MAX_SYNTHETIC_SHARE) * budget))
+    real_chars = sum(len(doc.text) for doc, _, _ in real)
+    yield from round_robin(iter(real), capped(synthetic, real_chars * MAX_SYNTHETIC_SHARE / (1 - MAX_SYNTHETIC_SHARE)))
 

@@ -24,6 +24,7 @@ class DataConfig:
     corpus_size: str = "small"  # moe_lab.corpus.SIZES: "tiny", "small", "full"
     corpus_seed: int = 0
     corpus_dir: str | None = None  # read the corpus from here if built (else build it and write it here)
+    prose_dir: str | None = None  # downloaded Debian packages of real prose (moe_lab.corpus.prose); None: v3 corpus
     domains: list[str] | None = None  # None: every domain of the corpus
     seq_len: int = 256
     domain_alpha: float = 1.0  # a domain is drawn with probability ~ weight * (its training windows) ** alpha

@@ -204,10 +204,13 @@ def get_corpus(data: DataConfig, progress: bool = True) -> Corpus:
         if stats.exists():
             meta = json.loads(stats.read_text())
             m = meta.get("meta", meta)
-            if m.get("size") == data.corpus_size and m.get("seed") == data.corpus_seed:
+            if (m.get("size") == data.corpus_size and m.get("seed") == data.corpus_seed
+                    and bool(m.get("prose")) == (data.prose_dir is not None)):
                 return load_corpus(d)
-        return build_corpus(out_dir=d, size=data.corpus_size, seed=data.corpus_seed, progress=progress)
-    return build_corpus(out_dir=None, size=data.corpus_size, seed=data.corpus_seed, progress=progress)
+        return build_corpus(out_dir=d, size=data.corpus_size, seed=data.corpus_seed, progress=progress,
+                            prose=data.prose_dir)
+    return build_corpus(out_dir=None, size=data.corpus_size, seed=data.corpus_seed, progress=progress,
+                        prose=data.prose_dir)
 
 
 def spread(n: int, k: int) -> np.ndarray:

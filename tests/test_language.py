@@ -1,0 +1,171 @@
+"""moe_lab.analysis.language on hand-built traces with known answers."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_model
+from moe_lab import analysis as A
+from moe_lab.model import ModelArgs
+from trace_helpers import make_trace
+
+BOS = 1
+
+
+def aligned_trace(expert_of, P=5, G=3, T=6, E=8):
+    """Document (p, g) = paragraph p in language g: T tokens after a BOS, every token routed to
+    the two experts ``expert_of(p, g, t)``. Documents are numbered p * G + g."""
+    ids, docs, toks = [], [], []
+    for p in range(P):
+        for g in range(G):
+            d = p * G + g
+            ids.append((7, 6))  # the BOS token's routing (must be ignored)
+            docs.append(d)
+            toks.append(BOS)
+            for t in range(T):
+                ids.append(expert_of(p, g, t))
+                docs.append(d)
+                toks.append(100 + t)
+    paragraphs = [p for p in range(P) for g in range(G)]
+    languages = [["en", "fr", "de"][g] for p in range(P) for g in range(G)]
+    return make_trace(np.array(ids)[None], doc_ids=docs, token_ids=toks, E=E), paragraphs, languages
+
+
+def test_expert_usage_counts_slots_and_ignores_bos():
+    tr = make_trace(np.array([[(0, 1), (0, 2), (3, 0), (5, 6)]]), doc_ids=[0, 0, 0, 1],
+                    token_ids=[BOS, 50, 51, 52], E=8)
+    u = A.expert_usage(tr, bos_id=BOS)
+    assert u.shape == (1, 2, 8)
+    np.testing.assert_allclose(u[0, 0], [0.5, 0, 0.25, 0.25, 0, 0, 0, 0])
+    np.testing.assert_allclose(u[0, 1], [0, 0, 0, 0, 0, 0.5, 0.5, 0])
+    with pytest.raises(ValueError, match="no tokens besides bos_id"):
+        A.expert_usage(make_trace(np.array([[(0, 1)]]), token_ids=[BOS], E=4), bos_id=BOS)
+
+
+def test_similarity_measures_known_values():
+    v = np.array([[0.5, 0.5, 0, 0], [0, 0.5, 0.5, 0], [0, 0, 0.5, 0.5], [0.5, 0.5, 0, 0]])
+    js, cos = A.pairwise_similarity(v, "js"), A.pairwise_similarity(v, "cosine")
+    # identical -> 1; half the mass shared -> JS divergence 0.5 bit and cosine 0.5; disjoint -> 0
+    np.testing.assert_allclose(np.diag(js), 1)
+    assert js[0, 3] == pytest.approx(1) and js[0, 1] == pytest.approx(0.5) and js[0, 2] == pytest.approx(0)
+    assert cos[0, 1] == pytest.approx(0.5) and cos[0, 2] == pytest.approx(0)
+    np.testing.assert_allclose(js, js.T)
+    with pytest.raises(ValueError, match="'js' or 'cosine'"):
+        A.pairwise_similarity(v, "euclid")
+
+
+def test_routing_that_follows_content():
+    tr, par, lang = aligned_trace(lambda p, g, t: (2 * (p % 4), 2 * (p % 4) + 1), P=4)  # disjoint per paragraph
+    r = A.language_vs_content(tr, par, lang, n_boot=200, n_shuffle=50)
+    assert r.same_content[0] == pytest.approx(1) and r.same_language[0] == pytest.approx(0)
+    assert r.neither[0] == pytest.approx(0)
+    assert r.content_minus_language[0] == pytest.approx(1)
+    np.testing.assert_allclose(r.ci_content_minus_language[0], [1, 1])  # every paragraph agrees
+    # paragraph labels shuffled within languages: a "same content" pair is the same paragraph
+    # only by chance, so the baseline sits far below 1
+    assert 0 <= r.shuffled_content[0] < 0.6
+    assert r.shuffled_language[0] == pytest.approx(0)  # languages carry no information here
+
+
+def test_routing_that_follows_language():
+    tr, par, lang = aligned_trace(lambda p, g, t: (2 * g, 2 * g + 1))
+    r = A.language_vs_content(tr, par, lang, measure="cosine", n_boot=200, n_shuffle=50)
+    assert r.same_language[0] == pytest.approx(1) and r.same_content[0] == pytest.approx(0)
+    np.testing.assert_allclose(r.ci_content_minus_language[0], [-1, -1])
+    assert r.shuffled_language[0] < 0.7 and r.shuffled_content[0] == pytest.approx(0)
+    assert r.languages == ["de", "en", "fr"] and r.n_paragraphs == 5
+
+
+def test_mixed_routing_gives_intermediate_values_and_intervals_cover_them():
+    rng = np.random.default_rng(0)
+    # each token: the paragraph's expert with prob 0.6, the language's otherwise, plus a random one
+    choice = rng.random((6, 3, 8)) < 0.6
+    other = rng.integers(0, 8, (6, 3, 8))
+
+    def expert_of(p, g, t):
+        a = p if choice[p, g, t] else 6 + (g % 2)
+        b = int(other[p, g, t])
+        return (a, b if b != a else (a + 1) % 8)
+
+    tr, par, lang = aligned_trace(expert_of, P=6, T=8)
+    r = A.language_vs_content(tr, par, lang, n_boot=300, n_shuffle=30)
+    for name in ("same_content", "same_language", "neither"):
+        v, ci = getattr(r, name)[0], getattr(r, f"ci_{name}")[0]
+        assert 0 < v < 1 and ci[0] <= v <= ci[1]
+    assert r.same_content[0] > r.neither[0]
+
+
+def test_grid_checks_the_design():
+    with pytest.raises(ValueError, match="missing in language"):
+        A.aligned_grid([0, 0, 1], ["en", "fr", "en"])
+    with pytest.raises(ValueError, match="twice"):
+        A.aligned_grid([0, 0, 1, 1], ["en", "en", "en", "fr"])
+    grid, pars, langs = A.aligned_grid(["b", "a", "a", "b"], ["fr", "fr", "en", "en"])
+    assert pars == ["a", "b"] and langs == ["en", "fr"] and grid.tolist() == [[2, 1], [3, 0]]
+
+
+def test_hidden_control_when_routing_is_the_hidden_state():
+    tr, par, lang = aligned_trace(lambda p, g, t: ((p + t) % 8, (g + 3 * t + 1) % 8 if (g + 3 * t + 1) % 8 != (p + t) % 8 else (p + t + 4) % 8))
+    u = A.expert_usage(tr, bos_id=BOS)
+    c = A.hidden_state_control(tr, u, par, lang, measure="cosine", n_boot=50, n_shuffle=10)
+    assert c.r2[0] == pytest.approx(1) and c.slope[0] == pytest.approx(1) and c.intercept[0] == pytest.approx(0, abs=1e-9)
+    np.testing.assert_allclose([c.residual.same_content[0], c.residual.same_language[0]], 0, atol=1e-9)
+
+
+def test_hidden_control_with_unrelated_hidden_states_explains_little():
+    tr, par, lang = aligned_trace(lambda p, g, t: (2 * p, 2 * p + 1), P=8, E=16)
+    hidden = np.random.default_rng(1).normal(size=(1, 24, 16))
+    c = A.hidden_state_control(tr, hidden, par, lang, n_boot=50, n_shuffle=10)
+    assert c.r2[0] < 0.1
+    assert c.residual.content_minus_language[0] == pytest.approx(1, abs=0.1)  # the content effect survives
+    with pytest.raises(ValueError, match="documents"):
+        A.hidden_state_control(tr, hidden[:, :10], par, lang)
+
+
+def test_mean_router_inputs_are_what_the_router_sees():
+    """The router is linear: gate(mean router input) == mean of the router logits."""
+    args = ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=32, vocab_size=64,
+                     max_seq_len=64, n_experts=4, top_k=2, init_std=0.05)
+    model = make_model(args)
+    docs = [[BOS, 5, 9, 12, 3], [BOS, 40, 41]]
+    h = A.mean_router_inputs(model, docs, bos_id=BOS)
+    assert h.shape == (2, 2, 32)
+    for d, ids in enumerate(docs):
+        names = [f"blocks.{i}.moe.hook_router_logits" for i in range(2)]
+        _, cache = model.run_with_cache(torch.tensor([ids]), names_filter=lambda n: n in names)
+        for i, block in enumerate(model.blocks):
+            mean_logits = cache[names[i]][1:].mean(0)  # tokens after BOS
+            got = block.moe.gate(torch.as_tensor(h[i, d], dtype=torch.float32))
+            torch.testing.assert_close(got, mean_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_figures_show_the_results():
+    from moe_lab import viz
+
+    tr, par, lang = aligned_trace(lambda p, g, t: (2 * (p % 4), 2 * (p % 4) + 1), P=4)
+    r = A.language_vs_content(tr, par, lang, n_boot=100, n_shuffle=20)
+    fig = viz.language_content_figure(r)
+    by_name = {t.name: t for t in fig.data}
+    np.testing.assert_allclose(by_name["same paragraph, other language"].y, r.same_content)
+    np.testing.assert_allclose(by_name["other paragraph, same language"].y, r.same_language)
+    np.testing.assert_allclose(by_name["shuffled: paragraphs within a language"].y, r.shuffled_content)
+    t = by_name["other paragraph, other language"]
+    np.testing.assert_allclose(np.asarray(t.y) + np.asarray(t.error_y.array), r.ci_neither[:, 1])
+    c = A.hidden_state_control(tr, np.random.default_rng(0).normal(size=(1, 12, 8)), par, lang, n_boot=50, n_shuffle=5)
+    fig2 = viz.hidden_control_figure(c, r)
+    bars = [t for t in fig2.data if t.type == "bar"]
+    np.testing.assert_allclose(bars[0].y, c.r2)
+    lines = {t.name: t for t in fig2.data if t.type == "scatter"}
+    np.testing.assert_allclose(lines["raw routing similarity"].y, r.content_minus_language)
+    np.testing.assert_allclose(lines["residuals after the control"].y, c.residual.content_minus_language)
+    fig.to_json(), fig2.to_json()  # serialisable (notebooks save them)
+
+
+def test_js_similarity_is_the_same_in_blocks():
+    """Rows are computed 128 at a time: the result must not depend on where the blocks fall."""
+    v = np.random.default_rng(0).dirichlet(np.ones(8), size=(2, 300))  # [L=2, D=300, E=8]
+    full = A.pairwise_similarity(v, "js")
+    assert full.shape == (2, 300, 300)
+    one = A.pairwise_similarity(v[1, 250:260], "js")
+    np.testing.assert_allclose(full[1, 250:260, 250:260], one, atol=1e-12)
+    np.testing.assert_allclose(full, np.swapaxes(full, -1, -2), atol=1e-12)
