@@ -893,6 +893,10 @@ def calibration_figure(cal, *, title: str | None = None) -> go.Figure:
                       xaxis=dict(title="published tokens/s", type="log"), yaxis=dict(title="predicted tokens/s", type="log"),
                       height=480, width=820, legend=dict(font=dict(size=10)))
     fig.layout.meta = dict(kind="calibration_figure")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
 # Language or content? (aligned paragraphs; moe_lab.analysis.language)
 
 _PAIR_SERIES = (("same_content", "same paragraph, other language", "#0077BB"),

@@ -14,7 +14,7 @@ from moe_lab.model import ModelArgs
 from moe_lab.tokenizer import load_tokenizer
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=32, vocab_size=32000,
-                 max_seq_len=128, n_experts=4, top_k=2, init_std=0.05)
+                 max_seq_len=128, n_experts=4, experts_per_token=2, init_std=0.05)
 
 
 @pytest.fixture(scope="module")

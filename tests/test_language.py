@@ -125,7 +125,7 @@ def test_hidden_control_with_unrelated_hidden_states_explains_little():
 def test_mean_router_inputs_are_what_the_router_sees():
     """The router is linear: gate(mean router input) == mean of the router logits."""
     args = ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=32, vocab_size=64,
-                     max_seq_len=64, n_experts=4, top_k=2, init_std=0.05)
+                     max_seq_len=64, n_experts=4, experts_per_token=2, init_std=0.05)
     model = make_model(args)
     docs = [[BOS, 5, 9, 12, 3], [BOS, 40, 41]]
     h = A.mean_router_inputs(model, docs, bos_id=BOS)

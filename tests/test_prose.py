@@ -200,7 +200,7 @@ def test_v4_config_meets_the_spec():
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny-mixtral-v4.json")
     a = cfg.model
-    assert (a.n_experts, a.top_k, a.rope_theta, a.vocab_size) == (8, 2, 1e6, 32000)
+    assert (a.n_experts, a.experts_per_token, a.rope_theta, a.vocab_size) == (8, 2, 1e6, 32000)
     assert a.n_kv_heads < a.n_heads and a.router_aux_loss_coef == 0.02
     assert 2 * count_params(a).total <= 64e6
     assert cfg.device == "cpu" and cfg.data.prose_dir and cfg.data.corpus_size == "full"
