@@ -290,7 +290,7 @@ def _allocate(wanted: dict[str, Tensor], dtype, device, one_buffer: bool,
         dt = dtype or v.dtype
         offsets[k] = total
         total += -(-v.numel() * dt.itemsize // _ALIGN) * _ALIGN
-    if into is not None and into.device == torch.device(device) and into.nbytes() >= total:
+    if into is not None and into.device == torch.empty(0, device=device).device and into.nbytes() >= total:
         buf = torch.empty(0, dtype=torch.uint8, device=device).set_(into)  # (nbytes,) uint8 over `into`
     else:
         buf = torch.empty(total, dtype=torch.uint8, device=device)
