@@ -8,7 +8,8 @@ Peak memory is about one layer (~2.8 GB for 8x7B in bf16) plus activations, what
 number of layers. Every layer is read into the *same* buffer (writing into pages already
 touched is ~5x faster than into fresh ones the OS must map and zero), unless something still
 holds a tensor of the previous layer, in which case a fresh buffer is allocated so that tensor
-is never overwritten (see :func:`storage_unshared`). The buffer is kept between forwards;
+is never overwritten (see :func:`storage_unshared`). The buffer is kept through the output
+head and between forwards (a second forward touches no new memory);
 ``sm.release_buffer()`` (or ``close()``) hands it back. It is meant for prefill and routing
 capture over a batch of documents; it does not train, and generation would re-read every layer
 for every new token.
