@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import weakref
 
 import pytest
 import torch
 
 from conftest import CONFIG_IDS, TINY_CONFIGS, make_model, random_tokens
 from moe_lab import StreamingMixtral, load_model, save_model
+from moe_lab.checkpoints import streaming
 from moe_lab.checkpoints.layouts import params_dict, to_mistral_state_dict
 
 
@@ -156,3 +158,87 @@ def test_trace_routing_on_a_streaming_model(tmp_path):
     sm.free_all()
     assert (got.expert_ids == ref.expert_ids).all()
     assert abs(got.weights - ref.weights).max() == 0
+
+
+# ---- one layer buffer, reused only when nothing else holds it
+
+
+def _three_layer_checkpoint(tmp_path):
+    args = TINY_CONFIGS[3]  # 3 layers, all the same size
+    m = make_model(args, seed=3)
+    return m, save_model(m, tmp_path / "c"), random_tokens(args, 2, 9)
+
+
+def test_layer_buffer_is_reused_when_nothing_holds_it(tmp_path):
+    m, path, tokens = _three_layer_checkpoint(tmp_path)
+    with torch.no_grad():
+        ref = m(tokens)
+    sm = StreamingMixtral(path)
+    x, ctx = sm.prepare(tokens)
+    ptrs, first = [], None
+    with torch.no_grad():
+        for i, block in sm.iter_layers():
+            ptrs.append(block.attn.wq.weight.data_ptr())
+            if i == 0:
+                first = weakref.ref(sm.buffer)  # a weak handle does not count as holding
+            assert sm.buffer is first()  # the same storage object: layers 1, 2 reuse layer 0's
+            x, _ = block(x, ctx)
+    assert len(set(ptrs)) == 1
+    assert torch.equal(sm.finish(x), ref)
+    assert torch.equal(sm(tokens), ref) and sm.buffer is first()  # kept across forwards too
+    sm.release_buffer()
+    assert sm.buffer is None and first() is None  # given back
+    assert torch.equal(sm(tokens), ref)
+    # the reference behaviour without reuse gives the same logits
+    assert torch.equal(StreamingMixtral(path, reuse_buffer=False)(tokens), ref)
+
+
+@pytest.mark.parametrize("how", ["callback", "hook", "view"])
+def test_a_held_weight_is_never_overwritten(how, tmp_path):
+    m, path, tokens = _three_layer_checkpoint(tmp_path)
+    with torch.no_grad():
+        ref = m(tokens)
+    sm = StreamingMixtral(path)
+    held, ptrs = {}, []
+    sm.model.blocks[1].register_forward_pre_hook(lambda b, i: ptrs.append(b.attn.wq.weight.data_ptr()))
+    sm.model.blocks[0].register_forward_pre_hook(lambda b, i: ptrs.append(b.attn.wq.weight.data_ptr()))
+    if how == "callback":  # a layer_callback that stores a weight of layer 0
+        cb = lambda i, block, h, r: held.setdefault("w", block.moe.gate.weight) if i == 0 else None
+        logits = sm(tokens, layer_callback=cb)
+    elif how == "hook":  # a user's hook that keeps the gate's weight (the Parameter itself)
+        def keep(mod, inputs, output):
+            held["w"] = mod.weight
+
+        sm.model.blocks[0].moe.gate.register_forward_hook(keep)
+        logits = sm(tokens)
+    else:  # a view into layer 0's memory (not the Parameter itself), taken in a manual loop
+        x, ctx = sm.prepare(tokens)
+        with torch.no_grad():
+            for i, block in sm.iter_layers():
+                if i == 0:
+                    held["w"] = block.moe.gate.weight[1:]
+                x, _ = block(x, ctx)
+        logits = sm.finish(x)
+    assert torch.equal(logits, ref)
+    want = m.blocks[0].moe.gate.weight
+    w = held["w"]
+    assert torch.equal(w, want[1:] if how == "view" else want)  # still layer 0's values
+    assert not torch.equal(want, m.blocks[1].moe.gate.weight)  # (so overwriting would have shown)
+    assert len(ptrs) == 2 and ptrs[0] != ptrs[1]  # layer 1 went to a fresh buffer
+
+
+def test_no_reuse_without_the_use_count(tmp_path, monkeypatch):
+    """If torch lacks ``_storage_Use_Count``, ``storage_unshared`` says False: always a fresh buffer."""
+    m, path, tokens = _three_layer_checkpoint(tmp_path)
+    assert streaming.storage_unshared(torch.UntypedStorage(8))
+    t = torch.empty(2)
+    assert not streaming.storage_unshared(t.untyped_storage())  # the tensor and this handle
+    assert not streaming.storage_unshared(t[1:].untyped_storage())  # a view counts too
+    monkeypatch.setattr(streaming, "_use_count", None)
+    assert not streaming.storage_unshared(torch.UntypedStorage(8))
+    sm = StreamingMixtral(path)
+    with torch.no_grad():
+        assert torch.equal(sm(tokens), m(tokens))
+    first = weakref.ref(sm.buffer)
+    sm(tokens)
+    assert first() is None  # replaced, not reused

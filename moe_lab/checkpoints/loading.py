@@ -276,8 +276,13 @@ def _read_config(loc: _Located) -> ModelArgs:
 _ALIGN = 64  # bytes; torch's CPU allocator aligns to 64 too
 
 
-def _allocate(wanted: dict[str, Tensor], dtype, device, one_buffer: bool) -> dict[str, Tensor]:
-    """Uninitialised destination tensors: one allocation each, or views of one shared buffer."""
+def _allocate(wanted: dict[str, Tensor], dtype, device, one_buffer: bool,
+              into: torch.UntypedStorage | None = None) -> dict[str, Tensor]:
+    """Uninitialised destination tensors: one allocation each, or views of one shared buffer.
+
+    With ``one_buffer``, ``into`` (a storage on ``device``) is used as that buffer when it has
+    room (its contents are overwritten); otherwise a new one is allocated.
+    """
     if not one_buffer:
         return {k: torch.empty(v.shape, dtype=dtype or v.dtype, device=device) for k, v in wanted.items()}
     offsets, total = {}, 0
@@ -285,7 +290,10 @@ def _allocate(wanted: dict[str, Tensor], dtype, device, one_buffer: bool) -> dic
         dt = dtype or v.dtype
         offsets[k] = total
         total += -(-v.numel() * dt.itemsize // _ALIGN) * _ALIGN
-    buf = torch.empty(total, dtype=torch.uint8, device=device)
+    if into is not None and into.device == torch.empty(0, device=device).device and into.nbytes() >= total:
+        buf = torch.empty(0, dtype=torch.uint8, device=device).set_(into)  # (nbytes,) uint8 over `into`
+    else:
+        buf = torch.empty(total, dtype=torch.uint8, device=device)
     out = {}
     for k, v in wanted.items():
         dt = dtype or v.dtype
@@ -445,7 +453,8 @@ class CheckpointReader:
             raise CheckpointError(f"layers {ids} lists a layer more than once")
         return ids
 
-    def _read(self, src_layer: int | None, dst_layer: int, dtype, device, one_buffer: bool = False) -> dict[str, Tensor]:
+    def _read(self, src_layer: int | None, dst_layer: int, dtype, device, one_buffer: bool = False,
+              into: torch.UntypedStorage | None = None) -> dict[str, Tensor]:
         style, store = self.style, self.store
         raw = {k: store.get(k) for k in store.keys() if layer_of(k, style) is None and not IGNORED_KEY.search(k)}
         layer_raw = {}
@@ -462,7 +471,7 @@ class CheckpointReader:
         mapped = {v.untyped_storage().data_ptr() for k, v in sources.items()
                   if store.mapped(k if src_layer is None else rename_layer(k, style, 0, src_layer))}
         out = {}
-        dests = _allocate(wanted, dtype, device, one_buffer)
+        dests = _allocate(wanted, dtype, device, one_buffer, into)
         for k, v in wanted.items():
             dest = dests[k]
             dest.copy_(v)
@@ -479,16 +488,22 @@ class CheckpointReader:
         return self._read(None, 0, as_dtype(dtype), device)
 
     def read_layer(self, layer: int, as_index: int | None = None, dtype=None, device="cpu", *,
-                   one_buffer: bool = False) -> dict[str, Tensor]:
+                   one_buffer: bool = False, into: torch.UntypedStorage | None = None) -> dict[str, Tensor]:
         """Layer ``layer`` of the checkpoint under the names ``blocks.{as_index}.*`` (default: same index).
 
         ``one_buffer=True`` puts all of the layer's tensors in one allocation (views of it), so
         that freeing the layer hands the memory straight back to the OS; the streaming forward
         uses it (many separate frees fragment the C heap and the RSS creeps up layer by layer).
+        ``into`` (with ``one_buffer``): a storage to reuse as that allocation when it is big
+        enough, e.g. ``previous["blocks.0.attn.wq.weight"].untyped_storage()``. Its contents are
+        OVERWRITTEN, so the caller must make sure no tensor still in use lives in it (see
+        :class:`moe_lab.checkpoints.streaming.StreamingMixtral`, which checks). Writing into
+        pages already touched is ~5x faster than into fresh ones, which the OS maps and zeroes
+        page by page on first write.
         """
         if not 0 <= layer < self.n_layers:
             raise CheckpointError(f"layer {layer} out of range: {self._where()} has {self.n_layers} layers")
-        return self._read(layer, layer if as_index is None else as_index, as_dtype(dtype), device, one_buffer)
+        return self._read(layer, layer if as_index is None else as_index, as_dtype(dtype), device, one_buffer, into)
 
     def close(self):
         store = getattr(self, "store", None)
