@@ -13,7 +13,7 @@ The package, by folder (imports only go down this list; ``docs/DESIGN.md`` has t
 
 import sys as _sys
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 from .hooks import ActivationCache, HookPoint  # noqa: F401
 from .model import (  # noqa: F401

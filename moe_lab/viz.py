@@ -47,6 +47,7 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from . import analysis as A
+from .notebook_utils import DEFAULT_RENDERER, setup_plotly
 from .routing.trace import RoutingTrace
 
 __all__ = [
@@ -110,7 +111,7 @@ def _rgba(color: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
-def _text_color(background: str) -> str:
+def text_color(background: str) -> str:
     """Black or white, whichever reads better on ``background`` (WCAG relative luminance)."""
     def lin(c):
         c /= 255
@@ -176,7 +177,6 @@ def setup_notebook(renderer: str | None = None, template: bool = True) -> str:
     ``"png"`` with kaleido installed). ``template=False`` keeps plotly's default template.
     The environment variable ``PLOTLY_RENDERER`` also overrides the choice, as in plotly.
     """
-    from .notebook_utils import DEFAULT_RENDERER, setup_plotly
 
     if renderer is None:
         renderer = os.environ.get("PLOTLY_RENDERER") or ("colab" if _in_colab() else DEFAULT_RENDERER)
@@ -342,7 +342,7 @@ def token_figure(trace: RoutingTrace, doc: int = 0, layers: Sequence[int] | int 
             customdata=np.concatenate(cols, axis=1), hovertemplate=tmpl + "<extra></extra>",
             marker=dict(color=colors, line=dict(color="white", width=1)),
             textposition="inside", insidetextanchor="middle", textangle=0, constraintext="none",
-            textfont=dict(family=_MONO, size=12, color=[_text_color(c) for c in colors]),
+            textfont=dict(family=_MONO, size=12, color=[text_color(c) for c in colors]),
             visible=li == 0, showlegend=False, name=f"layer {layer}", cliponaxis=False))
     used = sorted(set(trace.expert_ids[[trace.layer_index(l) for l in layers]][:, idx, 0].ravel().tolist()))
     for e in range(trace.n_experts):  # legend: one entry per expert

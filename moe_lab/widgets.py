@@ -34,9 +34,11 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from . import analysis as A
 from . import viz
 from .routing.interventions import AblateExpert, ForceExpert, SteerExperts, SwapExpert, intervene
 from .routing.trace import RoutingTrace
+from .routing.tracing import trace_routing
 
 __all__ = ["RoutingExplorer", "InterventionEffect", "INTERVENTION_KINDS", "explore", "intervention_effect",
            "widget_frontend"]
@@ -168,7 +170,6 @@ def _intervention(kind: str, layer: int, expert: int, replacement: int | None = 
 
 
 def _trace_ids(model, ids: list[int], tokenizer=None, domain: str = "") -> RoutingTrace:
-    from .routing.tracing import trace_routing
 
     return trace_routing(model, [ids], tokenizer=tokenizer, keep_logits=True, progress=False,
                          domain=domain or None)
@@ -233,7 +234,7 @@ def _table_html(df, n_experts: int, max_rows: int = 300) -> str:
             style = "padding:1px 6px;"
             if col.startswith("expert"):
                 bg = viz.expert_color(int(v))
-                style += f"background:{bg};color:{viz._text_color(bg)};text-align:center;"
+                style += f"background:{bg};color:{viz.text_color(bg)};text-align:center;"
                 text = str(int(v))
             elif isinstance(v, float):
                 text = f"{v:.2f}"
@@ -408,7 +409,6 @@ class RoutingExplorer:
         shown layer, and the router entropy (nats)."""
         import pandas as pd
 
-        from . import analysis as A
 
         row = self.trace.layer_index(self.layer)
         ids, w = self.trace.expert_ids[row], self.trace.weights

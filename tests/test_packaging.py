@@ -73,3 +73,72 @@ def test_language_templates_ship_as_package_data():
     for path in templates:
         rel = path.relative_to(ROOT / "moe_lab" / "corpus")
         assert any(rel.match(g) for g in globs), f"{rel} is not package data ({globs})"
+
+
+# ---- the package's shape (issue 11: imports go one way, at the top of files)
+
+def _package_imports():
+    """{module: [(imported moe_lab module, inside a function?)]} for every module of moe_lab."""
+    import ast
+    root = Path(__file__).resolve().parent.parent / "moe_lab"
+    mods = {}
+    for p in root.rglob("*.py"):
+        parts = p.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        mods[name] = p
+    out = {}
+    for name, p in mods.items():
+        tree, found = ast.parse(p.read_text()), []
+        funcs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        inner = {id(m) for f in funcs for m in ast.walk(f) if isinstance(m, (ast.Import, ast.ImportFrom))}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = name.split(".") if p.name == "__init__.py" else name.split(".")[:-1]
+                base = base[: len(base) - node.level + 1]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+                targets = [prefix] + [f"{prefix}.{a.name}" for a in node.names]
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                targets = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            else:
+                continue
+            for t in targets:
+                if t in mods and t != name:
+                    found.append((t, id(node) in inner))
+        out[name] = found
+    return out, mods
+
+
+def test_no_import_cycles_in_the_package():
+    imports, mods = _package_imports()
+    graph = {m: {t for t, _ in deps if not mods[t].name == "__init__.py"} for m, deps in imports.items()}
+    state, stack, cycles = {}, [], []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for t in sorted(graph[m]):
+            if state.get(t) == "open":
+                cycles.append(stack[stack.index(t):] + [t])
+            elif t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_package_imports_sit_at_the_top_of_files():
+    imports, _ = _package_imports()
+    inside = sorted(f"{m} imports {t}" for m, deps in imports.items() for t, fn in deps if fn)
+    assert not inside, f"imports of moe_lab modules inside functions: {inside}"
+
+
+def test_hooks_and_the_bridge_are_leaves():
+    imports, _ = _package_imports()
+    assert not [t for t, _ in imports["moe_lab.hooks"]], "hooks.py must import nothing from moe_lab"
+    assert not [t for t, _ in imports["moe_lab.generation"]], "generation.py must import nothing from moe_lab"
+    bridge = {t for t, _ in imports["moe_lab.routing.bridge"]}
+    assert not bridge & {"moe_lab.routing.interventions", "moe_lab.routing.tracing"}, bridge

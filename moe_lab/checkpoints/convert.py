@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..model import ModelArgs
+from ..model import Mixtral, ModelArgs
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,7 +170,6 @@ def to_hf_model(model, dtype=None):
 
 def from_hf_model(hf_model):
     """A moe_lab ``Mixtral`` with the weights of a transformers ``MixtralForCausalLM``."""
-    from ..model import Mixtral
 
     cfg = hf_model.config.to_dict()
     args = args_from_hf_config(cfg)

@@ -62,13 +62,13 @@ class MissingFileError(CheckpointError, FileNotFoundError):
 
 def fmt_keys(keys: Iterable[str], limit: int = 12) -> str:
     """``['a', 'b', ...]`` capped at ``limit`` names, with a count of the rest."""
-    keys = sorted(keys, key=_natural_key)
+    keys = sorted(keys, key=natural_key)
     shown = ", ".join(repr(k) for k in keys[:limit])
     more = f", ... ({len(keys) - limit} more; {len(keys)} in all)" if len(keys) > limit else ""
     return f"[{shown}{more}]"
 
 
-def _natural_key(s: str):
+def natural_key(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
@@ -322,7 +322,7 @@ class TensorStore:
                 else:
                     self._where[k] = f
         if dups:
-            detail = "; ".join(f"{k!r} in {', '.join(v)}" for k, v in sorted(dups.items(), key=lambda kv: _natural_key(kv[0]))[:12])
+            detail = "; ".join(f"{k!r} in {', '.join(v)}" for k, v in sorted(dups.items(), key=lambda kv: natural_key(kv[0]))[:12])
             raise CheckpointError(f"duplicated keys in the checkpoint files under {files[0].path.parent}: "
                                   f"{len(dups)} key(s) appear in more than one file: {detail}")
         if expected is not None:  # the index's weight_map: key -> file name
@@ -330,12 +330,12 @@ class TensorStore:
             if wrong:
                 detail = "; ".join(
                     f"{k!r}: index says {fn}, " + (f"found in {self._where[k].path.name}" if k in self._where else "not in any shard")
-                    for k, fn in sorted(wrong.items(), key=lambda kv: _natural_key(kv[0]))[:12])
+                    for k, fn in sorted(wrong.items(), key=lambda kv: natural_key(kv[0]))[:12])
                 raise CheckpointError(f"{index_file} does not match the shard files: {len(wrong)} key(s): {detail}")
             extra = set(self._where) - set(expected)
             if extra:
                 raise CheckpointError(f"shard files hold keys that {index_file} does not list (unexpected keys): "
-                                      + "; ".join(f"{k!r} in {self._where[k].path.name}" for k in sorted(extra, key=_natural_key)[:12]))
+                                      + "; ".join(f"{k!r} in {self._where[k].path.name}" for k in sorted(extra, key=natural_key)[:12]))
 
     def keys(self) -> list[str]:
         return list(self._where)

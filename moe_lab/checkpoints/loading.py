@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .files import (
     SAFETENSORS_SUFFIXES,
-    _natural_key,
+    natural_key,
     TORCH_SUFFIXES,
     CheckpointError,
     MissingFileError,
@@ -637,7 +637,7 @@ class CheckpointInfo:
 def describe_checkpoint(path, *, args: ModelArgs | None = None, layout: str | None = None) -> CheckpointInfo:
     """Validate a checkpoint and list its layout and tensors without reading any weights."""
     with CheckpointReader(path, args=args, layout=layout) as r:
-        tensors = sorted((r.store.info(k) for k in r.store.keys()), key=lambda t: _natural_key(t.key))
+        tensors = sorted((r.store.info(k) for k in r.store.keys()), key=lambda t: natural_key(t.key))
         return CheckpointInfo(path=Path(path), kind=r.kind, style=r.style, config_file=r.config_file,
                               index_file=r.index_file, args=r.args,
                               files=[(p.name, p.stat().st_size) for p in r.files], tensors=tensors)

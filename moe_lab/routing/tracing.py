@@ -32,6 +32,10 @@ from torch import Tensor
 
 from ..generation import generate_stream, left_pad
 from ..hooks import StopForward
+from ..version import __version__
+from . import bridge
+from .bridge import input_device, is_hf_model
+from .interventions import active_interventions, layer_ids, unwrap
 from .trace import RoutingTrace
 
 
@@ -150,7 +154,6 @@ class RoutingRecorder:
     numbers (``model.layer_ids`` for a partly loaded model)."""
 
     def __init__(self, model, layers=None, keep_logits: bool = False):
-        from .interventions import layer_ids, unwrap
 
         self.model, _ = unwrap(model)
         ids = layer_ids(self.model)
@@ -220,7 +223,6 @@ def _batch_arrays(records: dict[int, list], layers: list[int], n_rows: int, keep
 
 class _MoeLabEngine:
     def __init__(self, model, layers, keep_logits):
-        from .interventions import unwrap
 
         self.model, self.call = unwrap(model)  # a StreamingMixtral is called, its .model hooked
         self.streaming = self.call is not self.model
@@ -263,7 +265,6 @@ class _MoeLabEngine:
 
 class _HFEngine:
     def __init__(self, model, layers, keep_logits):
-        from . import bridge
 
         self.bridge, self.model = bridge, model
         self.recorder = bridge.RouterRecorder(model, layers, keep_logits)
@@ -291,7 +292,6 @@ class _HFEngine:
 
 
 def _engine(model, layers, keep_logits):
-    from .bridge import is_hf_model
 
     if is_hf_model(model):
         return _HFEngine(model, layers, keep_logits)
@@ -301,8 +301,6 @@ def _engine(model, layers, keep_logits):
 
 
 def _meta(engine, keep_logits: bool, extra: dict | None = None) -> dict:
-    from .. import __version__
-    from .interventions import active_interventions
 
     meta = engine.meta()
     meta.update({"moe_lab_version": __version__, "torch_version": torch.__version__,
@@ -438,7 +436,6 @@ def trace_generation(model, prompt, max_new_tokens: int = 32, *, tokenizer=None,
     lists or a [B, T] tensor. On a transformers model, generation uses ``hf_model.generate``
     and the trace comes from one forward over the final sequences.
     """
-    from .bridge import is_hf_model
 
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -523,8 +520,6 @@ def _trace_from_rows(out, keep, ids, ws, lg, engine, keep_logits, tokenizer, dom
 
 def _hf_trace_generation(model, docs, max_new_tokens, *, tokenizer, keep_logits, layers, domain, temperature,
                          top_k, top_p, seed, eos_id, pad_id):
-    from .bridge import input_device
-    from ..generation import left_pad
 
     device = input_device(model)
     tokens, mask = left_pad(docs, pad_id, device)
