@@ -242,3 +242,103 @@ def test_no_reuse_without_the_use_count(tmp_path, monkeypatch):
     first = weakref.ref(sm.buffer)
     sm(tokens)
     assert first() is None  # replaced, not reused
+
+
+# ---- zero-copy: weights used as views of the memory-mapped file
+
+
+@pytest.mark.parametrize("layout", ["hf", "mistral", "release"])
+@pytest.mark.parametrize("dtype,ask", [(torch.float32, None), (torch.bfloat16, None),
+                                       (torch.float32, torch.bfloat16)], ids=["fp32", "bf16", "fp32-as-bf16"])
+def test_zero_copy_gives_the_same_logits(layout, dtype, ask, tmp_path):
+    args = TINY_CONFIGS[2]
+    m = make_model(args, seed=11).to(dtype)
+    if layout == "release":
+        path = release_layout(m, tmp_path / "c")
+    else:
+        path = save_model(m, tmp_path / "c", layout=layout)
+    tokens, mask = left_padded(args)
+    with torch.no_grad():
+        ref = m.to(ask or dtype)(tokens, attention_mask=mask)
+    zc, copy = StreamingMixtral(path, dtype=ask), StreamingMixtral(path, dtype=ask, zero_copy=False)
+    sd, views = zc.reader.read_layer_views(0, 0, ask)
+    if ask is not None and ask != dtype:  # a cast: everything is copied
+        assert views == []
+    else:
+        assert any(".moe.experts.0.w1." in k for k in views) and any(".moe.gate." in k for k in views)
+        assert (layout == "hf") == ("blocks.0.attn.wq.weight" not in views)  # HF q rows are permuted: a copy
+    out = zc(tokens, attention_mask=mask)
+    assert torch.equal(out, copy(tokens, attention_mask=mask))
+    assert torch.equal(out, ref)
+    assert torch.equal(zc(tokens, attention_mask=mask), ref)  # again, after the pages were released
+    assert zc.loaded_blocks() == []
+
+
+def test_zero_copy_weights_are_the_mapped_file_and_freed_after_each_layer(tmp_path, monkeypatch):
+    m, path, tokens = _three_layer_checkpoint(tmp_path)
+    released = []
+    monkeypatch.setattr(streaming, "release_pages", lambda t, touching=False: released.append((t.data_ptr(), touching)))
+    sm = StreamingMixtral(path)
+    x, ctx = sm.prepare(tokens)
+    seen = []
+    with torch.no_grad():
+        for i, block in sm.iter_layers():
+            w1 = block.moe.experts[0].w1.weight
+            mapped = sm.reader.store.get(f"model.layers.{i}.block_sparse_moe.experts.0.w1.weight")
+            assert w1.data_ptr() == mapped.data_ptr()  # no copy: the parameter is the file's bytes
+            assert w1.untyped_storage().data_ptr() != sm.buffer.data_ptr()  # not in the copy buffer
+            assert block.attn.wq.weight.untyped_storage().data_ptr() == sm.buffer.data_ptr()  # q: copied
+            assert sm.loaded_blocks() == [i]
+            assert not any(p == w1.data_ptr() for p, _ in released)  # not released while in use
+            seen.append(w1.data_ptr())
+            x, _ = block(x, ctx)
+            del w1, mapped
+        assert torch.equal(sm.finish(x), m(tokens))
+    assert sm.loaded_blocks() == []
+    assert all((p, True) in released for p in seen)  # each layer's mapped pages dropped when it was freed
+
+
+def test_an_in_place_edit_never_reaches_the_file(tmp_path):
+    m, path, tokens = _three_layer_checkpoint(tmp_path)
+    files = sorted(path.glob("*.safetensors"))
+    before = [f.read_bytes() for f in files]
+    with torch.no_grad():
+        ref = m(tokens)
+    sm = StreamingMixtral(path)
+
+    def edit(block, inputs):
+        assert block.moe.gate.weight.data_ptr() == sm.reader.store.get(
+            "model.layers.1.block_sparse_moe.gate.weight").data_ptr()  # a zero-copy view
+        block.moe.gate.weight.add_(1.0)
+        block.moe.experts[0].w2.weight.mul_(-3.0)
+
+    h = sm.model.blocks[1].register_forward_pre_hook(edit)
+    edited = sm(tokens)
+    h.remove()
+    assert not torch.equal(edited, ref)  # the edit did act on this forward
+    with torch.no_grad():  # as it would on the in-memory model
+        m.blocks[1].moe.gate.weight.add_(1.0)
+        m.blocks[1].moe.experts[0].w2.weight.mul_(-3.0)
+        assert torch.equal(edited, m(tokens))
+    assert [f.read_bytes() for f in files] == before  # the file on disk is untouched
+    assert torch.equal(sm(tokens), ref)  # and the edit was undone when the block was freed
+    assert torch.equal(StreamingMixtral(path)(tokens), ref)  # a fresh reader sees the file as it was
+
+
+def test_saved_files_are_aligned_for_zero_copy(tmp_path):
+    from safetensors import safe_open
+
+    from moe_lab.checkpoints.files import ALIGN, save_aligned_safetensors
+
+    ts = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(4).to(torch.bfloat16),
+          "empty": torch.zeros(0)}
+    save_aligned_safetensors(ts, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    raw = (tmp_path / "x.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert (8 + n) % ALIGN == 0  # the data section starts on a 64-byte boundary
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert sorted(f.keys()) == sorted(ts)
+        for k, v in ts.items():
+            assert torch.equal(f.get_tensor(k), v) and f.get_tensor(k).dtype == v.dtype
+        assert f.get_tensor("a").data_ptr() % ALIGN == 0
