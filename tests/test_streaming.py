@@ -193,38 +193,52 @@ def test_layer_buffer_is_reused_when_nothing_holds_it(tmp_path):
     assert torch.equal(StreamingMixtral(path, reuse_buffer=False)(tokens), ref)
 
 
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["zero-copy", "copies"])
 @pytest.mark.parametrize("how", ["callback", "hook", "view"])
-def test_a_held_weight_is_never_overwritten(how, tmp_path):
+def test_a_held_weight_is_never_overwritten(how, zero_copy, tmp_path):
     m, path, tokens = _three_layer_checkpoint(tmp_path)
     with torch.no_grad():
         ref = m(tokens)
-    sm = StreamingMixtral(path)
+    sm = StreamingMixtral(path, zero_copy=zero_copy)
+    # the weight held: one in the reused buffer (with zero-copy, wq: its rows are permuted, so copied)
+    linear = (lambda b: b.attn.wq) if zero_copy else (lambda b: b.moe.gate)
     held, ptrs = {}, []
     sm.model.blocks[1].register_forward_pre_hook(lambda b, i: ptrs.append(b.attn.wq.weight.data_ptr()))
     sm.model.blocks[0].register_forward_pre_hook(lambda b, i: ptrs.append(b.attn.wq.weight.data_ptr()))
     if how == "callback":  # a layer_callback that stores a weight of layer 0
-        cb = lambda i, block, h, r: held.setdefault("w", block.moe.gate.weight) if i == 0 else None
+        cb = lambda i, block, h, r: held.setdefault("w", linear(block).weight) if i == 0 else None
         logits = sm(tokens, layer_callback=cb)
-    elif how == "hook":  # a user's hook that keeps the gate's weight (the Parameter itself)
+    elif how == "hook":  # a user's hook that keeps the weight (the Parameter itself)
         def keep(mod, inputs, output):
             held["w"] = mod.weight
 
-        sm.model.blocks[0].moe.gate.register_forward_hook(keep)
+        linear(sm.model.blocks[0]).register_forward_hook(keep)
         logits = sm(tokens)
     else:  # a view into layer 0's memory (not the Parameter itself), taken in a manual loop
         x, ctx = sm.prepare(tokens)
         with torch.no_grad():
             for i, block in sm.iter_layers():
                 if i == 0:
-                    held["w"] = block.moe.gate.weight[1:]
+                    held["w"] = linear(block).weight[1:]
                 x, _ = block(x, ctx)
         logits = sm.finish(x)
     assert torch.equal(logits, ref)
-    want = m.blocks[0].moe.gate.weight
+    want = linear(m.blocks[0]).weight
     w = held["w"]
     assert torch.equal(w, want[1:] if how == "view" else want)  # still layer 0's values
-    assert not torch.equal(want, m.blocks[1].moe.gate.weight)  # (so overwriting would have shown)
+    assert not torch.equal(want, linear(m.blocks[1]).weight)  # (so overwriting would have shown)
     assert len(ptrs) == 2 and ptrs[0] != ptrs[1]  # layer 1 went to a fresh buffer
+
+
+def test_a_held_zero_copy_weight_stays_correct(tmp_path):
+    """A zero-copy weight kept after its block is freed is read again from the file."""
+    m, path, tokens = _three_layer_checkpoint(tmp_path)
+    sm = StreamingMixtral(path)
+    held = {}
+    sm(tokens, layer_callback=lambda i, block, h, r: held.setdefault(i, block.moe.experts[2].w2.weight))
+    sm(tokens)  # every layer loaded and freed again (their pages dropped)
+    for i in range(3):
+        assert torch.equal(held[i], m.blocks[i].moe.experts[2].w2.weight)
 
 
 def test_no_reuse_without_the_use_count(tmp_path, monkeypatch):
