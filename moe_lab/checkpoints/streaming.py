@@ -36,6 +36,7 @@ for every new token.
 API::
 
     sm = StreamingMixtral(path, dtype=torch.bfloat16)     # layers=, device=, args=, layout= as load_model
+                                                         # zero_copy=False: copy every weight
     logits = sm(tokens, attention_mask=mask)             # [B, T] -> [B, T, V], same numbers as load_model's
 
     # 1. hooks: ``sm.model`` is a real moe_lab.model.Mixtral whose weights live on the meta
@@ -186,8 +187,9 @@ class StreamingMixtral:
 
     @property
     def buffer(self) -> torch.UntypedStorage | None:
-        """The storage the last loaded layer was read into, reused for the next (None before the
-        first layer, after ``release_buffer()``, or with ``reuse_buffer=False``)."""
+        """The storage the last loaded layer's copied tensors went into, reused for the next (None
+        before the first layer, after ``release_buffer()``, with ``reuse_buffer=False``, or when
+        zero-copy left nothing to copy, as in an aligned mistral-layout checkpoint)."""
         return self._buffer
 
     def release_buffer(self) -> None:
