@@ -356,3 +356,24 @@ def test_saved_files_are_aligned_for_zero_copy(tmp_path):
         for k, v in ts.items():
             assert torch.equal(f.get_tensor(k), v) and f.get_tensor(k).dtype == v.dtype
         assert f.get_tensor("a").data_ptr() % ALIGN == 0
+
+
+def test_pt_files_are_mapped_privately_even_if_the_default_is_shared(tmp_path):
+    import mmap
+
+    m = make_model(TINY_CONFIGS[3], seed=3)
+    path = release_layout(m, tmp_path / "c")
+    files = sorted(path.glob("*.pt"))
+    before = [f.read_bytes() for f in files]
+    tokens = random_tokens(m.args, 2, 9)
+    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+        sm = StreamingMixtral(path)
+    def edit(block, inputs):
+        assert block.moe.gate.weight.data_ptr() % 64 == 0 and "blocks.0.moe.gate.weight" in views  # zero-copy
+        block.moe.gate.weight.add_(1.0)
+
+    views = sm.reader.read_layer_views(0, 0)[1]
+    sm.model.blocks[0].register_forward_pre_hook(edit)
+    with torch.no_grad():
+        sm(tokens)
+    assert [f.read_bytes() for f in files] == before

@@ -241,6 +241,17 @@ class SafetensorsFile:
                 pass
 
 
+@contextmanager
+def _private_maps():
+    """``torch.load(mmap=True)`` maps privately (``MAP_PRIVATE``) inside this block."""
+    set_opts = getattr(torch.serialization, "set_default_mmap_options", None)
+    if set_opts is None or not hasattr(mmap, "MAP_PRIVATE"):  # old torch (always private) or Windows
+        yield
+        return
+    with set_opts(mmap.MAP_PRIVATE):
+        yield
+
+
 class TorchFile:
     """A ``torch.save`` file (``.pt``, ``.pth``, ``.bin``), loaded with ``weights_only=True`` and,
     for zip-format files, ``mmap=True`` (tensors are views of the mapped file)."""
@@ -251,7 +262,10 @@ class TorchFile:
             raise MissingFileError(f"checkpoint file {self.path} does not exist")
         self.mapped = True
         try:
-            sd = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
+            # private (copy-on-write) maps whatever the process default: writing into a tensor
+            # (a zero-copy streamed weight edited in place) must never reach the file
+            with _private_maps():
+                sd = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
         except pickle.UnpicklingError as e:
             raise CheckpointError(
                 f"refusing to load {self.path}: its pickle holds objects other than tensors (possibly code). "
