@@ -169,14 +169,16 @@ def measure(mode: str, path: Path, *extra: str) -> dict:
 
 def write_mixtral_shaped(path: Path, n_layers: int) -> tuple[Path, list[Path], object]:
     """Random bf16 checkpoint with Mixtral 8x7B's shapes and ``n_layers`` layers, HF sharded
-    layout (one ``model-*.safetensors`` per layer, the globals in the last), written one tensor
+    layout (one ``model-*.safetensors`` per layer, the globals in the last; 64-byte aligned like
+    ``save_model``'s files, so the streaming forward can use the mapped weights without copying
+    them: zero-copy, see ``moe_lab.checkpoints.streaming``), written one tensor
     at a time so that writing it needs ~one expert of memory, not the model."""
     import torch
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from moe_lab import ModelArgs
     from moe_lab.checkpoints.convert import hf_config_dict
+    from moe_lab.checkpoints.files import save_aligned_safetensors
 
     args = ModelArgs.from_name("mixtral-8x7b", n_layers=n_layers)
     D, I, E, hd = args.dim, args.hidden_dim, args.n_experts, args.head_dim
@@ -201,7 +203,7 @@ def write_mixtral_shaped(path: Path, n_layers: int) -> tuple[Path, list[Path], o
             shapes = {"model.embed_tokens.weight": (args.vocab_size, D), "model.norm.weight": (D,),
                       "lm_head.weight": (args.vocab_size, D)}
         tensors = {k: (torch.ones(s, dtype=torch.bfloat16) if k.endswith("norm.weight") else rand(*s)) for k, s in shapes.items()}
-        save_file(tensors, str(path / name), metadata={"format": "pt"})
+        save_aligned_safetensors(tensors, path / name, metadata={"format": "pt"})  # as save_model writes
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update({k: name for k in tensors})
         files.append(path / name)

@@ -349,9 +349,9 @@ def test_parse_size():
 
 
 def test_save_is_atomic(model, tmp_path, monkeypatch):
-    import safetensors.torch as st
+    from moe_lab.checkpoints import files as st  # its writer of one .safetensors file
 
-    real, calls = st.save_file, []
+    real, calls = st.save_aligned_safetensors, []
 
     def failing(tensors, filename, metadata=None):
         calls.append(filename)
@@ -360,22 +360,22 @@ def test_save_is_atomic(model, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(st, "save_file", failing)
+    monkeypatch.setattr(st, "save_aligned_safetensors", failing)
     target = tmp_path / "ckpt"
     with pytest.raises(OSError, match="No space"):
         save_model(model, target, max_shard_size="60KB")
     assert not target.exists()
     assert os.listdir(tmp_path) == []  # no temp directory left behind
     # an existing checkpoint survives a failed overwrite untouched
-    monkeypatch.setattr(st, "save_file", real)
+    monkeypatch.setattr(st, "save_aligned_safetensors", real)
     save_model(model, target, layout="mistral")
     before = sorted(os.listdir(target))
     calls.clear()
-    monkeypatch.setattr(st, "save_file", failing)
+    monkeypatch.setattr(st, "save_aligned_safetensors", failing)
     with pytest.raises(OSError):
         save_model(model, target, max_shard_size="60KB")
     assert sorted(os.listdir(target)) == before and sorted(os.listdir(tmp_path)) == ["ckpt"]
-    monkeypatch.setattr(st, "save_file", real)
+    monkeypatch.setattr(st, "save_aligned_safetensors", real)
     load_model(target)  # still valid
     # a successful save replaces it (hf files now, no leftover mistral files)
     save_model(model, target)

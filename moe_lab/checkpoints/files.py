@@ -47,6 +47,8 @@ __all__ = [
     "parse_size",
     "plan_shards",
     "write_safetensors",
+    "save_aligned_safetensors",
+    "ALIGN",
     "atomic_directory",
     "fmt_keys",
 ]
@@ -96,18 +98,24 @@ def _span(t: Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + extent * t.element_size()
 
 
-def release_pages(t: Tensor) -> None:
-    """Drop the whole pages under a *file-backed, memory-mapped* tensor from the resident set.
+def release_pages(t: Tensor, touching: bool = False) -> None:
+    """Drop the pages under a *file-backed, memory-mapped* tensor from the resident set.
 
     Only ever called on views of files this module mapped itself (never on ordinary memory,
-    where MADV_DONTNEED would zero the data). Pages are refetched from the file if touched
-    again, so this is always safe for read-only mapped data. No-op off Linux.
+    where MADV_DONTNEED would zero the data). By default only the pages wholly inside the
+    tensor; ``touching=True`` also drops the pages it shares with its neighbours in the file.
+    Pages are refetched from the file if touched again, so this is always safe for data that
+    was only read. The mappings are private (copy-on-write), so anything *written* into them
+    was never in the file: dropping those pages undoes the writes (which is what a streamed
+    layer wants when it is freed). No-op off Linux.
     """
     if _madvise is None or t.device.type != "cpu":
         return
     a, b = _span(t)
-    start = -(-a // _PAGE) * _PAGE  # round inward: only pages wholly inside the tensor
-    end = b // _PAGE * _PAGE
+    if touching:  # round outward: every page the tensor touches
+        start, end = a // _PAGE * _PAGE, -(-b // _PAGE) * _PAGE
+    else:  # round inward: only pages wholly inside the tensor
+        start, end = -(-a // _PAGE) * _PAGE, b // _PAGE * _PAGE
     if end > start:
         _madvise(start, end - start, _MADV_DONTNEED)
 
@@ -233,6 +241,17 @@ class SafetensorsFile:
                 pass
 
 
+@contextmanager
+def _private_maps():
+    """``torch.load(mmap=True)`` maps privately (``MAP_PRIVATE``) inside this block."""
+    set_opts = getattr(torch.serialization, "set_default_mmap_options", None)
+    if set_opts is None or not hasattr(mmap, "MAP_PRIVATE"):  # old torch (always private) or Windows
+        yield
+        return
+    with set_opts(mmap.MAP_PRIVATE):
+        yield
+
+
 class TorchFile:
     """A ``torch.save`` file (``.pt``, ``.pth``, ``.bin``), loaded with ``weights_only=True`` and,
     for zip-format files, ``mmap=True`` (tensors are views of the mapped file)."""
@@ -243,7 +262,10 @@ class TorchFile:
             raise MissingFileError(f"checkpoint file {self.path} does not exist")
         self.mapped = True
         try:
-            sd = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
+            # private (copy-on-write) maps whatever the process default: writing into a tensor
+            # (a zero-copy streamed weight edited in place) must never reach the file
+            with _private_maps():
+                sd = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
         except pickle.UnpicklingError as e:
             raise CheckpointError(
                 f"refusing to load {self.path}: its pickle holds objects other than tensors (possibly code). "
@@ -429,12 +451,45 @@ def _own_storage(t: Tensor) -> Tensor:
     return t
 
 
+ALIGN = 64  # bytes: torch's CPU allocator aligns to 64; so do the tensors of the files we write
+
+
+def save_aligned_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike,
+                             metadata: dict[str, str] | None = None) -> None:
+    """Write a ``.safetensors`` file whose tensor data starts on a 64-byte boundary.
+
+    Same format as ``safetensors.torch.save_file`` (8-byte header length, JSON header, the
+    tensors back to back), but the header is padded with spaces (the format allows it) so
+    that the data section, and every tensor whose predecessors' sizes are multiples of 64
+    bytes (all of Mixtral's), is 64-byte aligned in the file and so in its memory map. A
+    streamed forward can then use those mapped tensors as they are (zero-copy) with the
+    alignment a copy would have, hence bit for bit the same matmuls. One tensor in memory
+    at a time; ``tensors`` in their order.
+    """
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for k, t in tensors.items():
+        if t.dtype not in _ST_NAMES:
+            raise CheckpointError(f"cannot save tensor {k!r}: dtype {t.dtype} has no safetensors name")
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for t in tensors.values():
+            t = _own_storage(t)
+            if t.numel():
+                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+
+
 def write_safetensors(tensors: dict[str, Tensor], directory: Path, stem: str, max_shard_size=None,
                       metadata: dict[str, str] | None = None, index_name: str | None = None) -> list[str]:
     """Write ``tensors`` as ``{stem}.safetensors`` or as shards ``{stem}-0000i-of-0000n.safetensors``
     plus ``{index_name or stem + '.safetensors.index.json'}``. Returns the file names written."""
-    from safetensors.torch import save_file
-
     max_bytes = parse_size(max_shard_size)
     sizes = [(k, t.numel() * t.element_size()) for k, t in tensors.items()]
     shards = plan_shards(sizes, max_bytes)
@@ -445,7 +500,7 @@ def write_safetensors(tensors: dict[str, Tensor], directory: Path, stem: str, ma
         names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, keys in zip(names, shards):
-        save_file({k: _own_storage(tensors[k]) for k in keys}, str(directory / name), metadata=metadata)
+        save_aligned_safetensors({k: tensors[k] for k in keys}, directory / name, metadata=metadata)
         written.append(name)
         weight_map.update({k: name for k in keys})
     if len(shards) > 1:

@@ -43,6 +43,7 @@ from .files import (
     SAFETENSORS_SUFFIXES,
     natural_key,
     TORCH_SUFFIXES,
+    ALIGN,
     CheckpointError,
     MissingFileError,
     TensorInfo,
@@ -302,6 +303,17 @@ def _allocate(wanted: dict[str, Tensor], dtype, device, one_buffer: bool,
     return out
 
 
+def _is_pure_view(v: Tensor, mapped: set[int], dtype, device: torch.device) -> bool:
+    """Can ``v`` be used as a parameter as it is: a contiguous, 64-byte aligned view of a mapped
+    file, of the dtype asked for, on the CPU (see ``CheckpointReader.read_layer_views``)?
+
+    The alignment matters: CPU matmul kernels (fp32 matrix-vector products in particular) may
+    sum in another order when the weight's address is not aligned, so an unaligned view could
+    change the logits in the last bit; a copy is always 64-byte aligned."""
+    return (device.type == "cpu" and v.device.type == "cpu" and (dtype is None or v.dtype == dtype)
+            and v.is_contiguous() and v.data_ptr() % ALIGN == 0 and v.untyped_storage().data_ptr() in mapped)
+
+
 _EMBED = {"hf": "model.embed_tokens.weight", "hf-fused": "model.embed_tokens.weight"}
 _GATE0 = {"hf": "model.layers.0.block_sparse_moe.gate.weight", "hf-fused": "model.layers.0.mlp.gate.weight",
           "mistral": "layers.0.feed_forward.gate.weight", "mistral-stacked": "layers.0.block_sparse_moe.gate.weight",
@@ -454,7 +466,8 @@ class CheckpointReader:
         return ids
 
     def _read(self, src_layer: int | None, dst_layer: int, dtype, device, one_buffer: bool = False,
-              into: torch.UntypedStorage | None = None) -> dict[str, Tensor]:
+              into: torch.UntypedStorage | None = None, zero_copy: bool = False) -> tuple[dict[str, Tensor], list[str]]:
+        """Read the globals (``src_layer=None``) or one layer: ``(tensors, keys of mapped views)``."""
         style, store = self.style, self.store
         raw = {k: store.get(k) for k in store.keys() if layer_of(k, style) is None and not IGNORED_KEY.search(k)}
         layer_raw = {}
@@ -470,22 +483,25 @@ class CheckpointReader:
             sources = layer_raw
         mapped = {v.untyped_storage().data_ptr() for k, v in sources.items()
                   if store.mapped(k if src_layer is None else rename_layer(k, style, 0, src_layer))}
-        out = {}
-        dests = _allocate(wanted, dtype, device, one_buffer, into)
-        for k, v in wanted.items():
-            dest = dests[k]
+        device = torch.device(device)
+        views = [k for k, v in wanted.items() if zero_copy and _is_pure_view(v, mapped, dtype, device)]
+        kept = {wanted[k].untyped_storage().data_ptr() for k in views}  # mapped memory now in use
+        out = {k: wanted[k] for k in views}
+        dests = _allocate({k: v for k, v in wanted.items() if k not in out}, dtype, device, one_buffer, into)
+        for k, dest in dests.items():
+            v = wanted[k]
             dest.copy_(v)
             out[k] = dest
-            if v.untyped_storage().data_ptr() in mapped:  # a view of a mapped file: drop its pages now
+            if v.untyped_storage().data_ptr() in mapped - kept:  # a view of a mapped file: drop its pages now
                 release_pages(v)
         for k, v in sources.items():  # e.g. q/k, read through a permuting copy
-            if v.untyped_storage().data_ptr() in mapped:
+            if v.untyped_storage().data_ptr() in mapped - kept:
                 release_pages(v)
-        return out
+        return {k: out[k] for k in wanted}, views
 
     def read_globals(self, dtype=None, device="cpu") -> dict[str, Tensor]:
         """``tok_embeddings.weight``, ``norm.weight``, ``output.weight`` (moe_lab names)."""
-        return self._read(None, 0, as_dtype(dtype), device)
+        return self._read(None, 0, as_dtype(dtype), device)[0]
 
     def read_layer(self, layer: int, as_index: int | None = None, dtype=None, device="cpu", *,
                    one_buffer: bool = False, into: torch.UntypedStorage | None = None) -> dict[str, Tensor]:
@@ -501,9 +517,35 @@ class CheckpointReader:
         pages already touched is ~5x faster than into fresh ones, which the OS maps and zeroes
         page by page on first write.
         """
+        return self.read_layer_views(layer, as_index, dtype, device, one_buffer=one_buffer, into=into,
+                                     zero_copy=False)[0]
+
+    def read_layer_views(self, layer: int, as_index: int | None = None, dtype=None, device="cpu", *,
+                         one_buffer: bool = False, into: torch.UntypedStorage | None = None,
+                         zero_copy: bool = True) -> tuple[dict[str, Tensor], list[str]]:
+        """``read_layer``, except that tensors needing no conversion are not copied (``zero_copy``).
+
+        A tensor is used *as it is in the memory-mapped file* (no copy, nothing read until
+        touched) when it is a pure view: the file is memory-mapped, its dtype is the one asked
+        for, the layout conversion is a rename or a contiguous slice (HF experts w1/w2/w3,
+        wv/wo, the router, the norms; mistral layouts: everything), its data is 64-byte aligned
+        in the file (as in files written by :func:`moe_lab.save_model`; a safetensors file
+        written elsewhere is aligned only if its header length happens to make it so), and
+        ``device`` is the CPU.
+        Everything else (the q/k RoPE row permutation of HF layouts, dtype casts, another
+        device) is copied as in ``read_layer``. Returns ``(tensors, keys that are views of the
+        mapped file)``.
+
+        The mappings are private (copy-on-write: ``MAP_PRIVATE``), so writing into such a view
+        never reaches the file; the written pages become private to this process until
+        :func:`moe_lab.checkpoints.files.release_pages` (``touching=True``) drops them, which
+        also undoes the writes. The caller frees those pages when it is done with the layer
+        (:class:`moe_lab.checkpoints.streaming.StreamingMixtral` does).
+        """
         if not 0 <= layer < self.n_layers:
             raise CheckpointError(f"layer {layer} out of range: {self._where()} has {self.n_layers} layers")
-        return self._read(layer, layer if as_index is None else as_index, as_dtype(dtype), device, one_buffer, into)
+        return self._read(layer, layer if as_index is None else as_index, as_dtype(dtype), device, one_buffer, into,
+                          zero_copy)
 
     def close(self):
         store = getattr(self, "store", None)

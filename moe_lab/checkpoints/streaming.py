@@ -5,7 +5,26 @@ norm and the output head resident (0.5 GB for 8x7B in bf16) and, for each transf
 reads its weights from the checkpoint (memory-mapped safetensors or ``.pt`` files, any layout
 :func:`moe_lab.load_model` reads), pushes the *whole batch* through it, frees it and moves on.
 Peak memory is about one layer (~2.8 GB for 8x7B in bf16) plus activations, whatever the
-number of layers. Every layer is read into the *same* buffer (writing into pages already
+number of layers.
+
+Zero-copy (``zero_copy=True``, the default). A weight that needs no conversion is not copied
+at all: the parameter *is* the memory-mapped view of the file, so reading it costs nothing
+until the matmul touches it, and the layer's copy and its compute no longer run one after the
+other. It applies, tensor by tensor, when the device is the CPU, the file is memory-mapped
+(safetensors, zip-format ``.pt``), the checkpoint's dtype is the one asked for, the tensor is
+64-byte aligned in the file (as a copy would be, so the matmuls are bit for bit the same; files
+written by :func:`moe_lab.save_model` are aligned, other safetensors files only if their header
+length happens to make them so) and the layout conversion is a rename or a contiguous slice: in a Hugging Face checkpoint every weight but
+``wq``/``wk`` (their rows are permuted for RoPE), in mistral layouts every weight. The rest
+(q/k of HF layouts, any dtype cast, any other device) is copied as below. When the block is
+freed, the mapped pages it touched are dropped (``madvise(MADV_DONTNEED)``), so the resident
+memory stays about one layer. The files are mapped privately (copy-on-write): an in-place
+edit of a streamed weight (``block.moe.gate.weight.add_(1)`` in a hook) changes this forward
+only, never the file, and is undone when the block is freed, just as with copies. A weight you
+keep after its block is freed stays correct (it is read again from the file), but edits to it
+are undone. ``zero_copy=False`` copies every tensor, as before. Logits are identical either way.
+
+Copies. Every layer is read into the *same* buffer (writing into pages already
 touched is ~5x faster than into fresh ones the OS must map and zero), unless something still
 holds a tensor of the previous layer, in which case a fresh buffer is allocated so that tensor
 is never overwritten (see :func:`storage_unshared`). The buffer is kept through the output
@@ -17,6 +36,7 @@ for every new token.
 API::
 
     sm = StreamingMixtral(path, dtype=torch.bfloat16)     # layers=, device=, args=, layout= as load_model
+                                                         # zero_copy=False: copy every weight
     logits = sm(tokens, attention_mask=mask)             # [B, T] -> [B, T, V], same numbers as load_model's
 
     # 1. hooks: ``sm.model`` is a real moe_lab.model.Mixtral whose weights live on the meta
@@ -55,6 +75,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .layouts import meta_model
+from .files import release_pages
 from .loading import CheckpointReader, as_dtype
 from ..model import Block, ForwardContext, ModelArgs
 
@@ -114,8 +135,10 @@ class StreamingMixtral:
     """A Mixtral whose blocks are read from disk one at a time (see the module docstring)."""
 
     def __init__(self, path, *, dtype=None, device="cpu", layers=None, args: ModelArgs | None = None,
-                 layout: str | None = None, reuse_buffer: bool = True):
+                 layout: str | None = None, reuse_buffer: bool = True, zero_copy: bool = True):
         self.reuse_buffer = reuse_buffer
+        self.zero_copy = zero_copy
+        self._views: dict[int, list[Tensor]] = {}  # block -> its weights that are views of the mapped files
         self._buffer: torch.UntypedStorage | None = None  # the last layer's memory, to reuse
         self.reader = CheckpointReader(path, args=args, layout=layout)
         try:
@@ -141,15 +164,20 @@ class StreamingMixtral:
         """Read block ``i`` (of ``self.model``; checkpoint layer ``layer_ids[i]``) into memory."""
         block = self.model.blocks[i]
         into = self._buffer if self._buffer is not None and storage_unshared(self._buffer) else None
-        sd = self.reader.read_layer(self.layer_ids[i], i, self.dtype, self.device, one_buffer=True, into=into)
-        # keep the layer's memory for the next one (if it was still held, we drop our handle on it)
-        self._buffer = next(iter(sd.values())).untyped_storage() if self.reuse_buffer else None
+        sd, views = self.reader.read_layer_views(self.layer_ids[i], i, self.dtype, self.device, one_buffer=True,
+                                                 into=into, zero_copy=self.zero_copy)
+        copied = [v for k, v in sd.items() if k not in views]
+        if copied:  # keep the layer's memory for the next one (if it was still held, we drop our handle on it)
+            self._buffer = copied[0].untyped_storage() if self.reuse_buffer else None
         prefix = f"blocks.{i}."
         block.load_state_dict({k[len(prefix):]: v for k, v in sd.items()}, strict=True, assign=True)
+        self._views[i] = [sd[k] for k in views]
         return block
 
     def free_block(self, i: int) -> None:
         _to_meta(self.model.blocks[i])
+        for t in self._views.pop(i, []):  # the mapped pages this block read (and any writes into them)
+            release_pages(t, touching=True)
         _malloc_trim()
 
     def free_all(self) -> None:
@@ -159,8 +187,9 @@ class StreamingMixtral:
 
     @property
     def buffer(self) -> torch.UntypedStorage | None:
-        """The storage the last loaded layer was read into, reused for the next (None before the
-        first layer, after ``release_buffer()``, or with ``reuse_buffer=False``)."""
+        """The storage the last loaded layer's copied tensors went into, reused for the next (None
+        before the first layer, after ``release_buffer()``, with ``reuse_buffer=False``, or when
+        zero-copy left nothing to copy, as in an aligned mistral-layout checkpoint)."""
         return self._buffer
 
     def release_buffer(self) -> None:
