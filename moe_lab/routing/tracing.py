@@ -221,7 +221,18 @@ def _batch_arrays(records: dict[int, list], layers: list[int], n_rows: int, keep
 # engines: how one padded batch goes through the model
 
 
-class _MoeLabEngine:
+class _Engine:
+    """What a tracing engine shares: its recorder is attached while the engine is entered."""
+
+    def __enter__(self):
+        self.recorder.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.recorder.__exit__(*exc)
+
+
+class _MoeLabEngine(_Engine):
     def __init__(self, model, layers, keep_logits):
 
         self.model, self.call = unwrap(model)  # a StreamingMixtral is called, its .model hooked
@@ -231,13 +242,6 @@ class _MoeLabEngine:
         self.device = self.model.output.weight.device
         self.max_len = self.model.args.max_seq_len
         self.n_experts = self.model.args.n_experts
-
-    def __enter__(self):
-        self.recorder.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.recorder.__exit__(*exc)
 
     def forward(self, tokens, mask):
         last = self.model.blocks[max(self.recorder._block[l] for l in self.layers)]
@@ -263,9 +267,8 @@ class _MoeLabEngine:
         return meta
 
 
-class _HFEngine:
+class _HFEngine(_Engine):
     def __init__(self, model, layers, keep_logits):
-
         self.bridge, self.model = bridge, model
         self.recorder = bridge.RouterRecorder(model, layers, keep_logits)
         self.layers = self.recorder.layers
@@ -275,13 +278,6 @@ class _HFEngine:
         self.renormalise = bridge.renormalises(next(iter(self.recorder.routers.values()))) is not True
         self._stop_after = bridge.decoder_layers(model)[max(self.layers)]
         self.unsorted = type(next(iter(self.recorder.routers.values()))).__name__ in bridge.UNSORTED_ROUTERS
-
-    def __enter__(self):
-        self.recorder.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.recorder.__exit__(*exc)
 
     def forward(self, tokens, mask):
         self.bridge.hf_forward(self.model, tokens, mask, stop_after=self._stop_after)
