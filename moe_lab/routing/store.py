@@ -41,7 +41,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .importers import RoutedDocument
-from .trace import RoutingTrace
+from .trace import RoutingTrace, layer_row
 
 STORE_FORMAT = "moe_lab.routing_store"
 STORE_VERSION = 1
@@ -346,10 +346,7 @@ class TraceStore:
         return [names[i] for i in dict.fromkeys(self._doc_domains.tolist())]
 
     def layer_index(self, layer: int) -> int:
-        try:
-            return self.layers.index(layer)
-        except ValueError:
-            raise KeyError(f"layer {layer} is not in this trace (it holds layers {self.layers})") from None
+        return layer_row(self.layers, layer)
 
     def __repr__(self):
         return (f"TraceStore({str(self.path)!r}, tokens={self.n_tokens}, docs={self.n_docs}, "

@@ -27,6 +27,14 @@ from . import importers
 FORMAT_VERSION = 1
 
 
+def layer_row(layers: list[int], layer: int) -> int:
+    """Index of model layer ``layer`` in a trace's ``layers`` (a KeyError naming them if absent)."""
+    try:
+        return layers.index(layer)
+    except ValueError:
+        raise KeyError(f"layer {layer} is not in this trace (it holds layers {layers})") from None
+
+
 @dataclass
 class RoutingTrace:
     token_ids: np.ndarray  # [N] int64
@@ -139,10 +147,7 @@ class RoutingTrace:
 
     def layer_index(self, layer: int) -> int:
         """Row of ``expert_ids`` holding model layer ``layer``."""
-        try:
-            return self.layers.index(layer)
-        except ValueError:
-            raise KeyError(f"layer {layer} is not in this trace (it holds layers {self.layers})") from None
+        return layer_row(self.layers, layer)
 
     def __repr__(self):
         doms = ", ".join(self.domain_names) or "-"
