@@ -42,6 +42,7 @@ from .routing.interventions import (  # noqa: F401
 )
 from .routing.tracing import trace_generation, trace_routing  # noqa: F401
 from .checkpoints.loading import CheckpointError, describe_checkpoint, load_model, save_model  # noqa: F401
+from .demo import demo_model_available, demo_model_dir, load_demo_model  # noqa: F401
 from .checkpoints.streaming import StreamingMixtral  # noqa: F401
 from .checkpoints import convert, files, layouts, loading, streaming  # noqa: F401
 from .routing import bridge, importers, interventions, store, trace, tracing  # noqa: F401
