@@ -1,0 +1,17 @@
+"""Graded exercises for the notebooks: one checker per exercise, with feedback and a hint.
+
+Each notebook's exercises live in a module named after it (``moe_lab.exercises.nb04`` for notebook
+04), one ``check_*`` function per exercise. A notebook cell looks like::
+
+    from moe_lab.exercises import nb04 as ex
+
+    answer = None   # YOUR CODE HERE: the experts token 5 went to in layer 2
+    ex.check_token_experts(answer, trace)
+
+A checker never raises on a wrong answer: it returns a :class:`Feedback` that shows what is wrong
+and a hint (so a notebook still runs top to bottom before the learner has done anything), is
+truthy only when the answer is right, and has ``.require()`` for the worked solutions in
+``notebooks/solutions/`` (it raises :class:`ExerciseError` with the same message).
+"""
+
+from .feedback import ExerciseError, Feedback, correct, is_todo, todo, wrong  # noqa: F401
