@@ -16,6 +16,7 @@ import sys as _sys
 from .version import __version__  # noqa: F401
 
 from .hooks import ActivationCache, HookPoint  # noqa: F401
+from .devices import default_device  # noqa: F401
 from .model import (  # noqa: F401
     KVCache,
     Loss,
@@ -45,6 +46,7 @@ from .checkpoints.loading import CheckpointError, describe_checkpoint, load_mode
 from .demo import demo_model_available, demo_model_dir, load_demo_model  # noqa: F401
 from .checkpoints.streaming import StreamingMixtral  # noqa: F401
 from .checkpoints import convert, files, layouts, loading, streaming  # noqa: F401
+from . import devices  # noqa: F401
 from .routing import bridge, importers, interventions, store, trace, tracing  # noqa: F401
 
 # The module paths of moe_lab 0.1 (``moe_lab.trace``, ``moe_lab.loading``, ...) keep working:

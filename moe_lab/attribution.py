@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from .devices import resolve_device
 from .hooks import StopForward
 from .routing.interventions import layer_ids, unwrap
 
@@ -83,14 +84,14 @@ class LogitAttribution:
 # collecting the parts of the residual stream
 
 
-def _one_sequence(mixtral, tokens) -> Tensor:
-    tokens = torch.as_tensor(tokens)
+def _one_sequence(tokens, device) -> Tensor:
+    tokens = torch.as_tensor(tokens, device=device)
     if tokens.dim() == 2 and tokens.shape[0] == 1:
         tokens = tokens[0]
     if tokens.dim() != 1 or tokens.numel() == 0:
         raise ValueError(f"attribution explains one sequence: tokens must be [T] or [1, T], got shape "
                          f"{tuple(tokens.shape)}")
-    return tokens.long().to(mixtral.output.weight.device)
+    return tokens.long()
 
 
 def _expert_parts(moe, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
@@ -190,7 +191,7 @@ def _held_norm(weight: Tensor, eps: float, h: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def router_attribution(model, tokens, layer: int, per_expert: bool = False) -> RouterAttribution:
+def router_attribution(model, tokens, layer: int, per_expert: bool = False, *, device=None) -> RouterAttribution:
     """Split layer ``layer``'s router logits of one sequence into the contributions of every earlier
     component of the residual stream.
 
@@ -202,14 +203,15 @@ def router_attribution(model, tokens, layer: int, per_expert: bool = False) -> R
 
     Exact with the RMSNorm scale ``1 / rms(h)`` held at its actual value per token (the direct
     attribution convention): ``contributions.sum(0)`` equals ``router_logits`` up to fp32
-    rounding. Works on ``Mixtral``, models loaded with ``layers=`` and ``StreamingMixtral``.
+    rounding. Works on ``Mixtral``, models loaded with ``layers=`` and ``StreamingMixtral``, on
+    the model's device (``device``: None or the model's device); the result is on the CPU.
     """
     mixtral, _ = unwrap(model)
     ids = layer_ids(mixtral)
     if layer not in ids:
         raise ValueError(f"layer {layer} is not in this model (its layers: {ids})")
     i = ids.index(layer)
-    tokens = _one_sequence(mixtral, tokens)
+    tokens = _one_sequence(tokens, resolve_device(model, device))
     rec = _collect(model, tokens, i, per_expert)
     names, parts = _stream_parts(rec, ids, i, include_last_moe=False, per_expert=per_expert,
                                  n_experts=mixtral.args.n_experts)
@@ -221,28 +223,29 @@ def router_attribution(model, tokens, layer: int, per_expert: bool = False) -> R
 
 
 @torch.no_grad()
-def logit_attribution(model, tokens, targets=None) -> LogitAttribution:
+def logit_attribution(model, tokens, targets=None, *, device=None) -> LogitAttribution:
     """Split the output logit of a target token at each position into the contributions of the
     embedding, every attention output and every expert of every layer (its output times its
     routing weight; components ``"embed"``, ``"attn.{l}"``, ``"moe.{l}.expert.{e}"``).
 
     ``targets``: ``None`` (the actual next token: positions 0..T-2 explain tokens 1..T-1) or ``[T]``
     ids, one per position. Exact with the final RMSNorm's scale held at its actual value:
-    ``contributions.sum(0)`` equals ``target_logits`` up to fp32 rounding.
+    ``contributions.sum(0)`` equals ``target_logits`` up to fp32 rounding. Runs on the model's
+    device (``device``: None or the model's device); the result is on the CPU.
     """
     mixtral, _ = unwrap(model)
     ids = layer_ids(mixtral)
-    tokens = _one_sequence(mixtral, tokens)
+    tokens = _one_sequence(tokens, resolve_device(model, device))
     T = tokens.numel()
     if targets is None:
         if T < 2:
             raise ValueError("the next-token logit needs at least 2 tokens (or give targets=)")
-        positions, targets = torch.arange(T - 1), tokens[1:].cpu()
+        positions, targets = torch.arange(T - 1, device="cpu"), tokens[1:].cpu()
     else:
-        targets = torch.as_tensor(targets).reshape(-1).long().cpu()
+        targets = torch.as_tensor(targets, device="cpu").reshape(-1).long()
         if targets.numel() != T:
             raise ValueError(f"targets must have one id per token ({T}), got {targets.numel()}")
-        positions = torch.arange(T)
+        positions = torch.arange(T, device="cpu")
     last = len(mixtral.blocks) - 1
     rec = _collect(model, tokens, last, per_expert=True)
     names, parts = _stream_parts(rec, ids, last, include_last_moe=True, per_expert=True,

@@ -18,7 +18,9 @@ Every function returns a pandas DataFrame; intervals are percentile bootstraps o
   of the actual next token under each; the router's own choice is marked.
 
 They run on a moe_lab ``Mixtral`` (also one loaded with ``layers=``) and on a
-``StreamingMixtral`` (each block is then read from disk whenever it runs).
+``StreamingMixtral`` (each block is then read from disk whenever it runs), on the model's device:
+``device=None`` (the default) means the model's device, and any other device is an error
+(:mod:`moe_lab.devices`); tables and arrays come back on the CPU.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .devices import resolve_device
 from .routing.interventions import AblateExpert, Intervention, intervene, layer_ids, unwrap
 from .routing.tracing import normalise_inputs, trace_routing
 
@@ -82,11 +85,11 @@ def _batches(docs: list[list[int]], batch_size: int, device):
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         T = max(len(docs[i]) for i in idx)
-        tokens = torch.zeros(len(idx), T, dtype=torch.long)
-        mask = torch.zeros(len(idx), T, dtype=torch.long)
-        targets = torch.full((len(idx), T), -100, dtype=torch.long)
+        tokens = torch.zeros(len(idx), T, dtype=torch.long, device="cpu")  # built here, sent once
+        mask = torch.zeros(len(idx), T, dtype=torch.long, device="cpu")
+        targets = torch.full((len(idx), T), -100, dtype=torch.long, device="cpu")
         for b, i in enumerate(idx):
-            d = torch.tensor(docs[i], dtype=torch.long)
+            d = torch.tensor(docs[i], dtype=torch.long, device="cpu")
             tokens[b, T - len(d):] = d
             mask[b, T - len(d):] = 1
             targets[b, T - len(d):-1] = d[1:]
@@ -164,7 +167,7 @@ def _block_index(mixtral, layer: int) -> int:
 
 @torch.no_grad()
 def document_losses(model, texts_by_domain, tokenizer=None, interventions: Sequence[Intervention] = (), *,
-                    batch_size: int = 8, max_len: int | None = 256) -> pd.DataFrame:
+                    batch_size: int = 8, max_len: int | None = 256, device=None) -> pd.DataFrame:
     """Mean next-token loss of every document, under ``interventions`` (any, e.g. ``SwapExpert``
     or ``SteerExperts``; none: the plain model). One row per document: ``domain``, ``doc``
     (index within the domain), ``n_targets``, ``loss``. Pair two calls by (domain, doc) and use
@@ -172,10 +175,11 @@ def document_losses(model, texts_by_domain, tokenizer=None, interventions: Seque
     ``embed`` -> blocks -> ``head``, so a ``ForceExpert`` restricted to ``positions=`` cannot
     see the positions here and says so.)"""
     pieces = _Pieces(model)
+    device = resolve_device(model, device)
     docs, domains = _documents(texts_by_domain, tokenizer, max_len)
     loss = np.zeros(len(docs))
     with intervene(model, *interventions):
-        for idx, tokens, mask, targets in _batches(docs, batch_size, pieces.mixtral.output.weight.device):
+        for idx, tokens, mask, targets in _batches(docs, batch_size, device):
             x = pieces.prefix(tokens, mask)[0][-1]
             loss[idx] = _doc_losses(pieces.head_nll(x, targets), targets)
     within = [sum(d == domains[j] for j in range(i)) for i, d in enumerate(domains)]
@@ -190,7 +194,7 @@ def document_losses(model, texts_by_domain, tokenizer=None, interventions: Seque
 def ablation_scan(model, texts_by_domain, tokenizer=None, layers: Sequence[int] | None = None,
                   mode: str = "reroute", *, experts: Sequence[int] | None = None, n_controls: int = 20,
                   n_boot: int = 1000, batch_size: int = 8, max_len: int | None = 256, seed: int = 0,
-                  reuse_prefix: bool = True, progress: bool = True) -> pd.DataFrame:
+                  reuse_prefix: bool = True, progress: bool = True, device=None) -> pd.DataFrame:
     """The change in mean next-token loss per layer, expert and domain when the expert is ablated.
 
     ``texts_by_domain``: ``{domain: [text or token list, ...]}`` (texts need ``tokenizer``; BOS is
@@ -229,8 +233,7 @@ def ablation_scan(model, texts_by_domain, tokenizer=None, layers: Sequence[int] 
     needed = sorted({(l, e) for l in layers for e in experts} | {(l, int(c)) for (l, _), cs in controls.items() for c in cs})
     base = np.zeros(len(docs))
     ablated = {pair: np.zeros(len(docs)) for pair in needed}
-    device = mixtral.output.weight.device
-    batches = list(_batches(docs, batch_size, device))
+    batches = list(_batches(docs, batch_size, resolve_device(model, device)))
     bar = tqdm(total=len(batches) * (len(needed) + 1), desc="ablation scan", disable=not progress)
     for idx, tokens, mask, targets in batches:
         states, ctx = pieces.prefix(tokens, mask)
@@ -273,7 +276,7 @@ def ablation_scan(model, texts_by_domain, tokenizer=None, layers: Sequence[int] 
 @torch.no_grad()
 def disable_top_experts(model, texts_by_domain, tokenizer=None, r_values: Sequence[int] | None = None, *,
                         n_random: int = 5, n_boot: int = 1000, batch_size: int = 8, max_len: int | None = 256,
-                        seed: int = 0, progress: bool = True) -> pd.DataFrame:
+                        seed: int = 0, progress: bool = True, device=None) -> pd.DataFrame:
     """DeepSeekMoE's redundancy test (Dai et al. 2024, Fig. 3): disable the ``r`` most-routed
     experts of *every* layer at once (counted over these texts) and measure the loss per domain,
     for r = 0..E-1, against disabling ``r`` randomly drawn experts per layer (``n_random`` draws).
@@ -291,7 +294,8 @@ def disable_top_experts(model, texts_by_domain, tokenizer=None, r_values: Sequen
     if bad:
         raise ValueError(f"r={bad[0]} is outside [0, {E - 1}] (this model has {E} experts per layer)")
     docs, domains = _documents(texts_by_domain, tokenizer, max_len)
-    trace = trace_routing(model, docs, batch_size=batch_size, progress=False)
+    device = resolve_device(model, device)
+    trace = trace_routing(model, docs, batch_size=batch_size, progress=False, device=device)
     counts = np.stack([np.bincount(trace.expert_ids[i].ravel(), minlength=E) for i in range(len(ids))])  # (L, E)
     ranked = np.argsort(-counts, axis=1, kind="stable")  # most-routed first
     rng = np.random.default_rng(seed)
@@ -301,7 +305,6 @@ def disable_top_experts(model, texts_by_domain, tokenizer=None, r_values: Sequen
         for j in range(n_random if r else 1):
             settings.append((r, "random", j, {l: rng.choice(E, size=r, replace=False).tolist() for l in ids}))
     pieces = _Pieces(model)
-    device = mixtral.output.weight.device
     batches = list(_batches(docs, batch_size, device))
     losses = {s[:3]: np.zeros(len(docs)) for s in settings}
     bar = tqdm(total=len(batches) * len(settings), desc="disable top experts", disable=not progress)
@@ -330,7 +333,7 @@ def disable_top_experts(model, texts_by_domain, tokenizer=None, r_values: Sequen
 
 
 def contrastive_experts(model, texts_a, texts_b, tokenizer=None, *, n_boot: int = 1000, max_len: int | None = 256,
-                        batch_size: int = 8, seed: int = 0) -> pd.DataFrame:
+                        batch_size: int = 8, seed: int = 0, device=None) -> pd.DataFrame:
     """SteerMoE's risk difference (Fayyaz et al. 2025): per layer and expert, the share of tokens
     of ``texts_a`` whose top-k includes the expert minus that share on ``texts_b``, with a
     bootstrap interval (documents of each set resampled). Ranked: largest difference (experts
@@ -342,7 +345,7 @@ def contrastive_experts(model, texts_a, texts_b, tokenizer=None, *, n_boot: int 
         docs, _ = normalise_inputs(list(texts), tokenizer)
         if max_len is not None:
             docs = [d[:max_len] for d in docs]
-        t = trace_routing(model, docs, batch_size=batch_size, progress=False)
+        t = trace_routing(model, docs, batch_size=batch_size, progress=False, device=device)
         E, L = t.n_experts, t.n_layers
         hit = np.zeros((L, t.n_tokens, E), dtype=np.int64)  # 1 where the token used the expert in this layer
         np.put_along_axis(hit, t.expert_ids, 1, axis=-1)
@@ -394,7 +397,8 @@ class _RouteRows(Intervention):
 
 
 @torch.no_grad()
-def alternative_routes(model, tokens, layer: int, position: int, *, batch_size: int = 64) -> pd.DataFrame:
+def alternative_routes(model, tokens, layer: int, position: int, *, batch_size: int = 64,
+                       device=None) -> pd.DataFrame:
     """Every equal-compute route for one token: at ``layer`` and ``position`` of one sequence
     (``tokens`` ``[T]`` or ``[1, T]``), each set of k of the E experts, weighted by the router's
     own probabilities renormalised over the set (other tokens and layers route as usual), and
@@ -406,7 +410,8 @@ def alternative_routes(model, tokens, layer: int, position: int, *, batch_size: 
     """
     mixtral, _ = unwrap(model)
     _block_index(mixtral, layer)
-    tokens = torch.as_tensor(tokens)
+    device = resolve_device(model, device)
+    tokens = torch.as_tensor(tokens, device=device)
     tokens = tokens[0] if tokens.dim() == 2 and tokens.shape[0] == 1 else tokens
     if tokens.dim() != 1:
         raise ValueError(f"alternative_routes explains one sequence: tokens [T] or [1, T], got {tuple(tokens.shape)}")
@@ -414,8 +419,7 @@ def alternative_routes(model, tokens, layer: int, position: int, *, batch_size: 
     if not 0 <= position < T - 1:
         raise ValueError(f"position {position} has no next token (positions 0..{T - 2} for {T} tokens)")
     E = mixtral.args.n_experts
-    device = mixtral.output.weight.device
-    prefix = tokens[:position + 1].long().to(device)  # later tokens cannot change this position's prediction
+    prefix = tokens[:position + 1].long()  # later tokens cannot change this position's prediction
     target = int(tokens[position + 1])
     # the router's own choice and probabilities at (layer, position), through the model's own rule
     own = {}

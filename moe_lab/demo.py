@@ -5,6 +5,7 @@ the repository keeps it::
 
     model = moe_lab.load_demo_model()                  # fp32 on the CPU
     model = moe_lab.load_demo_model(device="cuda")     # on a GPU, when you have one
+    model = moe_lab.load_demo_model(device="auto")     # the GPU when there is one, else the CPU
 
 The model is looked up next to the package (a clone or an editable install of the repository,
 which is also what the notebooks' Colab cell makes). It is never downloaded: when it is missing,
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints.loading import load_model
+from .devices import pick_device
 from .model import Mixtral, ModelArgs
 
 DEMO_NAME = "tiny-mixtral"
@@ -40,7 +42,9 @@ def load_demo_model(*, device: str | torch.device = "cpu", dtype=DEMO_DTYPE,
     """Load the demo model (``data/tiny-mixtral``) in eval mode.
 
     Args:
-        device: "cpu" (default), "cuda", "cuda:1", ... Every moe_lab function follows the model's device.
+        device: "cpu" (default), "cuda", "cuda:1", ..., or "auto" (the GPU when PyTorch sees one,
+            else the CPU). Every moe_lab function then runs on the model's device
+            (:mod:`moe_lab.devices`).
         dtype: fp32 by default, the one dtype the notebooks use (the file stores bf16; fp32 holds
             every bf16 value exactly).
         random_if_missing: when the demo model is not on disk, return a randomly initialised model of
@@ -51,6 +55,7 @@ def load_demo_model(*, device: str | torch.device = "cpu", dtype=DEMO_DTYPE,
     (for titles and printouts).
     """
     d = demo_model_dir()
+    device = pick_device(device)
     if demo_model_available():
         model = load_model(d, dtype=dtype, device=device)
         model.is_demo, model.name = True, f"demo model (data/{DEMO_NAME})"

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .devices import resolve_device
+
 EVAL_SENTENCES = Path(__file__).resolve().parent.parent / "data" / "eval" / "everyday_sentences.json"
 EVAL_LANGS: tuple[str, ...] = ("en", "fr", "de", "es", "it")
 ALIGNED_SAMPLE = EVAL_SENTENCES.parent / "aligned_heldout.jsonl"
@@ -65,25 +67,27 @@ def load_aligned_sample(path: str | os.PathLike | None = None) -> list[dict]:
 
 
 @torch.no_grad()
-def token_nlls(model, tokenizer, text: str) -> torch.Tensor:
-    """NLL (nats) of each token of ``text`` given ``<s>`` and the tokens before it. [n_tokens]"""
-    ids = torch.tensor([tokenizer.encode(text, bos=True)], device=model.output.weight.device)  # [1, 1+n]
+def token_nlls(model, tokenizer, text: str, *, device=None) -> torch.Tensor:
+    """NLL (nats) of each token of ``text`` given ``<s>`` and the tokens before it. [n_tokens], on
+    the model's device (``device``: None or the model's device, :mod:`moe_lab.devices`)."""
+    ids = torch.tensor([tokenizer.encode(text, bos=True)], device=resolve_device(model, device))  # [1, 1+n]
     logits = model(ids[:, :-1]).float()  # [1, n, V]
     return F.cross_entropy(logits[0], ids[0, 1:], reduction="none")  # [n]
 
 
 def sentence_nll(model, tokenizer, sentences: dict[str, list[str]] | None = None,
-                 per_sentence: bool = False) -> dict:
+                 per_sentence: bool = False, *, device=None) -> dict:
     """Mean NLL per token for each language: all its sentences' token NLLs pooled (so a long
     sentence weighs more than a short one). ``per_sentence=True`` returns
-    ``{lang: {"mean": ..., "tokens": n, "sentences": [mean NLL of each sentence]}}`` instead."""
+    ``{lang: {"mean": ..., "tokens": n, "sentences": [mean NLL of each sentence]}}`` instead.
+    Runs on the model's device (``device``: None or the model's device); returns Python floats."""
     sentences = load_eval_sentences() if sentences is None else sentences
     was_training = model.training
     model.eval()
     try:
         out = {}
         for lang, texts in sentences.items():
-            nlls = [token_nlls(model, tokenizer, t) for t in texts]
+            nlls = [token_nlls(model, tokenizer, t, device=device) for t in texts]
             total, n = sum(float(x.sum()) for x in nlls), sum(len(x) for x in nlls)
             mean = total / n if n else math.nan
             out[lang] = ({"mean": mean, "tokens": n, "sentences": [float(x.mean()) for x in nlls]}

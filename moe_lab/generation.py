@@ -7,6 +7,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .devices import resolve_device
+
 
 def left_pad(prompt, pad_id: int = 0, device=None) -> tuple[Tensor, Tensor | None]:
     """A [B, T] tensor, a [T] tensor, a list of ints or a list of lists -> (tokens [B, T], mask or None).
@@ -65,7 +67,7 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = No
 def generate_stream(model, prompt, max_new_tokens: int = 32, *, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                     eos_id: int | None = None, pad_id: int = 0, attention_mask: Tensor | None = None,
-                    cache=None) -> Iterator[Tensor]:
+                    cache=None, device=None) -> Iterator[Tensor]:
     """Yield the next token of every row ([B] tensor) at each step, using a KV cache.
 
     Every step is ``model(tokens, cache=cache, last_only=True)``: the model's own forward, so
@@ -77,10 +79,14 @@ def generate_stream(model, prompt, max_new_tokens: int = 32, *, temperature: flo
     yield ``pad_id`` afterwards; the stream ends when all rows are finished or after
     ``max_new_tokens`` steps. ``seed`` makes sampling reproducible. ``cache``: a
     ``model.new_cache(B, T + max_new_tokens)`` to use (and read afterwards), else a new one.
+
+    ``device``: None (the model's device) or the model's device (anything else is an error, see
+    :mod:`moe_lab.devices`); the prompt goes there and the yielded tokens live there. A seeded
+    generator lives there too, so the same ``seed`` samples differently on the CPU and on a GPU.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    device = model.output.weight.device
+    device = resolve_device(model, device)
     tokens, mask = left_pad(prompt, pad_id, device)
     if attention_mask is not None:
         mask = attention_mask.to(device)
@@ -109,8 +115,9 @@ def generate_stream(model, prompt, max_new_tokens: int = 32, *, temperature: flo
 
 def generate(model, prompt, max_new_tokens: int = 32, **kw) -> Tensor:
     """The prompt (left-padded) followed by the generated tokens, [B, T + n]. Options as in
-    ``generate_stream`` (sampling: ``top_k`` keeps the top_k most likely TOKENS; unrelated to experts)."""
-    tokens, _ = left_pad(prompt, kw.get("pad_id", 0), model.output.weight.device)
+    ``generate_stream`` (sampling: ``top_k`` keeps the top_k most likely TOKENS; unrelated to experts;
+    ``device``: None or the model's device). The result is on the model's device."""
+    tokens, _ = left_pad(prompt, kw.get("pad_id", 0), resolve_device(model, kw.get("device")))
     new = list(generate_stream(model, prompt, max_new_tokens, **kw))
     if not new:
         return tokens

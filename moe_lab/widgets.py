@@ -21,6 +21,10 @@ Widgets need a live front-end (JupyterLab, Notebook, VS Code, Colab). Without on
 Python, ``jupyter nbconvert --execute``, nbval, papermill) :func:`explore` shows static
 figures instead, whose layer switch works without a kernel; see :func:`widget_frontend` for
 how that is decided and ``static=`` / ``MOE_LAB_WIDGETS`` to override it.
+
+The explorer runs each model on its own device: load it on the GPU
+(``moe_lab.load_demo_model(device="cuda")``) and every retrace and intervention runs there;
+``device=`` only confirms it (:mod:`moe_lab.devices`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 
 from . import analysis as A
 from . import viz
+from .devices import resolve_device
 from .routing.interventions import AblateExpert, ForceExpert, SteerExperts, SwapExpert, intervene
 from .routing.trace import RoutingTrace
 from .routing.tracing import trace_routing
@@ -169,36 +174,37 @@ def _intervention(kind: str, layer: int, expert: int, replacement: int | None = 
     raise ValueError(f"kind must be one of {list(INTERVENTION_KINDS)}, got {kind!r}")
 
 
-def _trace_ids(model, ids: list[int], tokenizer=None, domain: str = "") -> RoutingTrace:
+def _trace_ids(model, ids: list[int], tokenizer=None, domain: str = "", device=None) -> RoutingTrace:
 
     return trace_routing(model, [ids], tokenizer=tokenizer, keep_logits=True, progress=False,
-                         domain=domain or None)
+                         domain=domain or None, device=device)
 
 
 @torch.inference_mode()
-def _next_probs(model, ids: list[int]) -> np.ndarray:
-    device = next(model.parameters()).device
-    logits = model(torch.tensor([ids], device=device))
+def _next_probs(model, ids: list[int], device=None) -> np.ndarray:
+    logits = model(torch.tensor([ids], device=resolve_device(model, device)))
     return torch.softmax(logits[0, -1].float(), -1).cpu().numpy()
 
 
 def intervention_effect(model, ids: Sequence[int], kind: str, layer: int, expert: int, *,
                         replacement: int | None = None, offset: float | None = None,
-                        tokenizer=None, base: tuple[np.ndarray, RoutingTrace] | None = None) -> InterventionEffect:
+                        tokenizer=None, base: tuple[np.ndarray, RoutingTrace] | None = None,
+                        device=None) -> InterventionEffect:
     """Run ``ids`` with normal routing and with an intervention on expert ``expert`` at ``layer``
     (inside :func:`moe_lab.intervene`), and compare. ``kind``: ``"ablate"`` (switched off, the
     next expert takes the slot: :class:`moe_lab.AblateExpert`), ``"zero"`` (its contribution
     removed, routing kept: ``AblateExpert(mode="zero")``), ``"swap"`` (expert ``replacement``
     computes its slots: :class:`moe_lab.SwapExpert`), ``"steer"`` (``offset`` added to its router
     logit: :class:`moe_lab.SteerExperts`) or ``"force"`` (:class:`moe_lab.ForceExpert`). ``base``
-    reuses an earlier normal run ``(probs, trace)``."""
+    reuses an earlier normal run ``(probs, trace)``. Runs on the model's device (``device``: None
+    or the model's device); the effect's arrays are on the CPU."""
     ids = [int(i) for i in ids]
     iv = _intervention(kind, layer, expert, replacement, offset)
     if base is None:
-        base = (_next_probs(model, ids), _trace_ids(model, ids, tokenizer))
+        base = (_next_probs(model, ids, device), _trace_ids(model, ids, tokenizer, device=device))
     with intervene(model, iv):
-        new_probs = _next_probs(model, ids)
-        new_trace = _trace_ids(model, ids, tokenizer)
+        new_probs = _next_probs(model, ids, device)
+        new_trace = _trace_ids(model, ids, tokenizer, device=device)
     return InterventionEffect(kind=kind, layer=int(layer), expert=int(expert), base_probs=base[0],
                               new_probs=new_probs, base_trace=base[1], new_trace=new_trace,
                               replacement=None if kind != "swap" else int(replacement),
@@ -260,13 +266,15 @@ class RoutingExplorer:
         text: the first text shown (default: the first sample, or a short sentence).
         layer: the first layer shown (default: the first).
         max_tokens: longer texts are cut to this many tokens.
+        device: None (each model runs on its own device) or the device every model must be on
+            (checked here, so a model on the wrong device fails now and says how to move it).
     """
 
     DEFAULT_TEXT = "def add(a, b):\n    return a + b\n\nThe cat sat on the mat. 3 + 4 = 7"
 
     def __init__(self, model=None, tokenizer=None, samples: Mapping[str, Sequence[str]] | None = None,
                  models: Mapping[str, object] | None = None, *, text: str | None = None, layer: int | None = None,
-                 max_tokens: int = 256, top_n: int = 10):
+                 max_tokens: int = 256, top_n: int = 10, device=None):
         if tokenizer is None:
             raise ValueError("RoutingExplorer needs the tokenizer (moe_lab.load_tokenizer())")
         self.models: dict[str, object] = dict(models or {})
@@ -274,6 +282,9 @@ class RoutingExplorer:
             self.models = {"model": model, **self.models}
         if not self.models:
             raise ValueError("RoutingExplorer needs a model (or models={name: model})")
+        for m in self.models.values():
+            resolve_device(m, device)
+        self.device = device
         self.tokenizer = tokenizer
         self.samples = {d: list(v) for d, v in (samples or {}).items()}
         self.max_tokens, self.top_n = int(max_tokens), int(top_n)
@@ -319,8 +330,9 @@ class RoutingExplorer:
             raise ValueError("text is empty")
         self.text = text
         self.ids = self.tokenizer.encode(text)[: self.max_tokens]
-        self.trace = _trace_ids(self.model, self.ids, self.tokenizer, self.domain if domain is None else domain)
-        self.next_probs = _next_probs(self.model, self.ids)
+        self.trace = _trace_ids(self.model, self.ids, self.tokenizer, self.domain if domain is None else domain,
+                                self.device)
+        self.next_probs = _next_probs(self.model, self.ids, self.device)
         self.effect = None
 
     # ------------------------------------------------------------------ callbacks
@@ -371,7 +383,8 @@ class RoutingExplorer:
         if not 0 <= int(expert) < self.n_experts:
             raise ValueError(f"expert {expert} is outside [0, {self.n_experts})")
         self.effect = intervention_effect(self.model, self.ids, kind, layer, int(expert), replacement=replacement,
-                                          offset=offset, tokenizer=self.tokenizer, base=(self.next_probs, self.trace))
+                                          offset=offset, tokenizer=self.tokenizer, base=(self.next_probs, self.trace),
+                                          device=self.device)
         self._refresh(intervention_only=True)
         return self.effect
 
@@ -593,7 +606,8 @@ def explore(model=None, tokenizer=None, samples: Mapping[str, Sequence[str]] | N
     """Open the routing explorer: the interactive widget when a widget front-end is attached
     (see :func:`widget_frontend`), otherwise static figures (``static=True`` forces them,
     ``static=False`` forces the widget). Returns the :class:`RoutingExplorer`, whose methods
-    drive it from code."""
+    drive it from code. ``kwargs`` go to :class:`RoutingExplorer` (``text=``, ``layer=``,
+    ``device=``, ...)."""
     ex = RoutingExplorer(model, tokenizer, samples, models, **kwargs)
     frontend = widget_frontend()
     if static is None:

@@ -35,6 +35,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from ..devices import resolve_device
 from ..routing.trace import RoutingTrace
 
 Measure = Literal["js", "cosine"]
@@ -80,12 +81,14 @@ def pairwise_similarity(vectors: np.ndarray, measure: Measure = "js") -> np.ndar
 
 
 @torch.no_grad()
-def mean_router_inputs(model, token_lists: Sequence[Sequence[int]], bos_id: int | None = 1) -> np.ndarray:
+def mean_router_inputs(model, token_lists: Sequence[Sequence[int]], bos_id: int | None = 1, *,
+                       device=None) -> np.ndarray:
     """[L, D, dim]: per layer, each document's mean *router input*, ``ffn_norm(h)`` where ``h`` is
     the residual stream after attention (``blocks.i.hook_resid_mid``), over its tokens other than
-    ``bos_id``. This is exactly what the router's linear map sees."""
+    ``bos_id``. This is exactly what the router's linear map sees. Runs on the model's device
+    (``device``: None or the model's device); the array is on the CPU."""
     names = [f"blocks.{i}.hook_resid_mid" for i in range(len(model.blocks))]
-    device = model.output.weight.device
+    device = resolve_device(model, device)
     out = np.zeros((len(model.blocks), len(token_lists), model.args.dim))
     was_training = model.training
     model.eval()

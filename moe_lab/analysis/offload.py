@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..devices import resolve_device
 from ..model import ModelArgs, PRESETS
 from ..routing.bridge import decoder_layers, find_routers, hf_forward, is_hf_model
 from ..routing.trace import RoutingTrace
@@ -301,7 +302,7 @@ PREFETCH_SOURCES = ("resid_mid", "moe_input", "resid_post")
 
 @torch.no_grad()
 def speculative_prefetch(model, inputs, *, source: str = "resid_mid", n_guess: int | None = None,
-                         tokenizer=None, max_len: int | None = None, batch_size: int = 8) -> Prefetch:
+                         tokenizer=None, max_len: int | None = None, batch_size: int = 8, device=None) -> Prefetch:
     """Guess every layer's experts from the previous layer's hidden state (mixtral-offloading's
     speculative expert loading) and record what the layer then chose.
 
@@ -322,7 +323,8 @@ def speculative_prefetch(model, inputs, *, source: str = "resid_mid", n_guess: i
 
     Models with dense layers between MoE layers (Qwen2-MoE's ``mlp_only_layers``) guess each MoE
     layer from the previous *MoE* layer. A :class:`~moe_lab.routing.trace.RoutingTrace` is refused:
-    it holds expert ids, not hidden states.
+    it holds expert ids, not hidden states. Runs on the model's device (``device``: None or the
+    model's device, :mod:`moe_lab.devices`); the arrays are on the CPU.
     """
     if isinstance(model, RoutingTrace):
         raise TypeError("speculative_prefetch needs hidden states, and a RoutingTrace holds only expert ids "
@@ -334,13 +336,14 @@ def speculative_prefetch(model, inputs, *, source: str = "resid_mid", n_guess: i
     docs, _ = normalise_inputs(inputs, tokenizer)
     docs = [d[: max_len or None] for d in docs]
     run = _hf_prefetch_run if is_hf_model(model) else _moe_lab_prefetch_run
+    device = resolve_device(model, device)
     guesses, actuals, layers = [], [], None
     i = 0
     while i < len(docs):  # runs of equal-length documents, [B, T] per forward, rows in document order
         j = i + 1
         while j < len(docs) and j - i < batch_size and len(docs[j]) == len(docs[i]):
             j += 1
-        layers, g, a = run(model, torch.tensor(docs[i:j]), source, n_guess)
+        layers, g, a = run(model, torch.tensor(docs[i:j], device=device), source, n_guess)
         guesses.append(g)
         actuals.append(a)
         i = j
@@ -386,7 +389,7 @@ def _moe_lab_prefetch_run(model, tokens, source, n_guess):
                for i, b in enumerate(blocks)]
     try:
         with model.hooks(fwd_hooks):
-            model(tokens.to(model.tok_embeddings.weight.device))
+            model(tokens)
     finally:
         for h in handles:
             h.remove()

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..devices import pick_device
 from .files import (
     SAFETENSORS_SUFFIXES,
     natural_key,
@@ -575,7 +576,9 @@ def load_model(path, *, dtype=None, device="cpu", layers=None, args: ModelArgs |
         path: a checkpoint directory, or a file in one (weights file, index, config).
         dtype: convert every tensor to this dtype while reading (``torch.bfloat16``, ``"bf16"``...);
             None keeps the checkpoint's dtype.
-        device: where the parameters are created ("cpu", "cuda", ...).
+        device: where the parameters are created ("cpu", "cuda", "cuda:1", ...; "auto" is the GPU
+            when PyTorch sees one, else the CPU). Every moe_lab function then runs where the
+            model is (:mod:`moe_lab.devices`).
         layers: None for all layers; an int n for the first n; a list/range of layer indices for
             those layers (in that order). The model then has that many blocks;
             ``model.layer_ids`` says which layers of the checkpoint they are.
@@ -587,7 +590,7 @@ def load_model(path, *, dtype=None, device="cpu", layers=None, args: ModelArgs |
     read. No partly loaded model is ever returned.
     """
     dtype = as_dtype(dtype)
-    device = torch.device(device)
+    device = pick_device(device)
     with CheckpointReader(path, args=args, layout=layout) as reader:
         ids = reader.layer_ids(layers)
         dtype = dtype or reader.default_dtype

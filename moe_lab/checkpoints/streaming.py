@@ -74,6 +74,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..devices import pick_device
 from .layouts import meta_model
 from .files import release_pages
 from .loading import CheckpointReader, as_dtype
@@ -144,7 +145,7 @@ class StreamingMixtral:
         try:
             self.layer_ids = self.reader.layer_ids(layers)
             self.dtype = as_dtype(dtype) or self.reader.default_dtype
-            self.device = torch.device(device)
+            self.device = pick_device(device)
             self.args = self.reader.args.replace(n_layers=len(self.layer_ids))
             self.model = meta_model(self.args)
             self.model.layer_ids = self.layer_ids

@@ -76,6 +76,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..devices import model_device
 from ..hooks import StopForward
 
 # Router classes the tests check: class name -> (model_type, rule). rule "softmax_topk": softmax
@@ -170,8 +171,8 @@ def hf_meta(model) -> dict:
 
 
 def input_device(model) -> torch.device:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return emb.weight.device if emb is not None else next(model.parameters()).device
+    """Where the model's inputs go: its token embedding's device (:func:`moe_lab.devices.model_device`)."""
+    return model_device(model)
 
 
 def _check_router_output(router, out) -> None:

@@ -229,7 +229,7 @@ class SteerExperts(Intervention):
 
     def edit_logits(self, layer, logits, ctx):
         shift = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)  # (E,)
-        shift[list(self.offsets)] = torch.tensor(list(self.offsets.values()), dtype=logits.dtype)
+        shift[list(self.offsets)] = torch.tensor(list(self.offsets.values()), dtype=logits.dtype, device=logits.device)
         return logits + shift
 
     def __repr__(self):

@@ -30,11 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..devices import resolve_device
 from ..generation import generate_stream, left_pad
 from ..hooks import StopForward
 from ..version import __version__
 from . import bridge
-from .bridge import input_device, is_hf_model
+from .bridge import is_hf_model
 from .interventions import active_interventions, layer_ids, unwrap
 from .trace import RoutingTrace
 
@@ -129,18 +130,6 @@ def normalise_inputs(inputs, tokenizer=None, *, add_bos: bool = True, domain=Non
     return docs, domains
 
 
-def _left_pad(docs: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor | None]:
-    T = max(len(d) for d in docs)
-    tokens = torch.full((len(docs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(docs), T), dtype=torch.long)
-    for b, d in enumerate(docs):
-        tokens[b, T - len(d):] = torch.tensor(d, dtype=torch.long)
-        mask[b, T - len(d):] = 1
-    if bool(mask.all()):
-        return tokens.to(device), None
-    return tokens.to(device), mask.to(device)
-
-
 # --------------------------------------------------------------------------------------------
 # capture
 
@@ -233,13 +222,13 @@ class _Engine:
 
 
 class _MoeLabEngine(_Engine):
-    def __init__(self, model, layers, keep_logits):
+    def __init__(self, model, layers, keep_logits, device=None):
 
+        self.device = resolve_device(model, device)  # where the batches go: the model's device
         self.model, self.call = unwrap(model)  # a StreamingMixtral is called, its .model hooked
         self.streaming = self.call is not self.model
         self.recorder = RoutingRecorder(self.model, layers, keep_logits)
         self.layers = self.recorder.layers
-        self.device = self.model.output.weight.device
         self.max_len = self.model.args.max_seq_len
         self.n_experts = self.model.args.n_experts
 
@@ -268,11 +257,11 @@ class _MoeLabEngine(_Engine):
 
 
 class _HFEngine(_Engine):
-    def __init__(self, model, layers, keep_logits):
+    def __init__(self, model, layers, keep_logits, device=None):
+        self.device = resolve_device(model, device)  # the embedding's device (device_map="auto": the first)
         self.bridge, self.model = bridge, model
         self.recorder = bridge.RouterRecorder(model, layers, keep_logits)
         self.layers = self.recorder.layers
-        self.device = bridge.input_device(model)
         self.max_len = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self.n_experts = bridge.n_experts_of(next(iter(self.recorder.routers.values())))
         self.renormalise = bridge.renormalises(next(iter(self.recorder.routers.values()))) is not True
@@ -287,12 +276,12 @@ class _HFEngine(_Engine):
         return self.bridge.hf_meta(self.model)
 
 
-def _engine(model, layers, keep_logits):
+def _engine(model, layers, keep_logits, device=None):
 
     if is_hf_model(model):
-        return _HFEngine(model, layers, keep_logits)
+        return _HFEngine(model, layers, keep_logits, device)
     if (hasattr(model, "blocks") and hasattr(model, "args")) or hasattr(model, "iter_layers"):
-        return _MoeLabEngine(model, layers, keep_logits)
+        return _MoeLabEngine(model, layers, keep_logits, device)
     raise TypeError(f"trace_routing needs a moe_lab Mixtral or a transformers MoE model, got {type(model).__name__}")
 
 
@@ -318,7 +307,8 @@ def _meta(engine, keep_logits: bool, extra: dict | None = None) -> dict:
 def trace_routing(model, inputs, *, tokenizer=None, batch_size: int = 8, progress: bool = True,
                   keep_logits: bool = False, domain: str | Sequence[str] | None = None, add_bos: bool = True,
                   attention_mask: Tensor | None = None, layers: Sequence[int] | None = None,
-                  max_len: int | None = None, sort_by_length: bool = True, pad_id: int = 0) -> RoutingTrace:
+                  max_len: int | None = None, sort_by_length: bool = True, pad_id: int = 0,
+                  device=None) -> RoutingTrace:
     """Run ``model`` over ``inputs`` and record, for every real token and every MoE layer, the
     chosen experts (rank order) and their renormalised weights.
 
@@ -337,11 +327,14 @@ def trace_routing(model, inputs, *, tokenizer=None, batch_size: int = 8, progres
     of the trace). ``layers`` traces some layers only (the forward stops after the last one).
     ``max_len`` truncates longer documents (otherwise they are an error beyond the model's
     maximum length). A tqdm bar counts tokens when ``progress``.
+
+    ``device``: None (the model's device) or the model's device; each batch is sent there and
+    the trace's arrays come back on the CPU (see :mod:`moe_lab.devices`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     docs, domains = normalise_inputs(inputs, tokenizer, add_bos=add_bos, domain=domain, attention_mask=attention_mask)
-    engine = _engine(model, layers, keep_logits)
+    engine = _engine(model, layers, keep_logits, device)
     limit = min(engine.max_len, max_len) if max_len is not None else engine.max_len
     if max_len is not None:
         docs = [d[:max_len] for d in docs]
@@ -362,7 +355,7 @@ def trace_routing(model, inputs, *, tokenizer=None, batch_size: int = 8, progres
         with engine:
             for start in range(0, len(docs), batch_size):
                 batch = order[start:start + batch_size]
-                tokens, mask = _left_pad([docs[i] for i in batch], pad_id, engine.device)
+                tokens, mask = left_pad([docs[i] for i in batch], pad_id, engine.device)
                 records = engine.forward(tokens, mask)
                 ids, ws, lg = _batch_arrays(records, engine.layers, tokens.numel(), keep_logits)
                 if getattr(engine, "unsorted", False):  # DeepSeek's router returns an unsorted top-k
@@ -416,7 +409,7 @@ def trace_generation(model, prompt, max_new_tokens: int = 32, *, tokenizer=None,
                      keep_logits: bool = False, layers: Sequence[int] | None = None,
                      domain: str | Sequence[str] | None = None, temperature: float = 0.0,
                      top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                     eos_id: int | None = None, pad_id: int = 0) -> tuple[Tensor, RoutingTrace]:
+                     eos_id: int | None = None, pad_id: int = 0, device=None) -> tuple[Tensor, RoutingTrace]:
     """Generate like ``model.generate`` (same arguments, same tokens) and record the routing of
     every token: the prompt (prefill) and each generated token (the decode steps, KV cache).
 
@@ -431,6 +424,9 @@ def trace_generation(model, prompt, max_new_tokens: int = 32, *, tokenizer=None,
     ``prompt``: a text or list of texts (with ``tokenizer``), a list of token ids, a list of
     lists or a [B, T] tensor. On a transformers model, generation uses ``hf_model.generate``
     and the trace comes from one forward over the final sequences.
+
+    ``device``: None (the model's device) or the model's device. ``tokens`` are on the model's
+    device, as ``model.generate`` returns them; the trace is on the CPU (:mod:`moe_lab.devices`).
     """
 
     if max_new_tokens < 0:
@@ -439,13 +435,12 @@ def trace_generation(model, prompt, max_new_tokens: int = 32, *, tokenizer=None,
     if is_hf_model(model):
         return _hf_trace_generation(model, docs, max_new_tokens, tokenizer=tokenizer, keep_logits=keep_logits,
                                     layers=layers, domain=domain, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, seed=seed, eos_id=eos_id, pad_id=pad_id)
+                                    top_p=top_p, seed=seed, eos_id=eos_id, pad_id=pad_id, device=device)
     if hasattr(model, "iter_layers"):
         raise TypeError("trace_generation needs a model held in memory (a StreamingMixtral would re-read every "
                         "layer for every new token); use trace_routing on the final sequences instead")
-    engine = _MoeLabEngine(model, layers, keep_logits)
-    device = engine.device
-    tokens, mask = left_pad(docs, pad_id, device)
+    engine = _MoeLabEngine(model, layers, keep_logits, device)
+    tokens, mask = left_pad(docs, pad_id, engine.device)
     B, T = tokens.shape
     if T + max_new_tokens > model.args.max_seq_len:
         raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={model.args.max_seq_len}")
@@ -458,7 +453,7 @@ def trace_generation(model, prompt, max_new_tokens: int = 32, *, tokenizer=None,
         with engine.recorder as rec:
             for nxt in generate_stream(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k,
                                        top_p=top_p, seed=seed, eos_id=eos_id, pad_id=pad_id,
-                                       attention_mask=mask, cache=cache):
+                                       attention_mask=mask, cache=cache, device=engine.device):
                 steps.append(rec.take())  # the forward whose logits gave nxt: the prompt, then each token
                 new.append(nxt)
             if new:  # feed the last generated token too, so that its routing is recorded
@@ -515,9 +510,9 @@ def _trace_from_rows(out, keep, ids, ws, lg, engine, keep_logits, tokenizer, dom
 
 
 def _hf_trace_generation(model, docs, max_new_tokens, *, tokenizer, keep_logits, layers, domain, temperature,
-                         top_k, top_p, seed, eos_id, pad_id):
+                         top_k, top_p, seed, eos_id, pad_id, device):
 
-    device = input_device(model)
+    device = resolve_device(model, device)
     tokens, mask = left_pad(docs, pad_id, device)
     T = tokens.shape[1]
     if mask is None:
@@ -530,11 +525,12 @@ def _hf_trace_generation(model, docs, max_new_tokens, *, tokenizer, keep_logits,
             torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = model.generate(tokens, attention_mask=mask, **kw).cpu()
-    keep = _generation_keep(out, mask, T, eos_id)
-    rows = [out[b][torch.from_numpy(keep[b])].tolist() for b in range(out.shape[0])]
+        out = model.generate(tokens, attention_mask=mask, **kw)  # on the model's device
+    host = out.cpu()
+    keep = _generation_keep(host, mask, T, eos_id)
+    rows = [host[b][torch.from_numpy(keep[b])].tolist() for b in range(out.shape[0])]
     trace = trace_routing(model, rows, keep_logits=keep_logits, layers=layers, domain=domain, progress=False,
-                          tokenizer=tokenizer, batch_size=len(rows))
+                          tokenizer=tokenizer, batch_size=len(rows), device=device)
     trace.meta.update({"generated": True, "prompt_lengths": [len(d) for d in docs],
                        "generation_note": "transformers generate; routing from one forward over the final sequences"})
     return out, trace
