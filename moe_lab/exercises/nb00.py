@@ -44,7 +44,7 @@ def check_token_experts(answer, trace: RoutingTrace, position: int, layer: int) 
     got = [int(e) for e in got]
     if got == expected:
         return correct(name, f"correct: token {position} went to experts {expected} in layer {layer} "
-                             f"(weights {np.round(trace.weights[row, position], 3).tolist()}).")
+                             f"(weights {[round(float(w), 3) for w in trace.weights[row, position]]}).")
     if sorted(got) == sorted(expected):
         return wrong(name, f"right experts, wrong order: expected {expected}, found {got}.",
                      "Column 0 of expert_ids is the first choice (the larger weight).")
@@ -91,7 +91,7 @@ def check_token_consistency(answer, trace: RoutingTrace, token_id: int, layer: i
     if np.isclose(got, expected, atol=1e-6):
         chance = 1 / trace.n_experts
         return correct(name, f"correct: {got:.0%} of its {n} occurrences go first to the same expert "
-                             f"(random routing would give about {chance:.0%} per expert).")
+                             f"(routing that ignored the token would send about {chance:.0%} to any one expert).")
     counts = np.bincount(trace.expert_ids[trace.layer_index(layer), trace.token_ids == token_id, 0])
     if np.isclose(got, counts.max()):
         return wrong(name, f"{got:g} is a count; expected a share: {counts.max()} of {n} = {expected:.3f}.",

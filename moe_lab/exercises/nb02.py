@@ -140,6 +140,8 @@ def check_force_routing_fn(fn, expert: int = 3, n_experts: int = 8, k: int = 2, 
     if not torch.equal(logits, before):
         return wrong(name, "fn changed the logits tensor it was given in place.",
                      "Build a new tensor (logits + bonus) instead of logits[:, e] += 100.")
+    if out is None:
+        return todo(name, "your function returns None: return topk_softmax_routing(logits + bonus, k).")
     if not isinstance(out, tuple) or len(out) != 3:
         return wrong(name, "fn must return (probs, indices, weights), like topk_softmax_routing.")
     probs, idx, w = out
