@@ -43,7 +43,7 @@ E, K = 8, 2
 EXAMPLE_LOGITS = [0.4, -1.1, 2.3, 0.1, -0.6, 1.7, -0.2, 0.8]  # one token's router logits (illustrative)
 CHOSEN = (2, 5)  # the top-2 of EXAMPLE_LOGITS, checked in router_path()
 
-# where each notebook shows which diagram: (notebook, attachment name, the markdown cell's marker)
+# which notebook shows which diagram (in a markdown cell containing ![...](attachment:NAME))
 EMBED = [("00_quickstart.ipynb", "moe_block.png"), ("01_building_blocks.ipynb", "moe_block.png"),
          ("01_building_blocks.ipynb", "router_path.png")]
 
@@ -183,7 +183,7 @@ def embed_in_notebooks(out: Path = OUT, notebooks: Path = ROOT / "notebooks") ->
         for c in cells:
             c.setdefault("attachments", {})[png] = {"image/png": data}
         tmp = nb_path.with_suffix(".ipynb.tmp")
-        tmp.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+        tmp.write_text(json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n")  # as nbformat writes
         os.replace(tmp, nb_path)
         changed.append(f"{nb_name}:{png}")
     return changed
