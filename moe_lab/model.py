@@ -484,8 +484,9 @@ def load_balancing_loss(router_logits: list[Tensor], n_experts: int, k: int,
                         token_mask: Tensor | None = None) -> Tensor:
     """transformers' Mixtral auxiliary loss over all layers: E * sum_e f_e * P_e (= k at balance).
 
-    f_e: share of (token, slot) assignments to expert e summed over the k slots; P_e: mean router
-    probability. Padding (token_mask False) is left out of both means.
+    f_e: fraction of (token, layer) rows whose top-k contains expert e (the f_e sum to k, so balanced
+    routing gives k); P_e: mean router probability. All layers' rows are pooled (transformers'
+    convention). Padding (token_mask False) is left out of both means.
     """
     logits = torch.cat(router_logits).float()  # (L*N, E)
     probs = logits.softmax(-1)

@@ -750,7 +750,7 @@ def next_token_figure(base_probs, new_probs, tokenizer=None, *, top_n: int = 10,
     top.sort(key=lambda i: -max(p[i], q[i]))
     top = top[:top_n]
     names = tokenizer.pieces(top) if tokenizer is not None else [str(i) for i in top]
-    ylab = [f"{_esc(repr(n))} ({i})" for n, i in zip(names, top)]
+    ylab = [f"'{_esc(n)}' ({i})" for n, i in zip(names, top)]  # pieces already show a newline as \\n: no repr()
     kl = float(np.sum(np.where(p > 0, p * (np.log(np.clip(p, 1e-30, None)) - np.log(np.clip(q, 1e-30, None))), 0.0)))
     fig = _figure()
     fig.add_trace(go.Bar(y=ylab, x=p[top], orientation="h", name=labels[0], marker_color="#BBBBBB",

@@ -1,0 +1,214 @@
+"""Exercises of notebook 01 · Building blocks (RoPE, attention, the router, parameter and cache arithmetic).
+
+Every checker computes the reference answer itself, with moe_lab's own code, from the inputs the
+learner used, and says what is wrong (expected vs found) with a hint.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..checkpoints.convert import half_to_interleaved
+from ..model import Attention, ModelArgs, count_params, rope_cos_sin, rope_inv_freq, topk_softmax_routing
+from .feedback import Feedback, correct, is_todo, todo, wrong
+
+
+def _tensor(answer) -> torch.Tensor | None:
+    """The answer as a float64 tensor, or None when it cannot be one."""
+    try:
+        return torch.as_tensor(np.asarray(answer, dtype=np.float64) if not torch.is_tensor(answer)
+                               else answer.detach().double())
+    except (TypeError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- 01.1: the inverse permutation
+
+def check_inverse_permutation(answer, hd: int) -> Feedback:
+    """Exercise 01.1: the channel order that undoes ``perm`` (interleaved -> rotate_half, section 2.2).
+
+    ``answer``: a list (or tensor) ``inv`` of length ``hd`` such that ``x[..., perm][..., inv] == x``,
+    i.e. what ``half_to_interleaved`` does to the rows of one head.
+    """
+    name = "Exercise 01.1 (undo the q/k permutation)"
+    if is_todo(answer):
+        return todo(name, "perm sends interleaved channel 2i to position i and 2i+1 to i + hd/2; undo that.")
+    perm = torch.cat([torch.arange(0, hd, 2), torch.arange(1, hd, 2)])
+    # moe_lab's converter applied to the row numbers of one head: where each interleaved row comes from
+    expected = half_to_interleaved(torch.arange(hd, dtype=torch.float64)[:, None], 1)[:, 0].long()
+    got = [int(v) for v in np.asarray(answer).ravel()] if np.asarray(answer).ndim else None
+    if got is None or len(got) != hd:
+        return wrong(name, f"expected a list of {hd} channel indices, found {answer!r}.",
+                     "Return one index per channel, e.g. a list or torch.argsort(...).")
+    if sorted(got) != list(range(hd)):
+        return wrong(name, f"{got} is not a permutation of 0..{hd - 1} (an index is repeated or missing).",
+                     "Every channel must appear exactly once.")
+    if got == perm.tolist() and not torch.equal(perm, expected):
+        return wrong(name, f"{got} is perm itself: applying it twice does not give the channels back for hd = {hd}.",
+                     "You need the inverse: the position where each channel of perm ended up (torch.argsort(perm)).")
+    if got != expected.tolist():
+        first = next(i for i, (g, e) in enumerate(zip(got, expected.tolist())) if g != e)
+        return wrong(name, f"position {first}: expected channel {int(expected[first])}, found {got[first]}.",
+                     "Check x[..., perm][..., answer] == x on torch.arange(hd).")
+    note = (" For hd = 4 perm is [0, 2, 1, 3], its own inverse: that is why the wrong direction works there."
+            if hd == 4 else "")
+    return correct(name, f"correct: {got} undoes perm.{note}")
+
+
+# ---------------------------------------------------------------- 01.2: a window of one
+
+def window_one_reference(x: torch.Tensor, attn: Attention, args: ModelArgs) -> torch.Tensor:
+    """What moe_lab's ``Attention`` outputs for ``x`` (B, T, D) when each token sees only itself."""
+    B, T, _ = x.shape
+    a = args
+    pos = torch.arange(T)[None].expand(B, -1)
+    cos, sin = rope_cos_sin(pos, rope_inv_freq(a.head_dim, a.rope_theta), x.dtype)
+    only_self = torch.eye(T, dtype=torch.bool)[None, None]  # (1, 1, T, S)
+    with torch.no_grad():
+        return attn(x, cos, sin, mask=only_self)
+
+
+def check_window_one(answer, x: torch.Tensor, attn: Attention, args: ModelArgs) -> Feedback:
+    """Exercise 01.2: the attention output with ``WINDOW = 1``, computed *without* a softmax.
+
+    With a window of one key, each token attends only to itself with probability 1, so the output is
+    its own value vector (its kv head's, shared by the query heads of the group), through ``wo``.
+    ``answer``: a (B, T, D) tensor; ``x``, ``attn`` and ``args`` are those of section 3.
+    """
+    name = "Exercise 01.2 (a window of one)"
+    if is_todo(answer):
+        return todo(name, "probs is 1 on the diagonal: the output is each token's own v, through wo.")
+    expected = window_one_reference(x, attn, args).double()
+    got = _tensor(answer)
+    if got is None or got.shape != expected.shape:
+        return wrong(name, f"expected shape {tuple(expected.shape)}, found "
+                     f"{None if got is None else tuple(got.shape)}.",
+                     "v has shape (B, T, Hkv, hd): repeat each kv head for its query heads, flatten, then @ wo.T.")
+    if torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
+        return correct(name, "correct: with one key, attention just copies each token's own value vector.")
+    v = (x @ attn.wv.weight.T).double()  # (B, T, Hkv*hd)
+    if got.shape == v.shape and torch.allclose(got, v, atol=1e-4):
+        return wrong(name, "that is v itself: the heads' outputs still go through the output projection wo.",
+                     "Repeat kv heads for their query heads (repeat_interleave), flatten, then multiply by wo.T.")
+    err = (got - expected).abs().max().item()
+    return wrong(name, f"shape is right but values differ from moe_lab's Attention with a one-key mask "
+                       f"(max |difference| {err:.3g}).",
+                 "Each query head h reads kv head h // group: use repeat_interleave(group, dim=2), not repeat.")
+
+
+# ---------------------------------------------------------------- 01.3: route one token by hand
+
+def check_route_token(answer, logits_row, k: int = 2) -> Feedback:
+    """Exercise 01.3: route one token by hand: its top-k experts and their mixing weights.
+
+    ``logits_row``: the token's E router logits (here with a tie). ``answer``: ``(experts, weights)``,
+    two sequences of length k; weights must be renormalised over the k chosen experts. When logits
+    tie, either order is right: experts are compared as a set, weights expert by expert.
+    """
+    name = "Exercise 01.3 (route one token by hand)"
+    if is_todo(answer):
+        return todo(name, "softmax over all experts, keep the top k, divide by their sum.")
+    logits = torch.as_tensor(logits_row, dtype=torch.float32).reshape(1, -1)
+    probs, idx, weights = topk_softmax_routing(logits, k)
+    expected = {int(e): float(w) for e, w in zip(idx[0], weights[0])}
+    try:
+        experts, ws = answer
+        experts = [int(e) for e in np.asarray(experts).ravel()]
+        ws = [float(w) for w in np.asarray(ws, dtype=np.float64).ravel()]
+    except (TypeError, ValueError):
+        return wrong(name, f"expected a pair (experts, weights), found {answer!r}.",
+                     "Return e.g. ([3, 5], [0.5, 0.5]).")
+    if len(experts) != k or len(ws) != k:
+        return wrong(name, f"expected {k} experts and {k} weights, found {len(experts)} and {len(ws)}.",
+                     f"Keep the top k = {k}.")
+    # the tie: every expert whose logit equals the k-th largest may be chosen
+    kth = logits[0].topk(k).values[-1]
+    allowed = set((logits[0] > kth).nonzero().ravel().tolist()) | set((logits[0] == kth).nonzero().ravel().tolist())
+    if not set(experts) <= allowed or len(set(experts)) != k:
+        return wrong(name, f"experts {experts} are not the {k} largest logits (expected {sorted(expected)}).",
+                     "softmax keeps the order of the logits: the top-k probabilities are the top-k logits.")
+    ref = {e: float(w) for e, w in zip(experts, torch.softmax(logits[0, experts].double(), -1))}
+    if all(math.isclose(w, ref[e], abs_tol=1e-5) for e, w in zip(experts, ws)):
+        return correct(name, f"correct: experts {experts}, weights {[round(w, 4) for w in ws]} (sum 1).")
+    full = probs[0].double()
+    if all(math.isclose(w, float(full[e]), abs_tol=1e-5) for e, w in zip(experts, ws)):
+        return wrong(name, f"weights {[round(w, 4) for w in ws]} sum to {sum(ws):.4f}, not 1: these are the "
+                           "softmax probabilities before renormalising.",
+                     "Divide the k kept probabilities by their sum (that is what Mixtral mixes with).")
+    return wrong(name, f"weights {[round(w, 4) for w in ws]} for experts {experts}; expected "
+                       f"{[round(ref[e], 4) for e in experts]}.",
+                 "Softmax over all logits, keep the chosen experts' probabilities, divide by their sum.")
+
+
+# ---------------------------------------------------------------- 01.4: parameter arithmetic
+
+def check_param_count(answer, args: ModelArgs) -> Feedback:
+    """Exercise 01.4: (total, active) parameters of ``args``, counted by hand as in section 7.
+
+    ``answer``: a pair of integers. The reference is ``moe_lab.count_params(args)``.
+    """
+    name = "Exercise 01.4 (count the parameters)"
+    if is_todo(answer):
+        return todo(name, "reuse section 7's formula with this config's D, L, heads, I, E, K and V.")
+    ref = count_params(args)
+    try:
+        total, active = (int(v) for v in answer)
+    except (TypeError, ValueError):
+        return wrong(name, f"expected a pair (total, active) of integers, found {answer!r}.")
+    if (total, active) == (ref.total, ref.active):
+        return correct(name, f"correct: {total:,} total, {active:,} active per token.")
+    D, V, L = args.dim, args.vocab_size, args.n_layers
+    expert = 3 * D * args.hidden_dim
+    diagnosis = {
+        ref.total - V * D: "one embedding matrix is missing: the input embedding and the output head are separate.",
+        ref.total - L * args.n_experts * D: "the routers (E x D per layer) are missing.",
+        ref.total - L * 2 * D - D: "the norms (2 per layer, plus the final one) are missing.",
+    }
+    if total != ref.total:
+        return wrong(name, f"total: expected {ref.total:,}, found {total:,} (off by {total - ref.total:+,}). "
+                           + diagnosis.get(total, ""),
+                     "Sum embeddings + head, attention, norms, routers and E experts of 3*D*I per layer.")
+    if active == ref.total or active == ref.active + L * (args.n_experts - args.experts_per_token) * expert:
+        return wrong(name, f"active: expected {ref.active:,}, found {active:,}: you counted all E experts.",
+                     f"A token runs only experts_per_token = {args.experts_per_token} experts per layer.")
+    return wrong(name, f"active: expected {ref.active:,}, found {active:,} (off by {active - ref.active:+,}).",
+                 "Active = total with K experts per layer instead of E (everything else is shared).")
+
+
+# ---------------------------------------------------------------- 01.5: the KV cache
+
+def check_kv_cache_bytes(answer, args: ModelArgs, bytes_per_value: int = 2) -> Feedback:
+    """Exercise 01.5: bytes of KV cache per token: 2 (k and v) x layers x kv heads x head_dim x bytes.
+
+    ``answer``: an integer (bf16: ``bytes_per_value = 2``).
+    """
+    name = "Exercise 01.5 (KV cache per token)"
+    if is_todo(answer):
+        return todo(name, "one k and one v vector per kv head per layer, 2 bytes per bf16 value.")
+    per_head = args.n_layers * args.head_dim * bytes_per_value
+    expected = 2 * args.n_kv_heads * per_head
+    try:
+        got = int(answer)
+    except (TypeError, ValueError):
+        return wrong(name, f"expected an integer number of bytes, found {answer!r}.")
+    if got == expected:
+        return correct(name, f"correct: {got:,} bytes per token ({got / 2**10:.0f} KiB); "
+                             f"32k tokens take {expected * 32768 / 2**30:.1f} GiB.")
+    if got == 2 * args.n_heads * per_head:
+        return wrong(name, f"expected {expected:,}, found {got:,}: that is the cache without GQA "
+                           f"({args.n_heads} heads instead of {args.n_kv_heads} kv heads).",
+                     "Only the kv heads are cached; the query heads share them.")
+    if got * 2 == expected:
+        return wrong(name, f"expected {expected:,}, found {got:,}: half. Did you forget that both k and v are cached?")
+    if got * bytes_per_value == expected:
+        return wrong(name, f"expected {expected:,}, found {got:,}: that counts values, not bytes.",
+                     f"Each value takes {bytes_per_value} bytes.")
+    return wrong(name, f"expected {expected:,} bytes, found {got:,}.",
+                 "2 (k and v) x n_layers x n_kv_heads x head_dim x bytes per value.")
+
+
+__all__ = ["check_inverse_permutation", "check_window_one", "check_route_token", "check_param_count",
+           "check_kv_cache_bytes", "window_one_reference"]
