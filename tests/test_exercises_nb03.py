@@ -87,3 +87,7 @@ def test_partial_load_memory():
         assert fb.status == "wrong" and word in fb.message, (mistake, fb)
     fb = ex.check_partial_load_memory(1e9, args, n_layers=4)
     assert fb.status == "wrong" and "expected about" in fb.message
+
+
+def test_function_stub_is_todo():
+    assert ex.check_qk_permutation(lambda w, n_heads: None).status == "todo"

@@ -144,3 +144,7 @@ def test_hf_moe_trace(model):
         vocab_size=128)).eval()
     fb = ex.check_hf_moe_trace(trace_routing(mixtral, tokens, progress=False), mixtral, tokens)
     assert fb.status == "wrong" and "Mixtral again" in fb.message
+
+
+def test_function_stubs_are_todo():
+    assert ex.check_random_routing(lambda logits, k: None).status == "todo"
