@@ -36,8 +36,8 @@ def check_router_from_file(answer, model, layer: int = 1) -> Feedback:
     ``safetensors.safe_open`` and read the router weight of ``layer`` (``answer``: that tensor).
     It must equal ``model.blocks[layer].moe.gate.weight``."""
     name = "Exercise 03.1 (the router, read from the file)"
-    hint = ("with safe_open(path, 'pt') as f: f.keys() lists the names; in the Mistral layout the router "
-            f"of layer {layer} is 'layers.{layer}.feed_forward.gate.weight'; read it with f.get_tensor(name).")
+    hint = ("with safe_open(path, 'pt') as f: f.keys() lists the names (the Mistral layout's router is under "
+            "feed_forward); f.get_tensor(name) reads that one tensor.")
     if is_todo(answer):
         return todo(name, hint)
     if not isinstance(answer, torch.Tensor):
@@ -68,8 +68,8 @@ def check_qk_permutation(fn) -> Feedback:
     head, rows 0, 2, 4, ... then 1, 3, 5, .... Checked on weights with several heads against
     :func:`moe_lab.checkpoints.convert.interleaved_to_half`."""
     name = "Exercise 03.2 (the q/k row permutation)"
-    hint = ("per head of hd rows: view the weight as [n_heads, hd // 2, 2, dim] (row 2i+j is [i, j]), "
-            "swap the two middle axes and reshape back to [n_heads * hd, dim].")
+    hint = ("keep the head axis in front and view each head's hd rows as [hd // 2 pairs, 2 members]; "
+            "swapping those two axes puts the first members of all pairs first; reshape back.")
     if is_todo(fn):
         return todo(name, hint)
     if not callable(fn):
@@ -113,8 +113,8 @@ def check_layer_order_effect(answer, checkpoint: str | os.PathLike, tokens: torc
     two-layer checkpoint) and report ``answer`` = max |logit difference| against the model loaded
     normally, on ``tokens``."""
     name = "Exercise 03.3 (blocks in another order)"
-    hint = ("reversed = load_model(path, layers=[1, 0]); compare reversed(tokens) with load_model(path)(tokens): "
-            "(a - b).abs().max().item().")
+    hint = ("load the checkpoint twice, once with layers=[1, 0]; run both on the same tokens and take the "
+            "largest absolute difference of the logits (a float, .item()).")
     if is_todo(answer):
         return todo(name, hint)
     try:

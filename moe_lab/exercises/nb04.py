@@ -44,7 +44,8 @@ def check_topk_by_hand(answer, router_logits: torch.Tensor, k: int) -> Feedback:
     ``(weights, experts)``, both (N, k), experts in rank order (largest probability first), weights
     renormalised over the k chosen experts."""
     name = "Exercise 04.1 (Mixtral's routing rule by hand)"
-    hint = "softmax over all E experts (in fp32), then .topk(k, dim=-1), then divide the k weights by their sum."
+    hint = ("either order works: the k largest logits (.topk(k, dim=-1)) and a softmax over just those k; or a "
+            "softmax over all E experts, .topk(k, dim=-1), and the k weights divided by their sum.")
     if is_todo(answer):
         return todo(name, hint)
     if not (isinstance(answer, (tuple, list)) and len(answer) == 2):
@@ -92,8 +93,8 @@ def check_ablation_sweep(answer, model, prompt_ids: Sequence[int], layer: int) -
     """Exercise 04.2: ablate (reroute) each expert of ``layer`` in turn; ``answer`` = the E values
     KL(normal model || ablated model) of the next-token distribution after ``prompt_ids``, in nats."""
     name = "Exercise 04.2 (ablate each expert in turn)"
-    hint = ("for e in range(E): with intervene(model, AblateExpert(layer, e)): q = next-token probabilities; "
-            "KL(p || q) = sum p * (log p - log q), with p the normal model's.")
+    hint = ("for each expert, get the next-token distribution q inside `with intervene(model, AblateExpert(layer, "
+            "e)):` and compare it with the normal model's p: KL(p || q) = sum p (log p - log q).")
     if is_todo(answer):
         return todo(name, hint)
     try:
@@ -140,8 +141,8 @@ def check_force_spread(answer, model, prompt_ids: Sequence[int], layer: int, exp
     (``ForceExpert(layer, expert, positions=[position])``); ``answer`` = the sorted list of positions
     whose routing changed in at least one layer (compare the traces' ``expert_ids``)."""
     name = "Exercise 04.3 (how far does a forced expert travel?)"
-    hint = ("trace the prompt with and without the intervention; changed = (base.expert_ids != forced.expert_ids)"
-            ".any(axis=(0, 2)) is one bool per token; the positions are base.positions[changed].")
+    hint = ("trace the prompt with and without the intervention; compare the two expert_ids arrays "
+            "([layers, tokens, k]) and reduce over layers and ranks to one bool per token.")
     if is_todo(answer):
         return todo(name, hint)
     try:
@@ -175,8 +176,8 @@ def check_random_routing(fn, n_experts: int = 8) -> Feedback:
     router's own probabilities renormalised over the k drawn experts. ``probs`` is the router's
     softmax over all experts."""
     name = "Exercise 04.4 (a random router)"
-    hint = ("probs = logits.float().softmax(-1); indices = torch.rand_like(probs).topk(k, dim=-1).indices "
-            "(k distinct experts per token); weights = probs.gather(-1, indices), divided by their sum.")
+    hint = ("the k largest of E uniform random numbers are k distinct random experts (torch.randint draws with "
+            "replacement); the weights are the router's probabilities of those experts (gather), renormalised.")
     if is_todo(fn):
         return todo(name, hint)
     if not callable(fn):

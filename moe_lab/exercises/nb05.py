@@ -42,8 +42,8 @@ def check_first_choice_load(answer, trace: RoutingTrace) -> Feedback:
     tokens whose *first* choice is each expert (rows sum to 1). Compute it from
     ``trace.expert_ids`` [L, N, k] with numpy."""
     name = "Exercise 05.1 (the first-choice load by hand)"
-    hint = ("first = trace.expert_ids[:, :, 0] is [L, N]; per layer np.bincount(first[l], minlength=E) / N; "
-            "stack the L rows.")
+    hint = ("column 0 of trace.expert_ids [L, N, k] is the first choice; count each expert per layer with "
+            "np.bincount(..., minlength=E) and divide by the number of tokens.")
     if is_todo(answer):
         return todo(name, hint)
     L, E = trace.n_layers, trace.n_experts
@@ -85,8 +85,8 @@ def check_repetition_rate(answer, trace: RoutingTrace) -> Feedback:
     consecutive token pairs (i, i+1) *in the same document*, with token i not BOS, whose first
     choices are the same expert."""
     name = "Exercise 05.2 (the repetition rate by hand)"
-    hint = ("first = trace.expert_ids[:, :, 0]; keep = (trace.doc_ids[:-1] == trace.doc_ids[1:]) & "
-            "(trace.token_ids[:-1] != 1); rate = (first[:, :-1] == first[:, 1:])[:, keep].mean(1).")
+    hint = ("compare the first choices of tokens i and i+1 (slices [:-1] and [1:]); keep only the pairs whose "
+            "doc_ids agree and whose token i is not BOS (id 1); average per layer.")
     if is_todo(answer):
         return todo(name, hint)
     L = trace.n_layers
@@ -131,8 +131,8 @@ def check_digit_experts(answer, trace: RoutingTrace, layer: int) -> Feedback:
     ``layer`` is each expert: E values summing to 1. Compare its largest value with that expert's
     share over all tokens to see whether digits have an expert of their own."""
     name = "Exercise 05.3 (do digits get an expert of their own?)"
-    hint = ("row = trace.layer_index(layer); first = trace.expert_ids[row, mask, 0]; "
-            "np.bincount(first, minlength=E) / mask.sum().")
+    hint = ("take the layer's row (trace.layer_index(layer)), the digit tokens (the mask) and column 0; count "
+            "with np.bincount(..., minlength=E) and divide by the number of digit tokens.")
     if is_todo(answer):
         return todo(name, hint)
     mask = digit_mask(trace)
@@ -181,9 +181,9 @@ def check_greedy_cache_hits(answer, model, prompts: Sequence, tokenizer, n_new: 
     ``answer`` = the LRU hit rate with ``cache_size`` experts per layer, decode steps only,
     averaged over layers."""
     name = "Exercise 05.4 (expert cache on greedy text)"
-    hint = ("tokens, tr = moe_lab.trace_generation(model, prompts, max_new_tokens=n_new, tokenizer=tokenizer, "
-            "temperature=0); hits = analysis.cache_hit_rates(analysis.generated_only(tr), sizes=[cache_size], "
-            "policies=('lru',)); hits.hit_rate.mean().")
+    hint = ("moe_lab.trace_generation(..., temperature=0) gives the greedy trace; analysis.generated_only keeps "
+            "its decode steps; analysis.cache_hit_rates(..., sizes=[cache_size], policies=('lru',)) gives one hit "
+            "rate per layer: average them.")
     if is_todo(answer):
         return todo(name, hint)
     try:
