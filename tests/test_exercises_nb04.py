@@ -1,5 +1,8 @@
 """Notebook 04's exercise checkers: the right answer passes, None is todo, typical mistakes are named."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -125,7 +128,8 @@ def test_random_routing():
 
 def test_hf_moe_trace(model):
     cfg = transformers.OlmoeConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=128, num_experts=8, num_experts_per_tok=2)
+                                   num_key_value_heads=2, vocab_size=128, num_experts=8, num_experts_per_tok=2,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     hf = transformers.OlmoeForCausalLM(cfg).eval()
     tokens = torch.tensor([PROMPT])
@@ -148,3 +152,18 @@ def test_hf_moe_trace(model):
 
 def test_function_stubs_are_todo():
     assert ex.check_random_routing(lambda logits, k: None).status == "todo"
+
+
+def test_every_checker_is_an_exercise_with_a_worked_solution():
+    """Each check_* of the module is called by a stub cell of notebook 04 and required by its solutions notebook."""
+    root = Path(__file__).resolve().parent.parent / "notebooks"
+    code = lambda path: "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"]
+                                   if c["cell_type"] == "code")
+    notebook = code(next(root.glob("04_*.ipynb")))
+    solutions = code(root / "solutions" / "04_solutions.ipynb")
+    checkers = [name for name in dir(ex) if name.startswith("check_")]
+    assert len(checkers) >= 3
+    for name in checkers:
+        assert f"ex.{name}(" in notebook, name
+        assert f"ex.{name}(" in solutions and ".require()" in solutions.split(f"ex.{name}(", 1)[1].split("\n")[0], name
+    assert "answer = None  # YOUR CODE HERE" in notebook

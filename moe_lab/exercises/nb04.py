@@ -237,7 +237,8 @@ def check_hf_moe_trace(answer, hf_model, tokens) -> Feedback:
     ...) and trace ``tokens`` through it with ``trace_routing``; ``answer`` = that trace."""
     name = "Exercise 04.5 (trace another transformers MoE)"
     hint = ("e.g. cfg = transformers.OlmoeConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, "
-            "num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_experts=8, num_experts_per_tok=2); "
+            "num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_experts=8, num_experts_per_tok=2, "
+            "pad_token_id=0, bos_token_id=1, eos_token_id=2); "
             "hf = transformers.OlmoeForCausalLM(cfg).eval(); trace = trace_routing(hf, tokens, progress=False).")
     if is_todo(answer) or is_todo(hf_model):
         return todo(name, hint)
