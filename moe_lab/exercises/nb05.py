@@ -1,0 +1,204 @@
+"""Exercises of notebook 05 (visualising experts): compute by hand what three figures draw (the
+first-choice load, the repetition rate, the experts of digit tokens), and rerun the expert-cache
+simulation on greedy text.
+
+Each checker recomputes the answer with ``moe_lab.analysis`` from the trace (or model) the learner
+used::
+
+    from moe_lab.exercises import nb05 as ex
+    ex.check_first_choice_load(answer, trace)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..analysis.stats import cache_hit_rates, expert_load, generated_only, repetition
+from ..routing.trace import RoutingTrace
+from ..routing.tracing import trace_generation
+from .feedback import Feedback, correct, is_todo, todo, wrong
+
+
+def _array(answer, name: str, shape: tuple, what: str, hint: str):
+    """(array, None) or (None, wrong feedback) for an answer that should be a float array of ``shape``."""
+    try:
+        a = np.asarray(answer, dtype=float)
+    except (TypeError, ValueError):
+        return None, wrong(name, f"expected {what}, found {type(answer).__name__}.", hint)
+    if a.shape != shape:
+        extra = " (transposed?)" if a.shape == shape[::-1] and len(shape) == 2 else ""
+        return None, wrong(name, f"expected {what} of shape {shape}, found {a.shape}{extra}.", hint)
+    return a, None
+
+
+# --------------------------------------------------------------------------------------------
+# 05.1
+
+
+def check_first_choice_load(answer, trace: RoutingTrace) -> Feedback:
+    """Exercise 05.1: the first-choice load, [layers, experts]: for each layer (row), the share of
+    tokens whose *first* choice is each expert (rows sum to 1). Compute it from
+    ``trace.expert_ids`` [L, N, k] with numpy."""
+    name = "Exercise 05.1 (the first-choice load by hand)"
+    hint = ("column 0 of trace.expert_ids [L, N, k] is the first choice; count each expert per layer with "
+            "np.bincount(..., minlength=E) and divide by the number of tokens.")
+    if is_todo(answer):
+        return todo(name, hint)
+    L, E = trace.n_layers, trace.n_experts
+    a, bad = _array(answer, name, (L, E), "an array [layers, experts]", hint)
+    if bad is not None:
+        return bad
+    ref = expert_load(trace, "first")
+    if np.allclose(a, ref, atol=1e-6):
+        spread = (ref.max(1) - ref.min(1)).max()
+        return correct(name, f"rows sum to 1; the biggest gap between an expert's share and another's in one layer "
+                             f"is {spread:.1%}.")
+    if np.allclose(a, expert_load(trace, "either"), atol=1e-6):
+        return wrong(name, "this is the load over both slots (column 0 and column 1 of expert_ids): keep only "
+                           "the first choice, column 0.", hint)
+    if np.allclose(a, ref * trace.n_tokens, atol=1e-6):
+        return wrong(name, "these are counts: divide each row by the number of tokens.", hint)
+    if np.allclose(a, expert_load(trace, "either", "tokens"), atol=1e-6):
+        return wrong(name, "rows sum to k: these are both slots counted per token. Keep only the first choice.", hint)
+    l, e = np.unravel_index(np.abs(a - ref).argmax(), ref.shape)
+    return wrong(name, f"layer row {l}, expert {e}: found {a[l, e]:.4f}, expected {ref[l, e]:.4f}.", hint)
+
+
+# --------------------------------------------------------------------------------------------
+# 05.2
+
+
+def _same_first_rate(trace: RoutingTrace, same_doc: bool, skip_bos: bool, bos_id: int = 1) -> np.ndarray:
+    first = trace.expert_ids[:, :, 0]  # [L, N]
+    keep = np.ones(trace.n_tokens - 1, dtype=bool)
+    if same_doc:
+        keep &= trace.doc_ids[:-1] == trace.doc_ids[1:]
+    if skip_bos:
+        keep &= trace.token_ids[:-1] != bos_id
+    return (first[:, :-1] == first[:, 1:])[:, keep].mean(1)
+
+
+def check_repetition_rate(answer, trace: RoutingTrace) -> Feedback:
+    """Exercise 05.2: the repetition rate of section 5 by hand, one value per layer: the share of
+    consecutive token pairs (i, i+1) *in the same document*, with token i not BOS, whose first
+    choices are the same expert."""
+    name = "Exercise 05.2 (the repetition rate by hand)"
+    hint = ("compare the first choices of tokens i and i+1 (slices [:-1] and [1:]); keep only the pairs whose "
+            "doc_ids agree and whose token i is not BOS (id 1); average per layer.")
+    if is_todo(answer):
+        return todo(name, hint)
+    L = trace.n_layers
+    a, bad = _array(answer, name, (L,), "one rate per layer", hint)
+    if bad is not None:
+        return bad
+    ref = repetition(trace, "first", n_boot=10, n_shuffles=1).rate
+    if np.allclose(a, ref, atol=1e-6):
+        return correct(name, "same values as analysis.repetition: " + ", ".join(f"{r:.1%}" for r in ref) + ".")
+    if np.allclose(a, _same_first_rate(trace, same_doc=False, skip_bos=True), atol=1e-6):
+        return wrong(name, "you counted pairs across document boundaries (the last token of one document and the "
+                           "BOS of the next): keep pairs whose doc_ids are equal.", hint)
+    if np.allclose(a, _same_first_rate(trace, same_doc=True, skip_bos=False), atol=1e-6):
+        return wrong(name, "you kept the pairs that start at BOS: its routing says nothing about the text (it is "
+                           "the same token in every document).", hint)
+    if np.allclose(a, _same_first_rate(trace, same_doc=False, skip_bos=False), atol=1e-6):
+        return wrong(name, "pairs across documents and pairs starting at BOS are both counted.", hint)
+    l = int(np.abs(a - ref).argmax())
+    return wrong(name, f"layer row {l}: found {a[l]:.4f}, expected {ref[l]:.4f}.", hint)
+
+
+# --------------------------------------------------------------------------------------------
+# 05.3
+
+
+def digit_mask(trace: RoutingTrace) -> np.ndarray:
+    """[N] bool: the token is made of digits (its piece, without the word-start mark ▁, is 0-9 only)."""
+    if trace.pieces is None:
+        raise ValueError("this trace has no pieces: trace it with tokenizer=... to know which tokens are digits")
+    return np.array([p.replace("▁", "").isdigit() for p in trace.pieces])
+
+
+def digit_first_choice(trace: RoutingTrace, layer: int) -> np.ndarray:
+    """[E] share of digit tokens whose first choice in ``layer`` is each expert."""
+    mask = digit_mask(trace)
+    first = trace.expert_ids[trace.layer_index(layer), mask, 0]
+    return np.bincount(first, minlength=trace.n_experts) / max(int(mask.sum()), 1)
+
+
+def check_digit_experts(answer, trace: RoutingTrace, layer: int) -> Feedback:
+    """Exercise 05.3: among the digit tokens (``digit_mask(trace)``), the share whose first choice in
+    ``layer`` is each expert: E values summing to 1. Compare its largest value with that expert's
+    share over all tokens to see whether digits have an expert of their own."""
+    name = "Exercise 05.3 (do digits get an expert of their own?)"
+    hint = ("take the layer's row (trace.layer_index(layer)), the digit tokens (the mask) and column 0; count "
+            "with np.bincount(..., minlength=E) and divide by the number of digit tokens.")
+    if is_todo(answer):
+        return todo(name, hint)
+    mask = digit_mask(trace)
+    if not mask.any():
+        return wrong(name, "this trace has no digit tokens; trace a text with numbers in it.", hint)
+    E = trace.n_experts
+    a, bad = _array(answer, name, (E,), "one share per expert", hint)
+    if bad is not None:
+        return bad
+    ref = digit_first_choice(trace, layer)
+    if np.allclose(a, ref, atol=1e-6):
+        e = int(ref.argmax())
+        overall = expert_load(trace, "first")[trace.layer_index(layer), e]
+        return correct(name, f"expert {e} takes {ref[e]:.0%} of the {int(mask.sum())} digit tokens in layer {layer}, "
+                             f"against {overall:.0%} of all tokens.")
+    if np.allclose(a, ref * mask.sum() / trace.n_tokens, atol=1e-6):
+        return wrong(name, "you divided by all tokens; divide by the number of digit tokens so the values sum to 1.", hint)
+    row = trace.layer_index(layer)
+    both = np.bincount(trace.expert_ids[row, mask].ravel(), minlength=E) / mask.sum()
+    if np.allclose(a, both, atol=1e-6) or np.allclose(a, both / trace.top_k, atol=1e-6):
+        return wrong(name, "you counted both slots; the question is about the first choice (column 0).", hint)
+    for other in trace.layers:
+        if other != layer and np.allclose(a, digit_first_choice(trace, other), atol=1e-6):
+            return wrong(name, f"these are the shares of layer {other}, not of layer {layer}.", hint)
+    e = int(np.abs(a - ref).argmax())
+    return wrong(name, f"expert {e}: found {a[e]:.4f}, expected {ref[e]:.4f}.", hint)
+
+
+# --------------------------------------------------------------------------------------------
+# 05.4
+
+
+def greedy_lru_hit_rate(model, prompts: Sequence, tokenizer, n_new: int, cache_size: int, *,
+                        decode_only: bool = True) -> float:
+    """Mean over layers of the LRU hit rate with ``cache_size`` experts per layer, for greedy
+    generation (temperature 0) from ``prompts``; decode steps only unless ``decode_only=False``."""
+    _, trace = trace_generation(model, list(prompts), max_new_tokens=n_new, tokenizer=tokenizer, temperature=0.0)
+    if decode_only:
+        trace = generated_only(trace)
+    hits = cache_hit_rates(trace, sizes=[cache_size], policies=("lru",))
+    return float(hits.hit_rate.mean())
+
+
+def check_greedy_cache_hits(answer, model, prompts: Sequence, tokenizer, n_new: int, cache_size: int) -> Feedback:
+    """Exercise 05.4: rerun section 9's cache simulation on *greedy* text (``temperature=0``):
+    ``answer`` = the LRU hit rate with ``cache_size`` experts per layer, decode steps only,
+    averaged over layers."""
+    name = "Exercise 05.4 (expert cache on greedy text)"
+    hint = ("moe_lab.trace_generation(..., temperature=0) gives the greedy trace; analysis.generated_only keeps "
+            "its decode steps; analysis.cache_hit_rates(..., sizes=[cache_size], policies=('lru',)) gives one hit "
+            "rate per layer: average them.")
+    if is_todo(answer):
+        return todo(name, hint)
+    try:
+        value = float(np.asarray(answer, dtype=float).reshape(()))
+    except (TypeError, ValueError):
+        return wrong(name, "expected one number (the hit rate averaged over layers), found "
+                           f"{np.shape(answer) if hasattr(answer, '__len__') else type(answer).__name__}.", hint)
+    if not 0 <= value <= 1:
+        return wrong(name, f"a hit rate is between 0 and 1, found {value:.4g}.", hint)
+    ref = greedy_lru_hit_rate(model, prompts, tokenizer, n_new, cache_size)
+    if abs(value - ref) <= 1e-6:
+        return correct(name, f"LRU hit rate with {cache_size} of {model.args.n_experts} experts per layer on greedy "
+                             f"text: {ref:.1%}.")
+    if abs(value - greedy_lru_hit_rate(model, prompts, tokenizer, n_new, cache_size, decode_only=False)) <= 1e-6:
+        return wrong(name, "this includes the prompt tokens: the prompt is processed in one batch, so keep only the "
+                           "decode steps (analysis.generated_only).", hint)
+    return wrong(name, f"expected {ref:.4f}, found {value:.4f} (greedy: temperature=0; LRU; {cache_size} experts "
+                       "per layer; mean over layers).", hint)
