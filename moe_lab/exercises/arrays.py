@@ -1,0 +1,52 @@
+"""Comparing a learner's numbers with the reference: what is wrong, said in words.
+
+Checkers of the numeric exercises share these so that every "wrong" says the same kind of thing:
+the expected shape against the one found, or the first element that differs with both values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def to_array(answer) -> np.ndarray | None:
+    """A tensor, array, list or number as a float64 array; None when it cannot be one."""
+    try:
+        if isinstance(answer, torch.Tensor):
+            return answer.detach().to("cpu", torch.float64).numpy()
+        return np.asarray(answer, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+
+
+def mismatch(expected, found, *, atol: float = 1e-5, rtol: float = 1e-4, labels=None) -> str | None:
+    """None when ``found`` matches ``expected`` (same shape, values within tolerance), else a
+    sentence naming the problem: the type, the shape, or the first differing element.
+
+    ``labels``: one name per axis (e.g. ``("snapshot", "layer")``) for the element's position.
+    """
+    exp = to_array(expected)
+    got = to_array(found)
+    if got is None:
+        return f"expected numbers (a tensor or an array), found a {type(found).__name__}"
+    if got.shape != exp.shape:
+        return f"expected shape {tuple(exp.shape)}, found shape {tuple(got.shape)}"
+    if np.isnan(got).any():
+        return "your answer contains NaN"
+    bad = ~np.isclose(got, exp, atol=atol, rtol=rtol)
+    if not bad.any():
+        return None
+    where = tuple(int(i) for i in np.argwhere(bad)[0]) if exp.ndim else ()
+    if where:
+        names = labels or [f"axis {i}" for i in range(exp.ndim)]
+        place = "at " + ", ".join(f"{n} {i}" for n, i in zip(names, where))
+        return f"{int(bad.sum())} of {bad.size} values differ; {place} expected {exp[where]:.6g}, found {got[where]:.6g}"
+    return f"expected {float(exp):.6g}, found {float(got):.6g}"
+
+
+def matches(expected, found, *, atol: float = 1e-5, rtol: float = 1e-4) -> bool:
+    """True when ``found`` has ``expected``'s shape and values (within tolerance)."""
+    got = to_array(found)
+    exp = to_array(expected)
+    return got is not None and got.shape == exp.shape and bool(np.allclose(got, exp, atol=atol, rtol=rtol))
