@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures as cf
+import hashlib
 import json
 import os
 import shutil
@@ -161,14 +162,19 @@ def figure_png(figure: dict, scale: float = PNG_SCALE, colors: int = PNG_COLORS)
     return out.getvalue()
 
 
-def figure_html(figure: dict, include_plotlyjs: bool) -> str:
+def figure_html(figure: dict, include_plotlyjs: bool, div_id: str | None = None) -> str:
     """The figure as an HTML fragment that needs no network: plotly.js inline when asked, else the
-    ``window.Plotly`` of an earlier fragment on the same page; no MathJax from a CDN."""
+    ``window.Plotly`` of an earlier fragment on the same page; no MathJax from a CDN. The ``<div>``'s
+    id is ``div_id``, else drawn from the figure's JSON, so that saving the same figure twice gives the
+    same bytes (small diffs when notebooks are re-executed)."""
     import plotly.io as pio
 
     fig, config = _split(figure)
+    if div_id is None:
+        digest = hashlib.sha1(json.dumps(figure, sort_keys=True).encode()).hexdigest()[:16]
+        div_id = f"plotly-{digest}"
     return pio.to_html(fig, config=config, include_plotlyjs=include_plotlyjs, include_mathjax=False,
-                       full_html=False, default_width="100%", default_height=525, validate=False)
+                       full_html=False, default_width="100%", default_height=525, validate=False, div_id=div_id)
 
 
 def add_static_figures(nb: dict, html: str = "inline", scale: float = PNG_SCALE, progress=None) -> dict:
@@ -201,7 +207,9 @@ def add_static_figures(nb: dict, html: str = "inline", scale: float = PNG_SCALE,
             data[PNG_MIME] = base64.b64encode(png).decode("ascii")
             stats["png_bytes"] += len(png)
             if html == "inline":
-                data[HTML_MIME] = figure_html(data[PLOTLY_MIME], include_plotlyjs=first)
+                digest = hashlib.sha1(json.dumps(data[PLOTLY_MIME], sort_keys=True).encode()).hexdigest()[:12]
+                div_id = f"plotly-{i}-{len(kept) - 1}-{digest}"  # unique in the notebook, stable across saves
+                data[HTML_MIME] = figure_html(data[PLOTLY_MIME], include_plotlyjs=first, div_id=div_id)
                 first = False
             else:
                 data.pop(HTML_MIME, None)
