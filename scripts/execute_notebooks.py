@@ -247,6 +247,7 @@ def kernel_env(fast: bool) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["MOE_LAB_FAST"] = "1" if fast else "0"
+    env.pop("PLOTLY_RENDERER", None)  # viz.setup_notebook() would honour it: the saved form needs the default
     env.setdefault("PYTHONHASHSEED", "0")
     return env
 
