@@ -17,8 +17,10 @@ same output:
   without JavaScript, VS Code without a kernel, printed and PDF exports;
 * ``text/html``                       the interactive figure for ``jupyter nbconvert --to html``,
   nbviewer and classic Notebook, with plotly.js *inline, once per notebook* (in the first
-  figure) instead of from a CDN, so an HTML export works offline. ``--html none`` drops this
-  part instead: exports then show the PNGs (small notebooks, no interactivity outside Jupyter).
+  figure) instead of from a CDN, so an HTML export works offline; the PNG comes first in it
+  as an ``<img>`` that the figure's script removes, for viewers that pick the HTML part but
+  run no JavaScript. ``--html none`` drops this part instead: exports then show the PNGs
+  (notebooks 5 MB smaller, no interactivity outside Jupyter).
 
 The loader output that the connected renderer writes before the first figure (a
 ``<script type="module">`` importing plotly.js from cdn.plot.ly) is removed.
@@ -42,6 +44,7 @@ import argparse
 import base64
 import concurrent.futures as cf
 import hashlib
+import html as html_lib
 import json
 import os
 import shutil
@@ -162,10 +165,13 @@ def figure_png(figure: dict, scale: float = PNG_SCALE, colors: int = PNG_COLORS)
     return out.getvalue()
 
 
-def figure_html(figure: dict, include_plotlyjs: bool, div_id: str | None = None) -> str:
+def figure_html(figure: dict, include_plotlyjs: bool, div_id: str | None = None, png: bytes | None = None) -> str:
     """The figure as an HTML fragment that needs no network: plotly.js inline when asked, else the
-    ``window.Plotly`` of an earlier fragment on the same page; no MathJax from a CDN. The ``<div>``'s
-    id is ``div_id``, else drawn from the figure's JSON, so that saving the same figure twice gives the
+    ``window.Plotly`` of an earlier fragment on the same page; no MathJax from a CDN.
+
+    ``png``: the static image goes first, as a fallback for viewers that show HTML but run no
+    JavaScript (the figure's script removes it once plotly has drawn). The ``<div>``'s id is
+    ``div_id``, else drawn from the figure's JSON, so that saving the same figure twice gives the
     same bytes (small diffs when notebooks are re-executed)."""
     import plotly.io as pio
 
@@ -173,8 +179,17 @@ def figure_html(figure: dict, include_plotlyjs: bool, div_id: str | None = None)
     if div_id is None:
         digest = hashlib.sha1(json.dumps(figure, sort_keys=True).encode()).hexdigest()[:16]
         div_id = f"plotly-{digest}"
-    return pio.to_html(fig, config=config, include_plotlyjs=include_plotlyjs, include_mathjax=False,
-                       full_html=False, default_width="100%", default_height=525, validate=False, div_id=div_id)
+    post_script = None
+    fallback = ""
+    if png is not None:
+        title = ((fig.get("layout") or {}).get("title") or {})
+        alt = html_lib.escape(title.get("text", "") if isinstance(title, dict) else str(title)) or "plotly figure"
+        fallback = (f'<img id="{div_id}-png" alt="{alt}" style="max-width:100%" '
+                    f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">')
+        post_script = "var png = document.getElementById('{plot_id}-png'); if (png) { png.remove(); }"
+    return fallback + pio.to_html(fig, config=config, include_plotlyjs=include_plotlyjs, include_mathjax=False,
+                                  full_html=False, default_width="100%", default_height=525, validate=False,
+                                  div_id=div_id, post_script=post_script)
 
 
 def add_static_figures(nb: dict, html: str = "inline", scale: float = PNG_SCALE, progress=None) -> dict:
@@ -209,7 +224,7 @@ def add_static_figures(nb: dict, html: str = "inline", scale: float = PNG_SCALE,
             if html == "inline":
                 digest = hashlib.sha1(json.dumps(data[PLOTLY_MIME], sort_keys=True).encode()).hexdigest()[:12]
                 div_id = f"plotly-{i}-{len(kept) - 1}-{digest}"  # unique in the notebook, stable across saves
-                data[HTML_MIME] = figure_html(data[PLOTLY_MIME], include_plotlyjs=first, div_id=div_id)
+                data[HTML_MIME] = figure_html(data[PLOTLY_MIME], include_plotlyjs=first, div_id=div_id, png=png)
                 first = False
             else:
                 data.pop(HTML_MIME, None)
@@ -257,7 +272,7 @@ def run_one(path: Path, *, execute: bool, fast: bool, cell_timeout: int, html: s
     """Execute one notebook (``execute``), add the static figures, write it back atomically."""
     import nbformat
 
-    result = {"notebook": str(path), "bytes_before": path.stat().st_size}
+    result = {"notebook": str(path), "bytes_before": path.stat().st_size, "executed": execute}
     nb = nbformat.read(path, as_version=4)
     t0 = time.perf_counter()
     if execute:
@@ -367,8 +382,9 @@ def _report(r: dict) -> str:
     name = Path(r["notebook"]).relative_to(NOTEBOOKS) if Path(r["notebook"]).is_relative_to(NOTEBOOKS) else r["notebook"]
     if not r["ok"]:
         return f"FAILED {name} after {r.get('wall_s', 0):.0f} s: {r['error']}"
-    return (f"ok     {name}: executed in {r['execute_s']:.1f} s, {r['figures']} figures drawn in "
-            f"{r['figures_s']:.1f} s, {r['bytes_before']:,} -> {r['bytes_after']:,} bytes")
+    ran = f"executed in {r['execute_s']:.1f} s" if r.get("executed") else "outputs kept"
+    return (f"ok     {name}: {ran}, {r['figures']} figures drawn in {r['figures_s']:.1f} s "
+            f"({r['wall_s']:.0f} s in all), {r['bytes_before']:,} -> {r['bytes_after']:,} bytes")
 
 
 def main(argv=None) -> int:

@@ -65,8 +65,8 @@ def test_every_saved_figure_has_a_png(path):
 def test_saved_notebooks_load_plotly_js_inline_not_from_a_cdn(path):
     text = path.read_text()
     nb = json.loads(text)
-    cdn = [f"cell {i}" for i, cell in enumerate(nb["cells"]) for out in cell.get("outputs", [])
-           if CDN_SCRIPT.search(xn._text(out.get("data", {}).get(xn.HTML_MIME)))]
+    cdn = [f"cell {i}" for i, cell in enumerate(nb["cells"])
+           if any(CDN_SCRIPT.search(xn._text(out.get("data", {}).get(xn.HTML_MIME))) for out in cell.get("outputs", []))]
     assert not cdn, (f"{path.name}: plotly.js loaded from its CDN in {', '.join(cdn)} (an HTML export opened "
                      f"offline shows no figure). Save it with `python scripts/execute_notebooks.py {path.relative_to(ROOT)}`")
     inline = len(PLOTLYJS_BANNER.findall(text))
@@ -198,6 +198,9 @@ def test_static_figures_png_and_offline_html(tmp_path, kaleido_server):
         colours = {c for _, c in image.getcolors(1 << 16)}
         assert {(0xE6, 0x9F, 0x00), (0x56, 0xB4, 0xE9), (0x00, 0x9E, 0x73)} <= colours, "the bars are drawn"
     html1, html2 = (xn._text(out["data"][xn.HTML_MIME]) for out in figures)
+    for html, out, n in ((html1, figures[0], 2), (html2, figures[1], 5)):  # the PNG first, for viewers without JS
+        assert html.startswith(f'<img id="plotly-') and f'alt="figure {n}"' in html
+        assert f'src="data:image/png;base64,{out["data"][xn.PNG_MIME]}"' in html
     assert len(PLOTLYJS_BANNER.findall(html1)) == 1 and not PLOTLYJS_BANNER.search(html2), "plotly.js once, first"
     assert not CDN_SCRIPT.search(html1 + html2) and not re.search(r"<script[^>]*src=", html1 + html2), "no CDN"
     assert nb.cells[2].outputs[0]["data"][xn.HTML_MIME].startswith("<table>"), "other outputs untouched"
@@ -211,6 +214,8 @@ def test_static_figures_png_and_offline_html(tmp_path, kaleido_server):
     drawn = re.findall(r'class="plotly-graph-div js-plotly-plot"', dom)  # plotly adds js-plotly-plot once drawn
     assert len(drawn) == 2, f"{len(drawn)} of 2 figures drawn offline in {page}"
     assert dom.count('class="main-svg"') >= 2
+    fallback = re.compile(r'<img [^>]*id="plotly-[^"]*-png"')
+    assert len(fallback.findall(body)) == 2 and not fallback.search(dom), "the fallback PNGs go once plotly drew"
 
     again = json.loads(json.dumps(nb))  # a second pass over a saved notebook changes nothing
     assert xn.add_static_figures(again)["loaders_removed"] == 0
