@@ -257,9 +257,11 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
-def kernel_env(fast: bool) -> dict:
-    """The environment of the notebooks' kernels: this checkout's moe_lab first, the mode, a fixed hash seed."""
+def kernel_env(fast: bool, jobs: int = 1) -> dict:
+    """The environment of the notebooks' kernels: this checkout's moe_lab first, the mode, a fixed
+    hash seed, and (unless set) the CPU cores shared out between the ``jobs`` kernels running at once."""
     env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["MOE_LAB_FAST"] = "1" if fast else "0"
     env.pop("PLOTLY_RENDERER", None)  # viz.setup_notebook() would honour it: the saved form needs the default
@@ -268,7 +270,7 @@ def kernel_env(fast: bool) -> dict:
 
 
 def run_one(path: Path, *, execute: bool, fast: bool, cell_timeout: int, html: str, scale: float,
-            failed_dir: Path, progress: bool) -> dict:
+            failed_dir: Path, progress: bool, jobs: int = 1) -> dict:
     """Execute one notebook (``execute``), add the static figures, write it back atomically."""
     import nbformat
 
@@ -285,7 +287,7 @@ def run_one(path: Path, *, execute: bool, fast: bool, cell_timeout: int, html: s
 
             bar = tqdm(total=sum(c.cell_type == "code" for c in nb.cells), desc=path.name, unit="cell",
                        leave=False, file=sys.stderr)
-        os.environ.update(kernel_env(fast))  # the kernel inherits this process's environment
+        os.environ.update(kernel_env(fast, jobs))  # the kernel inherits this process's environment
         client = NotebookClient(nb, timeout=cell_timeout, kernel_name="python3",
                                 resources={"metadata": {"path": str(path.parent)}},
                                 on_cell_executed=(lambda **kw: bar.update()) if bar else None)
@@ -321,7 +323,7 @@ def _worker_main(args) -> int:
     try:
         result = run_one(Path(args.worker), execute=not args.no_execute, fast=args.fast,
                          cell_timeout=args.cell_timeout, html=args.html, scale=args.png_scale,
-                         failed_dir=Path(args.failed_dir), progress=args.jobs == 1)
+                         failed_dir=Path(args.failed_dir), progress=args.jobs == 1, jobs=args.jobs)
     except Exception as e:  # reported by the parent, with the notebook's name
         result = {"notebook": args.worker, "ok": False, "error": f"{type(e).__name__}: {e}"}
     finally:
