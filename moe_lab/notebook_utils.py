@@ -19,9 +19,11 @@ from importlib import metadata
 
 FAST_ENV = "MOE_LAB_FAST"
 
-# JupyterLab and VS Code draw the plotly mimetype (offline, no kernel needed); nbviewer, Colab
-# and exported HTML use the html part, which loads plotly.js from its CDN, so a saved notebook
-# stays small (no 4 MB plotly.js bundle inside it).
+# While a learner runs a notebook: JupyterLab, Notebook 7 and VS Code draw the plotly mimetype
+# (offline, no kernel needed), other viewers the html part, which loads plotly.js from its CDN.
+# Nothing beyond plotly is needed. The notebooks saved in the repository are then rewritten by
+# scripts/execute_notebooks.py: each figure also gets a static PNG (kaleido) and an html part with
+# plotly.js inline once per notebook, so GitHub, printed and offline HTML exports show it too.
 DEFAULT_RENDERER = "plotly_mimetype+notebook_connected"
 
 DEFAULT_PACKAGES = ("moe_lab", "torch", "transformers", "numpy", "plotly")
@@ -93,8 +95,9 @@ def setup_plotly(renderer: str = DEFAULT_RENDERER) -> str:
 
     The default draws figures from the saved outputs without a kernel: JupyterLab and VS Code
     use the plotly mimetype, other viewers the html part with plotly.js from its CDN (online).
-    Pass e.g. ``"notebook"`` to embed plotly.js for fully offline html (about 4 MB per
-    notebook), or ``"colab"`` on Google Colab.
+    Pass e.g. ``"notebook"`` to embed plotly.js for fully offline html (about 5 MB per
+    notebook), or ``"colab"`` on Google Colab. The repository's saved notebooks carry a PNG and
+    offline html as well: ``scripts/execute_notebooks.py`` adds them after running the notebook.
     """
     import plotly.io as pio
 

@@ -168,10 +168,13 @@ def setup_notebook(renderer: str | None = None, template: bool = True) -> str:
     Both parts are drawn from the saved output, without a kernel, and both keep the layer
     switches of the figures working. plotly.js itself (~4 MB) is *not* embedded: the
     ``"notebook"`` renderer would put it into every notebook, and our notebooks must stay
-    under 2 MB. The price is that the HTML part needs the CDN once (online). On Google Colab,
-    which draws neither part inside its sandbox, the ``"colab"`` renderer is chosen instead and
-    Colab's widget manager is enabled for the explorer. Viewers that run no JavaScript at all
-    (GitHub's file preview) show no plotly figure; the README's PNGs are for them.
+    small while you work. The price is that the HTML part needs the CDN once (online). On Google
+    Colab, which draws neither part inside its sandbox, the ``"colab"`` renderer is chosen instead
+    and Colab's widget manager is enabled for the explorer. The notebooks saved in the repository
+    are rewritten by ``scripts/execute_notebooks.py``: every figure output also carries a static
+    PNG (drawn by kaleido, for GitHub and printed exports, which run no JavaScript) and an HTML
+    part with plotly.js inline once per notebook (offline HTML exports). You need none of that
+    to run a notebook.
 
     ``renderer`` overrides the choice (e.g. ``"notebook"`` for fully offline HTML exports, or
     ``"png"`` with kaleido installed). ``template=False`` keeps plotly's default template.
