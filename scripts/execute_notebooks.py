@@ -396,8 +396,8 @@ def main(argv=None) -> int:
     ap.add_argument("-j", "--jobs", type=int, default=1, help="notebooks run at the same time (default 1)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per notebook before it is stopped (default 3600)")
     ap.add_argument("--cell-timeout", type=int, default=1800, help="seconds per cell (default 1800)")
-    ap.add_argument("--html", choices=HTML_MODES, default="inline",
-                    help="inline: interactive offline HTML part, plotly.js once per notebook (default); none: PNG only")
+    ap.add_argument("--html", choices=HTML_MODES, default="none",
+                    help="none (default): the plotly JSON (interactive in Jupyter/VS Code) + a PNG that GitHub, nbviewer and HTML exports show, offline; inline: also an HTML part with plotly.js inline (interactive offline HTML, ~5 MB more per notebook)")
     ap.add_argument("--png-scale", type=float, default=PNG_SCALE, help=f"PNG scale factor (default {PNG_SCALE})")
     ap.add_argument("--no-execute", action="store_true", help="keep the saved outputs; only add the static forms")
     ap.add_argument("--no-install", action="store_true", help="never apt-get install a browser")
