@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 EVAL_SENTENCES = Path(__file__).resolve().parent.parent / "data" / "eval" / "everyday_sentences.json"
 EVAL_LANGS: tuple[str, ...] = ("en", "fr", "de", "es", "it")
+LANGUAGE_NAMES = {"en": "english", "fr": "french", "de": "german", "es": "spanish", "it": "italian"}  # corpus domains
 ALIGNED_SAMPLE = EVAL_SENTENCES.parent / "aligned_heldout.jsonl"
 HELDOUT_SAMPLE = EVAL_SENTENCES.parent / "heldout_sample.jsonl"
 MIN_SHARED_LINE = 60  # a line this long (stripped) found in training text counts as shared text

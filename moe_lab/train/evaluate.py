@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..analysis import expert_load, expert_load_by_domain, load_balance, repetition
-from ..evalset import EVAL_SENTENCES, load_eval_sentences, sentence_nll
+from ..evalset import EVAL_SENTENCES, LANGUAGE_NAMES, load_eval_sentences, sentence_nll
 from ..model import Mixtral
 from ..routing.trace import RoutingTrace
 from ..routing.tracing import trace_routing
@@ -284,7 +284,7 @@ def prose_ce_report(model: Mixtral, token_data: TokenData, prose_docs: dict[str,
             "prose_docs": {d: len(prose_docs[d]) for d in windows}}
 
 
-LANG_DOMAINS = {"en": "english", "fr": "french", "de": "german", "es": "spanish", "it": "italian"}
+LANG_DOMAINS = LANGUAGE_NAMES  # everyday-sentence language -> corpus domain
 
 
 def everyday_report(model: Mixtral, tokenizer, sentences: dict[str, list[str]] | None = None) -> dict:
