@@ -43,8 +43,10 @@ def _export_main(argv: list[str]) -> int:
     p.add_argument("--run", required=True, help="run directory holding checkpoint.pt")
     p.add_argument("--out", required=True, help="output directory, e.g. data/tiny-mixtral")
     p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--eval-tokens", type=int,
+                   help="held-out tokens per domain (and per language's real prose) to score (default: all)")
     a = p.parse_args(argv)
-    report = export_run(a.run, a.out, n_boot=a.n_boot)
+    report = export_run(a.run, a.out, n_boot=a.n_boot, eval_tokens_per_domain=a.eval_tokens)
     print(json.dumps({"ce_ratio": report["ce_ratio"], "quality_bar": report["quality_bar"]}, indent=1))
     return 0
 

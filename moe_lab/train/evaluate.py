@@ -230,7 +230,8 @@ def evaluate_model(model: Mixtral, token_data: TokenData, tokenizer, *, seq_len:
     model = model.float().eval()
     report = cross_entropy_report(model, token_data, seq_len, eval_tokens_per_domain, progress)
     if prose_docs:
-        report.update(prose_ce_report(model, token_data, prose_docs, seq_len, progress))
+        max_windows = max(1, eval_tokens_per_domain // seq_len) if eval_tokens_per_domain else None
+        report.update(prose_ce_report(model, token_data, prose_docs, seq_len, progress, max_windows))
     if everyday:
         report.update(everyday_report(model, tokenizer, sentences))
     trace = trace_routing(model, heldout_documents(token_data, max_docs, seq_len), batch_size=8, progress=progress)
@@ -269,13 +270,14 @@ def prose_documents(corpus, domains) -> dict[str, list[int]]:
 
 
 def prose_ce_report(model: Mixtral, token_data: TokenData, prose_docs: dict[str, list[int]], seq_len: int,
-                    progress: bool = False) -> dict:
+                    progress: bool = False, max_windows: int | None = None) -> dict:
     """Held-out CE of each language's real-prose pages alone (``prose_docs`` from :func:`prose_documents`),
-    next to the unigram CE of that domain's training tokens on the same tokens, and their ratio."""
+    next to the unigram CE of that domain's training tokens on the same tokens, and their ratio
+    (on the first ``max_windows`` windows of each language when given)."""
     windows = {}
     for d, idx in prose_docs.items():
         docs = token_data.documents("heldout", d)
-        windows[d] = pack_documents([docs[i] for i in idx], seq_len)
+        windows[d] = pack_documents([docs[i] for i in idx], seq_len, max_windows)
     windows = {d: w for d, w in windows.items() if len(w)}
     ce = heldout_ce(model, windows, token_data.bos_id, progress=progress)
     uni = unigram_baseline(token_data, windows, model.args.vocab_size)
