@@ -109,7 +109,7 @@ def test_card_names_every_prose_source(card, evaluation):
     for s in sources:
         assert f"`{s['package']}` | {s['version']} | {s['licence']}" in section, s["package"]
     for lang in evaluation["prose_ce_ratio"]:  # every language domain's real prose was scored on its own
-        assert re.search(rf"\| {lang}: real prose only \(\d+ pages\)", card), lang
+        assert re.search(rf"\| {lang}: real prose only \(\d+ documents\)", card), lang
     assert set(evaluation["prose_ce_ratio"]) == {"english", "french", "german", "spanish", "italian"}
 
 

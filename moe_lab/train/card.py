@@ -201,7 +201,7 @@ def cross_entropy_section(report: dict, cfg: TrainConfig) -> list[str]:
                            f"{report['unigram_ce'][d]:.3f}", f"{ratio:.2f}", _verdict(ratio <= CE_RATIO_MAX)]))
     for d, v in (report.get("prose_heldout_ce") or {}).items():
         ratio = report["prose_ce_ratio"][d]
-        lines.append(_row([f"{d}: real prose only ({report['prose_docs'][d]} pages)",
+        lines.append(_row([f"{d}: real prose only ({report['prose_docs'][d]} documents)",
                            f"{report['prose_tokens_scored'][d]:,}", f"{v:.3f}", f"{report['prose_unigram_ce'][d]:.3f}",
                            f"{ratio:.2f}", _verdict(ratio <= CE_RATIO_MAX)]))
     if report.get("prose_heldout_ce"):
