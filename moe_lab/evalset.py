@@ -16,6 +16,11 @@ language), so the language-vs-content study (:mod:`moe_lab.analysis.language`) r
 Debian packages. Their text is from *The Debian Administrator's Handbook* (Raphaël Hertzog,
 Roland Mas; GPL-2.0-or-later or CC-BY-SA-3.0) and GNOME Help (the GNOME Documentation Project;
 CC-BY-SA-3.0), unchanged.
+
+``data/eval/heldout_sample.jsonl`` (:func:`load_heldout_sample`) holds held-out documents of every
+domain of the demo model's corpus that share no text with its training split (no identical
+document, no line of 60 or more characters in common): what notebook 06 traces. It is written by
+``scripts/make_heldout_sample.py`` from the training corpus.
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ from .devices import resolve_device
 
 EVAL_SENTENCES = Path(__file__).resolve().parent.parent / "data" / "eval" / "everyday_sentences.json"
 EVAL_LANGS: tuple[str, ...] = ("en", "fr", "de", "es", "it")
+LANGUAGE_NAMES = {"en": "english", "fr": "french", "de": "german", "es": "spanish", "it": "italian"}  # corpus domains
 ALIGNED_SAMPLE = EVAL_SENTENCES.parent / "aligned_heldout.jsonl"
+HELDOUT_SAMPLE = EVAL_SENTENCES.parent / "heldout_sample.jsonl"
+MIN_SHARED_LINE = 60  # a line this long (stripped) found in training text counts as shared text
 
 
 def load_eval_sentences(path: str | os.PathLike | None = None) -> dict[str, list[str]]:
@@ -64,6 +72,24 @@ def load_aligned_sample(path: str | os.PathLike | None = None) -> list[dict]:
         if missing:
             raise ValueError(f"{path}: line {i + 1} lacks {missing}")
     return rows
+
+
+def load_heldout_sample(path: str | os.PathLike | None = None) -> list[dict]:
+    """Rows ``{"domain", "id", "text"}`` of the shipped held-out sample (see the module docstring)."""
+    path = Path(path) if path is not None else HELDOUT_SAMPLE
+    if not path.exists():
+        raise FileNotFoundError(f"held-out sample not found: {path} (write it with scripts/make_heldout_sample.py)")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for i, row in enumerate(rows):
+        missing = [k for k in ("domain", "id", "text") if not row.get(k)]
+        if missing:
+            raise ValueError(f"{path}: line {i + 1} lacks {missing}")
+    return rows
+
+
+def shared_lines(text: str, training_lines: set[str], min_chars: int = MIN_SHARED_LINE) -> list[str]:
+    """The lines of ``text`` (stripped, at least ``min_chars`` long) that occur in ``training_lines``."""
+    return [ln.strip() for ln in text.splitlines() if len(ln.strip()) >= min_chars and ln.strip() in training_lines]
 
 
 @torch.no_grad()

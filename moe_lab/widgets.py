@@ -8,6 +8,7 @@ routing of later layers change.
 ::
 
     from moe_lab.widgets import explore
+    explorer = explore(model, tokenizer)   # samples: default_samples(), real held-out text
     explorer = explore(model, tokenizer, samples={"python": [...], "english": [...]})
 
 Everything the widget does goes through plain methods (:meth:`RoutingExplorer.set_text`,
@@ -41,6 +42,7 @@ import torch
 from . import analysis as A
 from . import viz
 from .devices import resolve_device
+from .evalset import EVAL_LANGS, LANGUAGE_NAMES, load_aligned_sample, load_heldout_sample
 from .routing.interventions import AblateExpert, ForceExpert, SteerExperts, SwapExpert, intervene
 from .routing.trace import RoutingTrace
 from .routing.tracing import trace_routing
@@ -601,14 +603,31 @@ class RoutingExplorer:
                 f"samples={ {d: len(v) for d, v in self.samples.items()} })")
 
 
+def default_samples(per_language: int = 2, max_chars: int = 200) -> dict[str, list[str]]:
+    """Real text for the explorer's sample picker, none of it trained on: the same paragraphs of
+    *The Debian Administrator's Handbook* and GNOME Help in English, French, German, Spanish and
+    Italian (``data/eval/aligned_heldout.jsonl``: pages held out in every language, so the samples
+    of two languages are translations of each other) and held-out Python source
+    (``data/eval/heldout_sample.jsonl``). ``{"english": [...], "french": [...], ..., "python": [...]}``."""
+    rows = [r for r in load_aligned_sample() if all(40 <= len(r[g]) <= max_chars for g in EVAL_LANGS)]
+    by_source: dict[str, list[dict]] = {}
+    for r in rows:
+        by_source.setdefault(r.get("source", ""), []).append(r)
+    picked = [r for group in zip(*by_source.values()) for r in group][:per_language] or rows[:per_language]
+    out = {LANGUAGE_NAMES[g]: [r[g] for r in picked] for g in EVAL_LANGS}
+    code = [r["text"] for r in load_heldout_sample() if r["domain"] == "python"][:per_language]
+    out["python"] = ["\n".join(t.splitlines()[:12]) + "\n" for t in code]
+    return out
+
+
 def explore(model=None, tokenizer=None, samples: Mapping[str, Sequence[str]] | None = None,
             models: Mapping[str, object] | None = None, *, static: bool | None = None, **kwargs) -> RoutingExplorer:
     """Open the routing explorer: the interactive widget when a widget front-end is attached
     (see :func:`widget_frontend`), otherwise static figures (``static=True`` forces them,
     ``static=False`` forces the widget). Returns the :class:`RoutingExplorer`, whose methods
-    drive it from code. ``kwargs`` go to :class:`RoutingExplorer` (``text=``, ``layer=``,
-    ``device=``, ...)."""
-    ex = RoutingExplorer(model, tokenizer, samples, models, **kwargs)
+    drive it from code. Without ``samples``, the picker offers :func:`default_samples`. ``kwargs`` go to
+    :class:`RoutingExplorer` (``text=``, ``layer=``, ``device=``, ...)."""
+    ex = RoutingExplorer(model, tokenizer, default_samples() if samples is None else samples, models, **kwargs)
     frontend = widget_frontend()
     if static is None:
         static = frontend != "widgets"

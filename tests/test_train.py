@@ -287,10 +287,69 @@ def test_classify_domain_recognises_held_out_text(corpus, tokenizer):
 
 
 def _sample_report(classified: dict[str, str]) -> dict:
-    return {"ce_ratio": {"python": 0.5, "math": 0.5, "prose": 0.5}, "load": [[0.25] * 4],
+    return {"ce_ratio": {"python": 0.5, "math": 0.3, "prose": 0.5}, "load": [[0.25] * 4],
             "repetition": [{"above_marginal": True}],
+            "prose_ce_ratio": {"prose": 0.6},
+            "everyday_nll": {lang: {"mean": 5.0, "tokens": 200, "sentences": 12} for lang in ("en", "fr")},
             "samples": [{"domain": d, "classified_as": c} for d, c in classified.items()]
             + [{"domain": "prose", "classified_as": "math"}]}  # not a checked domain
+
+
+def test_quality_bar_prose_everyday_and_v3_criteria():
+    ok = quality_bar(_sample_report({"python": "python", "math": "math"}))
+    assert all(v["pass"] for k, v in ok.items() if k != "all_pass") and ok["all_pass"]
+    assert ok["everyday_nll_at_most_5.5"]["worst_nll"] == 5.0
+    cases = {  # one number off the bar -> that criterion (and only it) fails
+        "prose_ce_at_most_70pct_of_unigram": lambda r: r["prose_ce_ratio"].update(prose=0.71),
+        "everyday_nll_at_most_5.5": lambda r: r["everyday_nll"]["fr"].update(mean=5.51),
+        "code_math_no_worse_than_v3": lambda r: r["ce_ratio"].update(math=0.33),
+        "ce_at_most_70pct_of_unigram": lambda r: r["ce_ratio"].update(prose=0.71),
+        "load_between_2_and_40pct": lambda r: r.update(load=[[0.41, 0.19, 0.2, 0.2]]),
+    }
+    for name, spoil in cases.items():
+        rep = _sample_report({"python": "python", "math": "math"})
+        spoil(rep)
+        qb = quality_bar(rep)
+        assert [k for k, v in qb.items() if k != "all_pass" and not v["pass"]] == [name] and not qb["all_pass"]
+    rep = _sample_report({"python": "python", "math": "math"})
+    rep["everyday_nll"]["en"]["sentences"] = 9  # fewer than 10 sentences: not a valid measurement
+    assert quality_bar(rep)["everyday_nll_at_most_5.5"]["too_few_sentences"] == ["en"]
+    for key in ("prose_ce_ratio", "everyday_nll"):  # missing numbers fail, saying what is missing
+        rep = _sample_report({"python": "python", "math": "math"})
+        del rep[key]
+        qb = quality_bar(rep)
+        assert not qb["all_pass"] and any("missing" in v for k, v in qb.items() if k != "all_pass")
+
+
+def test_prose_documents_and_prose_ce(full_run, tokenizer, corpus):
+    from moe_lab.train import pack_documents, prose_ce_report, prose_documents
+
+    held = list(corpus.heldout)
+    held[1] = Document(held[1].domain, "deb/pkg/page#1", held[1].text)  # mark two documents as real prose
+    held[-1] = Document(held[-1].domain, "deb/pkg/page#2", held[-1].text)
+    marked = Corpus(train=corpus.train, heldout=held, domains=corpus.domains)
+    idx = prose_documents(marked, marked.domains)
+    first, last = held[1].domain, held[-1].domain
+    n_last = sum(d.domain == last for d in held)
+    assert idx == ({first: [1, n_last - 1]} if first == last else {first: [1], last: [n_last - 1]})
+    td = tokenize_corpus(marked, tokenizer, None, progress=False)
+    rep = prose_ce_report(full_run.model, td, idx, seq_len=8)
+    for d, positions in idx.items():
+        docs = td.documents("heldout", d)
+        w = pack_documents([docs[i] for i in positions], 8)
+        ce = moe_lab.train.heldout_ce(full_run.model, {d: w}, td.bos_id)[d]
+        assert rep["prose_heldout_ce"][d] == pytest.approx(ce)
+        assert rep["prose_ce_ratio"][d] == pytest.approx(ce / unigram_baseline(td, {d: w}, 32000)[d])
+        assert rep["prose_docs"][d] == len(positions)
+
+
+def test_batch_schedule_probabilities_are_what_the_schedule_draws():
+    from moe_lab.train import batch_schedule_probabilities
+
+    p = batch_schedule_probabilities({"a": 10, "b": 30}, alpha=1.0, weights={"a": 3.0})
+    assert p == pytest.approx({"a": 0.5, "b": 0.5})
+    sched = batch_schedule({"a": 10, "b": 30}, steps=2000, batch_size=4, seed=0, alpha=1.0, weights={"a": 3.0})
+    assert (sched[..., 0] == 0).mean() == pytest.approx(0.5, abs=0.03)
 
 
 def test_quality_bar_checks_code_and_math_samples():
@@ -343,7 +402,13 @@ def test_evaluate_model_report(full_run, tokenizer, corpus):
     assert {s["domain"] for s in rep["samples"]} >= {"numbers", "code", "prose", "python", "math"}
     qb = quality_bar(rep)
     assert set(qb) == {"ce_at_most_70pct_of_unigram", "load_between_2_and_40pct",
-                       "repetition_above_marginal_in_half_the_layers", "all_pass"}
+                       "repetition_above_marginal_in_half_the_layers", "all_pass", "prose_ce_at_most_70pct_of_unigram",
+                       "everyday_nll_at_most_5.5", "code_math_no_worse_than_v3"}
+    assert set(rep["everyday_nll"]) == {"en", "fr", "de", "es", "it"}  # the shipped everyday sentences
+    assert rep["everyday_nll"]["fr"]["sentences"] >= 10 and rep["everyday_uniform_nll"] == pytest.approx(math.log(32000))
+    assert rep["everyday_nll"]["de"]["mean"] == pytest.approx(
+        moe_lab.evalset.sentence_nll(full_run.model, tokenizer)["de"])
+    assert not qb["prose_ce_at_most_70pct_of_unigram"]["pass"]  # this corpus has no real prose: fails, says so
     json.dumps(rep)  # the report is JSON-able
 
 
@@ -368,8 +433,14 @@ def test_export_run_writes_card(full_run, corpus, tokenizer, tmp_path):
         assert (tmp_path / name).exists(), name
     card = (tmp_path / "MODEL_CARD.md").read_text()
     for heading in ("## Reproduce", "## Held-out cross-entropy", "## Expert load", "## Consecutive tokens",
-                    "## Greedy samples", "## Quality bar", "## Loading check"):
+                    "## Greedy samples", "## Quality bar", "## Loading check", "## What it was trained on",
+                    "## How well it knows each language"):
         assert heading in card
+    for lang, v in rep["everyday_nll"].items():  # the language table shows the report's numbers
+        assert f"| {lang} ({v['domain']}) | {v['sentences']} | {v['tokens']:,} | {v['mean']:.2f} |" in card
+    mix = rep["training_data"]["domain_mix"]
+    assert sum(m["probability"] for m in mix.values()) == pytest.approx(1.0) and set(mix) == set(corpus.domains)
+    assert "everyday sentences: mean NLL <= 5.5" in card and "no real-prose held-out pages" in card
     assert rep["transformers_check"]["max_abs_diff"] < 1e-3
     assert json.loads((tmp_path / "evaluation.json").read_text())["heldout_ce"] == pytest.approx(rep["heldout_ce"])
 

@@ -209,3 +209,20 @@ def test_mimebundle_has_static_fallbacks(model, tok):
 
     b = _mimebundle(ex.token_fig)
     assert "application/vnd.plotly.v1+json" in b and "text/html" in b and "text/plain" in b
+
+
+def test_default_samples_are_real_held_out_text(model, tok):
+    from moe_lab.evalset import load_aligned_sample, load_heldout_sample
+    from moe_lab.widgets import default_samples
+
+    samples = default_samples()
+    assert set(samples) == {"english", "french", "german", "spanish", "italian", "python"}
+    aligned = {r["en"]: r for r in load_aligned_sample()}
+    for i, text in enumerate(samples["english"]):  # the same paragraph in every language: translations
+        row = aligned[text]
+        assert [samples[d][i] for d in ("french", "german", "spanish", "italian")] == [row[g] for g in ("fr", "de", "es", "it")]
+    assert len({aligned[t]["source"] for t in samples["english"]}) == min(2, len(samples["english"]))
+    python = [r["text"] for r in load_heldout_sample() if r["domain"] == "python"]
+    assert all(any(doc.startswith(t.rstrip("\n")) for doc in python) for t in samples["python"])
+    ex = explore(model, tok, static=True)  # no samples given: the picker offers these
+    assert ex.samples == samples and ex.domain == "english" and ex.text == samples["english"][0]

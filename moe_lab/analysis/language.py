@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..devices import resolve_device
+from ..hooks import StopForward
 from ..routing.trace import RoutingTrace
 
 Measure = Literal["js", "cosine"]
@@ -85,8 +86,10 @@ def mean_router_inputs(model, token_lists: Sequence[Sequence[int]], bos_id: int 
                        device=None) -> np.ndarray:
     """[L, D, dim]: per layer, each document's mean *router input*, ``ffn_norm(h)`` where ``h`` is
     the residual stream after attention (``blocks.i.hook_resid_mid``), over its tokens other than
-    ``bos_id``. This is exactly what the router's linear map sees. Runs on the model's device
-    (``device``: None or the model's device); the array is on the CPU."""
+    ``bos_id``. This is exactly what the router's linear map sees. The forward stops after the last
+    block's ``hook_resid_mid`` (:class:`~moe_lab.hooks.StopForward`): the last MoE and the output
+    head are not needed. Runs on the model's device (``device``: None or the
+    model's device); the array is on the CPU."""
     names = [f"blocks.{i}.hook_resid_mid" for i in range(len(model.blocks))]
     device = resolve_device(model, device)
     out = np.zeros((len(model.blocks), len(token_lists), model.args.dim))
@@ -95,11 +98,20 @@ def mean_router_inputs(model, token_lists: Sequence[Sequence[int]], bos_id: int 
     try:
         for d, ids in enumerate(token_lists):
             x = torch.tensor([list(ids)], device=device)
-            _, cache = model.run_with_cache(x, names_filter=lambda n: n in names)
             keep = x[0] != bos_id if bos_id is not None else torch.ones_like(x[0], dtype=torch.bool)
-            for i, block in enumerate(model.blocks):
-                router_in = block.ffn_norm(cache[names[i]][0].to(device))  # [T, dim]
+
+            def record(h, hook, d=d, keep=keep):  # h: [1, T, dim], the residual stream after attention
+                i = names.index(hook.name)
+                router_in = model.blocks[i].ffn_norm(h[0])  # [T, dim]
                 out[i, d] = router_in[keep].float().mean(0).cpu().numpy()
+                if i == len(names) - 1:
+                    raise StopForward
+
+            with torch.no_grad(), model.hooks(fwd_hooks=[(n, record) for n in names]):
+                try:
+                    model(x)
+                except StopForward:
+                    pass
     finally:
         model.train(was_training)
     return out

@@ -59,6 +59,7 @@ from .build import (  # noqa: F401
     build_corpus,
     check_extra,
     domain_items,
+    is_heldout_document,
     load_corpus,
     sample_texts,
     write_corpus,

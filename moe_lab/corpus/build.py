@@ -69,7 +69,11 @@ def check_extra(domains: Iterable[str]) -> None:
                           f"Install it with: {INSTALL_EXTRA}")
 
 
-def _is_heldout(doc: Document) -> bool:
+def is_heldout_document(doc: Document) -> bool:
+    """The split rule: held out when the document's page (real prose: the same page in every
+    language) or its domain/id hashes into the held-out share. The same in every build size.
+    (:func:`build_corpus` may also hold out one extra document in a domain that would otherwise
+    have none.)"""
     page = split_key(doc.id)  # real prose: held out by page, the same page in every language
     if page is not None:
         return is_heldout_page(*page.split("/", 1))
@@ -78,7 +82,7 @@ def _is_heldout(doc: Document) -> bool:
 
 def _split(docs: list[Document]) -> tuple[list[Document], list[Document]]:
     """Hash-based split, fixed up so every domain has at least one held-out document."""
-    held = [d for d in docs if _is_heldout(d)]
+    held = [d for d in docs if is_heldout_document(d)]
     if not held and len(docs) > 1:
         # never a prose page by itself: its translations in other domains would stay in training
         pool = [d for d in docs if split_key(d.id) is None] or docs

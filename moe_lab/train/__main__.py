@@ -13,7 +13,7 @@ from ..checkpoints.loading import load_model
 from ..tokenizer import load_tokenizer
 from .config import REPO_ROOT, load_config
 from .data import get_corpus, tokenize_corpus
-from .evaluate import evaluate_model
+from .evaluate import evaluate_model, prose_documents
 from .export import export_run, run_facts, write_evaluation
 from .loop import read_log, train
 
@@ -43,8 +43,10 @@ def _export_main(argv: list[str]) -> int:
     p.add_argument("--run", required=True, help="run directory holding checkpoint.pt")
     p.add_argument("--out", required=True, help="output directory, e.g. data/tiny-mixtral")
     p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--eval-tokens", type=int,
+                   help="held-out tokens per domain (and per language's real prose) to score (default: all)")
     a = p.parse_args(argv)
-    report = export_run(a.run, a.out, n_boot=a.n_boot)
+    report = export_run(a.run, a.out, n_boot=a.n_boot, eval_tokens_per_domain=a.eval_tokens)
     print(json.dumps({"ce_ratio": report["ce_ratio"], "quality_bar": report["quality_bar"]}, indent=1))
     return 0
 
@@ -71,10 +73,12 @@ def _evaluate_main(argv: list[str]) -> int:
         print(json.dumps({"ce_ratio": report["ce_ratio"], "quality_bar": report["quality_bar"]}, indent=1))
         return 0
     tok = load_tokenizer()
-    td = tokenize_corpus(get_corpus(cfg.data), tok, a.cache, cfg.data.domains)
+    corpus = get_corpus(cfg.data)
+    td = tokenize_corpus(corpus, tok, a.cache, cfg.data.domains)
     report = evaluate_model(load_model(a.model, dtype=torch.float32), td, tok, seq_len=cfg.data.seq_len,
                             eval_tokens_per_domain=a.eval_tokens, n_boot=a.n_boot,
-                            seed=cfg.seed, samples=not a.no_samples, progress=True)
+                            seed=cfg.seed, samples=not a.no_samples, progress=True,
+                            prose_docs=prose_documents(corpus, td.domains))
     print(json.dumps(report, indent=1, ensure_ascii=False))
     return 0
 

@@ -103,7 +103,13 @@ def pack_windows(token_data: TokenData, split: str, domain: str, seq_len: int,
     if shuffle_seed is not None:
         order = np.random.default_rng([shuffle_seed, _stable_hash(domain)]).permutation(len(docs))
         docs = [docs[i] for i in order]
-    stream = np.concatenate(docs).astype(np.int64) if docs else np.zeros(0, np.int64)
+    return pack_documents(docs, seq_len, max_windows)
+
+
+def pack_documents(docs: Sequence[np.ndarray], seq_len: int, max_windows: int | None = None) -> np.ndarray:
+    """Token arrays (each starting with BOS) laid end to end and cut into windows of ``seq_len + 1``
+    tokens overlapping by one (see :func:`pack_windows`). Returns int64 [n_windows, seq_len + 1]."""
+    stream = np.concatenate(docs).astype(np.int64) if len(docs) else np.zeros(0, np.int64)
     n = max(0, (len(stream) - 1) // seq_len)
     if max_windows is not None:
         n = min(n, max_windows)
@@ -137,8 +143,7 @@ def batch_schedule(n_windows: dict[str, int], steps: int, batch_size: int, seed:
     unknown = set(weights or {}) - set(names)
     if unknown:
         raise ValueError(f"domain_weights names unknown domains {sorted(unknown)}; domains are {names}")
-    p = counts ** alpha * np.array([(weights or {}).get(d, 1.0) for d in names])
-    p = p / p.sum()
+    p = np.array([batch_schedule_probabilities(n_windows, alpha, weights)[d] for d in names])
     rng = np.random.default_rng([seed, 1])
     dom = rng.choice(len(names), size=steps * batch_size, p=p)
     win = np.empty_like(dom)
@@ -150,6 +155,15 @@ def batch_schedule(n_windows: dict[str, int], steps: int, batch_size: int, seed:
         order = np.concatenate([drng.permutation(n) for _ in range(epochs)]) if epochs else np.zeros(0, np.int64)
         win[where] = order[:len(where)]
     return np.stack([dom, win], -1).reshape(steps, batch_size, 2)
+
+
+def batch_schedule_probabilities(n_windows: dict[str, int], alpha: float = 1.0,
+                                 weights: dict[str, float] | None = None) -> dict[str, float]:
+    """The probability that a training sequence comes from each domain: ~ weights[d] * n_windows[d] ** alpha
+    (what :func:`batch_schedule` draws from)."""
+    names = list(n_windows)
+    p = np.array([float(n_windows[d]) for d in names]) ** alpha * np.array([(weights or {}).get(d, 1.0) for d in names])
+    return {d: float(x) for d, x in zip(names, p / p.sum())}
 
 
 @dataclass

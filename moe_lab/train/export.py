@@ -18,8 +18,8 @@ from ..model import Mixtral
 from ..tokenizer import load_tokenizer
 from .card import write_model_card
 from .config import CKPT_NAME, LOG_NAME, SNAPSHOT_NAME, TrainConfig
-from .data import TokenData, get_corpus, pack_windows, tokenize_corpus
-from .evaluate import evaluate_model
+from .data import TokenData, batch_schedule_probabilities, get_corpus, pack_windows, tokenize_corpus
+from .evaluate import evaluate_model, prose_documents, quality_bar
 from .loop import machine_description, read_log
 
 EVALUATION_NAME = "evaluation.json"
@@ -77,7 +77,9 @@ def write_evaluation(model_dir: str | os.PathLike, cfg: TrainConfig, facts: dict
     td = tokenize_corpus(corpus, tok, token_cache, cfg.data.domains, progress)
     report = evaluate_model(load_model(out, dtype=torch.float32), td, tok, seq_len=cfg.data.seq_len,
                             eval_tokens_per_domain=eval_tokens_per_domain, n_boot=n_boot, seed=cfg.seed,
-                            max_docs=max_docs, progress=progress)
+                            max_docs=max_docs, progress=progress, prose_docs=prose_documents(corpus, td.domains))
+    report["training_data"] = training_data_facts(cfg, getattr(corpus, "meta", {}) or {}, td)
+    report["quality_bar"] = quality_bar(report)
     probe = torch.as_tensor(pack_windows(td, "heldout", td.domains[0], 64, max_windows=2)[:, :-1])
     hf = check_against_transformers(out, probe)
     report["transformers_check"] = hf
@@ -92,6 +94,27 @@ def write_evaluation(model_dir: str | os.PathLike, cfg: TrainConfig, facts: dict
     write_model_card(report, out / CARD_NAME, config=cfg, command=command or reproduce_command(cfg),
                      run_info=report["run"], corpus_stats=corpus_token_stats(td, corpus), files=files)
     return report
+
+
+def training_data_facts(cfg: TrainConfig, corpus_meta: dict, token_data: TokenData) -> dict:
+    """What the model was trained on, for the card and the README: every real-prose source (Debian
+    package, version, licence, from the corpus' ``stats.json``) and the domain mix (sampling weight
+    and probability of each domain, its training tokens and its share of real prose, by characters)."""
+    prose = corpus_meta.get("prose") or {}
+    sources = [{"package": name, "version": src.get("version"), "licence": src.get("licence") or src.get("license"),
+                "title": src.get("title"), "file": src.get("file")} for name, src in prose.items()]
+    windows = {d: max(0, (int(len(token_data.tokens["train"][d])) - 1) // cfg.data.seq_len) for d in token_data.domains}
+    probs = batch_schedule_probabilities(windows, cfg.data.domain_alpha, cfg.data.domain_weights)
+    mix = {}
+    for d in token_data.domains:
+        by_label = (corpus_meta.get("sources") or {}).get(d, {})
+        chars = sum(v.get("chars", 0) for v in by_label.values())
+        deb = sum(v.get("chars", 0) for k, v in by_label.items() if k.startswith("deb:"))
+        mix[d] = {"weight": (cfg.data.domain_weights or {}).get(d, 1.0), "probability": probs[d],
+                  "train_tokens": int(len(token_data.tokens["train"][d])),
+                  "prose_share": deb / chars if chars else 0.0}
+    return {"prose_sources": sources, "domain_mix": mix, "corpus_size": cfg.data.corpus_size,
+            "corpus_seed": cfg.data.corpus_seed}
 
 
 def reproduce_command(cfg: TrainConfig) -> str:

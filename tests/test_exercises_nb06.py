@@ -1,0 +1,99 @@
+"""Notebook 06's exercise checkers: the right answer passes, None is todo, typical mistakes are
+wrong with a message that names them. A seeded random tiny model, so no demo model is needed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import moe_lab
+from moe_lab import analysis
+from moe_lab.exercises import nb06 as ex
+
+TEXTS = {
+    "english": ["The server will restart at midnight, so please save your work before you leave.",
+                "Walking to the station in the rain, she remembered that the shop closes early on Sundays."],
+    "french": ["Le serveur redémarrera à minuit, alors enregistrez votre travail avant de partir.",
+               "En marchant vers la gare sous la pluie, elle se souvint que le magasin ferme tôt le dimanche."],
+    "python": ["def parse(path):\n    with open(path) as fh:\n        return [line.strip() for line in fh]\n"],
+}
+
+
+@pytest.fixture(scope="module")
+def trace():
+    torch.manual_seed(0)
+    model = moe_lab.Mixtral(moe_lab.ModelArgs.from_name("tiny")).eval()
+    return moe_lab.trace_routing(model, TEXTS, tokenizer=moe_lab.load_tokenizer(), progress=False)
+
+
+def _status(fb):
+    return fb.status, fb.message
+
+
+def test_marginal_baseline(trace):
+    layer = trace.layers[-1]
+    p = analysis.expert_load(trace, "first")[-1]
+    assert ex.check_marginal_baseline(float((p ** 2).sum()), trace, layer).status == "correct"
+    assert ex.check_marginal_baseline(None, trace, layer).status == "todo"
+    fb = ex.check_marginal_baseline(1 / trace.n_experts, trace, layer)
+    assert fb.status == "wrong" and "uniform" in fb.message and fb.hint
+    either = analysis.expert_load(trace)[-1]
+    assert "top-k" in ex.check_marginal_baseline(float((either ** 2).sum()), trace, layer).message
+    assert "one number" in ex.check_marginal_baseline(p ** 2, trace, layer).message  # forgot to sum
+    assert ex.check_marginal_baseline(float((p ** 2).sum()), trace, trace.layers[0]).status in ("wrong", "correct")
+
+
+def test_word_start_repetition(trace):
+    layer = trace.layers[1]
+    first = trace.expert_ids[1, :, 0]
+    rates = []
+    for word_start in (True, False):  # computed here by a plain loop, independently of the checker
+        same = total = 0
+        for i in range(trace.n_tokens - 1):
+            if trace.doc_ids[i] != trace.doc_ids[i + 1] or 1 in (trace.token_ids[i], trace.token_ids[i + 1]):
+                continue
+            if word_start and not trace.pieces[i + 1].startswith("▁"):
+                continue
+            same += first[i] == first[i + 1]
+            total += 1
+        rates.append(same / total)
+    assert ex.check_word_start_repetition(rates[0], trace, layer).status == "correct"
+    assert ex.check_word_start_repetition(None, trace, layer).status == "todo"
+    if not np.isclose(rates[0], rates[1]):
+        fb = ex.check_word_start_repetition(rates[1], trace, layer)
+        assert fb.status == "wrong" and "mask" in fb.message
+    assert "percentage" in ex.check_word_start_repetition(100 * rates[0], trace, layer).message
+    assert ex.check_word_start_repetition(rates[0] + 0.05, trace, layer).status == "wrong"
+
+
+def test_expert_usage(trace):
+    layer = trace.layers[2]
+    ref = analysis.expert_usage(trace)[2]
+    assert ex.check_expert_usage(ref.copy(), trace, layer).status == "correct"
+    assert ex.check_expert_usage(None, trace, layer).status == "todo"
+    assert "shape" in ex.check_expert_usage(ref.T, trace, layer).message
+    assert "BOS" in ex.check_expert_usage(analysis.expert_usage(trace, bos_id=None)[2], trace, layer).message
+    counts = ref * 10
+    assert "sum to 1" in ex.check_expert_usage(counts, trace, layer).message
+    first_only = np.zeros_like(ref)  # a typical slip: the first choice only
+    keep = trace.token_ids != 1
+    np.add.at(first_only, (trace.doc_ids[keep], trace.expert_ids[2, keep, 0]), 1)
+    first_only /= first_only.sum(1, keepdims=True)
+    fb = ex.check_expert_usage(first_only, trace, layer)
+    assert fb.status == "wrong" and "document" in fb.message
+
+
+def test_first_choice_divergence(trace):
+    layer = trace.layers[0]
+    docs = np.array(trace.domains)
+    a = analysis.expert_load(trace.select(domain="python"), "first")[0]
+    b = analysis.expert_load(trace.select(docs=np.flatnonzero(docs != "python")), "first")[0]
+    tv = 0.5 * np.abs(a - b).sum()
+    assert ex.check_first_choice_divergence(tv, trace, "python", layer).status == "correct"
+    assert ex.check_first_choice_divergence(None, trace, "python", layer).status == "todo"
+    assert "half" in ex.check_first_choice_divergence(2 * tv, trace, "python", layer).message
+    fb = ex.check_first_choice_divergence(tv + 0.1, trace, "python", layer)
+    assert fb.status == "wrong" and fb.hint and "expected" in fb.message
+    with pytest.raises(moe_lab.exercises.ExerciseError, match="06.4"):
+        ex.check_first_choice_divergence(tv + 0.1, trace, "python", layer).require()
