@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Set up moe_lab in ./.venv: a CPU build of PyTorch, then the package with its extras.
 #   bash scripts/setup.sh            # runtime + notebooks
-#   bash scripts/setup.sh --dev      # also the test tools and the corpus builder (extras dev, corpus)
+#   bash scripts/setup.sh --dev      # also the test tools, the corpus builder and the browser test
+#                                    # (extras dev, corpus, browser; Chromium via scripts/install_browser.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="notebooks"
-[ "${1:-}" = "--dev" ] && extras="notebooks,dev,corpus"
+[ "${1:-}" = "--dev" ] && extras="notebooks,dev,corpus,browser"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip "$@"; }
@@ -21,4 +22,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 pip install -q -e ".[${extras}]"
+# the browser test of the explorer drives the system's Chromium (never a downloaded browser build)
+[ "${1:-}" = "--dev" ] && bash scripts/install_browser.sh
 .venv/bin/python -c "import torch, moe_lab; print(f'moe_lab {moe_lab.__version__} ready (torch {torch.__version__})')"

@@ -24,7 +24,7 @@ message prints.
 Needs Chromium (Debian's ``chromium``: ``bash scripts/install_browser.sh``, which
 ``scripts/setup.sh --dev`` runs) and Playwright for Python (the ``browser`` extra); set
 ``MOE_LAB_CHROMIUM=/path/to/chromium`` to use another Chromium build. Skipped, with the reason,
-where no Chromium can be found.
+where no Chromium can be found. ``MOE_LAB_BROWSER_KEEP=1`` keeps the artefacts of a passing run.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from moe_lab.tokenizer import load_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "00_quickstart.ipynb"
 CHROMIUM_ENV = "MOE_LAB_CHROMIUM"
+KEEP_ENV = "MOE_LAB_BROWSER_KEEP"  # set: keep the artefacts (and a screenshot of the explorer) after a pass too
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
 # what the learner types: plain prose with a number, far from every sample of notebook 00
@@ -89,7 +90,9 @@ class JupyterLab:
         self.token = os.urandom(16).hex()
         env = dict(os.environ)
         env.pop("MOE_LAB_WIDGETS", None)  # the explorer must find out by itself that it has a front-end
+        # the server's own runtime, config and data folders: no user config, kernels or settings leak in
         env.update(JUPYTER_RUNTIME_DIR=str(work / "runtime"), JUPYTER_CONFIG_DIR=str(work / "config"),
+                   JUPYTER_DATA_DIR=str(work / "data"),
                    PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p]),
                    OMP_NUM_THREADS="1")
         env.setdefault("MOE_LAB_FAST", "1")
@@ -324,6 +327,8 @@ def test_explorer_in_jupyterlab(chromium, sync_playwright):
             page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
             try:
                 _drive(page, lab, expected_pieces, timings)
+                if os.environ.get(KEEP_ENV):
+                    page.locator(".moe-explorer").first.screenshot(path=str(work / "explorer.png"))
             except BaseException:
                 _save_failure(page, lab, work, console)
                 raise
@@ -344,7 +349,26 @@ def test_explorer_in_jupyterlab(chromium, sync_playwright):
             lab.stop()
     timings["total"] = time.perf_counter() - t0
     print("browser test timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-    shutil.rmtree(work, ignore_errors=True)
+    if os.environ.get(KEEP_ENV):
+        print(f"browser test artefacts kept in {work} (${KEEP_ENV} is set)")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_setup_installs_what_the_browser_test_needs():
+    """``scripts/setup.sh --dev`` (run by ``scripts/test.sh``, so by CI) installs Playwright (the
+    ``browser`` extra) and runs ``scripts/install_browser.sh``, which installs no downloaded browser."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        from pip._vendor import tomli as tomllib
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(r.startswith("playwright") for r in extras["browser"]), extras.get("browser")
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert re.search(r'--dev" \] && extras="[a-z,]*\bbrowser\b', setup), "setup.sh --dev must install the browser extra"
+    assert "scripts/install_browser.sh" in setup, "setup.sh --dev must run scripts/install_browser.sh"
+    script = (ROOT / "scripts" / "install_browser.sh").read_text()
+    assert "apt-get install" in script and "playwright install" not in script  # the system's browser only
 
 
 def _drive(page, lab: JupyterLab, expected_pieces: list[str], timings: dict) -> None:
