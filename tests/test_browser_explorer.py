@@ -54,10 +54,13 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrom
 # what the learner types: plain prose with a number, far from every sample of notebook 00
 NEW_TEXT = "Seven zebras quietly painted 42 yellow boats before lunch."
 
-STARTUP_TIMEOUT = 120  # s: JupyterLab's server and its first page
-RUN_ALL_TIMEOUT = 900  # s: the whole notebook, on a busy 2-core machine
-STEP_TIMEOUT = 180  # s: one explorer action (a forward pass or two of the demo model)
-CLICK_TIMEOUT = 60  # s: Playwright's wait for an element to click or fill
+# Generous: each wait ends as soon as the page shows what it waits for. On a 2-core machine with a
+# load average of 16 (training runs beside the tests), opening the notebook and starting its kernel
+# took over 3 minutes once, against 1-1.5 minutes usually.
+STARTUP_TIMEOUT = 600  # s: JupyterLab's server, its page, the notebook and its kernel
+RUN_ALL_TIMEOUT = 1200  # s: the whole notebook
+STEP_TIMEOUT = 300  # s: one explorer action (a forward pass or two of the demo model)
+CLICK_TIMEOUT = 120  # s: Playwright's wait for an element to click or fill
 
 
 def find_chromium() -> str | None:
@@ -175,8 +178,11 @@ STATE_JS = r"""
     };
   };
   const table = q('moe-explorer-table');
-  const select = (cls) => { const s = root.querySelector('.' + cls + ' select'); return s ? s.value : null; };
-  const options = (cls) => Array.from(root.querySelectorAll('.' + cls + ' select option')).map((o) => o.value);
+  const select = (cls) => {  // the label of the chosen option
+    const s = root.querySelector('.' + cls + ' select');
+    return s && s.selectedIndex >= 0 ? s.options[s.selectedIndex].textContent.trim() : null;
+  };
+  const options = (cls) => Array.from(root.querySelectorAll('.' + cls + ' select option')).map((o) => o.textContent.trim());
   return {
     text: (root.querySelector('.moe-explorer-text textarea') || {}).value ?? null,
     layer: select('moe-explorer-layer'), layers: options('moe-explorer-layer'),
@@ -321,7 +327,7 @@ def test_explorer_in_jupyterlab(chromium, sync_playwright):
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, headless=True,
                                          args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport={"width": 1400, "height": 1400})
             page.set_default_timeout(CLICK_TIMEOUT * 1000)
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
             page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
@@ -373,7 +379,7 @@ def test_setup_installs_what_the_browser_test_needs():
 
 def _drive(page, lab: JupyterLab, expected_pieces: list[str], timings: dict) -> None:
     t = time.perf_counter()
-    page.goto(f"{lab.url}/lab/tree/{NOTEBOOK.name}?reset&token={lab.token}")
+    page.goto(f"{lab.url}/lab/tree/{NOTEBOOK.name}?reset&token={lab.token}", timeout=STARTUP_TIMEOUT * 1000)
     n_cells = len(json.loads(NOTEBOOK.read_text())["cells"])
 
     def ready(s):  # every cell loaded, its kernel started and idle; a kernel-choice dialog accepted
@@ -424,7 +430,7 @@ def _drive(page, lab: JupyterLab, expected_pieces: list[str], timings: dict) -> 
     layers = after_text["layers"]
     new_layer = layers[0] if after_text["layer"] != layers[0] else layers[-1]
     assert new_layer != after_text["layer"], f"the model has one layer only ({layers})"
-    page.locator(".moe-explorer-layer select").select_option(new_layer)
+    page.locator(".moe-explorer-layer select").select_option(label=new_layer)
     after_layer = wait_for(page, f"the explorer to show layer {new_layer}",
                            lambda s: s["layer"] == new_layer and shown_layer(s) == new_layer
                            and new_layer in s["load"]["title"])
@@ -445,8 +451,8 @@ def _drive(page, lab: JupyterLab, expected_pieces: list[str], timings: dict) -> 
             counts[e] = counts.get(e, 0) + 1
     expert = max(counts, key=lambda e: (counts[e], -int(e)))
     page.locator(".moe-explorer-kind button", has_text="switch off: reroute").click()
-    page.locator(".moe-explorer-expert select").select_option(expert)
-    page.locator(".moe-explorer-iv-layer select").select_option(new_layer)
+    page.locator(".moe-explorer-expert select").select_option(label=expert)
+    page.locator(".moe-explorer-iv-layer select").select_option(label=new_layer)
     page.locator("button.moe-explorer-apply").click()
     what = f"expert {expert} switched off (rerouted) at layer {new_layer}"
     after_iv = wait_for(page, f"the effect of switching off expert {expert}",
