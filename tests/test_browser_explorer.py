@@ -504,3 +504,31 @@ def _save_failure(page, lab: JupyterLab, work: Path, console: list[str]) -> None
             step()
         except Exception as e:  # noqa: BLE001 - collecting evidence must not hide the failure
             console.append(f"(could not write {name}: {type(e).__name__}: {e})")
+
+
+def test_explorer_widgets_carry_the_css_classes_the_browser_test_finds():
+    """The hooks the browser test clicks and reads (no browser needed): one CSS class per control
+    and output, each on exactly one widget, the explorer's root among them."""
+    pytest.importorskip("ipywidgets")
+    import torch
+
+    from moe_lab.model import Mixtral, ModelArgs
+    from moe_lab.widgets import RoutingExplorer
+
+    torch.manual_seed(0)
+    model = Mixtral(ModelArgs.from_name("tiny").replace(n_layers=2)).eval()
+    ex = RoutingExplorer(model, load_tokenizer(), text="a b c")
+    root = ex.widget
+    assert "moe-explorer" in root._dom_classes
+    used = set(re.findall(r"moe-explorer-[a-z]+(?:-[a-z]+)*", STATE_JS))  # every class the page reader reads ...
+    assert len(used) >= 10, used
+    found: dict[str, list] = {}
+    stack = [root]
+    while stack:  # ... is on exactly one widget of the explorer
+        w = stack.pop()
+        for css in getattr(w, "_dom_classes", ()):
+            found.setdefault(css, []).append(w)
+        stack.extend(getattr(w, "children", ()))
+    for css in used | {"moe-explorer-trace", "moe-explorer-apply", "moe-explorer-kind"}:
+        assert len(found.get(css, [])) == 1, f"{css}: on {len(found.get(css, []))} widgets"
+    assert found["moe-explorer-text"][0] is ex.w_text and found["moe-explorer-apply"][0] is ex.w_apply
