@@ -513,6 +513,22 @@ class RoutingExplorer:
                         self.w_effect, W.HBox([self.out_next, self.out_change], layout=wrap)])
         self._widget = W.VBox([controls, W.HBox([self.w_text, self.w_trace]), self.w_status, routing,
                                W.HTML("<hr>"), panel])
+        self._add_css_classes()
+
+    # stable hooks for the page (a browser test, a learner's CSS): widget attribute -> CSS class
+    CSS_CLASSES = {"_widget": "moe-explorer", "w_model": "moe-explorer-model", "w_sample": "moe-explorer-sample",
+                   "w_layer": "moe-explorer-layer", "w_text": "moe-explorer-text", "w_trace": "moe-explorer-trace",
+                   "w_status": "moe-explorer-status", "out_tokens": "moe-explorer-tokens",
+                   "out_load": "moe-explorer-load", "w_table": "moe-explorer-table", "w_kind": "moe-explorer-kind",
+                   "w_expert": "moe-explorer-expert", "w_replacement": "moe-explorer-replacement",
+                   "w_offset": "moe-explorer-offset", "w_iv_layer": "moe-explorer-iv-layer",
+                   "w_apply": "moe-explorer-apply", "w_clear": "moe-explorer-reset", "w_effect": "moe-explorer-effect",
+                   "out_next": "moe-explorer-next-token", "out_change": "moe-explorer-routing-change"}
+
+    def _add_css_classes(self) -> None:
+        """Give each control and output a CSS class (``moe-explorer-text``, ...: see ``CSS_CLASSES``)."""
+        for attr, css in self.CSS_CLASSES.items():
+            getattr(self, attr).add_class(css)
 
     def _show_kind_options(self) -> None:
         """Show the replacement picker for "swap" and the offset slider for "steer" only."""

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Set up moe_lab in ./.venv: a CPU build of PyTorch, then the package with its extras.
 #   bash scripts/setup.sh            # runtime + notebooks
-#   bash scripts/setup.sh --dev      # also the test tools, the corpus builder and the figure tools
-#                                    # (extras dev, corpus, figures; figures need a Chromium: see below)
+#   bash scripts/setup.sh --dev      # also the test tools, the corpus builder, the figure tools and the
+#                                    # browser test (extras dev, corpus, figures, browser; Chromium via
+#                                    # scripts/install_browser.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="notebooks"
-[ "${1:-}" = "--dev" ] && extras="notebooks,dev,corpus,figures"
+[ "${1:-}" = "--dev" ] && extras="notebooks,dev,corpus,figures,browser"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip "$@"; }
@@ -22,14 +23,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 pip install -q -e ".[${extras}]"
-if [ "${1:-}" = "--dev" ] && ! command -v chromium >/dev/null 2>&1 && ! command -v google-chrome >/dev/null 2>&1; then
-  # kaleido (the figures extra) draws the notebooks' static PNGs in a headless Chromium: Debian's
-  # package where we may install it; elsewhere those tests skip and say why.
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
-      || echo "could not install chromium: the static-figure tests will be skipped"
-  else
-    echo "no chromium: the static-figure tests will be skipped (install Chromium to save notebooks with PNGs)"
-  fi
-fi
+# the browser test of the explorer and the notebooks' static PNGs (kaleido) use the system's Chromium
+# (never a downloaded browser build); without one those tests skip and say why
+[ "${1:-}" = "--dev" ] && bash scripts/install_browser.sh
 .venv/bin/python -c "import torch, moe_lab; print(f'moe_lab {moe_lab.__version__} ready (torch {torch.__version__})')"
