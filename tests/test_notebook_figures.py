@@ -247,5 +247,7 @@ def test_the_script_executes_and_saves_atomically(tmp_path):
     assert not [o for c in saved["cells"] for o in c["outputs"] if o["output_type"] == "error"]
     figs = list(_figure_outputs(saved))
     assert len(figs) == 1 and _png_size(figs[0][2]["data"][xn.PNG_MIME]) == (300, 200)
-    assert len(PLOTLYJS_BANNER.findall(json.dumps(saved))) == 1 and not CDN_SCRIPT.search(json.dumps(saved))
+    # the default --html none: plotly JSON + PNG, no HTML part (so no plotly.js and no CDN link)
+    assert xn.HTML_MIME not in figs[0][2]["data"]
+    assert len(PLOTLYJS_BANNER.findall(json.dumps(saved))) == 0 and not CDN_SCRIPT.search(json.dumps(saved))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.ipynb", "good.ipynb"], "no temporary files left"
