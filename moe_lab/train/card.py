@@ -271,12 +271,12 @@ def quality_bar_section(report: dict) -> list[str]:
         ", ".join(f"{d} {v}" for d, v in c["in_domain"].items()) + " read as their own domain "
         f"(unigram classifier over the {len(report['ce_ratio'])} domains); see the samples above")
     rows = [_row(["held-out CE <= 70% of the unigram CE in every domain", _verdict(ce["pass"]),
-                  f"worst: {ce['worst']} ({ce['worst_ratio']:.2f})"])]
+                  f"worst: {ce['worst']} ({ce['worst_ratio']:.3f})"])]
     prose, everyday = qb.get("prose_ce_at_most_70pct_of_unigram"), qb.get("everyday_nll_at_most_5.5")
     if prose is not None:
         rows.append(_row(["held-out CE <= 70% of the unigram CE on each language's real-prose pages",
                           _verdict(prose["pass"]), prose.get("missing") or
-                          f"worst: {prose['worst']} ({prose['worst_ratio']:.2f})"]))
+                          f"worst: {prose['worst']} ({prose['worst_ratio']:.3f})"]))
     if everyday is not None:
         rows.append(_row([f"everyday sentences: mean NLL <= {EVERYDAY_NLL_MAX} nats/token in every language "
                           f"(>= {EVERYDAY_MIN_SENTENCES} sentences each)", _verdict(everyday["pass"]),
