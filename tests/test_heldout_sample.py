@@ -77,3 +77,13 @@ def test_notebook_06_traces_the_sample():
     nb = json.loads((REPO / "notebooks" / "06_paper_routing_analysis.ipynb").read_text(encoding="utf-8"))
     code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
     assert "load_heldout_sample(" in code and "build_corpus(" not in code
+
+
+def test_notebooks_trace_only_the_shipped_heldout_sample():
+    """The notebooks that trace held-out text take it from load_heldout_sample(), not from the held-out
+    split of a small corpus build (which can differ from the full build the model trained on)."""
+    for name in ("05_visualising_experts", "06_paper_routing_analysis", "08_causal_experiments", "09_real_moes"):
+        nb = json.loads((REPO / "notebooks" / f"{name}.ipynb").read_text(encoding="utf-8"))
+        code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+        assert "load_heldout_sample" in code, f"{name} does not trace the shipped held-out sample"
+        assert ".heldout" not in code, f"{name} still reads a corpus build's held-out split"
