@@ -20,6 +20,12 @@ def to_array(answer) -> np.ndarray | None:
         return None
 
 
+def to_number(answer) -> float | None:
+    """A number, or a tensor/array/list holding exactly one, as a float; None otherwise."""
+    a = to_array(answer)
+    return float(a.reshape(())) if a is not None and a.size == 1 else None
+
+
 def mismatch(expected, found, *, atol: float = 1e-5, rtol: float = 1e-4, labels=None) -> str | None:
     """None when ``found`` matches ``expected`` (same shape, values within tolerance), else a
     sentence naming the problem: the type, the shape, or the first differing element.

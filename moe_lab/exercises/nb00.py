@@ -12,16 +12,8 @@ import numpy as np
 from ..analysis import expert_load
 from ..routing.trace import RoutingTrace
 from ..viz import routing_changes
+from .arrays import to_array
 from .feedback import Feedback, correct, is_todo, todo, wrong
-
-
-def _array(answer) -> np.ndarray | None:
-    try:
-        if hasattr(answer, "detach"):
-            answer = answer.detach().cpu().numpy()
-        return np.asarray(answer, dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------- 00.1: read a trace
@@ -37,7 +29,7 @@ def check_token_experts(answer, trace: RoutingTrace, position: int, layer: int) 
         return todo(name, "trace.expert_ids has shape [layers, tokens, k]; use trace.layer_index(layer) for the row.")
     row = trace.layer_index(layer)
     expected = [int(e) for e in trace.expert_ids[row, position]]
-    got = _array(answer)
+    got = to_array(answer)
     if got is None or got.ndim != 1 or len(got) != trace.top_k:
         return wrong(name, f"expected a list of {trace.top_k} expert ids, found {answer!r}.",
                      "Convert with .tolist(): e.g. [3, 6].")
@@ -84,7 +76,7 @@ def check_token_consistency(answer, trace: RoutingTrace, token_id: int, layer: i
         return wrong(name, f"token id {token_id} does not occur in this trace.",
                      "Pick a token id from trace.token_ids (tokenizer.encode gives the id of a piece).")
     expected = token_consistency(trace, token_id, layer)
-    got = _array(answer)
+    got = to_array(answer)
     if got is None or got.ndim != 0:
         return wrong(name, f"expected one number between 0 and 1, found {answer!r}.")
     got = float(got)
@@ -118,7 +110,7 @@ def check_first_choice_tv(answer, trace_a: RoutingTrace, trace_b: RoutingTrace, 
     pa = expert_load(trace_a, choice="first")[trace_a.layer_index(layer)]
     pb = expert_load(trace_b, choice="first")[trace_b.layer_index(layer)]
     expected = 0.5 * float(np.abs(pa - pb).sum())
-    got = _array(answer)
+    got = to_array(answer)
     if got is None or got.ndim != 0:
         return wrong(name, f"expected one number between 0 and 1, found {answer!r}.")
     got = float(got)
@@ -149,7 +141,7 @@ def check_changed_share(answer, base: RoutingTrace, new: RoutingTrace) -> Feedba
     if is_todo(answer):
         return todo(name, "compare np.sort(base.expert_ids, -1) with np.sort(new.expert_ids, -1), token by token.")
     _, first, sets = routing_changes(base, new)
-    got = _array(answer)
+    got = to_array(answer)
     if got is None or got.shape != sets.shape:
         return wrong(name, f"expected {len(sets)} numbers (one per layer), found "
                      f"{'?' if got is None else got.shape}.", "Reduce over tokens and slots, keep the layer axis.")

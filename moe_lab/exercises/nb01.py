@@ -13,16 +13,14 @@ import torch
 
 from ..checkpoints.convert import half_to_interleaved
 from ..model import Attention, ModelArgs, count_params, rope_cos_sin, rope_inv_freq, topk_softmax_routing
+from .arrays import to_array
 from .feedback import Feedback, correct, is_todo, todo, wrong
 
 
 def _tensor(answer) -> torch.Tensor | None:
     """The answer as a float64 tensor, or None when it cannot be one."""
-    try:
-        return torch.as_tensor(np.asarray(answer, dtype=np.float64) if not torch.is_tensor(answer)
-                               else answer.detach().double())
-    except (TypeError, ValueError):
-        return None
+    a = to_array(answer)
+    return None if a is None else torch.from_numpy(a)
 
 
 # ---------------------------------------------------------------- 01.1: the inverse permutation

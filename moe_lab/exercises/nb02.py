@@ -12,14 +12,8 @@ import math
 import torch
 
 from ..model import ModelArgs, count_params, load_balancing_loss, topk_softmax_routing
+from .arrays import to_number
 from .feedback import Feedback, correct, is_todo, todo, wrong
-
-
-def _float(answer) -> float | None:
-    try:
-        return float(answer.detach()) if torch.is_tensor(answer) else float(answer)
-    except (TypeError, ValueError, RuntimeError):
-        return None
 
 
 # ---------------------------------------------------------------- 02.1: the load-balancing loss by hand
@@ -34,7 +28,7 @@ def check_load_balancing(answer, router_logits, n_experts: int, k: int) -> Feedb
     name = "Exercise 02.1 (load-balancing loss by hand)"
     if is_todo(answer):
         return todo(name, "cat the layers, softmax, one-hot of the top-k summed over the k slots, mean over rows.")
-    got = _float(answer)
+    got = to_number(answer)
     if got is None:
         return wrong(name, f"expected a number, found {answer!r}.")
     ref = float(load_balancing_loss(list(router_logits), n_experts, k))

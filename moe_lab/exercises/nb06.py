@@ -15,13 +15,13 @@ import numpy as np
 
 from ..analysis import expert_load, expert_usage
 from ..routing.trace import RoutingTrace, layer_row
+from .arrays import to_number
 from .feedback import Feedback, correct, is_todo, todo, wrong
 
 
 def _number(name: str, answer) -> tuple[float | None, Feedback | None]:
-    try:
-        value = float(np.asarray(answer).reshape(()))
-    except (TypeError, ValueError):
+    value = to_number(answer)
+    if value is None:
         return None, wrong(name, f"expected one number, found {type(answer).__name__} "
                                  f"with shape {np.shape(answer)}.", "reduce your result to a single float.")
     return value, None
