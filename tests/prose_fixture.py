@@ -4,7 +4,9 @@
 ``<div class="para">``) and ``gnome-user-docs_0.1-test_all.deb`` (Mallard ``.page`` files): real
 ``ar`` archives with ``control.tar.xz`` and ``data.tar.xz``, as ``apt-get download`` gives them;
 ``fortunes``/``fortunes-de``/``fortunes-es`` (strfile text: entries between ``%`` lines) and
-``manpages-<fr|de|es|it>_0.1-test_all.deb`` (gzipped roff manual pages).
+``manpages-<fr|de|es|it>_0.1-test_all.deb`` (gzipped roff manual pages) and
+``wordnet-base_0.1-test_all.deb`` (WordNet ``data.*`` files: synset lines ending in
+``| gloss; "example"``, plus an ``index.noun`` that is not read).
 The text is built so the expected outcome is known: paragraph ``j`` of page ``i`` says the same
 thing in every language; a few paragraphs are deliberately untranslated (English text in the
 French page), too short, or code; one Mallard page has an extra Italian paragraph (so it cannot
@@ -112,6 +114,27 @@ def fortune_text(lang: str, i: int) -> str:
     return f"{paragraph(lang, 300 + i, 0)[:-1]}, and then it ends."
 
 
+N_WORDNET = 90  # usage examples kept (data.noun), more than two pages of the source's page_size
+WORDNET_HEADER = "  1 This software and database is being provided to you, the LICENSEE, by \n"
+
+
+def wordnet_example(i: int) -> str:
+    """The kept example of synset i, as the reader gives it back (capitalised, full stop added)."""
+    subj, verb, obj = _WORDS["en"]
+    return f"{subj[i % 6].split()[1].capitalize()} {verb[i % 5]} {obj[(i // 5) % 5][:-1]} number {i}."
+
+
+def wordnet_data_file() -> str:
+    """A data.noun: the licence header, then N_WORDNET synsets whose gloss quotes one example
+    (lower-case, no final stop) and one that is too short to keep."""
+    lines = [WORDNET_HEADER]
+    for i in range(N_WORDNET):
+        example = wordnet_example(i)[:-1]
+        lines.append(f"{i:08d} 03 n 01 thing{i} 0 000 | a thing used in tests; \"{example[0].lower()}{example[1:]}\"; "
+                     f"\"short one\"  \n")
+    return "".join(lines)
+
+
 def _tar_xz(files: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:xz") as tar:
@@ -147,6 +170,8 @@ def prose_files() -> dict[str, dict[str, bytes]]:
     out = {"debian-handbook": handbook, "gnome-user-docs": gnome}
     for package, (lang, d) in FORTUNE_DIRS.items():
         out[package] = {f"{d}/everyday": fortune_file(lang).encode(), f"{d}/everyday.dat": b"\x00\x00\x00\x02binary"}
+    out["wordnet-base"] = {"usr/share/wordnet/data.noun": wordnet_data_file().encode(),
+                           "usr/share/wordnet/index.noun": b"thing0 n 1 0 1 0 00000000  \n"}
     for lang in ("fr", "de", "es", "it"):
         out[f"manpages-{lang}"] = {f"usr/share/man/{lang}/man1/page{i}.1.gz": gzip.compress(man_page(lang, i).encode(), mtime=0)
                                    for i in range(N_MAN_PAGES)}

@@ -10,9 +10,10 @@ import pytest
 
 from moe_lab import corpus as mc
 from moe_lab.corpus.__main__ import main as corpus_main
+from moe_lab.corpus import build as mb
 from moe_lab.corpus import prose as mp
-from prose_fixture import (N_FORTUNES, N_GNOME_PAGES, N_HANDBOOK_PAGES, N_MAN_PAGES, PARAS_PER_PAGE, fortune_text,
-                           make_deb, make_prose_debs, make_prose_tree, paragraph)
+from prose_fixture import (N_FORTUNES, N_GNOME_PAGES, N_HANDBOOK_PAGES, N_MAN_PAGES, N_WORDNET, PARAS_PER_PAGE,
+                           fortune_text, make_deb, make_prose_debs, make_prose_tree, paragraph, wordnet_example)
 
 N_PAGES = {"debian-handbook": N_HANDBOOK_PAGES, "gnome-user-docs": N_GNOME_PAGES}
 
@@ -56,7 +57,7 @@ def test_paragraphs_per_language_and_what_is_dropped(prose):
     full = PARAS_PER_PAGE * (N_HANDBOOK_PAGES + N_GNOME_PAGES)
     man = 2 * N_MAN_PAGES  # two running-text paragraphs per manual page (no English manual pages)
     counts = {lang: len(p) for lang, p in prose.paragraphs.items()}
-    assert counts["en"] == full + N_FORTUNES and counts["de"] == counts["es"] == full + man + N_FORTUNES
+    assert counts["en"] == full + N_FORTUNES + N_WORDNET and counts["de"] == counts["es"] == full + man + N_FORTUNES
     assert counts["fr"] == full + man - 1  # the untranslated (English) paragraph of page00 is dropped
     assert counts["it"] == full + man + 1  # the extra paragraph of topic-01
     fr = {p.key: p.text for p in prose.paragraphs["fr"]}
@@ -86,6 +87,31 @@ def test_fortunes_one_paragraph_each_without_attribution(prose):
         got = [p.text for p in prose.paragraphs[lang] if p.source.startswith("fortunes")]
         assert got == [fortune_text(lang, i) for i in range(N_FORTUNES)]  # not the short one, not the .dat
     assert not any(p.source.startswith("fortunes") for lang in ("fr", "it") for p in prose.paragraphs[lang])
+
+
+def test_wordnet_gives_its_usage_examples_as_sentences_in_pages(prose):
+    got = [p for p in prose.paragraphs["en"] if p.source == "wordnet-base"]
+    # every kept example, capitalised with a full stop; not the header, the short examples or index.noun
+    assert [p.text for p in got] == [wordnet_example(i) for i in range(N_WORDNET)]
+    size = mp.SOURCES["wordnet-base"].page_size
+    # the file is cut into pages of `size` examples (two per synset here, the short one dropped)
+    assert [p.page for p in got] == [f"data.noun/{(2 * i) // size:04d}" for i in range(N_WORDNET)]
+    docs = [doc_id for doc_id, _, src in mp.prose_documents(prose, "en") if src == "wordnet-base"]
+    assert {mp.split_key(d) for d in docs} == {f"wordnet-base/data.noun/{k:04d}" for k in range(-(-2 * N_WORDNET // size))}
+    assert mp.page_paragraphs("wordnet", b'00000001 03 n 01 x 0 000 | a gloss; "it rained"\n') == ["It rained."]
+
+
+def test_english_domain_is_mostly_real_prose_and_larger_with_it(prose):
+    corpus = mc.build_corpus(None, size="small", seed=0, progress=False, domains=["english"], prose=prose)
+    docs = corpus.split("train") + corpus.split("heldout")
+    real = [d for d in docs if d.id.startswith("deb/")]
+    technical = [d for d in docs if not d.id.startswith("deb/")]
+    assert real and technical
+    # ENGLISH_PROSE_PER_DOC real-prose documents for each technical one, while the fixture's prose lasts
+    assert len(real) == min(mb.ENGLISH_PROSE_PER_DOC * len(technical), len(list(mp.prose_items(prose, "en"))))
+    # the budget is PROSE_BUDGET_SCALE times the common one (the last document may cross it)
+    budget = mb.PROSE_BUDGET_SCALE["english"] * mc.SIZES["small"] * mc.CHARS_PER_TOKEN["english"]
+    assert budget - mc.MAX_DOC_CHARS < sum(len(d.text) for d in docs) < budget + mc.MAX_DOC_CHARS
 
 
 def test_versions_and_licences_are_recorded(prose):
@@ -122,15 +148,15 @@ def test_heldout_is_by_page_and_the_same_for_every_language():
 
 
 def test_missing_packages_stop_with_the_exact_command(tmp_path, capsys):
-    assert mp.APT_COMMAND == ("apt-get download debian-handbook gnome-user-docs fortunes fortunes-de fortunes-es "
-                              "manpages-fr manpages-de manpages-es manpages-it")
+    assert mp.APT_COMMAND == ("apt-get download debian-handbook gnome-user-docs wordnet-base fortunes fortunes-de "
+                              "fortunes-es manpages-fr manpages-de manpages-es manpages-it")
     with pytest.raises(mp.MissingProseSources, match=mp.APT_COMMAND):
         mp.load_prose(tmp_path)
     make_deb(tmp_path / "debian-handbook_1_all.deb", "debian-handbook", "1", {"usr/share/doc/x": b"x"})
-    with pytest.raises(mp.MissingProseSources, match="apt-get download gnome-user-docs fortunes "):
+    with pytest.raises(mp.MissingProseSources, match="apt-get download gnome-user-docs wordnet-base fortunes "):
         mp.load_prose(tmp_path)  # the command names only what is missing
     assert corpus_main(["--out", str(tmp_path / "c"), "--size", "tiny", "--prose", str(tmp_path), "--quiet"]) == 2
-    assert "apt-get download gnome-user-docs fortunes " in capsys.readouterr().err
+    assert "apt-get download gnome-user-docs wordnet-base fortunes " in capsys.readouterr().err
     assert not (tmp_path / "c" / "train.jsonl").exists()
 
 

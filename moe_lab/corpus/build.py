@@ -41,6 +41,13 @@ REQUIRES: dict[str, tuple[str, ...]] = {"data": RECORDS_REQUIRES, **{lang: requi
 INSTALL_EXTRA = "pip install 'moe_lab[corpus]'"
 
 
+#: With real prose, the English domain is this many times the common budget (its real prose alone,
+#: books plus everyday text, is about the size of one domain) ...
+PROSE_BUDGET_SCALE: dict[str, float] = {"english": 1.5}
+#: ... and takes this many real-prose documents for each technical one (docstrings, READMEs).
+ENGLISH_PROSE_PER_DOC = 3
+
+
 def domain_items(domain: str, rng: random.Random, parallel: list[dict], prose: ProseSet | None = None,
                  budget: int = 0) -> Iterator[Item]:
     """The stream of documents of one domain (with ``prose``: real prose in the language domains,
@@ -48,7 +55,9 @@ def domain_items(domain: str, rng: random.Random, parallel: list[dict], prose: P
     if domain in LANGS:
         return language_docs(domain, rng, parallel, prose, budget)
     if domain == "english" and prose is not None:
-        return round_robin(prose_items(prose, "en"), english_docs(rng))
+        # ENGLISH_PROSE_PER_DOC real-prose documents for each docstring/README/reference-manual one
+        english_prose = prose_items(prose, "en")
+        return round_robin(*[english_prose] * ENGLISH_PROSE_PER_DOC, english_docs(rng))
     return SOURCES[domain](rng)
 
 
@@ -108,7 +117,8 @@ def build_corpus(out_dir: str | os.PathLike | None = None, size: str = "small", 
     """Assemble the corpus (deterministic for a given seed and environment).
 
     Each domain receives the same approximate token budget (``SIZES[size]``,
-    converted to characters with ``CHARS_PER_TOKEN``); domains
+    converted to characters with ``CHARS_PER_TOKEN``; with ``prose``, English gets
+    ``PROSE_BUDGET_SCALE`` times it); domains
     whose sources run dry stay smaller. With ``out_dir`` the result is also
     written there (atomically); without it everything stays in memory.
 
@@ -124,7 +134,8 @@ def build_corpus(out_dir: str | os.PathLike | None = None, size: str = "small", 
     if unknown:
         raise ValueError(f"unknown domains: {sorted(unknown)}")
     check_extra(domains)
-    budgets = {d: int(SIZES[size] * CHARS_PER_TOKEN[d]) for d in domains}
+    scale = PROSE_BUDGET_SCALE if prose is not None else {}
+    budgets = {d: int(SIZES[size] * CHARS_PER_TOKEN[d] * scale.get(d, 1.0)) for d in domains}
     if prose is not None and not isinstance(prose, ProseSet):
         prose = load_prose(prose)
     train, heldout, parallel, sources = [], [], [], {}

@@ -54,11 +54,14 @@ class ProseSource:
     package: str
     title: str
     licence: str
-    kind: str  # "docbook-html" (publican XHTML <div class="para">), "mallard" (<p> in .page), "fortune" or "roff"
+    kind: str  # "docbook-html" (publican XHTML <div class="para">), "mallard" (<p> in .page), "fortune", "roff"
+    #            or "wordnet" (the usage examples of WordNet's data.* files)
     dirs: dict[str, str]  # language -> directory inside the package holding its pages
     suffix: str  # page file suffix
     group: str = ""  # the held-out namespace: pages of one group are held out together in every language
     parallel: bool = True  # translations of one text, page by page (alignable)
+    files: tuple[str, ...] = ()  # only these file names in the directory (default: every file with the suffix)
+    page_size: int = 0  # cut each file's paragraphs into pages of this many (a file that is one long list)
 
     @property
     def split_group(self) -> str:
@@ -77,6 +80,12 @@ SOURCES: dict[str, ProseSource] = {
         {lang: f"usr/share/help/{loc}/gnome-help"
          for lang, loc in [("en", "C"), ("fr", "fr"), ("de", "de"), ("es", "es"), ("it", "it")]},
         ".page"),
+    # everyday English: the usage examples of WordNet's synsets ("he was elected to a seat in the Senate"),
+    # one short sentence each, written by lexicographers; cut into pages of 40 examples for the split.
+    "wordnet-base": ProseSource(
+        "wordnet-base", "WordNet 3.0 usage examples (Princeton University)", "WordNet-3.0 (a BSD-style licence, "
+        "see the package's copyright file)", "wordnet", {"en": "usr/share/wordnet"}, "", parallel=False,
+        files=("data.adj", "data.adv", "data.noun", "data.verb"), page_size=40),
     # everyday language: quotations, proverbs, jokes (strfile format: entries separated by "%" lines).
     # Not fortunes-it: it writes accents as apostrophes ("e'" for "è"); there is no French package.
     "fortunes": ProseSource(
@@ -333,8 +342,34 @@ def _fortune_paras(blob: bytes) -> list[str]:
     return [" ".join(_ATTRIBUTION.sub("", e).split()) for e in entries if e.strip()]
 
 
+_QUOTED = re.compile(r'"([^"]+)"')
+
+
+def _wordnet_examples(blob: bytes) -> list[str]:
+    """The usage examples of a WordNet ``data.*`` file, one paragraph each, in file order.
+
+    A synset line ends with ``| gloss; "example"; "example"``; the examples are the quoted parts
+    of the gloss. Each becomes a sentence: whitespace collapsed, the first letter upper-cased
+    and a full stop added when it has no final punctuation. The licence header (lines starting
+    with two spaces) is skipped."""
+    out = []
+    for line in blob.decode("utf-8", errors="replace").splitlines():
+        if line.startswith("  ") or " | " not in line:
+            continue
+        for ex in _QUOTED.findall(line.split(" | ", 1)[1]):
+            ex = " ".join(ex.split())
+            if not ex:
+                continue
+            ex = ex[0].upper() + ex[1:]
+            out.append(ex if ex[-1] in ".!?" else ex + ".")
+    return out
+
+
 def page_paragraphs(kind: str, blob: bytes) -> list[str]:
-    """Every paragraph of one page (``kind``: ``"docbook-html"``, ``"mallard"``, ``"fortune"`` or ``"roff"``)."""
+    """Every paragraph of one page (``kind``: ``"docbook-html"``, ``"mallard"``, ``"fortune"``,
+    ``"roff"`` or ``"wordnet"``)."""
+    if kind == "wordnet":
+        return _wordnet_examples(blob)
     if kind == "roff":
         return _roff_paras(blob)
     if kind == "fortune":
@@ -345,7 +380,7 @@ def page_paragraphs(kind: str, blob: bytes) -> list[str]:
         return parser.paras
     if kind == "mallard":
         return _mallard_paras(blob)
-    raise ValueError(f"unknown page kind {kind!r}; expected 'docbook-html', 'mallard', 'fortune' or 'roff'")
+    raise ValueError(f"unknown page kind {kind!r}; expected 'docbook-html', 'mallard', 'fortune', 'roff' or 'wordnet'")
 
 
 _MOJIBAKE = re.compile("[\u00c3\u00c2][\u0080-\u00bf]")  # UTF-8 read as Latin-1 (e.g. "altresÃ¬")
@@ -372,14 +407,23 @@ def looks_english(text: str, threshold: float = 0.12) -> bool:
 # --------------------------------------------------------------------------- the prose set
 
 def _pages(source: ProseSource, files: dict[str, bytes]) -> dict[str, dict[str, list[str]]]:
-    """raw[lang][page] = every paragraph, pages sorted by name (a stable order)."""
+    """raw[lang][page] = every paragraph, pages sorted by name (a stable order). A source with a
+    ``page_size`` has pages ``<file>/<k:04d>`` of that many paragraphs each."""
     raw: dict[str, dict[str, list[str]]] = {}
     for lang, d in source.dirs.items():
         prefix = d.rstrip("/") + "/"
         names = sorted(n for n in files if n.startswith(prefix) and n.endswith(source.suffix)
                        and (source.kind == "roff" or "/" not in n[len(prefix):])  # man pages: man1/ls.1.gz
+                       and (not source.files or n[len(prefix):] in source.files)
                        and not n.endswith((".dat", ".u8")))  # strfile indexes, UTF-8 duplicates of fortunes
-        raw[lang] = {n[len(prefix):len(n) - len(source.suffix)]: page_paragraphs(source.kind, files[n]) for n in names}
+        raw[lang] = {}
+        for n in names:
+            page, paras = n[len(prefix):len(n) - len(source.suffix)], page_paragraphs(source.kind, files[n])
+            if not source.page_size:
+                raw[lang][page] = paras
+                continue
+            for k in range(0, len(paras), source.page_size):
+                raw[lang][f"{page}/{k // source.page_size:04d}"] = paras[k:k + source.page_size]
     return raw
 
 

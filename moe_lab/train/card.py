@@ -118,8 +118,8 @@ def training_section(cfg: TrainConfig, run_info: dict) -> list[str]:
         f"**{run_info['tokens']:,} tokens seen**; seed {cfg.seed}; each sequence comes from one domain, "
         + _domain_mix(cfg),
         f"- Wall time: **{run_info['wall_time_s'] / 60:.1f} min** on {run_info['machine']} "
-        f"(torch {run_info.get('torch', torch.__version__)}; the machine was shared with other jobs, so "
-        f"throughput, about {run_info.get('tokens_per_s', 0):.0f} tokens/s on average, varied)."
+        f"(torch {run_info.get('torch', torch.__version__)}; "
+        f"about {run_info.get('tokens_per_s', 0):.0f} tokens/s on average, lower while other jobs share the machine)."
         + (" One torch thread on purpose: on the shared 2-core machine, two threads spent most of their time "
            "spin-waiting for each other and made steps several times slower." if cfg.num_threads == 1 else ""),
         "- `training_log.jsonl` holds the losses and per-layer expert load every "
