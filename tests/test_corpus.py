@@ -214,6 +214,30 @@ def test_parallel_pairs_point_at_documents(small):
     assert {p["lang"] for p in small.parallel} == {"fr", "de", "es", "it"}
 
 
+def test_english_interface_strings_are_the_packs_english_originals_each_once():
+    packs = [cfg["catalogue"] for cfg in languages.LANGS.values()]
+    pairs = [pair for package in packs for pair in languages._catalogue_pairs(package)]
+    if not pairs:
+        pytest.skip("no JupyterLab language packs installed")
+    items = list(languages.english_interface_items())
+    docs = [doc for doc, _, _ in items]
+    assert {doc.domain for doc in docs} == {"english"}
+    assert len({doc.id for doc in docs}) == len(docs) and all(doc.id.startswith("catalogue/") for doc in docs)
+    assert all(label.startswith("pypi:jupyterlab-language-pack-") and licence for _, label, licence in items)
+    # the English msgids in catalogue order, each once, at least 3 words, one a line; no translation
+    expected, seen = [], set()
+    for _, en, _ in pairs:
+        if en not in seen and sum(w.isalpha() for w in en.split()) >= 3:
+            seen.add(en)
+            expected.append(en)
+    assert "\n".join(doc.text for doc in docs) == "\n".join(expected)
+    translations_only = {text for _, en, text in pairs} - {en for _, en, _ in pairs}
+    assert not translations_only.intersection(expected)
+    # packed into documents of about 1,500 characters, like the language domains' catalogue documents
+    assert all(len(doc.text) < 1500 + max(map(len, expected)) for doc in docs)
+    assert sum(len(doc.text) >= 1500 for doc in docs) >= len(docs) - len(packs)
+
+
 def test_language_helpers():
     assert languages.es_conjunctions("habla francés y inglés o otro") == "habla francés e inglés u otro"
     assert languages.it_art("il", 8) == "l'" and languages.it_art("al", 3) == "al "

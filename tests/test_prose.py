@@ -105,10 +105,16 @@ def test_english_domain_is_mostly_real_prose_and_larger_with_it(prose):
     corpus = mc.build_corpus(None, size="small", seed=0, progress=False, domains=["english"], prose=prose)
     docs = corpus.split("train") + corpus.split("heldout")
     real = [d for d in docs if d.id.startswith("deb/")]
-    technical = [d for d in docs if not d.id.startswith("deb/")]
+    interface = [d for d in docs if d.id.startswith("catalogue/")]
+    technical = [d for d in docs if not d.id.startswith(("deb/", "catalogue/"))]
     assert real and technical
     # ENGLISH_PROSE_PER_DOC real-prose documents for each technical one, while the fixture's prose lasts
     assert len(real) == min(mb.ENGLISH_PROSE_PER_DOC * len(technical), len(list(mp.prose_items(prose, "en"))))
+    # and one English interface-string document beside each technical one, while the strings last
+    available = [doc.id for doc, _, _ in mc.languages.english_interface_items()]
+    if available:
+        assert abs(len(interface) - min(len(technical), len(available))) <= 1
+        assert {d.id for d in interface} <= set(available)
     # the budget is PROSE_BUDGET_SCALE times the common one (the last document may cross it)
     budget = mb.PROSE_BUDGET_SCALE["english"] * mc.SIZES["small"] * mc.CHARS_PER_TOKEN["english"]
     assert budget - mc.MAX_DOC_CHARS < sum(len(d.text) for d in docs) < budget + mc.MAX_DOC_CHARS

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .base import (CHARS_PER_TOKEN, DOMAINS, HELDOUT_PERCENT, SIZES, Corpus, Document, Item, package_dist, round_robin,
                    stable_int)
 from .english import english_docs
-from .languages import LANGS, language_docs, requires
+from .languages import LANGS, english_interface_items, language_docs, requires
 from .latex import latex_docs
 from .mathematics import math_docs
 from .prose import ProseSet, aligned_paragraphs, is_heldout_page, load_prose, prose_items, split_key
@@ -42,9 +42,10 @@ INSTALL_EXTRA = "pip install 'moe_lab[corpus]'"
 
 
 #: With real prose, the English domain is this many times the common budget (its real prose alone,
-#: books plus everyday text, is about the size of one domain) ...
-PROSE_BUDGET_SCALE: dict[str, float] = {"english": 1.5}
-#: ... and takes this many real-prose documents for each technical one (docstrings, READMEs).
+#: books plus everyday text, is nearly twice the size of one domain; at 2.0 all of it fits) ...
+PROSE_BUDGET_SCALE: dict[str, float] = {"english": 2.0}
+#: ... and takes this many real-prose documents for each technical one (docstrings, READMEs), with
+#: JupyterLab's English interface strings (menus, dialogs, error messages) interleaved as well.
 ENGLISH_PROSE_PER_DOC = 3
 
 
@@ -55,9 +56,10 @@ def domain_items(domain: str, rng: random.Random, parallel: list[dict], prose: P
     if domain in LANGS:
         return language_docs(domain, rng, parallel, prose, budget)
     if domain == "english" and prose is not None:
-        # ENGLISH_PROSE_PER_DOC real-prose documents for each docstring/README/reference-manual one
+        # ENGLISH_PROSE_PER_DOC real-prose documents for each docstring/README/reference-manual one,
+        # and one interface-string document beside them while those last
         english_prose = prose_items(prose, "en")
-        return round_robin(*[english_prose] * ENGLISH_PROSE_PER_DOC, english_docs(rng))
+        return round_robin(*[english_prose] * ENGLISH_PROSE_PER_DOC, english_docs(rng), english_interface_items())
     return SOURCES[domain](rng)
 
 

@@ -200,6 +200,39 @@ def _catalogue_pairs(package: str) -> list[tuple[str, str, str]]:
     return pairs
 
 
+def _catalogue_documents(domain: str, package: str, pairs: list[tuple[str, str, str]], field: int
+                         ) -> Iterator[tuple[Document, str, str, list[tuple[str, str, str]]]]:
+    """Catalogue pairs packed into documents of about 1,500 characters, one string a line (the
+    English msgid with ``field=1``, the translation with ``field=2``); yields (document, source
+    label, licence, the pairs in it)."""
+    dist = package_dist(package)
+    licence = dist_license(dist) if dist else "unknown"
+    label = f"pypi:{dist.metadata['Name'].lower()}" if dist else package
+    doc_no, buf, size = 0, [], 0
+    for i, pair in enumerate(pairs):
+        buf.append(pair)
+        size += len(pair[field]) + 1
+        if size >= 1500 or i == len(pairs) - 1:
+            yield Document(domain, f"catalogue/{package}/{doc_no:04d}", "\n".join(p[field] for p in buf)), label, licence, buf
+            doc_no, buf, size = doc_no + 1, [], 0
+
+
+def english_interface_items() -> Iterator[Item]:
+    """The English originals (msgids) of every language pack's strings, each once, as English
+    interface text: JupyterLab's own menus, dialogs and error messages. Strings are taken in
+    the order of ``LANGS`` and their catalogues; a string with fewer than 3 words is left out."""
+    seen: set[str] = set()
+    for lang in LANGS:
+        package = LANGS[lang]["catalogue"]
+        pairs = []
+        for source, en, text in _catalogue_pairs(package):
+            if en not in seen and sum(w.isalpha() for w in en.split()) >= 3:
+                seen.add(en)
+                pairs.append((source, en, text))
+        for doc, label, licence, _ in _catalogue_documents("english", package, pairs, 1):
+            yield doc, label, licence
+
+
 def language_docs(lang: str, rng: random.Random, parallel: list[dict], prose: ProseSet | None = None,
                   budget: int = 0) -> Iterator[Item]:
     """Real catalogue text interleaved with template-generated documents; with ``prose`` (real
@@ -210,20 +243,10 @@ def language_docs(lang: str, rng: random.Random, parallel: list[dict], prose: Pr
     package = cfg["catalogue"]
 
     def catalogue() -> Iterator[Item]:
-        pairs = _catalogue_pairs(package)
-        dist = package_dist(package)
-        licence = dist_license(dist) if dist else "unknown"
-        label = f"pypi:{dist.metadata['Name'].lower()}" if dist else package
-        doc_no, buf, size = 0, [], 0
-        for i, pair in enumerate(pairs):
-            buf.append(pair)
-            size += len(pair[2]) + 1
-            if size >= 1500 or i == len(pairs) - 1:
-                doc = Document(lang, f"catalogue/{package}/{doc_no:04d}", "\n".join(p[2] for p in buf))
-                for source, en, text in buf:
-                    parallel.append({"lang": cfg["code"], "doc_id": doc.id, "source": source, "en": en, "text": text})
-                yield doc, label, licence
-                doc_no, buf, size = doc_no + 1, [], 0
+        for doc, label, licence, buf in _catalogue_documents(lang, package, _catalogue_pairs(package), 2):
+            for source, en, text in buf:
+                parallel.append({"lang": cfg["code"], "doc_id": doc.id, "source": source, "en": en, "text": text})
+            yield doc, label, licence
 
     def generated() -> Iterator[Item]:
         gen = LangGen(lang, rng)
