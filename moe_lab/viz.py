@@ -56,7 +56,8 @@ __all__ = [
     "expert_paths_sankey", "cache_hit_figure", "layer_switch_states", "next_token_figure",
     "routing_changes", "routing_change_figure", "domain_specialization_heatmap",
     "offload_policy_figure", "prefetch_figure", "tokens_per_second_figure", "calibration_figure",
-    "language_content_figure", "hidden_control_figure",
+    "language_content_figure", "hidden_control_figure", "DOMAIN_COLORS", "domain_color", "domain_colors",
+    "expert_heatmap", "figure_title", "log_ticks",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -71,8 +72,15 @@ EXPERT_COLORS: tuple[str, ...] = (
     "#AA4499", "#DDDDDD",
 )
 
-#: Colours for series that are not experts (domains, cache policies): Paul Tol's "vibrant".
+#: Colours for series that are not experts (cache policies, methods): Paul Tol's "vibrant".
 SERIES_COLORS: tuple[str, ...] = ("#0077BB", "#EE7733", "#009988", "#CC3311", "#33BBEE", "#EE3377", "#BBBBBB")
+
+#: Ten colours for domains (:func:`domain_color`): the classic Tableau/d3 "category10" with its grey
+#: replaced by navy, so that no domain looks like a grey baseline. Every pair differs by a CIELAB
+#: distance of at least 27 (tested), and each differs from the baseline greys by as much.
+DOMAIN_COLORS: tuple[str, ...] = (
+    "#1F77B4", "#FF7F0E", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#E377C2", "#17BECF", "#BCBD22", "#0B2E59",
+)
 
 #: Name of the lean plotly template that every figure here uses (registered on import).
 TEMPLATE = "moe_lab"
@@ -99,6 +107,54 @@ def expert_color(e: int) -> str:
 def expert_colors(n_experts: int) -> list[str]:
     """The colours of experts 0..n_experts-1."""
     return [expert_color(e) for e in range(n_experts)]
+
+
+def _known_domains() -> tuple[str, ...]:
+    try:
+        from .corpus.base import DOMAINS
+    except Exception:  # pragma: no cover - the corpus package is part of moe_lab
+        return ()
+    return tuple(DOMAINS)
+
+
+def domain_colors(domains: Sequence[str]) -> list[str]:
+    """One colour per domain, distinct for up to 10 domains, and the same for a domain in every
+    figure: moe_lab's corpus domains (python, english, math, french, german, spanish, italian,
+    data, latex) keep a fixed slot of :data:`DOMAIN_COLORS` whichever subset a figure shows; other
+    names take the free slots in the order given. Past 10 domains, colours are spread around the
+    hue circle (tell them apart by the legend and hover text)."""
+    domains = list(domains)
+    known = _known_domains()
+    slot: dict[str, int] = {}
+    for d in domains:
+        if d in known and known.index(d) < len(DOMAIN_COLORS):
+            slot[d] = known.index(d)
+    free = [i for i in range(len(DOMAIN_COLORS)) if i not in set(slot.values())]
+    extra = 0
+    out = []
+    for d in domains:
+        if d not in slot:
+            if free:
+                slot[d] = free.pop(0)
+            else:
+                slot[d] = len(DOMAIN_COLORS) + extra
+                extra += 1
+        i = slot[d]
+        if i < len(DOMAIN_COLORS):
+            out.append(DOMAIN_COLORS[i])
+        else:  # golden-ratio hue steps, darker than the expert extension
+            h = (0.03 + 0.618034 * (i - len(DOMAIN_COLORS))) % 1.0
+            r, g, b = colorsys.hls_to_rgb(h, 0.42, 0.7)
+            out.append(f"#{round(r * 255):02X}{round(g * 255):02X}{round(b * 255):02X}")
+    return out
+
+
+def domain_color(domain: str, domains: Sequence[str] | None = None) -> str:
+    """Colour of ``domain`` among ``domains`` (the figure's domains; default: the domain alone)."""
+    domains = list(domains) if domains is not None else [domain]
+    if domain not in domains:
+        raise KeyError(f"domain {domain!r} is not among {domains}")
+    return domain_colors(domains)[domains.index(domain)]
 
 
 def _rgb(color: str) -> tuple[int, int, int]:
@@ -140,12 +196,17 @@ def _register_template() -> None:
     pio.templates[TEMPLATE] = go.layout.Template(layout=dict(
         font=dict(family=_FONT, size=13, color="#222222"),
         paper_bgcolor="white", plot_bgcolor="white", colorway=list(SERIES_COLORS),
-        xaxis=dict(gridcolor=_GRID, zerolinecolor=_GRID, linecolor="#BBBBBB", ticks="outside", automargin=True),
-        yaxis=dict(gridcolor=_GRID, zerolinecolor=_GRID, linecolor="#BBBBBB", ticks="outside", automargin=True),
+        # log axes label their 2s and 5s in full (0.5, 1, 2, 5, 10, ...), not as bare digits
+        xaxis=dict(gridcolor=_GRID, zerolinecolor=_GRID, linecolor="#BBBBBB", ticks="outside", automargin=True,
+                   minorloglabels="complete", title=dict(standoff=8)),
+        yaxis=dict(gridcolor=_GRID, zerolinecolor=_GRID, linecolor="#BBBBBB", ticks="outside", automargin=True,
+                   minorloglabels="complete", title=dict(standoff=8)),
         hoverlabel=dict(font=dict(family=_FONT, size=12), align="left"),
         legend=dict(bgcolor="rgba(255,255,255,0.8)"),
         margin=dict(l=60, r=30, t=60, b=50),
-        title=dict(x=0.0, xanchor="left", font=dict(size=15)),
+        # a title indented from the figure's edge; automargin keeps it clear of the plot, its
+        # subplot titles and its legend
+        title=dict(x=0.0, xanchor="left", xref="container", pad=dict(l=14), font=dict(size=15)),
     ))
 
 
@@ -212,6 +273,129 @@ def _ids_note(source) -> str:
         if getattr(source, "ids_only", False) else ""
 
 
+def _provenance(source_obj=None, source: str | None = None) -> str | None:
+    """What the figure was computed on: ``source`` if given, else ``meta["provenance"]`` of the trace
+    (or result) when it carries one (e.g. "synthetic fixture", "demo model")."""
+    if source:
+        return str(source)
+    meta = getattr(source_obj, "meta", None)
+    if isinstance(meta, dict) and meta.get("provenance"):
+        return str(meta["provenance"])
+    return None
+
+
+def figure_title(text: str, source_obj=None, source: str | None = None) -> str:
+    """A figure's title with what it was computed on: ``"<text> (<source>)"`` on the first line
+    (``source``, or the ``meta["provenance"]`` of ``source_obj``), then the expert-ids-only note
+    for traces that hold no router weights. Every figure function here builds its title with it;
+    use it for figures drawn by hand too, e.g. ``figure_title("Hit rate", source="synthetic fixture")``."""
+    src = _provenance(source_obj, source)
+    if src and src.lower() not in text.lower():
+        first, sep, rest = text.partition("<br>")
+        text = f"{first} ({_esc(src)}){sep}{rest}"
+    return text + _ids_note(source_obj)
+
+
+_CHAR_PX = 8.0  # mean width of a character of the title fonts (15-16 px), for wrapping
+
+
+def _wrap(text: str, width_px: float, char_px: float = _CHAR_PX) -> str:
+    """Break ``text`` at spaces (and keep its own ``<br>``) so that no line is wider than
+    ``width_px``; markup such as ``<sup>...</sup>`` lines counts at 70%."""
+    if not text:
+        return text
+    out = []
+    for line in str(text).split("<br>"):
+        scale = 0.7 if line.lstrip().startswith("<sup>") else 1.0
+        visible = len(_strip_tags(line)) * char_px * scale
+        if visible <= width_px or " " not in line:
+            out.append(line)
+            continue
+        words, cur = line.split(" "), ""
+        for w in words:
+            cand = f"{cur} {w}" if cur else w
+            if cur and len(_strip_tags(cand)) * char_px * scale > width_px and not _inside_tag(cur):
+                out.append(cur)
+                cur = w
+            else:
+                cur = cand
+        out.append(cur)
+    return "<br>".join(out)
+
+
+def _strip_tags(text: str) -> str:
+    import re
+
+    return html.unescape(re.sub(r"<[^>]*>", "", text))
+
+
+def _inside_tag(text: str) -> bool:
+    return text.count("<span") > text.count("</span>") or text.count("<sup>") > text.count("</sup>")
+
+
+def log_ticks(values, *, per_decade: Sequence[float] = (1, 2, 5)) -> dict:
+    """Axis settings for a log axis over ``values``: ``type="log"`` and explicit ``tickvals`` /
+    ``ticktext`` at 1, 2, 5 x 10^n covering the values (0.5, 1, 2, 5, 10, 20, 50, ...), every
+    tick labelled in full. Use it as ``fig.update_yaxes(**viz.log_ticks(y))``."""
+    v = np.asarray([float(x) for x in np.ravel(values) if x is not None], dtype=np.float64)
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size == 0:
+        return dict(type="log")
+    lo, hi = float(v.min()), float(v.max())
+    ticks = []
+    for n in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1):
+        for m in per_decade:
+            t = m * 10.0 ** n
+            ticks.append(float(f"{t:.6g}"))
+    below = [t for t in ticks if t <= lo]
+    above = [t for t in ticks if t >= hi]
+    first, last = (below[-1] if below else ticks[0]), (above[0] if above else ticks[-1])
+    ticks = [t for t in ticks if first <= t <= last]
+    text = [f"{t:,.10g}" for t in ticks]
+    return dict(type="log", tickmode="array", tickvals=ticks, ticktext=text,
+                range=[math.log10(first) - 0.02, math.log10(last) + 0.02])
+
+
+def _axes(fig: go.Figure):
+    """(name, axis) for every x and y axis of the figure."""
+    for name in sorted(fig.layout.to_plotly_json()):
+        if name.startswith(("xaxis", "yaxis")):
+            yield name, fig.layout[name]
+
+
+def _finish(fig: go.Figure, *, min_top: int | None = None) -> go.Figure:
+    """What every figure here gets before it is returned, so that its static PNG reads right with no
+    tuning in the notebook: the title wrapped to the figure's width (and the top margin grown for
+    its extra lines), long axis titles wrapped to their axis, log axes labelled at 1-2-5 ticks."""
+    lay = fig.layout
+    width = lay.width or 700
+    height = lay.height or 500
+    margin_t = lay.margin.t if lay.margin.t is not None else 60
+    title = lay.title.text
+    if title:
+        wrapped = _wrap(title, width - 30)
+        extra = wrapped.count("<br>") - str(title).count("<br>")
+        lay.title.text = wrapped
+        if extra > 0:
+            fig.update_layout(margin=dict(t=margin_t + 20 * extra), height=height + 20 * extra)
+    if min_top is not None and (lay.margin.t or 0) < min_top:
+        fig.update_layout(margin=dict(t=min_top))
+    for name, ax in _axes(fig):
+        text = ax.title.text
+        if text:
+            dom = ax.domain or (0, 1)
+            span = (dom[1] - dom[0]) * ((height - 120) if name.startswith("y") else (width - 160))
+            ax.title.text = _wrap(text, max(span, 120))
+        if ax.type == "log" and ax.tickvals is None:
+            data = [getattr(t, name[0], None) for t in fig.data
+                    if (getattr(t, f"{name[0]}axis", None) or name[0]) == name.replace("axis", "")]
+            vals = [v for d in data if d is not None for v in np.ravel(np.asarray(d, dtype=object))
+                    if isinstance(v, (int, float, np.floating, np.integer))]
+            if vals:
+                ax.update(log_ticks(vals))
+    return fig
+
+
 def _layers_arg(trace: RoutingTrace, layers) -> list[int]:
     if layers is None:
         return list(trace.layers)
@@ -274,7 +458,7 @@ def _layer_menu(labels: list[str], visible: list[list[bool]], titles: list[str] 
 
 def token_figure(trace: RoutingTrace, doc: int = 0, layers: Sequence[int] | int | None = None,
                  tokenizer=None, *, max_tokens: int | None = 600, line_chars: int = 80,
-                 title: str | None = None) -> go.Figure:
+                 title: str | None = None, source: str | None = None) -> go.Figure:
     """The tokens of document ``doc``, each on a box coloured by its first-choice expert (the
     Mixtral paper's Figure 8), one view per layer with a layer switch built into the figure.
 
@@ -283,7 +467,9 @@ def token_figure(trace: RoutingTrace, doc: int = 0, layers: Sequence[int] | int 
     Tokens are laid out like text in a monospace font, ``line_chars`` characters per line;
     ``max_tokens`` cuts long documents (None: all). ``tokenizer`` gives display pieces when the
     trace has none. Trace ``i`` of the figure is layer ``layers[i]``; the last E traces only
-    hold the legend (one entry per expert).
+    hold the legend (one entry per expert). ``source`` says in the title what the trace was
+    computed on ("demo model", "synthetic fixture"; default: the trace's ``meta["provenance"]``), as
+    in every figure of this module.
     """
     layers = _layers_arg(trace, layers)
     if not 0 <= doc < trace.n_docs:
@@ -313,6 +499,7 @@ def token_figure(trace: RoutingTrace, doc: int = 0, layers: Sequence[int] | int 
         if newline:
             x, line = 0, line + 1
     n_lines = line + 1
+    char_px = 7.4
 
     conf = A.router_confidence(trace) if trace.router_logits is not None else None
     k = trace.top_k
@@ -353,12 +540,12 @@ def token_figure(trace: RoutingTrace, doc: int = 0, layers: Sequence[int] | int 
                              name=str(e), showlegend=e in used or trace.n_experts <= 8, hoverinfo="skip"))
     doc_label = f"document {doc}" + (f" ({trace.domains[doc]})" if trace.domains[doc] else "")
     base_title = title or f"First-choice expert of each token, {doc_label}"
-    titles = [f"{base_title}: layer {l}{_ids_note(trace)}" for l in layers]
+    titles = [_wrap(figure_title(f"{base_title}: layer {l}", trace, source), line_chars * char_px + 10)
+              for l in layers]
     n_tr = len(layers) + trace.n_experts
     visible = [[j == i or j >= len(layers) for j in range(n_tr)] for i in range(len(layers))]
-    char_px = 7.4
     n_legend_rows = math.ceil((sum(1 for d in fig.data[len(layers):] if d.showlegend) + 3) / max(1, int(line_chars / 7)))
-    top = 88 if len(layers) > 1 else 44
+    top = (88 if len(layers) > 1 else 44) + 20 * max(t.count("<br>") for t in titles)
     bottom = 14 + 22 * n_legend_rows
     fig.update_layout(
         title=dict(text=titles[0], y=1, yref="container", yanchor="top", pad=dict(t=10)),
@@ -381,7 +568,7 @@ def token_figure(trace: RoutingTrace, doc: int = 0, layers: Sequence[int] | int 
 # Load
 
 def load_heatmap(trace: RoutingTrace, choice: A.Choice = "either", normalization: str = "assignments",
-                 *, title: str | None = None) -> go.Figure:
+                 *, title: str | None = None, source: str | None = None) -> go.Figure:
     """Layer x expert load: share of assignments (rows sum to 1, uniform 1/E; the Mixtral
     paper's convention) or, with ``normalization="tokens"``, share of tokens choosing the expert
     (uniform k/E; OLMoE's). Colours diverge around the uniform value: red = over-loaded,
@@ -390,36 +577,34 @@ def load_heatmap(trace: RoutingTrace, choice: A.Choice = "either", normalization
     uniform = A.uniform_load(trace, choice, normalization)
     E, L = trace.n_experts, trace.n_layers
     bal = A.load_balance(load)
-    ylabels = [f"layer {l}" for l in trace.layers]
     hi = max(float(np.nanmax(np.abs(load - uniform))), 1e-9)
     fig = _figure()
     fig.add_trace(go.Heatmap(
-        z=load, x=list(range(E)), y=ylabels, zmid=uniform, zmin=uniform - hi, zmax=uniform + hi,
+        z=load, x=list(range(E)), y=list(trace.layers), zmid=uniform, zmin=uniform - hi, zmax=uniform + hi,
         colorscale="RdBu_r", colorbar=dict(title=dict(text="share"), tickformat=".0%"),
         customdata=np.repeat(bal.cv[:, None], E, axis=1).round(3),
         texttemplate="%{z:.0%}" if L * E <= 400 else None, textfont=dict(size=11),
-        hovertemplate="%{y}, expert %{x}: %{z:.1%}<br>CV of the layer %{customdata:.2f}<extra></extra>",
+        hovertemplate="layer %{y}, expert %{x}: %{z:.1%}<br>CV of the layer %{customdata:.2f}<extra></extra>",
         xgap=1, ygap=1))
     what = {"first": "first choices", "second": "second choices", "either": "assignments (top-k)"}[choice]
     unit = "share of " + (what if normalization == "assignments" else "tokens choosing it")
     fig.update_layout(
-        title=(title or f"Expert load per layer: {unit}; uniform = {uniform:.1%}") + _ids_note(trace),
+        title=figure_title(title or f"Expert load per layer: {unit}; uniform = {uniform:.1%}", trace, source),
         xaxis=dict(title="expert", tickmode="array", tickvals=list(range(E)),
                    ticktext=[_expert_tick(e) for e in range(E)], showgrid=False),
-        yaxis=dict(autorange="reversed", showgrid=False),
+        yaxis=dict(title="layer", autorange="reversed", showgrid=False, tickmode="array", tickvals=list(trace.layers)),
         height=max(260, 40 + 28 * L + 120), width=max(480, 60 * E + 260))
     fig.layout.meta = dict(kind="load_heatmap", uniform=uniform, choice=choice, normalization=normalization)
-    return fig
-
-
-_PATTERNS = ("", "/", ".", "x", "\\", "+", "-", "|")
+    return _finish(fig)
 
 
 def domain_load_bars(trace: RoutingTrace, layer: int | Sequence[int] | None = None, choice: A.Choice = "either",
-                     *, domains: Sequence[str] | None = None, title: str | None = None) -> go.Figure:
+                     *, domains: Sequence[str] | None = None, title: str | None = None,
+                     source: str | None = None) -> go.Figure:
     """Share of each domain's top-k assignments that go to each expert (the Mixtral paper's
-    Figure 7), with the uniform share 1/E as a dashed line. Bars keep the expert colours; the
-    domain is told by the bar's pattern (see the legend). One panel per layer in ``layer``
+    Figure 7), with the uniform share 1/E as a dashed line. As in the paper, bars are coloured by
+    domain (:func:`domain_colors`: a domain has the same colour in every figure) and grouped by
+    expert along x (the tick's square is the expert's colour). One panel per layer in ``layer``
     (default: the first, middle and last traced layers, as in the paper)."""
     if layer is None:
         ls = trace.layers
@@ -433,40 +618,37 @@ def domain_load_bars(trace: RoutingTrace, layer: int | Sequence[int] | None = No
     n_tok = {d: int((trace.token_domains == d).sum()) for d in doms}
     E = trace.n_experts
     uniform = A.uniform_load(trace, choice)
-    fig = make_subplots(rows=len(layers), cols=1, shared_xaxes=True, vertical_spacing=0.08,
+    fig = make_subplots(rows=len(layers), cols=1, shared_xaxes=True, vertical_spacing=0.1 if len(layers) > 1 else 0.0,
                         subplot_titles=[f"layer {l}" for l in layers])
     fig.update_layout(template=TEMPLATE)
-    colors = expert_colors(E)
+    colors = domain_colors(doms)
     for r, l in enumerate(layers, start=1):
         row = trace.layer_index(l)
         for i, d in enumerate(doms):
             label = d or "(no domain)"
             fig.add_trace(go.Bar(
-                x=list(range(E)), y=by_domain[d][row], name=label, legendgroup=label, showlegend=False,
-                marker=dict(color=colors, line=dict(color="#333333", width=0.5),
-                            pattern=dict(shape=_PATTERNS[i % len(_PATTERNS)], fgcolor="#333333", size=6, solidity=0.25)),
+                x=list(range(E)), y=by_domain[d][row], name=label, legendgroup=label, showlegend=r == 1,
+                marker=dict(color=colors[i], line=dict(width=0)),
                 customdata=np.full(E, n_tok[d]),
                 hovertemplate=f"{_esc(label)}, layer {l}<br>expert %{{x}}: %{{y:.1%}} of assignments"
                               "<br>%{customdata} tokens<extra></extra>"), row=r, col=1)
         fig.add_hline(y=uniform, line=dict(dash="dash", color=_BASELINE_COLOR, width=1.5), row=r, col=1)
         fig.update_yaxes(title_text="share", tickformat=".0%", row=r, col=1, rangemode="tozero")
-    for i, d in enumerate(doms):  # legend swatches: the pattern on white
-        label = d or "(no domain)"
-        fig.add_trace(go.Bar(x=[None], y=[None], name=label, legendgroup=label, showlegend=True,
-                             marker=dict(color="white", line=dict(color="#333333", width=1),
-                                         pattern=dict(shape=_PATTERNS[i % len(_PATTERNS)], fgcolor="#333333",
-                                                      size=6, solidity=0.25))), row=1, col=1)
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=f"uniform 1/E = {uniform:.1%}",
                              line=dict(dash="dash", color=_BASELINE_COLOR, width=1.5)), row=1, col=1)
-    fig.update_xaxes(tickmode="array", tickvals=list(range(E)), ticktext=[_expert_tick(e) for e in range(E)])
+    fig.update_xaxes(tickmode="array", tickvals=list(range(E)), ticktext=[_expert_tick(e) for e in range(E)],
+                     showticklabels=True, showgrid=False)
+    for e in range(1, E):  # a thin rule between experts: which bars belong to which expert
+        fig.add_vline(x=e - 0.5, line=dict(color=_GRID, width=1))
     fig.update_xaxes(title_text="expert", row=len(layers), col=1)
-    fig.update_layout(barmode="group", bargap=0.2, bargroupgap=0.05, height=170 + 230 * len(layers),
-                      width=max(620, 90 * E + 250),
-                      title=(title or "Share of each domain's top-k assignments per expert (Mixtral Figure 7)")
-                      + _ids_note(trace),
-                      legend=dict(title_text="domain"), margin=dict(t=90))
+    per_bar = 9 if len(doms) * E > 40 else 14
+    fig.update_layout(barmode="group", bargap=0.18, bargroupgap=0.0, height=150 + 220 * len(layers),
+                      width=int(min(1200, max(640, per_bar * E * len(doms) + 280))),
+                      title=figure_title(title or "Share of each domain's top-k assignments per expert "
+                                                  "(Mixtral Figure 7)", trace, source),
+                      legend=dict(title_text="domain", tracegroupgap=2), margin=dict(t=90))
     fig.layout.meta = dict(kind="domain_load_bars", layers=layers, domains=doms, uniform=uniform)
-    return fig
+    return _finish(fig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,7 +660,7 @@ _SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x")
 
 def repetition_figure(trace: RoutingTrace | Sequence[A.Repetition], kinds: Sequence[str] = ("first", "any"),
                       *, by_domain: bool = False, bos_id: int | None = 1, n_boot: int = 1000, seed: int = 0,
-                      title: str | None = None) -> go.Figure:
+                      title: str | None = None, source: str | None = None) -> go.Figure:
     """Share of consecutive tokens (within a document, BOS excluded) routed alike, across all
     layers (the Mixtral paper's Table 5 and Figure 10), next to its baselines: uniform routing
     (dashed), each layer's own expert frequencies ("marginal", sum of squared shares; dotted)
@@ -488,7 +670,8 @@ def repetition_figure(trace: RoutingTrace | Sequence[A.Repetition], kinds: Seque
 
     Pass a trace (rates computed with :func:`moe_lab.analysis.repetition`) or already computed
     ``Repetition`` results (one per kind). ``by_domain=True`` adds one line per domain (without
-    error bars for a domain of a single document, where a bootstrap over documents has no spread).
+    error bars for a domain of a single document, where a bootstrap over documents has no spread),
+    each in its domain's colour (:func:`domain_colors`).
     """
     if isinstance(trace, RoutingTrace):
         reps = [A.repetition(trace, kind, bos_id=bos_id, n_boot=n_boot, seed=seed) for kind in kinds]
@@ -511,6 +694,7 @@ def repetition_figure(trace: RoutingTrace | Sequence[A.Repetition], kinds: Seque
     fig = make_subplots(rows=1, cols=len(reps), subplot_titles=[_KIND_TITLES.get(k, k) for k in kinds],
                         horizontal_spacing=0.1)
     fig.update_layout(template=TEMPLATE)
+    dcolors = dict(zip(per_domain, domain_colors(list(per_domain))))
     for c, rep in enumerate(reps, start=1):
         x = list(rep.layers)
         first = c == 1
@@ -524,8 +708,8 @@ def repetition_figure(trace: RoutingTrace | Sequence[A.Repetition], kinds: Seque
                           f"<br>{rep.n_pairs} pairs<extra>all documents</extra>"), row=1, col=c)
         for i, (d, dreps) in enumerate(per_domain.items()):
             r = dreps[c - 1]
-            color = SERIES_COLORS[i % len(SERIES_COLORS)]
-            symbol = _SYMBOLS[i % len(_SYMBOLS)]  # colour and symbol together tell up to 35 domains apart
+            color = dcolors[d]
+            symbol = _SYMBOLS[i % len(_SYMBOLS)]  # symbols help past 10 domains and in grey print
             fig.add_trace(go.Scatter(
                 x=list(r.layers), y=r.rate, mode="lines+markers", name=d or "(no domain)", legendgroup=d,
                 showlegend=first, line=dict(color=color, width=1.5), marker=dict(size=6, symbol=symbol), opacity=0.8,
@@ -545,20 +729,23 @@ def repetition_figure(trace: RoutingTrace | Sequence[A.Repetition], kinds: Seque
                                  line=dict(color="#BBBBBB", dash="dash", width=2),
                                  hovertemplate=f"uniform routing: {rep.uniform:.1%}<extra></extra>"), row=1, col=c)
         fig.update_xaxes(title_text="layer", dtick=1 if len(x) <= 16 else 4, row=1, col=c)
-        fig.update_yaxes(tickformat=".0%", rangemode="tozero", row=1, col=c)
-    fig.update_yaxes(title_text="consecutive token pairs", row=1, col=1)
-    fig.update_layout(title=(title or "Consecutive tokens routed to the same expert (Mixtral Table 5 / Figure 10)")
-                      + _ids_note(reps[0]),
+        fig.update_yaxes(tickformat=".0%", rangemode="tozero", row=1, col=c,
+                         title_text="share of consecutive token pairs")
+    fig.update_layout(title=figure_title(title or "Consecutive tokens routed to the same expert "
+                                                  "(Mixtral Table 5 / Figure 10)",
+                                         reps[0], _provenance(trace if isinstance(trace, RoutingTrace) else None,
+                                                              source)),
                       height=max(430, 30 * (len(per_domain) + 4) + 100), width=460 * len(reps) + 200,
                       legend=dict(font=dict(size=11)))
     fig.layout.meta = dict(kind="repetition_figure", kinds=list(kinds))
-    return fig
+    return _finish(fig, min_top=100)
 
 
 # --------------------------------------------------------------------------------------------
 # Co-activation (OLMoE)
 
-def coactivation_heatmap(trace: RoutingTrace, layer: int, *, title: str | None = None) -> go.Figure:
+def coactivation_heatmap(trace: RoutingTrace, layer: int, *, title: str | None = None,
+                         source: str | None = None) -> go.Figure:
     """C[i, j] = P(expert j also chosen | expert i chosen) at ``layer`` (OLMoE's co-activation;
     :func:`moe_lab.analysis.coactivation`). Colours diverge around the uniform value
     (k-1)/(E-1); the diagonal is blank."""
@@ -575,18 +762,19 @@ def coactivation_heatmap(trace: RoutingTrace, layer: int, *, title: str | None =
         texttemplate="%{z:.0%}" if E <= 16 else None, textfont=dict(size=11), xgap=1, ygap=1,
         hovertemplate="P(expert %{x} chosen | expert %{y} chosen) = %{z:.1%}<extra></extra>"))
     fig.update_layout(
-        title=(title or f"Co-activation at layer {layer}: uniform (k-1)/(E-1) = {uniform:.1%}") + _ids_note(trace),
+        title=figure_title(title or f"Co-activation at layer {layer}: uniform (k-1)/(E-1) = {uniform:.1%}", trace,
+                           source),
         xaxis=dict(title="expert j (also chosen)", tickmode="array", tickvals=list(range(E)), ticktext=ticks,
                    showgrid=False, side="bottom"),
         yaxis=dict(title="expert i (chosen)", tickmode="array", tickvals=list(range(E)), ticktext=ticks,
                    autorange="reversed", showgrid=False, scaleanchor="x"),
         width=max(460, 46 * E + 260), height=max(420, 46 * E + 160))
     fig.layout.meta = dict(kind="coactivation_heatmap", layer=int(layer), uniform=uniform)
-    return fig
+    return _finish(fig)
 
 
 def domain_specialization_heatmap(trace: RoutingTrace, layers: Sequence[int] | int | None = None, *,
-                                  title: str | None = None) -> go.Figure:
+                                  title: str | None = None, source: str | None = None) -> go.Figure:
     """Domain x expert: the share of a domain's tokens whose top-k includes the expert (OLMoE's
     domain specialisation, :func:`moe_lab.analysis.domain_specialization`), one view per layer
     with a layer switch. Uniform routing gives k/E everywhere (25% for top-2 of 8); OLMoE reaches
@@ -605,27 +793,149 @@ def domain_specialization_heatmap(trace: RoutingTrace, layers: Sequence[int] | i
             colorbar=dict(title=dict(text="share"), tickformat=".0%"), visible=i == 0, name=f"layer {l}",
             texttemplate="%{z:.0%}" if E * len(doms) <= 300 else None, textfont=dict(size=11), xgap=1, ygap=1,
             hovertemplate=f"layer {l}: %{{z:.1%}} of %{{y}} tokens have expert %{{x}} in their top-{k}<extra></extra>"))
-    titles = [(title or f"Domain specialisation at layer {l}: uniform k/E = {uniform:.0%}") + _ids_note(trace)
-              for l in layers]
+    width = max(520, 56 * E + 260)
+    titles = [_wrap(figure_title(title or f"Domain specialisation at layer {l}: uniform k/E = {uniform:.0%}",
+                                 trace, source), width - 30) for l in layers]
     fig.update_layout(
         title=titles[0], margin=dict(t=90),
         xaxis=dict(title="expert", tickmode="array", tickvals=list(range(E)),
                    ticktext=[_expert_tick(e) for e in range(E)], showgrid=False),
-        yaxis=dict(autorange="reversed", showgrid=False),
-        height=max(300, 30 * len(doms) + 200), width=max(520, 56 * E + 260))
+        yaxis=dict(title="domain", autorange="reversed", showgrid=False),
+        height=max(300, 30 * len(doms) + 200), width=width)
     if len(layers) > 1:
         vis = [[j == i for j in range(len(layers))] for i in range(len(layers))]
         fig.update_layout(updatemenus=[dict(_layer_menu([str(l) for l in layers], vis, titles, y=1.02),
                                             yanchor="bottom")])
     fig.layout.meta = dict(kind="domain_specialization_heatmap", layers=layers, uniform=uniform, domains=doms)
-    return fig
+    return _finish(fig, min_top=90 + 20 * titles[0].count("<br>"))
+
+
+def expert_heatmap(values, *, rows: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+                   marks: Sequence[tuple] = (), mark_label: str = "marked", muted_rows: Sequence[str] = (),
+                   muted_label: str = "greyed: not counted", scale: str = "per_layer", zmid: float | None = 0.0,
+                   colorscale: str = "RdBu_r", colorbar_title: str = "value", row_title: str = "domain",
+                   value_format: str = ".3f", show_values: bool = False, title: str | None = None,
+                   source: str | None = None) -> go.Figure:
+    """A row x (layer, expert) heatmap, one panel per layer: e.g. the change in each domain's loss
+    when one expert is switched off (notebook 08's ablation scan). Every expert has its own tick
+    (in its colour), layers are separate panels, and with ``scale="per_layer"`` (default) each
+    panel has its own colour scale, symmetric around ``zmid``, with its colour bar under it, so a
+    layer whose effects are 100x smaller than layer 0's still shows its pattern (read magnitudes
+    from the colour bars and the hover text). ``scale="shared"`` uses one scale for all layers.
+
+    ``values``: an array [rows, layers, experts] (then ``rows`` names its rows), or a DataFrame
+    with one row per row label and (layer, expert) MultiIndex columns, as
+    ``scan.pivot_table(index="domain", columns=["layer", "expert"], values="delta")`` gives.
+    ``marks``: (row, layer, expert) cells circled and listed in the legend as ``mark_label``
+    (e.g. "beyond the null"). ``muted_rows``: rows drawn under a white veil and labelled
+    ``muted_label`` (e.g. domains with too few source documents to count). ``show_values`` writes
+    each value in its cell (readable up to about 8 experts per layer with a short ``value_format``)."""
+    import pandas as pd
+
+    if isinstance(values, pd.DataFrame):
+        cols = values.columns
+        if not isinstance(cols, pd.MultiIndex) or cols.nlevels != 2:
+            raise ValueError("expert_heatmap: a DataFrame needs (layer, expert) MultiIndex columns, got "
+                             f"{type(cols).__name__} with {getattr(cols, 'nlevels', 1)} level(s)")
+        lay = list(dict.fromkeys(int(l) for l in cols.get_level_values(0)))
+        exp = sorted(set(int(e) for e in cols.get_level_values(1)))
+        z = np.full((len(values), len(lay), len(exp)), np.nan)
+        for j, (l, e) in enumerate(cols):
+            z[:, lay.index(int(l)), exp.index(int(e))] = values.iloc[:, j].to_numpy(dtype=float)
+        rows = [str(r) for r in values.index] if rows is None else list(rows)
+        layers = lay if layers is None else list(layers)
+        if exp != list(range(len(exp))):
+            raise ValueError(f"expert_heatmap: experts must be 0..E-1, got {exp}")
+    else:
+        z = np.asarray(values, dtype=float)
+        if z.ndim != 3:
+            raise ValueError(f"expert_heatmap: values must be [rows, layers, experts], got shape {z.shape}")
+        rows = [str(r) for r in (rows if rows is not None else range(z.shape[0]))]
+        layers = list(layers) if layers is not None else list(range(z.shape[1]))
+    R, L, E = z.shape
+    if len(rows) != R or len(layers) != L:
+        raise ValueError(f"expert_heatmap: values have {R} rows and {L} layers, but rows has {len(rows)} "
+                         f"and layers {len(layers)}")
+    if scale not in ("per_layer", "shared"):
+        raise ValueError(f"expert_heatmap: scale must be 'per_layer' or 'shared', got {scale!r}")
+    mid = 0.0 if zmid is None else float(zmid)
+
+    def half_range(a):
+        a = a[np.isfinite(a)]
+        return max(float(np.abs(a - mid).max()) if a.size else 0.0, 1e-12)
+
+    shared = half_range(z)
+    gap = 0.03 if L > 1 else 0.0
+    fig = make_subplots(rows=1, cols=L, shared_yaxes=True, horizontal_spacing=gap,
+                        subplot_titles=[f"layer {l}" for l in layers])
+    fig.update_layout(template=TEMPLATE)
+    ticks = [_expert_tick(e) for e in range(E)]
+    panel_w = (1 - gap * (L - 1)) / L
+    show_text = show_values
+    for i, l in enumerate(layers):
+        hi = half_range(z[:, i]) if scale == "per_layer" else shared
+        ax = f"coloraxis{i + 1 if scale == 'per_layer' else ''}"
+        fig.add_trace(go.Heatmap(
+            z=z[:, i], x=list(range(E)), y=rows, coloraxis=ax if scale == "per_layer" or i == 0 else "coloraxis",
+            xgap=1, ygap=1, texttemplate=f"%{{z:{value_format}}}" if show_text else None, textfont=dict(size=9),
+            hovertemplate=f"%{{y}}, layer {l}, expert %{{x}}: %{{z:{value_format}}}<extra></extra>"),
+            row=1, col=i + 1)
+        if scale == "per_layer" or i == 0:
+            x0 = i * (panel_w + gap)
+            fig.update_layout({ax: dict(
+                colorscale=colorscale, cmid=mid, cmin=mid - hi, cmax=mid + hi,
+                colorbar=dict(orientation="h", x=x0 + panel_w / 2 if scale == "per_layer" else 0.5, xanchor="center",
+                              len=panel_w * 0.95 if scale == "per_layer" else 0.6, lenmode="fraction", thickness=10,
+                              y=-0.2, yanchor="top", yref="paper", tickfont=dict(size=10),
+                              tickmode="array", tickvals=[mid - hi, mid, mid + hi],
+                              ticktext=[f"{mid - hi:.2g}", f"{mid:.2g}", f"{mid + hi:.2g}"],
+                              title=dict(text=(f"layer {l}: " if scale == "per_layer" else "") + colorbar_title,
+                                         side="top", font=dict(size=11))))})
+    fig.update_xaxes(tickmode="array", tickvals=list(range(E)), ticktext=ticks, showgrid=False, tickangle=0,
+                     title_text="expert", tickfont=dict(size=10 if E <= 8 else 8))
+    fig.update_yaxes(autorange="reversed", showgrid=False)
+    fig.update_yaxes(title_text=row_title, row=1, col=1)
+    if marks:
+        for i, l in enumerate(layers):
+            pts = [(r, e) for r, ml, e in marks if int(ml) == int(l)]
+            fig.add_trace(go.Scatter(
+                x=[e for _, e in pts], y=[str(r) for r, _ in pts], mode="markers", name=mark_label,
+                legendgroup="marks", showlegend=i == 0,
+                marker=dict(symbol="circle-open", color="black", size=13, line=dict(width=2)),
+                hoverinfo="skip"), row=1, col=i + 1)
+        unknown = [m for m in marks if str(m[0]) not in rows or m[1] not in layers]
+        if unknown:
+            raise KeyError(f"expert_heatmap: marks {unknown[:3]} name a row or layer not in the figure "
+                           f"(rows {rows}, layers {layers})")
+    for r in muted_rows:
+        if str(r) not in rows:
+            raise KeyError(f"expert_heatmap: muted row {r!r} is not among {rows}")
+        k = rows.index(str(r))
+        for i in range(L):
+            fig.add_shape(type="rect", x0=-0.5, x1=E - 0.5, y0=k - 0.5, y1=k + 0.5, row=1, col=i + 1,
+                          fillcolor="rgba(255,255,255,0.75)", line=dict(width=0), layer="above")
+    if muted_rows:
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"{muted_label}: {', '.join(map(str, muted_rows))}",
+                                 marker=dict(symbol="square", color="#DDDDDD", size=12), legendgroup="muted"))
+    left = 40 + 7 * max(len(r) for r in rows)
+    width = int(min(1400, max(560, left + L * (E * 26 + 12) + 60)))
+    height = int(190 + 24 * R + 90)
+    fig.update_layout(
+        title=figure_title(title or "Effect per domain, layer and expert", None, source),
+        height=height, width=width, margin=dict(t=110, b=110, l=left, r=30),
+        # the legend sits under the title, clear of the panels' titles
+        legend=dict(orientation="h", x=0, xanchor="left", xref="container", y=1 - 52 / height, yanchor="top",
+                    yref="container", bgcolor="rgba(255,255,255,0)"))
+    fig.layout.meta = dict(kind="expert_heatmap", layers=[int(l) for l in layers], rows=rows, scale=scale,
+                           n_experts=E)
+    return _finish(fig)
 
 
 # --------------------------------------------------------------------------------------------
 # Expert paths across layers
 
 def expert_paths_sankey(trace: RoutingTrace, layers: Sequence[int] | None = None, *, min_share: float = 0.0,
-                        title: str | None = None) -> go.Figure:
+                        title: str | None = None, source: str | None = None) -> go.Figure:
     """How first choices flow from layer to layer: one node per (layer, expert) in the expert's
     colour, links between consecutive entries of ``layers`` weighted by the number of tokens
     (the counts behind :func:`moe_lab.analysis.layer_transitions`). Links carrying less than
@@ -661,11 +971,12 @@ def expert_paths_sankey(trace: RoutingTrace, layers: Sequence[int] | None = None
                   hovertemplate="%{label}: %{value} tokens<extra></extra>"),
         link=dict(source=src, target=dst, value=val, color=lcol,
                   hovertemplate="%{source.label} → %{target.label}: %{value} tokens<extra></extra>")))
-    fig.update_layout(title=title or f"First-choice paths across layers {layers} ({N} tokens)",
+    fig.update_layout(title=figure_title(title or f"First-choice paths across layers {layers} ({N} tokens)",
+                                         trace, source),
                       height=max(420, 32 * E + 160), width=max(600, 170 * len(layers) + 120),
                       font=dict(size=11))
     fig.layout.meta = dict(kind="expert_paths_sankey", layers=layers)
-    return fig
+    return _finish(fig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -677,7 +988,8 @@ _POLICY_STYLE = {"optimal": ("#0077BB", "solid", "optimal (Belady, needs the fut
 
 
 def cache_hit_figure(trace_or_df, *, sizes: Sequence[int] | None = None,
-                     policies: Sequence[str] = ("lru", "lfu", "optimal"), title: str | None = None) -> go.Figure:
+                     policies: Sequence[str] = ("lru", "lfu", "optimal"), title: str | None = None,
+                     source: str | None = None) -> go.Figure:
     """Hit rate of a per-layer expert cache against its size (the offloading question: how many
     of the E experts must stay in fast memory?), for LRU, LFU and the optimal policy, from
     :func:`moe_lab.analysis.cache_hit_rates` (pass a trace of generated tokens, or that
@@ -727,13 +1039,13 @@ def cache_hit_figure(trace_or_df, *, sizes: Sequence[int] | None = None,
     menu = _layer_menu(labels, visible, prefix="")
     fig.update_layout(
         updatemenus=[dict(menu, type="dropdown", direction="down", y=1.02, yanchor="bottom", x=1.0, xanchor="right")],
-        title=(title or "Expert-cache hit rate against cache size (tokens in decoding order)")
-        + _ids_note(trace_or_df), margin=dict(t=100),
+        title=figure_title(title or "Expert-cache hit rate against cache size (tokens in decoding order)",
+                           trace_or_df, source), margin=dict(t=100),
         xaxis=dict(title="experts kept in the cache (per layer)", dtick=1 if E <= 16 else None),
         yaxis=dict(title="hit rate", tickformat=".0%", range=[0, 1.02]),
         height=450, width=760, legend=dict(x=0.02, y=0.98, font=dict(size=11)))
     fig.layout.meta = dict(kind="cache_hit_figure", n_experts=E, layers=layers)
-    return fig
+    return _finish(fig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -741,7 +1053,7 @@ def cache_hit_figure(trace_or_df, *, sizes: Sequence[int] | None = None,
 
 def next_token_figure(base_probs, new_probs, tokenizer=None, *, top_n: int = 10,
                       labels: tuple[str, str] = ("normal routing", "with the intervention"),
-                      title: str | None = None) -> go.Figure:
+                      title: str | None = None, source: str | None = None) -> go.Figure:
     """The next-token distribution before and after an intervention: the ``top_n`` most likely
     tokens under either, as paired horizontal bars (grey = before, dark = after). The title
     gives the KL divergence KL(before || after) in nats."""
@@ -760,12 +1072,13 @@ def next_token_figure(base_probs, new_probs, tokenizer=None, *, top_n: int = 10,
                          hovertemplate="%{y}: %{x:.2%}<extra>" + labels[0] + "</extra>"))
     fig.add_trace(go.Bar(y=ylab, x=q[top], orientation="h", name=labels[1], marker_color="#0077BB",
                          hovertemplate="%{y}: %{x:.2%}<extra>" + labels[1] + "</extra>"))
-    fig.update_layout(title=title or f"Next-token probabilities (KL = {kl:.3f} nats)", barmode="group",
-                      yaxis=dict(autorange="reversed", tickfont=dict(family=_MONO)),
+    fig.update_layout(title=figure_title(title or f"Next-token probabilities (KL = {kl:.3f} nats)", None, source),
+                      barmode="group",
+                      yaxis=dict(title="next token (id)", autorange="reversed", tickfont=dict(family=_MONO)),
                       xaxis=dict(title="probability", tickformat=".3~%"),
                       height=140 + 26 * len(top), width=560, legend=dict(orientation="h", y=-0.25))
     fig.layout.meta = dict(kind="next_token_figure", kl=kl, token_ids=top)
-    return fig
+    return _finish(fig)
 
 
 def routing_changes(base: RoutingTrace, new: RoutingTrace) -> tuple[list[int], np.ndarray, np.ndarray]:
@@ -781,7 +1094,7 @@ def routing_changes(base: RoutingTrace, new: RoutingTrace) -> tuple[list[int], n
 
 
 def routing_change_figure(base: RoutingTrace, new: RoutingTrace, *, marker_layer: int | None = None,
-                          title: str | None = None) -> go.Figure:
+                          title: str | None = None, source: str | None = None) -> go.Figure:
     """Per layer, the share of tokens routed differently after an intervention: first choice
     changed, and top-k set changed. Layers before the intervened one cannot change (the model
     is causal across layers); ``marker_layer`` marks the intervened layer."""
@@ -794,12 +1107,13 @@ def routing_change_figure(base: RoutingTrace, new: RoutingTrace, *, marker_layer
     if marker_layer is not None:
         fig.add_vline(x=marker_layer, line=dict(color=_BASELINE_COLOR, dash="dash"),
                       annotation_text="intervention", annotation_position="top")
-    fig.update_layout(title=title or "Tokens routed differently after the intervention", barmode="group",
+    fig.update_layout(title=figure_title(title or "Tokens routed differently after the intervention", base, source),
+                      barmode="group",
                       xaxis=dict(title="layer", tickmode="array", tickvals=layers),
                       yaxis=dict(title="share of tokens", tickformat=".0%", range=[0, 1.05]),
                       height=340, width=560, legend=dict(orientation="h", y=-0.3))
     fig.layout.meta = dict(kind="routing_change_figure", layers=layers)
-    return fig
+    return _finish(fig)
 
 
 # --------------------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def test_load_heatmap_is_expert_load(trace):
     fig = viz.load_heatmap(trace)
     np.testing.assert_allclose(np.asarray(fig.data[0].z), A.expert_load(trace))
     assert fig.data[0].zmid == pytest.approx(0.25)
-    assert list(fig.data[0].y) == ["layer 0", "layer 1"]
+    assert list(fig.data[0].y) == [0, 1] and fig.layout.yaxis.title.text == "layer"
     fig_t = viz.load_heatmap(trace, "first", normalization="tokens")
     np.testing.assert_allclose(np.asarray(fig_t.data[0].z), A.expert_load(trace, "first", "tokens"))
 
@@ -141,12 +141,18 @@ def test_domain_load_bars(trace):
     assert [b.name for b in bars] == ["code", "prose"]
     for b in bars:
         np.testing.assert_allclose(b.y, by[b.name][1])
-        assert list(b.marker.color) == viz.expert_colors(4)  # expert colours, domain by pattern
-    assert bars[0].marker.pattern.shape != bars[1].marker.pattern.shape
+        # coloured by domain, as the paper's Figure 7 (the expert is the x position and its tick)
+        assert b.marker.color == viz.domain_color(b.name, ["code", "prose"])
+    assert bars[0].marker.color != bars[1].marker.color
+    assert list(fig.layout.xaxis.tickvals) == [0, 1, 2, 3]
     dashed = [s for s in fig.layout.shapes if s.line.dash == "dash"]
     assert len(dashed) == 1 and dashed[0].y0 == dashed[0].y1 == pytest.approx(0.25)
     fig3 = viz.domain_load_bars(trace)  # default: first, middle, last layers -> here 0 and 1
-    assert fig3.layout.meta["layers"] == [0, 1] and len(fig3.layout.shapes) == 2
+    assert fig3.layout.meta["layers"] == [0, 1]
+    assert len([s for s in fig3.layout.shapes if s.line.dash == "dash"]) == 2
+    # one legend entry per domain (plus the uniform line), whatever the number of panels
+    assert [d.name for d in fig3.data if d.showlegend is not False][:2] == ["code", "prose"]
+    assert sum(d.showlegend is not False for d in fig3.data) == 3
 
 
 # ---------------------------------------------------------------- repetition (Table 5 / Figure 10)
