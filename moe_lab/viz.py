@@ -363,23 +363,55 @@ def _axes(fig: go.Figure):
             yield name, fig.layout[name]
 
 
+def _legend_rows(fig: go.Figure, width: float) -> int:
+    """Rows a horizontal legend of the figure's entries needs at ``width`` pixels."""
+    names = [_strip_tags(str(t.name or "")) for t in fig.data if t.showlegend is not False and t.name]
+    rows, used = 1, 0.0
+    for n in dict.fromkeys(names):
+        w = 50 + 6.6 * len(n)
+        if used and used + w > width:
+            rows, used = rows + 1, 0.0
+        used += w
+    return rows
+
+
+def _legend_below(fig: go.Figure, *, font_size: int = 11) -> go.Figure:
+    """Put the legend in rows under the plot (clear of every curve) and grow the bottom margin
+    and the height to hold it: for figures whose curves fill the plot area."""
+    width = fig.layout.width or 700
+    rows = _legend_rows(fig, width - 40)
+    bottom = (fig.layout.margin.b if fig.layout.margin.b is not None else 50)
+    need = 40 + 22 * rows
+    fig.update_layout(legend=dict(orientation="h", x=0, xanchor="left", y=0, yanchor="bottom", yref="container",
+                                  font=dict(size=font_size), bgcolor="rgba(255,255,255,0)"),
+                      margin=dict(b=bottom + need), height=(fig.layout.height or 500) + need)
+    return fig
+
+
 def _finish(fig: go.Figure, *, min_top: int | None = None) -> go.Figure:
     """What every figure here gets before it is returned, so that its static PNG reads right with no
-    tuning in the notebook: the title wrapped to the figure's width (and the top margin grown for
-    its extra lines), long axis titles wrapped to their axis, log axes labelled at 1-2-5 ticks."""
+    tuning in the notebook: the title wrapped to the figure's width and a top margin (and height)
+    grown to hold all its lines, the subplot titles and a layer switch above the plot; long axis
+    titles wrapped to their axis; log axes labelled at 1-2-5 ticks (:func:`log_ticks`)."""
     lay = fig.layout
     width = lay.width or 700
     height = lay.height or 500
     margin_t = lay.margin.t if lay.margin.t is not None else 60
     title = lay.title.text
+    need = min_top or 0
     if title:
         wrapped = _wrap(title, width - 30)
-        extra = wrapped.count("<br>") - str(title).count("<br>")
         lay.title.text = wrapped
-        if extra > 0:
-            fig.update_layout(margin=dict(t=margin_t + 20 * extra), height=height + 20 * extra)
-    if min_top is not None and (lay.margin.t or 0) < min_top:
-        fig.update_layout(margin=dict(t=min_top))
+        lines = wrapped.split("<br>")
+        need = max(need, 30 + sum(13 if ln.lstrip().startswith("<sup>") else 21 for ln in lines)
+                   + (30 if any((a.y or 0) >= 1 and a.yref == "paper" for a in lay.annotations) else 0)
+                   + (34 if any((m.y or 0) >= 1 for m in lay.updatemenus) else 0))
+        if lay.title.y is None:  # the title's top sits at a fixed distance from the figure's top
+            # (plotly anchors a multi-line title by its first line: push it down by the others)
+            down = sum(11 if ln.lstrip().startswith("<sup>") else 19 for ln in lines[1:])
+            fig.update_layout(title=dict(y=1, yanchor="top", yref="container", pad=dict(t=12 + down, l=14)))
+    if need > margin_t:
+        fig.update_layout(margin=dict(t=need), height=height + need - margin_t)
     for name, ax in _axes(fig):
         text = ax.title.text
         if text:
@@ -735,10 +767,10 @@ def repetition_figure(trace: RoutingTrace | Sequence[A.Repetition], kinds: Seque
                                                   "(Mixtral Table 5 / Figure 10)",
                                          reps[0], _provenance(trace if isinstance(trace, RoutingTrace) else None,
                                                               source)),
-                      height=max(430, 30 * (len(per_domain) + 4) + 100), width=460 * len(reps) + 200,
-                      legend=dict(font=dict(size=11)))
+                      height=max(430, 21 * (len(per_domain) + 5) + 130), width=460 * len(reps) + 260,
+                      legend=dict(font=dict(size=11), tracegroupgap=0, y=1, yanchor="top"))
     fig.layout.meta = dict(kind="repetition_figure", kinds=list(kinds))
-    return _finish(fig, min_top=100)
+    return _finish(fig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -807,7 +839,7 @@ def domain_specialization_heatmap(trace: RoutingTrace, layers: Sequence[int] | i
         fig.update_layout(updatemenus=[dict(_layer_menu([str(l) for l in layers], vis, titles, y=1.02),
                                             yanchor="bottom")])
     fig.layout.meta = dict(kind="domain_specialization_heatmap", layers=layers, uniform=uniform, domains=doms)
-    return _finish(fig, min_top=90 + 20 * titles[0].count("<br>"))
+    return _finish(fig)
 
 
 def expert_heatmap(values, *, rows: Sequence[str] | None = None, layers: Sequence[int] | None = None,
@@ -1040,12 +1072,12 @@ def cache_hit_figure(trace_or_df, *, sizes: Sequence[int] | None = None,
     fig.update_layout(
         updatemenus=[dict(menu, type="dropdown", direction="down", y=1.02, yanchor="bottom", x=1.0, xanchor="right")],
         title=figure_title(title or "Expert-cache hit rate against cache size (tokens in decoding order)",
-                           trace_or_df, source), margin=dict(t=100),
+                           trace_or_df, source), margin=dict(t=60),
         xaxis=dict(title="experts kept in the cache (per layer)", dtick=1 if E <= 16 else None),
         yaxis=dict(title="hit rate", tickformat=".0%", range=[0, 1.02]),
-        height=450, width=760, legend=dict(x=0.02, y=0.98, font=dict(size=11)))
+        height=400, width=760)
     fig.layout.meta = dict(kind="cache_hit_figure", n_experts=E, layers=layers)
-    return _finish(fig)
+    return _finish(_legend_below(fig))
 
 
 # --------------------------------------------------------------------------------------------
