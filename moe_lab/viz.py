@@ -580,7 +580,8 @@ def token_figure(trace: RoutingTrace, doc: int = 0, layers: Sequence[int] | int 
     top = (88 if len(layers) > 1 else 44) + 20 * max(t.count("<br>") for t in titles)
     bottom = 14 + 22 * n_legend_rows
     fig.update_layout(
-        title=dict(text=titles[0], y=1, yref="container", yanchor="top", pad=dict(t=10)),
+        # (plotly anchors a multi-line title by its first line: push it down by the others)
+        title=dict(text=titles[0], y=1, yref="container", yanchor="top", pad=dict(t=10 + 19 * titles[0].count("<br>"))),
         barmode="overlay", bargap=0, uniformtext=dict(minsize=12, mode="show"),
         width=int(line_chars * char_px + 40), height=int(n_lines * 24 + top + bottom),
         margin=dict(l=10, r=10, t=top, b=bottom),
