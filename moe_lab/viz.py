@@ -311,7 +311,10 @@ def _wrap(text: str, width_px: float, char_px: float = _CHAR_PX) -> str:
         if visible <= width_px or " " not in line:
             out.append(line)
             continue
-        words, cur = line.split(" "), ""
+        import re
+
+        # a short parenthesised group, such as the "(demo model)" of figure_title, stays on one line
+        words, cur = re.findall(r"\([^()<>]{0,40}\)\S*|[^\s(]*\([^()<>\s]*\)\S*|\S+", line), ""
         for w in words:
             cand = f"{cur} {w}" if cur else w
             if cur and len(_strip_tags(cand)) * char_px * scale > width_px and not _inside_tag(cur):

@@ -479,3 +479,21 @@ def test_expert_heatmap_one_colour_scale_per_layer_and_marks():
         viz.expert_heatmap(z, rows=rows, layers=[0, 3], marks=[("latex", 0, 1)])
     with pytest.raises(ValueError, match="scale"):
         viz.expert_heatmap(z, rows=rows, scale="log")
+
+
+def test_traces_of_the_demo_model_say_so_in_every_figure_title():
+    import torch
+
+    import moe_lab
+
+    torch.manual_seed(0)
+    model = moe_lab.Mixtral(moe_lab.ModelArgs.from_name("tiny").replace(n_layers=2)).eval()
+    plain = moe_lab.trace_routing(model, {"code": [[1, 5, 6, 7, 8]]}, progress=False)
+    assert "provenance" not in plain.meta and "(" not in viz.load_heatmap(plain).layout.title.text.split("%")[-1]
+    model.is_demo = True  # what load_demo_model sets
+    t = moe_lab.trace_routing(model, {"code": [[1, 5, 6, 7, 8]]}, progress=False)
+    assert t.meta["provenance"] == "demo model"
+    for fig in (viz.load_heatmap(t), viz.token_figure(t), viz.domain_load_bars(t), viz.coactivation_heatmap(t, 0)):
+        assert "(demo model)" in fig.layout.title.text
+    model.is_demo = False  # load_demo_model's random fallback
+    assert moe_lab.trace_routing(model, [[1, 5, 6]], progress=False).meta["provenance"] == "random tiny model"
