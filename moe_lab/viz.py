@@ -57,7 +57,7 @@ __all__ = [
     "routing_changes", "routing_change_figure", "domain_specialization_heatmap",
     "offload_policy_figure", "prefetch_figure", "tokens_per_second_figure", "calibration_figure",
     "language_content_figure", "hidden_control_figure", "DOMAIN_COLORS", "domain_color", "domain_colors",
-    "expert_heatmap", "figure_title", "log_ticks",
+    "expert_heatmap", "figure_title", "log_ticks", "expert_axis",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -185,6 +185,14 @@ def _esc(text: str) -> str:
 def _expert_tick(e: int) -> str:
     """Axis label of expert e: its number in its colour (a coloured square, then the number)."""
     return f"<span style='color:{expert_color(e)}'>■</span> {e}"
+
+
+def expert_axis(n_experts: int, title: str = "expert") -> dict:
+    """Axis settings that label every expert 0..n_experts-1 with its number and a square in its
+    colour, as the heatmaps here do: ``fig.update_yaxes(**viz.expert_axis(8))`` on a figure whose
+    y values are expert numbers."""
+    return dict(title=dict(text=title), tickmode="array", tickvals=list(range(n_experts)),
+                ticktext=[_expert_tick(e) for e in range(n_experts)])
 
 
 # --------------------------------------------------------------------------------------------

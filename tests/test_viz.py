@@ -497,3 +497,11 @@ def test_traces_of_the_demo_model_say_so_in_every_figure_title():
         assert "(demo model)" in fig.layout.title.text
     model.is_demo = False  # load_demo_model's random fallback
     assert moe_lab.trace_routing(model, [[1, 5, 6]], progress=False).meta["provenance"] == "random tiny model"
+
+
+def test_expert_axis_labels_every_expert_in_its_colour():
+    ax = viz.expert_axis(10, title="expert")
+    fig = go.Figure(go.Heatmap(z=np.eye(10)))
+    fig.update_yaxes(**ax)
+    assert list(fig.layout.yaxis.tickvals) == list(range(10)) and fig.layout.yaxis.title.text == "expert"
+    assert all(viz.expert_color(e) in t for e, t in enumerate(fig.layout.yaxis.ticktext))
