@@ -13,8 +13,8 @@
     viz.domain_specialization_heatmap(trace)  # domain x expert share of tokens (OLMoE)
     viz.expert_paths_sankey(trace)            # first choices from layer to layer
     viz.cache_hit_figure(trace)               # expert-cache hit rate against cache size
-    viz.language_content_figure(result)       # routing: same content vs same language (aligned paragraphs)
-    viz.hidden_control_figure(control, raw)   # how much of it hidden-state similarity explains
+    viz.language_content_figure(result)       # routing: content and language effects (aligned paragraphs)
+    viz.hidden_control_figure(control, raw)   # adjusting for a mediator (a demonstration, not a control)
 
 Colours: one colour per expert, the same in every figure (:data:`EXPERT_COLORS`,
 :func:`expert_color`): the Okabe-Ito palette for experts 0-7, which stays distinguishable
@@ -902,41 +902,60 @@ def calibration_figure(cal, *, title: str | None = None) -> go.Figure:
 # --------------------------------------------------------------------------------------------
 # Language or content? (aligned paragraphs; moe_lab.analysis.language)
 
-_PAIR_SERIES = (("same_content", "same paragraph, other language", "#0077BB"),
-                ("same_language", "other paragraph, same language", "#EE7733"),
-                ("neither", "other paragraph, other language", "#999999"))
+_EFFECT_SERIES = (("content", "same paragraph, other language (content)", "#0077BB"),
+                  ("language", "other paragraph, same language (language)", "#EE7733"))
 
 
 def language_content_figure(result: "A.LanguageContent", *, layers: Sequence[int] | None = None,
-                            title: str | None = None) -> go.Figure:
-    """Per layer, how alike the routing of two documents is (mean pair similarity of their
-    expert-usage vectors) when they share the content (the same paragraph translated), the
-    language, or neither; error bars are bootstrap 95% intervals over paragraphs. Dashed: the
-    shuffled baselines (paragraph labels permuted within each language, language labels
-    permuted within each paragraph), what "no effect" looks like."""
-    x = list(layers) if layers is not None else list(range(len(result.same_content)))
+                            masked: "A.LanguageContent | None" = None, title: str | None = None) -> go.Figure:
+    """Per layer, how much more alike the routing of two documents is when they share the content
+    (the same paragraph translated) or the language, on the scale from "neither" (0: two
+    unrelated documents) to the split-half noise ceiling (1: the same document re-sampled), with
+    bootstrap 95% intervals over paragraphs (``result.content_effect``, ``result.language_effect``).
+    ``masked``: the same study with the tokens shared across translations left out (the
+    token-overlap control), drawn dashed. The raw similarities are in the result; plotting them
+    would put every series in a band about 0.01 wide near 0.95."""
+    if result.content_effect is None:
+        raise ValueError("result has no normalised effects: compute it with analysis.language_vs_content")
+    x = np.asarray(list(layers) if layers is not None else list(range(len(result.content_effect))), float)
     fig = _figure()
-    for name, label, color in _PAIR_SERIES:
-        y, ci = getattr(result, name), getattr(result, f"ci_{name}")
-        fig.add_trace(go.Scatter(
-            x=x, y=y, mode="lines+markers", name=label, line=dict(color=color, width=2.5),
-            error_y=dict(type="data", symmetric=False, array=ci[:, 1] - y, arrayminus=y - ci[:, 0], color=color),
-            customdata=ci.round(4),
-            hovertemplate="layer %{x}: %{y:.3f} (95% CI %{customdata[0]:.3f}-%{customdata[1]:.3f})"
-                          f"<extra>{label}</extra>"))
-    for name, label, color in (("shuffled_content", "shuffled: paragraphs within a language", "#0077BB"),
-                               ("shuffled_language", "shuffled: languages within a paragraph", "#EE7733")):
-        fig.add_trace(go.Scatter(x=x, y=getattr(result, name), mode="lines", name=label,
-                                 line=dict(color=color, dash="dash", width=1.5),
-                                 hovertemplate=f"layer %{{x}}: %{{y:.3f}}<extra>{label}</extra>"))
-    measure = {"js": "1 - Jensen-Shannon divergence (bits)", "cosine": "cosine similarity"}.get(result.measure,
-                                                                                                 result.measure)
-    fig.update_layout(title=title or f"Does routing follow the language or the content? ({result.n_paragraphs} "
-                                     f"paragraphs x {len(result.languages)} languages)",
-                      xaxis=dict(title="layer", tickmode="array", tickvals=x),
-                      yaxis=dict(title=f"routing similarity ({measure})"),
-                      height=420, width=720, legend=dict(font=dict(size=11)))
-    fig.layout.meta = dict(kind="language_content_figure", measure=result.measure, layers=x)
+    runs = [(result, "solid", "", 0.0)]
+    if masked is not None:
+        if masked.content_effect is None or len(masked.content_effect) != len(x):
+            raise ValueError(f"masked must be a language_vs_content result over the same {len(x)} layers")
+        runs.append((masked, "dash", ", shared tokens masked", 0.12))
+    lows, highs = [0.0], [1.0]
+    for res, dash, suffix, shift in runs:
+        for kind, label, color in _EFFECT_SERIES:
+            y, ci = getattr(res, f"{kind}_effect"), getattr(res, f"ci_{kind}_effect")
+            lows.append(np.nanmin(ci[:, 0]))
+            highs.append(np.nanmax(ci[:, 1]))
+            fig.add_trace(go.Scatter(
+                x=x + (shift if kind == "language" else -shift) / 2 if shift else x, y=y, mode="lines+markers",
+                name=label + suffix, line=dict(color=color, width=2.5 if dash == "solid" else 2, dash=dash),
+                marker=dict(symbol="circle" if dash == "solid" else "diamond-open", size=8),
+                error_y=dict(type="data", symmetric=False, array=ci[:, 1] - y, arrayminus=y - ci[:, 0],
+                             color=color, thickness=1.5),
+                customdata=np.c_[ci.round(3), np.full(len(x), res.n_paragraphs)],
+                hovertemplate="layer %{x:.0f}: %{y:.2f} (95% CI %{customdata[0]:.2f} to %{customdata[1]:.2f}; "
+                              f"%{{customdata[2]}} paragraphs)<extra>{label + suffix}</extra>"))
+    for level, text, where in ((0, "neither (0)", "bottom right"), (1, "noise ceiling (1)", "top right")):
+        fig.add_hline(y=level, line=dict(color=_BASELINE_COLOR, dash="dot", width=1.2),
+                      annotation=dict(text=text, font=dict(size=11, color=_BASELINE_COLOR)),
+                      annotation_position=where)
+    lo, hi = min(lows), max(highs)
+    pad = 0.06 * (hi - lo)
+    fig.update_layout(
+        title=title or ("Does routing follow the language or the content?<br><sup>"
+                        f"{result.n_paragraphs} paragraphs x {len(result.languages)} languages; "
+                        "95% intervals over paragraphs</sup>"),
+        xaxis=dict(title="layer", tickmode="array", tickvals=x.tolist(), ticktext=[f"{v:g}" for v in x],
+                   range=[x.min() - 0.3, x.max() + 0.3]),
+        yaxis=dict(title="effect (0 = neither, 1 = noise ceiling)", range=[lo - pad, hi + pad]),
+        height=500, width=760, margin=dict(l=70, r=30, t=80, b=150),
+        legend=dict(orientation="h", x=0, xanchor="left", y=-0.18, yanchor="top", font=dict(size=12)))
+    fig.layout.meta = dict(kind="language_content_figure", measure=result.measure, layers=x.tolist(),
+                           masked=masked is not None)
     return fig
 
 
@@ -945,8 +964,10 @@ def hidden_control_figure(control: "A.HiddenControl", raw: "A.LanguageContent | 
     """Left: per layer, the share of the variance of routing similarity (over all pairs of
     documents) that the cosine similarity of their mean router inputs explains (R^2). Right: the
     content-minus-language difference of routing similarity with its 95% interval, on the raw
-    similarities (``raw``, if given) and on what the hidden states leave unexplained (residuals):
-    a difference that survives the control is more than "similar inputs, similar routing"."""
+    similarities (``raw``, if given) and on the residuals of that fit. The residual curve is a
+    demonstration of adjusting for a *mediator* (language lives in the hidden states, so the
+    adjustment removes more from same-language pairs by construction), not a control; see
+    :func:`moe_lab.analysis.hidden_state_control`."""
     x = list(layers) if layers is not None else list(range(len(control.r2)))
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.14,
                         subplot_titles=["explained by hidden-state similarity (R²)",
@@ -954,7 +975,7 @@ def hidden_control_figure(control: "A.HiddenControl", raw: "A.LanguageContent | 
     fig.update_layout(template=TEMPLATE)
     fig.add_trace(go.Bar(x=x, y=control.r2, name="R²", marker_color="#0077BB", showlegend=False,
                          hovertemplate="layer %{x}: R² = %{y:.2f}<extra></extra>"), row=1, col=1)
-    series = [("residuals after the control", control.residual, "#0077BB")]
+    series = [("residuals after adjusting for the mediator (biased)", control.residual, "#0077BB")]
     if raw is not None:
         series.insert(0, ("raw routing similarity", raw, "#222222"))
     for label, res, color in series:
@@ -966,7 +987,10 @@ def hidden_control_figure(control: "A.HiddenControl", raw: "A.LanguageContent | 
     fig.add_hline(y=0, line=dict(color=_BASELINE_COLOR, dash="dash", width=1), row=1, col=2)
     fig.update_xaxes(title_text="layer", tickmode="array", tickvals=x)
     fig.update_yaxes(range=[0, 1], row=1, col=1)
-    fig.update_layout(title=title or "The control: how much of routing similarity the hidden states explain",
-                      height=400, width=900, legend=dict(orientation="h", y=-0.25))
+    fig.update_yaxes(title_text="R² over pairs of documents", row=1, col=1)
+    fig.update_yaxes(title_text="content minus language", row=1, col=2)
+    fig.update_layout(title=title or "Adjusting for a mediator: how much of routing similarity is linear in "
+                                     "mean-input similarity",
+                      height=420, width=900, legend=dict(orientation="h", y=-0.25))
     fig.layout.meta = dict(kind="hidden_control_figure", layers=x)
     return fig

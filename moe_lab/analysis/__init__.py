@@ -66,6 +66,12 @@ from .offload import (  # noqa: F401
 from .language import (  # noqa: F401
     expert_usage,
     pairwise_similarity,
+    split_halves,
+    split_half_similarity,
+    noise_ceiling,
+    token_overlap,
+    shared_token_mask,
+    untranslated_paragraphs,
     mean_router_inputs,
     aligned_grid,
     compare_pairs,
