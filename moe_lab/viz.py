@@ -902,6 +902,8 @@ def calibration_figure(cal, *, title: str | None = None) -> go.Figure:
 # --------------------------------------------------------------------------------------------
 # Language or content? (aligned paragraphs; moe_lab.analysis.language)
 
+_EFFECT_AXIS_MAX = 2.0  # effects on the 0 (neither) to 1 (noise ceiling) scale: the axis stops at 2
+
 _EFFECT_SERIES = (("content", "same paragraph, other language (content)", "#0077BB"),
                   ("language", "other paragraph, same language (language)", "#EE7733"))
 
@@ -914,7 +916,9 @@ def language_content_figure(result: "A.LanguageContent", *, layers: Sequence[int
     bootstrap 95% intervals over paragraphs (``result.content_effect``, ``result.language_effect``).
     ``masked``: the same study with the tokens shared across translations left out (the
     token-overlap control), drawn dashed. The raw similarities are in the result; plotting them
-    would put every series in a band about 0.01 wide near 0.95."""
+    would put every series in a band about 0.01 wide near 0.95. Where the band between "neither"
+    and the ceiling is nearly empty, the ratio's interval can reach far: the axis stops at 2 and
+    a label gives the end of any interval beyond it."""
     if result.content_effect is None:
         raise ValueError("result has no normalised effects: compute it with analysis.language_vs_content")
     x = np.asarray(list(layers) if layers is not None else list(range(len(result.content_effect))), float)
@@ -924,14 +928,16 @@ def language_content_figure(result: "A.LanguageContent", *, layers: Sequence[int
         if masked.content_effect is None or len(masked.content_effect) != len(x):
             raise ValueError(f"masked must be a language_vs_content result over the same {len(x)} layers")
         runs.append((masked, "dash", ", shared tokens masked", 0.12))
-    lows, highs = [0.0], [1.0]
+    lows, highs, beyond = [0.0], [1.0], []
     for res, dash, suffix, shift in runs:
         for kind, label, color in _EFFECT_SERIES:
             y, ci = getattr(res, f"{kind}_effect"), getattr(res, f"ci_{kind}_effect")
+            xs = x + (shift if kind == "language" else -shift) / 2 if shift else x
             lows.append(np.nanmin(ci[:, 0]))
             highs.append(np.nanmax(ci[:, 1]))
+            beyond += [(xi, hi_, color) for xi, hi_ in zip(xs, ci[:, 1]) if hi_ > _EFFECT_AXIS_MAX]
             fig.add_trace(go.Scatter(
-                x=x + (shift if kind == "language" else -shift) / 2 if shift else x, y=y, mode="lines+markers",
+                x=xs, y=y, mode="lines+markers",
                 name=label + suffix, line=dict(color=color, width=2.5 if dash == "solid" else 2, dash=dash),
                 marker=dict(symbol="circle" if dash == "solid" else "diamond-open", size=8),
                 error_y=dict(type="data", symmetric=False, array=ci[:, 1] - y, arrayminus=y - ci[:, 0],
@@ -943,8 +949,14 @@ def language_content_figure(result: "A.LanguageContent", *, layers: Sequence[int
         fig.add_hline(y=level, line=dict(color=_BASELINE_COLOR, dash="dot", width=1.2),
                       annotation=dict(text=text, font=dict(size=11, color=_BASELINE_COLOR)),
                       annotation_position=where)
-    lo, hi = min(lows), max(highs)
+    # a ratio whose band (ceiling - neither) is nearly empty has intervals that reach far: the axis
+    # stops at _EFFECT_AXIS_MAX and a label gives the end of each interval that goes beyond it
+    lo, hi = max(min(lows), -_EFFECT_AXIS_MAX / 2), min(max(highs), _EFFECT_AXIS_MAX)
     pad = 0.06 * (hi - lo)
+    for xi, end, color in beyond:
+        fig.add_annotation(x=xi, y=hi + pad, text=f"to {end:.1f}", showarrow=False, yanchor="top", xanchor="left",
+                           xshift=6,
+                           font=dict(size=10, color=color), bgcolor="rgba(255,255,255,0.8)")
     fig.update_layout(
         title=title or ("Does routing follow the language or the content?<br><sup>"
                         f"{result.n_paragraphs} paragraphs x {len(result.languages)} languages; "

@@ -324,3 +324,15 @@ def test_js_similarity_is_the_same_in_blocks():
     one = A.pairwise_similarity(v[1, 250:260], "js")
     np.testing.assert_allclose(full[1, 250:260, 250:260], one, atol=1e-12)
     np.testing.assert_allclose(full, np.swapaxes(full, -1, -2), atol=1e-12)
+
+
+def test_effect_figure_labels_intervals_beyond_its_axis():
+    from moe_lab import viz
+
+    tr, par, lang = overlap_trace(P=4)
+    r = A.language_vs_content(tr, par, lang, n_boot=20, n_shuffle=2)
+    r.ci_content_effect = r.ci_content_effect.copy()
+    r.ci_content_effect[0, 1] = 7.5  # a nearly empty band: the ratio's interval reaches far
+    fig = viz.language_content_figure(r)
+    assert fig.layout.yaxis.range[1] < 2.5  # the axis stops near 2 ...
+    assert any(a.text == "to 7.5" for a in fig.layout.annotations)  # ... and says where the interval ends
