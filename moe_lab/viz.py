@@ -953,10 +953,11 @@ def language_content_figure(result: "A.LanguageContent", *, layers: Sequence[int
     # stops at _EFFECT_AXIS_MAX and a label gives the end of each interval that goes beyond it
     lo, hi = max(min(lows), -_EFFECT_AXIS_MAX / 2), min(max(highs), _EFFECT_AXIS_MAX)
     pad = 0.06 * (hi - lo)
-    for xi, end, color in beyond:
+    stacked: dict[int, int] = {}
+    for xi, end, color in beyond:  # labels of one layer stacked, so that they never overlap
+        k = stacked[round(xi)] = stacked.get(round(xi), -1) + 1
         fig.add_annotation(x=xi, y=hi + pad, text=f"to {end:.1f}", showarrow=False, yanchor="top", xanchor="left",
-                           xshift=6,
-                           font=dict(size=10, color=color), bgcolor="rgba(255,255,255,0.8)")
+                           xshift=6, yshift=-15 * k, font=dict(size=10, color=color), bgcolor="rgba(255,255,255,0.8)")
     fig.update_layout(
         title=title or ("Does routing follow the language or the content?<br><sup>"
                         f"{result.n_paragraphs} paragraphs x {len(result.languages)} languages; "
