@@ -336,3 +336,14 @@ def test_effect_figure_labels_intervals_beyond_its_axis():
     fig = viz.language_content_figure(r)
     assert fig.layout.yaxis.range[1] < 2.5  # the axis stops near 2 ...
     assert any(a.text == "to 7.5" for a in fig.layout.annotations)  # ... and says where the interval ends
+
+
+def test_bad_input_names_what_was_expected():
+    S, grid = _pair_matrix(3, 2, content=0.9, language=0.8, neither=0.7)
+    with pytest.raises(ValueError, match=r"S must be \[layers, 6, 6\]"):
+        A.compare_pairs(S[:, :5, :5], grid, ["a", "b"], n_boot=5, n_shuffle=2)
+    tr, par, lang = aligned_trace(lambda p, g, t: (0, 1), P=3, T=4)  # every token id is shared by all versions
+    with pytest.raises(ValueError, match="no paragraph keeps 4 tokens"):
+        A.language_vs_content(tr, par, lang, n_boot=5, n_shuffle=2, mask_shared_tokens=True)
+    with pytest.raises(ValueError, match="labelled documents"):
+        A.shared_token_mask(tr, par[:6], lang[:6])  # two whole paragraphs of three
