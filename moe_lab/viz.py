@@ -849,7 +849,7 @@ def offload_policy_figure(df, *, n_experts: int | None = None, title: str | None
                              line=dict(color="#AAAAAA", dash="dash", width=1.5), hoverinfo="skip"))
     fig.update_layout(title=title or "Which experts stay resident? Hit rate by policy and budget",
                       xaxis=dict(title="experts resident per layer (budget)", dtick=1 if E <= 16 else None),
-                      yaxis=dict(title="share of expert reads served from fast memory", tickformat=".0%",
+                      yaxis=dict(title="hit rate (share of expert reads resident)", tickformat=".0%",
                                  range=[0, 1.02]), height=520, width=800,
                       legend=dict(orientation="h", x=0, y=-0.18, yanchor="top", font=dict(size=11)),
                       margin=dict(b=150))
@@ -896,7 +896,11 @@ def tokens_per_second_figure(table, *, scenario: str | None = None, title: str |
     system_col = "system" if "system" in d else "link"
     fig = _figure()
     order = list(dict.fromkeys(table[system_col]))
-    for i, (prec, g) in enumerate(d.groupby("precision", sort=False)):
+    precisions = list(dict.fromkeys(table.precision))  # one colour per precision, drawn or not
+    for i, prec in enumerate(precisions):
+        g = d[d.precision == prec]
+        if g.empty:
+            continue
         fig.add_trace(go.Bar(x=g[system_col].tolist(), y=g.tokens_per_s.tolist(), name=prec,
                              marker_color=SERIES_COLORS[i % len(SERIES_COLORS)],
                              customdata=np.stack([g.GB_moved_per_token, g.demand_s, g.resident_s], -1).tolist(),
@@ -905,17 +909,25 @@ def tokens_per_second_figure(table, *, scenario: str | None = None, title: str |
     h = table[table.scenario == scenario].hit_rate.iloc[0]
     lo, hi = float(d.tokens_per_s.min()) if len(d) else 1.0, float(d.tokens_per_s.max()) if len(d) else 10.0
     ticks = [t for t in _LOG_TICKS if lo / 2.5 <= t <= hi * 2.5]
-    note = ("memory fit not checked (offload_table(..., resident_experts=...))" if unknown else
-            "not drawn, do not fit in memory: " + ("; ".join(f"{p} on {s}" for s, p in zip(drop[system_col], drop.precision))
-                                                   if len(drop) else "none"))
+    if unknown:
+        note = "memory fit not checked (offload_table(..., resident_experts=...))"
+    elif len(drop):
+        per_system = {}
+        for s_, p_ in zip(drop[system_col], drop.precision):
+            per_system.setdefault(s_, []).append(p_)
+        parts = [f"{', '.join(ps)} on {s_}" for s_, ps in per_system.items()]
+        note = "not drawn, do not fit in memory: " + "".join(
+            (";<br>" if j and j % 2 == 0 else "; " if j else "") + part for j, part in enumerate(parts))
+    else:
+        note = "every configuration fits its device's memory"
     fig.update_layout(barmode="group", title=title or f"Estimated decode speed, batch 1 ({scenario}: hit rate {h:.0%})",
                       yaxis=dict(title="tokens/s (estimate)", type="log", tickvals=ticks,
                                  ticktext=[f"{t:g}" for t in ticks]),
                       xaxis=dict(title="system: device + where the misses come from", categoryorder="array",
                                  categoryarray=order, tickangle=-20),
-                      legend=dict(title="experts at"), height=560, width=900, margin=dict(b=190))
-    fig.add_annotation(text=note, xref="paper", yref="paper", x=0, y=-0.52, showarrow=False, align="left",
-                       font=dict(size=10, color="#555555"), xanchor="left")
+                      legend=dict(title="experts at"), height=600, width=900, margin=dict(b=230))
+    fig.add_annotation(text=note, xref="paper", yref="paper", x=0, y=-0.42, showarrow=False, align="left",
+                       font=dict(size=10, color="#555555"), xanchor="left", yanchor="top")
     fig.layout.meta = dict(kind="tokens_per_second_figure", scenario=scenario, not_drawn=len(drop), fit_checked=not unknown)
     return stamp(fig, source if source is not None else table)
 
@@ -924,7 +936,7 @@ def calibration_figure(cal, *, title: str | None = None) -> go.Figure:
     """Estimated against published tokens/s (log-log) from :func:`moe_lab.analysis.mixtral_calibration`;
     on the diagonal the estimate is exact, the band is a factor of 2 either way. Filled markers:
     rows without a free parameter; open markers: rows that assume something their source does
-    not state (a hit rate, the CPU)."""
+    not state (a hit rate, the CPU). Points are numbered; the legend names them."""
     fig = _figure()
     lo = 0.5 * min(cal.published_tok_s.min(), cal.predicted_tok_s.min())
     hi = 2 * max(cal.published_tok_s.max(), cal.predicted_tok_s.max())
@@ -934,15 +946,14 @@ def calibration_figure(cal, *, title: str | None = None) -> go.Figure:
                              name="estimate = measurement", hoverinfo="skip"))
     free = cal["free_parameter"] if "free_parameter" in cal else [False] * len(cal)
     config = cal["configuration"] if "configuration" in cal else [""] * len(cal)
-    positions = ("top center", "bottom center", "middle right", "middle left")
     for i, (r, f, c) in enumerate(zip(cal.itertuples(), free, config)):
         color = SERIES_COLORS[i % len(SERIES_COLORS)]
         fig.add_trace(go.Scatter(
-            x=[r.published_tok_s], y=[r.predicted_tok_s], mode="markers+text", text=[f"{r.system}, {c}" if c else r.system],
-            textposition=positions[i % len(positions)], textfont=dict(size=10),
-            marker=dict(size=12, color="white" if f else color, line=dict(color=color, width=2.5),
+            x=[r.published_tok_s], y=[r.predicted_tok_s], mode="markers+text", text=[str(i + 1)],
+            textposition="middle right", textfont=dict(size=12, color=color),
+            marker=dict(size=13, color=color, line=dict(color=color, width=2.5),
                         symbol="circle-open" if f else "circle"),
-            name=f"{r.system}: {c or r.hardware}" + (" (free parameter)" if f else " (no free parameter)"),
+            name=f"{i + 1}. {r.system}, {c or r.hardware}" + (" (free parameter)" if f else " (no free parameter)"),
             hovertemplate=f"{r.system}, {r.hardware}, {r.precision}<br>published %{{x:.2f}} tok/s, "
                           "estimated %{y:.2f}<extra></extra>"))
     ticks = [t for t in _LOG_TICKS if lo <= t <= hi]

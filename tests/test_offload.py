@@ -342,7 +342,7 @@ def test_offload_figures():
     drawn = {(d.name, x) for d in fig.data for x in d.x}
     assert drawn == {(p, s) for s, p, f in zip(tab.system, tab.precision, tab.fits) if f}
     assert ("fp16", "RTX 3090 24 GiB + PCIe 4.0") not in drawn and ("int8", "A100 40 GiB + PCIe 4.0") in drawn
-    assert fig.layout.meta["not_drawn"] == 3 and "fp16 on RTX 3090" in fig.layout.annotations[0].text
+    assert fig.layout.meta["not_drawn"] == 3 and "fp16, int8 on RTX 3090" in fig.layout.annotations[0].text
     ticks = list(fig.layout.yaxis.tickvals)  # labelled ticks on the log axis: 1, 2, 5, 10, ...
     assert ticks and set(ticks) <= set(viz._LOG_TICKS) and list(fig.layout.yaxis.ticktext) == [f"{v:g}" for v in ticks]
     a100 = tab[(tab.system == "A100 40 GiB + PCIe 4.0")].set_index("precision").tokens_per_s
