@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..demo import demo_model_dir
+
 __all__ = ["SYNTHETIC_FIXTURE", "DEMO_MODEL", "RANDOM_MODEL", "STAND_INS", "provenance", "mark", "is_stand_in",
            "headline"]
 
@@ -33,8 +35,6 @@ STAND_INS = (SYNTHETIC_FIXTURE, DEMO_MODEL, RANDOM_MODEL)
 
 
 def _fixtures_dir() -> Path:
-    from ..demo import demo_model_dir
-
     return (demo_model_dir().parent / "fixtures").resolve()
 
 
