@@ -418,3 +418,43 @@ def test_general_simulator_agrees_with_the_fast_one(seed, k, extra):
     for policy in A.POLICIES:
         assert A.simulate_layer_cache(reqs, size, policy).hit_rate == pytest.approx(
             A.simulate_expert_cache(reqs, size, policy)), (policy, size)
+
+
+def test_notebook_09_says_where_every_figure_comes_from():
+    """Every figure notebook 09 draws carries its provenance: wrapped in viz.stamp(...), titled with
+    A.headline(...), or drawn by a function that reads the label from its input (the offload
+    figures); the calibration figure shows published measurements, not a stand-in's."""
+    import ast
+    import json
+    from pathlib import Path
+
+    import moe_lab
+    from moe_lab import viz
+
+    auto = {"offload_policy_figure", "prefetch_figure", "tokens_per_second_figure", "calibration_figure"}
+    not_figures = {"stamp", "setup_notebook"}
+    path = Path(moe_lab.__file__).resolve().parent.parent / "notebooks" / "09_real_moes.ipynb"
+    cells = [c for c in json.loads(path.read_text(encoding="utf-8"))["cells"] if c["cell_type"] == "code"]
+    unlabelled, seen = [], 0
+    for cell in cells:
+        src = "".join(cell["source"])
+        tree = ast.parse(src)
+        stamped = set()
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "stamp"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "viz"):
+                stamped |= {id(a) for a in node.args}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "viz"):
+                continue
+            name = node.func.attr
+            if name in not_figures:
+                continue
+            assert callable(getattr(viz, name)), name
+            seen += 1
+            titled = any(k.arg == "title" and "headline" in ast.unparse(k.value) for k in node.keywords)
+            if not (name in auto or id(node) in stamped or titled):
+                unlabelled.append(f"viz.{name} in: {src.splitlines()[node.lineno - 1].strip()}")
+    assert seen >= 10  # the notebook's figures were found
+    assert not unlabelled, "figures without their provenance (wrap them in viz.stamp(fig, trace)): " + "; ".join(unlabelled)
