@@ -872,7 +872,7 @@ def prefetch_figure(df, *, cache_size: int | None = None, title: str | None = No
     fig.add_trace(go.Scatter(x=labels, y=d.hit_rate_prefetch.tolist(), mode="markers+lines",
                              name="hit rate with prefetch", line=dict(color="#0077BB"), marker=dict(size=9, symbol="diamond")))
     fig.update_layout(title=title or f"Speculative prefetch: guess layer l+1 from layer l ({size} experts cached per layer)",
-                      yaxis=dict(title="share of the chosen experts (recall) / of reads (hit rate)", tickformat=".0%",
+                      yaxis=dict(title="recall / hit rate", tickformat=".0%",
                                  range=[0, 1.05]),
                       xaxis=dict(title="layer being guessed"), height=440, width=800, legend=dict(orientation="h", y=-0.25))
     fig.layout.meta = dict(kind="prefetch_figure", cache_size=size)
