@@ -55,7 +55,7 @@ __all__ = [
     "token_figure", "load_heatmap", "domain_load_bars", "repetition_figure", "coactivation_heatmap",
     "expert_paths_sankey", "cache_hit_figure", "layer_switch_states", "next_token_figure",
     "routing_changes", "routing_change_figure", "domain_specialization_heatmap",
-    "offload_policy_figure", "prefetch_figure", "tokens_per_second_figure", "calibration_figure",
+    "offload_policy_figure", "prefetch_figure", "tokens_per_second_figure", "calibration_figure", "stamp",
     "language_content_figure", "hidden_control_figure",
 ]
 
@@ -809,12 +809,31 @@ _OFFLOAD_STYLE = {"optimal": ("#0077BB", "solid", "Belady (optimal, knows the fu
                   "lru": ("#EE7733", "dash", "LRU cache"), "lfu": ("#009988", "dot", "LFU cache"),
                   "frequency": ("#CC3311", "solid", "pin most frequent (ktransformers 'frequency')"),
                   "uniform": ("#33BBEE", "dashdot", "pin experts 0..c-1 ('uniform')"),
-                  "front_loading": ("#EE3377", "longdash", "whole layers first ('front-loading', llama.cpp -ngl)")}
+                  "front_loading": ("#332288", "longdash", "whole layers first ('front-loading', llama.cpp -ngl)")}
+
+#: labelled ticks for log axes of tokens/s (0.1, 0.2, 0.5, 1, 2, 5, ...)
+_LOG_TICKS = [m * 10 ** e for e in range(-2, 4) for m in (1, 2, 5)]
 
 
-def offload_policy_figure(df, *, n_experts: int | None = None, title: str | None = None) -> go.Figure:
+def stamp(fig: go.Figure, source) -> go.Figure:
+    """Put where the numbers come from into ``fig``'s title: ``"SYNTHETIC FIXTURE: ..."`` or
+    ``"DEMO MODEL: ..."`` for a stand-in (see :func:`moe_lab.analysis.provenance`), the real
+    source in parentheses otherwise. ``source``: a label, or a trace, model, Prefetch or
+    DataFrame that carries one. Works on any figure; returns it (also ``layout.meta["source"]``)."""
+    label = A.provenance(source)
+    title = fig.layout.title.text or ""
+    if label and label.upper() not in title and label not in title:
+        fig.update_layout(title_text=A.headline(label, title))
+    meta = dict(fig.layout.meta) if isinstance(fig.layout.meta, dict) else {}
+    meta["source"] = label
+    fig.layout.meta = meta
+    return fig
+
+
+def offload_policy_figure(df, *, n_experts: int | None = None, title: str | None = None, source=None) -> go.Figure:
     """Whole-model hit rate against the per-layer budget for each cache policy and placement, from
-    :func:`moe_lab.analysis.policy_comparison`; the grey line is budget / E (random routing)."""
+    :func:`moe_lab.analysis.policy_comparison`; the grey line is budget / E (random routing).
+    The title says where the trace comes from (``source``, default ``df.attrs["source"]``)."""
     fig = _figure()
     for policy, g in df.groupby("policy", sort=False):
         g = g.sort_values("budget")
@@ -830,15 +849,18 @@ def offload_policy_figure(df, *, n_experts: int | None = None, title: str | None
                              line=dict(color="#AAAAAA", dash="dash", width=1.5), hoverinfo="skip"))
     fig.update_layout(title=title or "Which experts stay resident? Hit rate by policy and budget",
                       xaxis=dict(title="experts resident per layer (budget)", dtick=1 if E <= 16 else None),
-                      yaxis=dict(title="share of expert reads served from fast memory", tickformat=".0%",
-                                 range=[0, 1.02]), height=450, width=780, legend=dict(x=0.02, y=0.98, font=dict(size=11)))
+                      yaxis=dict(title="hit rate (share of expert reads resident)", tickformat=".0%",
+                                 range=[0, 1.02]), height=520, width=800,
+                      legend=dict(orientation="h", x=0, y=-0.18, yanchor="top", font=dict(size=11)),
+                      margin=dict(b=150))
     fig.layout.meta = dict(kind="offload_policy_figure", policies=list(dict.fromkeys(df.policy)))
-    return fig
+    return stamp(fig, source if source is not None else df)
 
 
-def prefetch_figure(df, *, cache_size: int | None = None, title: str | None = None) -> go.Figure:
+def prefetch_figure(df, *, cache_size: int | None = None, title: str | None = None, source=None) -> go.Figure:
     """Speculative prefetch per layer, from :func:`moe_lab.analysis.prefetch_hit_rates`: the recall
-    of the guesses (bars) and the cache's hit rate without and with them (markers)."""
+    of the guesses (bars) and the cache's hit rate without and with them (markers). The title
+    says which model (``source``, default ``df.attrs["source"]``)."""
     size = cache_size if cache_size is not None else int(sorted(df.cache_size.unique())[0])
     d = df[df.cache_size == size].groupby("layer", as_index=False).first()
     fig = _figure()
@@ -850,51 +872,97 @@ def prefetch_figure(df, *, cache_size: int | None = None, title: str | None = No
     fig.add_trace(go.Scatter(x=labels, y=d.hit_rate_prefetch.tolist(), mode="markers+lines",
                              name="hit rate with prefetch", line=dict(color="#0077BB"), marker=dict(size=9, symbol="diamond")))
     fig.update_layout(title=title or f"Speculative prefetch: guess layer l+1 from layer l ({size} experts cached per layer)",
-                      yaxis=dict(tickformat=".0%", range=[0, 1.05]), xaxis=dict(title="layer being guessed"),
-                      height=420, width=780, legend=dict(orientation="h", y=-0.25))
+                      yaxis=dict(title="recall / hit rate", tickformat=".0%",
+                                 range=[0, 1.05]),
+                      xaxis=dict(title="layer being guessed"), height=440, width=800, legend=dict(orientation="h", y=-0.25))
     fig.layout.meta = dict(kind="prefetch_figure", cache_size=size)
-    return fig
+    return stamp(fig, source if source is not None else df)
 
 
-def tokens_per_second_figure(table, *, scenario: str | None = None, title: str | None = None) -> go.Figure:
-    """Predicted decode tokens/s by link (x) and expert precision (bars), log scale, from
-    :func:`moe_lab.analysis.offload_table` (one scenario: the first unless named)."""
+def tokens_per_second_figure(table, *, scenario: str | None = None, title: str | None = None, source=None) -> go.Figure:
+    """Estimated decode tokens/s by system (x: a device and its link) and expert precision (bars),
+    log scale, from :func:`moe_lab.analysis.offload_table` (one scenario: the first unless named).
+    Configurations that do not fit the device's memory (``fits`` False) are never drawn; the
+    figure says which were left out. The title says where the hit rate comes from (``source``,
+    default ``table.attrs["source"]``)."""
     scenario = scenario if scenario is not None else table.scenario.iloc[0]
     d = table[table.scenario == scenario]
+    if d.empty:
+        raise ValueError(f"scenario {scenario!r} is not in the table; it has {sorted(set(table.scenario))}")
+    fits = d["fits"] if "fits" in d else None
+    unknown = fits is None or fits.isna().all()
+    drop = d[fits == False] if not unknown else d.iloc[:0]  # noqa: E712  (a column of True / False / None)
+    d = d if unknown else d[fits == True]  # noqa: E712
+    system_col = "system" if "system" in d else "link"
     fig = _figure()
-    for i, (prec, g) in enumerate(d.groupby("precision", sort=False)):
-        fig.add_trace(go.Bar(x=g.link.tolist(), y=g.tokens_per_s.tolist(), name=prec,
+    order = list(dict.fromkeys(table[system_col]))
+    precisions = list(dict.fromkeys(table.precision))  # one colour per precision, drawn or not
+    for i, prec in enumerate(precisions):
+        g = d[d.precision == prec]
+        if g.empty:
+            continue
+        fig.add_trace(go.Bar(x=g[system_col].tolist(), y=g.tokens_per_s.tolist(), name=prec,
                              marker_color=SERIES_COLORS[i % len(SERIES_COLORS)],
                              customdata=np.stack([g.GB_moved_per_token, g.demand_s, g.resident_s], -1).tolist(),
                              hovertemplate=f"{prec}, %{{x}}: %{{y:.2f}} tok/s<br>%{{customdata[0]:.2f}} GB moved per token"
                                            "<br>link %{customdata[1]:.3f} s + resident %{customdata[2]:.3f} s<extra></extra>"))
-    h = d.hit_rate.iloc[0]
-    fig.update_layout(barmode="group", title=title or f"Predicted decode speed ({scenario}: hit rate {h:.0%})",
-                      yaxis=dict(title="tokens/s (upper bound, batch 1)", type="log"), xaxis=dict(title="where misses come from"),
-                      height=450, width=820)
-    fig.layout.meta = dict(kind="tokens_per_second_figure", scenario=scenario)
-    return fig
+    h = table[table.scenario == scenario].hit_rate.iloc[0]
+    lo, hi = float(d.tokens_per_s.min()) if len(d) else 1.0, float(d.tokens_per_s.max()) if len(d) else 10.0
+    ticks = [t for t in _LOG_TICKS if lo / 2.5 <= t <= hi * 2.5]
+    if unknown:
+        note = "memory fit not checked (offload_table(..., resident_experts=...))"
+    elif len(drop):
+        per_system = {}
+        for s_, p_ in zip(drop[system_col], drop.precision):
+            per_system.setdefault(s_, []).append(p_)
+        parts = [f"{', '.join(ps)} on {s_}" for s_, ps in per_system.items()]
+        note = "not drawn, do not fit in memory: " + "".join(
+            (";<br>" if j and j % 2 == 0 else "; " if j else "") + part for j, part in enumerate(parts))
+    else:
+        note = "every configuration fits its device's memory"
+    fig.update_layout(barmode="group", title=title or f"Estimated decode speed, batch 1 ({scenario}: hit rate {h:.0%})",
+                      yaxis=dict(title="tokens/s (estimate)", type="log", tickvals=ticks,
+                                 ticktext=[f"{t:g}" for t in ticks]),
+                      xaxis=dict(title="system: device + where the misses come from", categoryorder="array",
+                                 categoryarray=order, tickangle=-20),
+                      legend=dict(title="experts at"), height=600, width=900, margin=dict(b=230))
+    fig.add_annotation(text=note, xref="paper", yref="paper", x=0, y=-0.42, showarrow=False, align="left",
+                       font=dict(size=10, color="#555555"), xanchor="left", yanchor="top")
+    fig.layout.meta = dict(kind="tokens_per_second_figure", scenario=scenario, not_drawn=len(drop), fit_checked=not unknown)
+    return stamp(fig, source if source is not None else table)
 
 
 def calibration_figure(cal, *, title: str | None = None) -> go.Figure:
-    """Predicted against published tokens/s (log-log) from :func:`moe_lab.analysis.mixtral_calibration`;
-    on the diagonal the model is exact, the band is a factor of 2 either way."""
+    """Estimated against published tokens/s (log-log) from :func:`moe_lab.analysis.mixtral_calibration`;
+    on the diagonal the estimate is exact, the band is a factor of 2 either way. Filled markers:
+    rows without a free parameter; open markers: rows that assume something their source does
+    not state (a hit rate, the CPU). Points are numbered; the legend names them."""
     fig = _figure()
     lo = 0.5 * min(cal.published_tok_s.min(), cal.predicted_tok_s.min())
     hi = 2 * max(cal.published_tok_s.max(), cal.predicted_tok_s.max())
     fig.add_trace(go.Scatter(x=[lo, hi, hi, lo], y=[lo / 2, hi / 2, hi * 2, lo * 2], fill="toself", mode="none",
                              fillcolor="rgba(170,170,170,0.2)", name="within 2x", hoverinfo="skip"))
     fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(color="#555555", dash="dash"),
-                             name="prediction = measurement", hoverinfo="skip"))
-    for i, r in enumerate(cal.itertuples()):
-        fig.add_trace(go.Scatter(x=[r.published_tok_s], y=[r.predicted_tok_s], mode="markers+text", text=[r.system],
-                                 textposition="top center", marker=dict(size=12, color=SERIES_COLORS[i % len(SERIES_COLORS)]),
-                                 name=f"{r.system}: {r.hardware}",
-                                 hovertemplate=f"{r.system}, {r.hardware}, {r.precision}<br>published %{{x:.2f}} tok/s, "
-                                               "predicted %{y:.2f}<extra></extra>"))
-    fig.update_layout(title=title or "Offloading model vs published Mixtral 8x7B decode speeds",
-                      xaxis=dict(title="published tokens/s", type="log"), yaxis=dict(title="predicted tokens/s", type="log"),
-                      height=480, width=820, legend=dict(font=dict(size=10)))
+                             name="estimate = measurement", hoverinfo="skip"))
+    free = cal["free_parameter"] if "free_parameter" in cal else [False] * len(cal)
+    config = cal["configuration"] if "configuration" in cal else [""] * len(cal)
+    for i, (r, f, c) in enumerate(zip(cal.itertuples(), free, config)):
+        color = SERIES_COLORS[i % len(SERIES_COLORS)]
+        fig.add_trace(go.Scatter(
+            x=[r.published_tok_s], y=[r.predicted_tok_s], mode="markers+text", text=[str(i + 1)],
+            textposition="middle right", textfont=dict(size=12, color=color),
+            marker=dict(size=13, color=color, line=dict(color=color, width=2.5),
+                        symbol="circle-open" if f else "circle"),
+            name=f"{i + 1}. {r.system}, {c or r.hardware}" + (" (free parameter)" if f else " (no free parameter)"),
+            hovertemplate=f"{r.system}, {r.hardware}, {r.precision}<br>published %{{x:.2f}} tok/s, "
+                          "estimated %{y:.2f}<extra></extra>"))
+    ticks = [t for t in _LOG_TICKS if lo <= t <= hi]
+    axis = dict(type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
+    fig.update_layout(title=title or "Offloading estimate vs published Mixtral 8x7B decode speeds",
+                      xaxis=dict(title="published tokens/s (measured)", **axis),
+                      yaxis=dict(title="estimated tokens/s (this model)", **axis),
+                      height=560, width=900, legend=dict(font=dict(size=10), orientation="h", y=-0.2, yanchor="top"),
+                      margin=dict(b=170))
     fig.layout.meta = dict(kind="calibration_figure")
     return fig
 
