@@ -442,16 +442,14 @@ def untranslated_paragraphs(rows: Sequence[dict], languages: Sequence[str] = ("e
     near copies (``difflib`` similarity ratio >= ``threshold``): a translation that fell back to the
     source text. Such a "same content" pair is the same text, not a translation, and would make
     routing look as if it followed the content."""
-    import difflib
+    from ..corpus.prose import has_near_copies  # the corpus builder's own test (stdlib only)
 
     out = []
     for r in rows:
         missing = [g for g in languages if g not in r]
         if missing or "id" not in r:
             raise ValueError(f"row {r.get('id', '?')!r} lacks {missing or ['id']}")
-        texts = [r[g] for g in languages]
-        if any(difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() >= threshold
-               for i, a in enumerate(texts) for b in texts[i + 1:]):
+        if has_near_copies((r[g] for g in languages), threshold):
             out.append(r["id"])
     return out
 
