@@ -10,8 +10,8 @@ A uniform guess over the 32,000-token vocabulary scores ln(32000) = 10.37.
     model, tok = moe_lab.load_model("data/tiny-mixtral"), moe_lab.load_tokenizer()
     sentence_nll(model, tok)            # {"en": 5.9, "fr": 7.8, ...}
 
-``data/eval/aligned_heldout.jsonl`` (:func:`load_aligned_sample`) holds 64 paragraphs of the
-corpus' aligned set in all five languages, all from held-out pages (never trained on, in any
+``data/eval/aligned_heldout.jsonl`` (:func:`load_aligned_sample`) holds 61 paragraphs of the
+corpus' aligned set in all five languages (each translated: no two versions near copies), all from held-out pages (never trained on, in any
 language), so the language-vs-content study (:mod:`moe_lab.analysis.language`) runs without the
 Debian packages. Their text is from *The Debian Administrator's Handbook* (Raphaël Hertzog,
 Roland Mas; GPL-2.0-or-later or CC-BY-SA-3.0) and GNOME Help (the GNOME Documentation Project;

@@ -13,8 +13,8 @@
     viz.domain_specialization_heatmap(trace)  # domain x expert share of tokens (OLMoE)
     viz.expert_paths_sankey(trace)            # first choices from layer to layer
     viz.cache_hit_figure(trace)               # expert-cache hit rate against cache size
-    viz.language_content_figure(result)       # routing: same content vs same language (aligned paragraphs)
-    viz.hidden_control_figure(control, raw)   # how much of it hidden-state similarity explains
+    viz.language_content_figure(result)       # routing: content and language effects (aligned paragraphs)
+    viz.hidden_control_figure(control, raw)   # adjusting for a mediator (a demonstration, not a control)
 
 Colours: one colour per expert, the same in every figure (:data:`EXPERT_COLORS`,
 :func:`expert_color`): the Okabe-Ito palette for experts 0-7, which stays distinguishable
@@ -55,7 +55,7 @@ __all__ = [
     "token_figure", "load_heatmap", "domain_load_bars", "repetition_figure", "coactivation_heatmap",
     "expert_paths_sankey", "cache_hit_figure", "layer_switch_states", "next_token_figure",
     "routing_changes", "routing_change_figure", "domain_specialization_heatmap",
-    "offload_policy_figure", "prefetch_figure", "tokens_per_second_figure", "calibration_figure",
+    "offload_policy_figure", "prefetch_figure", "tokens_per_second_figure", "calibration_figure", "stamp",
     "language_content_figure", "hidden_control_figure", "DOMAIN_COLORS", "domain_color", "domain_colors",
     "expert_heatmap", "figure_title", "log_ticks", "expert_axis",
 ]
@@ -281,26 +281,24 @@ def _ids_note(source) -> str:
         if getattr(source, "ids_only", False) else ""
 
 
-def _provenance(source_obj=None, source: str | None = None) -> str | None:
-    """What the figure was computed on: ``source`` if given, else ``meta["provenance"]`` of the trace
-    (or result) when it carries one (e.g. "synthetic fixture", "demo model")."""
-    if source:
-        return str(source)
-    meta = getattr(source_obj, "meta", None)
-    if isinstance(meta, dict) and meta.get("provenance"):
-        return str(meta["provenance"])
-    return None
+def _provenance(source_obj=None, source=None) -> str:
+    """What the figure was computed on (:func:`moe_lab.analysis.provenance`): ``source`` if given (a
+    label, or a trace, model or DataFrame that carries one), else what ``source_obj`` carries
+    (``meta["provenance"]``, a trace file among the shipped fixtures, ``attrs["source"]``)."""
+    return A.provenance(source) if source is not None else A.provenance(source_obj)
 
 
-def figure_title(text: str, source_obj=None, source: str | None = None) -> str:
-    """A figure's title with what it was computed on: ``"<text> (<source>)"`` on the first line
-    (``source``, or the ``meta["provenance"]`` of ``source_obj``), then the expert-ids-only note
-    for traces that hold no router weights. Every figure function here builds its title with it;
-    use it for figures drawn by hand too, e.g. ``figure_title("Hit rate", source="synthetic fixture")``."""
-    src = _provenance(source_obj, source)
-    if src and src.lower() not in text.lower():
+def figure_title(text: str, source_obj=None, source=None) -> str:
+    """A figure's title that says what it was computed on, in the words :func:`stamp` and
+    :func:`moe_lab.analysis.headline` use: ``"DEMO MODEL: <text>"`` / ``"SYNTHETIC FIXTURE:
+    <text>"`` for a stand-in, ``"<text> (<source>)"`` for a named real source; then the
+    expert-ids-only note for traces without router weights. ``source``: a label or anything that
+    carries one (default: ``source_obj``'s own label). Every figure function here builds its title
+    with it; use it for figures drawn by hand too: ``figure_title("Hit rate", source=trace)``."""
+    label = _provenance(source_obj, source)
+    if label and label.upper() not in text and label.lower() not in text.lower():
         first, sep, rest = text.partition("<br>")
-        text = f"{first} ({_esc(src)}){sep}{rest}"
+        text = A.headline(label, first) + sep + rest
     return text + _ids_note(source_obj)
 
 
@@ -1167,12 +1165,31 @@ _OFFLOAD_STYLE = {"optimal": ("#0077BB", "solid", "Belady (optimal, knows the fu
                   "lru": ("#EE7733", "dash", "LRU cache"), "lfu": ("#009988", "dot", "LFU cache"),
                   "frequency": ("#CC3311", "solid", "pin most frequent (ktransformers 'frequency')"),
                   "uniform": ("#33BBEE", "dashdot", "pin experts 0..c-1 ('uniform')"),
-                  "front_loading": ("#EE3377", "longdash", "whole layers first ('front-loading', llama.cpp -ngl)")}
+                  "front_loading": ("#332288", "longdash", "whole layers first ('front-loading', llama.cpp -ngl)")}
+
+#: labelled ticks for log axes of tokens/s (0.1, 0.2, 0.5, 1, 2, 5, ...)
+_LOG_TICKS = [m * 10 ** e for e in range(-2, 4) for m in (1, 2, 5)]
 
 
-def offload_policy_figure(df, *, n_experts: int | None = None, title: str | None = None) -> go.Figure:
+def stamp(fig: go.Figure, source) -> go.Figure:
+    """Put where the numbers come from into ``fig``'s title: ``"SYNTHETIC FIXTURE: ..."`` or
+    ``"DEMO MODEL: ..."`` for a stand-in (see :func:`moe_lab.analysis.provenance`), the real
+    source in parentheses otherwise. ``source``: a label, or a trace, model, Prefetch or
+    DataFrame that carries one. Works on any figure; returns it (also ``layout.meta["source"]``)."""
+    label = A.provenance(source)
+    title = fig.layout.title.text or ""
+    if label and label.upper() not in title and label not in title:
+        fig.update_layout(title_text=A.headline(label, title))
+    meta = dict(fig.layout.meta) if isinstance(fig.layout.meta, dict) else {}
+    meta["source"] = label
+    fig.layout.meta = meta
+    return fig
+
+
+def offload_policy_figure(df, *, n_experts: int | None = None, title: str | None = None, source=None) -> go.Figure:
     """Whole-model hit rate against the per-layer budget for each cache policy and placement, from
-    :func:`moe_lab.analysis.policy_comparison`; the grey line is budget / E (random routing)."""
+    :func:`moe_lab.analysis.policy_comparison`; the grey line is budget / E (random routing).
+    The title says where the trace comes from (``source``, default ``df.attrs["source"]``)."""
     fig = _figure()
     for policy, g in df.groupby("policy", sort=False):
         g = g.sort_values("budget")
@@ -1188,15 +1205,18 @@ def offload_policy_figure(df, *, n_experts: int | None = None, title: str | None
                              line=dict(color="#AAAAAA", dash="dash", width=1.5), hoverinfo="skip"))
     fig.update_layout(title=title or "Which experts stay resident? Hit rate by policy and budget",
                       xaxis=dict(title="experts resident per layer (budget)", dtick=1 if E <= 16 else None),
-                      yaxis=dict(title="share of expert reads served from fast memory", tickformat=".0%",
-                                 range=[0, 1.02]), height=450, width=780, legend=dict(x=0.02, y=0.98, font=dict(size=11)))
+                      yaxis=dict(title="hit rate (share of expert reads resident)", tickformat=".0%",
+                                 range=[0, 1.02]), height=520, width=800,
+                      legend=dict(orientation="h", x=0, y=-0.18, yanchor="top", font=dict(size=11)),
+                      margin=dict(b=150))
     fig.layout.meta = dict(kind="offload_policy_figure", policies=list(dict.fromkeys(df.policy)))
-    return fig
+    return stamp(fig, source if source is not None else df)
 
 
-def prefetch_figure(df, *, cache_size: int | None = None, title: str | None = None) -> go.Figure:
+def prefetch_figure(df, *, cache_size: int | None = None, title: str | None = None, source=None) -> go.Figure:
     """Speculative prefetch per layer, from :func:`moe_lab.analysis.prefetch_hit_rates`: the recall
-    of the guesses (bars) and the cache's hit rate without and with them (markers)."""
+    of the guesses (bars) and the cache's hit rate without and with them (markers). The title
+    says which model (``source``, default ``df.attrs["source"]``)."""
     size = cache_size if cache_size is not None else int(sorted(df.cache_size.unique())[0])
     d = df[df.cache_size == size].groupby("layer", as_index=False).first()
     fig = _figure()
@@ -1208,51 +1228,97 @@ def prefetch_figure(df, *, cache_size: int | None = None, title: str | None = No
     fig.add_trace(go.Scatter(x=labels, y=d.hit_rate_prefetch.tolist(), mode="markers+lines",
                              name="hit rate with prefetch", line=dict(color="#0077BB"), marker=dict(size=9, symbol="diamond")))
     fig.update_layout(title=title or f"Speculative prefetch: guess layer l+1 from layer l ({size} experts cached per layer)",
-                      yaxis=dict(tickformat=".0%", range=[0, 1.05]), xaxis=dict(title="layer being guessed"),
-                      height=420, width=780, legend=dict(orientation="h", y=-0.25))
+                      yaxis=dict(title="recall / hit rate", tickformat=".0%",
+                                 range=[0, 1.05]),
+                      xaxis=dict(title="layer being guessed"), height=440, width=800, legend=dict(orientation="h", y=-0.25))
     fig.layout.meta = dict(kind="prefetch_figure", cache_size=size)
-    return fig
+    return stamp(fig, source if source is not None else df)
 
 
-def tokens_per_second_figure(table, *, scenario: str | None = None, title: str | None = None) -> go.Figure:
-    """Predicted decode tokens/s by link (x) and expert precision (bars), log scale, from
-    :func:`moe_lab.analysis.offload_table` (one scenario: the first unless named)."""
+def tokens_per_second_figure(table, *, scenario: str | None = None, title: str | None = None, source=None) -> go.Figure:
+    """Estimated decode tokens/s by system (x: a device and its link) and expert precision (bars),
+    log scale, from :func:`moe_lab.analysis.offload_table` (one scenario: the first unless named).
+    Configurations that do not fit the device's memory (``fits`` False) are never drawn; the
+    figure says which were left out. The title says where the hit rate comes from (``source``,
+    default ``table.attrs["source"]``)."""
     scenario = scenario if scenario is not None else table.scenario.iloc[0]
     d = table[table.scenario == scenario]
+    if d.empty:
+        raise ValueError(f"scenario {scenario!r} is not in the table; it has {sorted(set(table.scenario))}")
+    fits = d["fits"] if "fits" in d else None
+    unknown = fits is None or fits.isna().all()
+    drop = d[fits == False] if not unknown else d.iloc[:0]  # noqa: E712  (a column of True / False / None)
+    d = d if unknown else d[fits == True]  # noqa: E712
+    system_col = "system" if "system" in d else "link"
     fig = _figure()
-    for i, (prec, g) in enumerate(d.groupby("precision", sort=False)):
-        fig.add_trace(go.Bar(x=g.link.tolist(), y=g.tokens_per_s.tolist(), name=prec,
+    order = list(dict.fromkeys(table[system_col]))
+    precisions = list(dict.fromkeys(table.precision))  # one colour per precision, drawn or not
+    for i, prec in enumerate(precisions):
+        g = d[d.precision == prec]
+        if g.empty:
+            continue
+        fig.add_trace(go.Bar(x=g[system_col].tolist(), y=g.tokens_per_s.tolist(), name=prec,
                              marker_color=SERIES_COLORS[i % len(SERIES_COLORS)],
                              customdata=np.stack([g.GB_moved_per_token, g.demand_s, g.resident_s], -1).tolist(),
                              hovertemplate=f"{prec}, %{{x}}: %{{y:.2f}} tok/s<br>%{{customdata[0]:.2f}} GB moved per token"
                                            "<br>link %{customdata[1]:.3f} s + resident %{customdata[2]:.3f} s<extra></extra>"))
-    h = d.hit_rate.iloc[0]
-    fig.update_layout(barmode="group", title=title or f"Predicted decode speed ({scenario}: hit rate {h:.0%})",
-                      yaxis=dict(title="tokens/s (upper bound, batch 1)", type="log"), xaxis=dict(title="where misses come from"),
-                      height=450, width=820)
-    fig.layout.meta = dict(kind="tokens_per_second_figure", scenario=scenario)
-    return fig
+    h = table[table.scenario == scenario].hit_rate.iloc[0]
+    lo, hi = float(d.tokens_per_s.min()) if len(d) else 1.0, float(d.tokens_per_s.max()) if len(d) else 10.0
+    ticks = [t for t in _LOG_TICKS if lo / 2.5 <= t <= hi * 2.5]
+    if unknown:
+        note = "memory fit not checked (offload_table(..., resident_experts=...))"
+    elif len(drop):
+        per_system = {}
+        for s_, p_ in zip(drop[system_col], drop.precision):
+            per_system.setdefault(s_, []).append(p_)
+        parts = [f"{', '.join(ps)} on {s_}" for s_, ps in per_system.items()]
+        note = "not drawn, do not fit in memory: " + "".join(
+            (";<br>" if j and j % 2 == 0 else "; " if j else "") + part for j, part in enumerate(parts))
+    else:
+        note = "every configuration fits its device's memory"
+    fig.update_layout(barmode="group", title=title or f"Estimated decode speed, batch 1 ({scenario}: hit rate {h:.0%})",
+                      yaxis=dict(title="tokens/s (estimate)", type="log", tickvals=ticks,
+                                 ticktext=[f"{t:g}" for t in ticks]),
+                      xaxis=dict(title="system: device + where the misses come from", categoryorder="array",
+                                 categoryarray=order, tickangle=-20),
+                      legend=dict(title="experts at"), height=600, width=900, margin=dict(b=230))
+    fig.add_annotation(text=note, xref="paper", yref="paper", x=0, y=-0.42, showarrow=False, align="left",
+                       font=dict(size=10, color="#555555"), xanchor="left", yanchor="top")
+    fig.layout.meta = dict(kind="tokens_per_second_figure", scenario=scenario, not_drawn=len(drop), fit_checked=not unknown)
+    return stamp(fig, source if source is not None else table)
 
 
 def calibration_figure(cal, *, title: str | None = None) -> go.Figure:
-    """Predicted against published tokens/s (log-log) from :func:`moe_lab.analysis.mixtral_calibration`;
-    on the diagonal the model is exact, the band is a factor of 2 either way."""
+    """Estimated against published tokens/s (log-log) from :func:`moe_lab.analysis.mixtral_calibration`;
+    on the diagonal the estimate is exact, the band is a factor of 2 either way. Filled markers:
+    rows without a free parameter; open markers: rows that assume something their source does
+    not state (a hit rate, the CPU). Points are numbered; the legend names them."""
     fig = _figure()
     lo = 0.5 * min(cal.published_tok_s.min(), cal.predicted_tok_s.min())
     hi = 2 * max(cal.published_tok_s.max(), cal.predicted_tok_s.max())
     fig.add_trace(go.Scatter(x=[lo, hi, hi, lo], y=[lo / 2, hi / 2, hi * 2, lo * 2], fill="toself", mode="none",
                              fillcolor="rgba(170,170,170,0.2)", name="within 2x", hoverinfo="skip"))
     fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(color="#555555", dash="dash"),
-                             name="prediction = measurement", hoverinfo="skip"))
-    for i, r in enumerate(cal.itertuples()):
-        fig.add_trace(go.Scatter(x=[r.published_tok_s], y=[r.predicted_tok_s], mode="markers+text", text=[r.system],
-                                 textposition="top center", marker=dict(size=12, color=SERIES_COLORS[i % len(SERIES_COLORS)]),
-                                 name=f"{r.system}: {r.hardware}",
-                                 hovertemplate=f"{r.system}, {r.hardware}, {r.precision}<br>published %{{x:.2f}} tok/s, "
-                                               "predicted %{y:.2f}<extra></extra>"))
-    fig.update_layout(title=title or "Offloading model vs published Mixtral 8x7B decode speeds",
-                      xaxis=dict(title="published tokens/s", type="log"), yaxis=dict(title="predicted tokens/s", type="log"),
-                      height=480, width=820, legend=dict(font=dict(size=10)))
+                             name="estimate = measurement", hoverinfo="skip"))
+    free = cal["free_parameter"] if "free_parameter" in cal else [False] * len(cal)
+    config = cal["configuration"] if "configuration" in cal else [""] * len(cal)
+    for i, (r, f, c) in enumerate(zip(cal.itertuples(), free, config)):
+        color = SERIES_COLORS[i % len(SERIES_COLORS)]
+        fig.add_trace(go.Scatter(
+            x=[r.published_tok_s], y=[r.predicted_tok_s], mode="markers+text", text=[str(i + 1)],
+            textposition="middle right", textfont=dict(size=12, color=color),
+            marker=dict(size=13, color=color, line=dict(color=color, width=2.5),
+                        symbol="circle-open" if f else "circle"),
+            name=f"{i + 1}. {r.system}, {c or r.hardware}" + (" (free parameter)" if f else " (no free parameter)"),
+            hovertemplate=f"{r.system}, {r.hardware}, {r.precision}<br>published %{{x:.2f}} tok/s, "
+                          "estimated %{y:.2f}<extra></extra>"))
+    ticks = [t for t in _LOG_TICKS if lo <= t <= hi]
+    axis = dict(type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
+    fig.update_layout(title=title or "Offloading estimate vs published Mixtral 8x7B decode speeds",
+                      xaxis=dict(title="published tokens/s (measured)", **axis),
+                      yaxis=dict(title="estimated tokens/s (this model)", **axis),
+                      height=560, width=900, legend=dict(font=dict(size=10), orientation="h", y=-0.2, yanchor="top"),
+                      margin=dict(b=170))
     fig.layout.meta = dict(kind="calibration_figure")
     return fig
 
@@ -1260,41 +1326,73 @@ def calibration_figure(cal, *, title: str | None = None) -> go.Figure:
 # --------------------------------------------------------------------------------------------
 # Language or content? (aligned paragraphs; moe_lab.analysis.language)
 
-_PAIR_SERIES = (("same_content", "same paragraph, other language", "#0077BB"),
-                ("same_language", "other paragraph, same language", "#EE7733"),
-                ("neither", "other paragraph, other language", "#999999"))
+_EFFECT_AXIS_MAX = 2.0  # effects on the 0 (neither) to 1 (noise ceiling) scale: the axis stops at 2
+
+_EFFECT_SERIES = (("content", "same paragraph, other language (content)", "#0077BB"),
+                  ("language", "other paragraph, same language (language)", "#EE7733"))
 
 
 def language_content_figure(result: "A.LanguageContent", *, layers: Sequence[int] | None = None,
-                            title: str | None = None) -> go.Figure:
-    """Per layer, how alike the routing of two documents is (mean pair similarity of their
-    expert-usage vectors) when they share the content (the same paragraph translated), the
-    language, or neither; error bars are bootstrap 95% intervals over paragraphs. Dashed: the
-    shuffled baselines (paragraph labels permuted within each language, language labels
-    permuted within each paragraph), what "no effect" looks like."""
-    x = list(layers) if layers is not None else list(range(len(result.same_content)))
+                            masked: "A.LanguageContent | None" = None, title: str | None = None) -> go.Figure:
+    """Per layer, how much more alike the routing of two documents is when they share the content
+    (the same paragraph translated) or the language, on the scale from "neither" (0: two
+    unrelated documents) to the split-half noise ceiling (1: the same document re-sampled), with
+    bootstrap 95% intervals over paragraphs (``result.content_effect``, ``result.language_effect``).
+    ``masked``: the same study with the tokens shared across translations left out (the
+    token-overlap control), drawn dashed. The raw similarities are in the result; plotting them
+    would put every series in a band about 0.01 wide near 0.95. Where the band between "neither"
+    and the ceiling is nearly empty, the ratio's interval can reach far: the axis stops at 2 and
+    a label gives the end of any interval beyond it."""
+    if result.content_effect is None:
+        raise ValueError("result has no normalised effects: compute it with analysis.language_vs_content")
+    x = np.asarray(list(layers) if layers is not None else list(range(len(result.content_effect))), float)
     fig = _figure()
-    for name, label, color in _PAIR_SERIES:
-        y, ci = getattr(result, name), getattr(result, f"ci_{name}")
-        fig.add_trace(go.Scatter(
-            x=x, y=y, mode="lines+markers", name=label, line=dict(color=color, width=2.5),
-            error_y=dict(type="data", symmetric=False, array=ci[:, 1] - y, arrayminus=y - ci[:, 0], color=color),
-            customdata=ci.round(4),
-            hovertemplate="layer %{x}: %{y:.3f} (95% CI %{customdata[0]:.3f}-%{customdata[1]:.3f})"
-                          f"<extra>{label}</extra>"))
-    for name, label, color in (("shuffled_content", "shuffled: paragraphs within a language", "#0077BB"),
-                               ("shuffled_language", "shuffled: languages within a paragraph", "#EE7733")):
-        fig.add_trace(go.Scatter(x=x, y=getattr(result, name), mode="lines", name=label,
-                                 line=dict(color=color, dash="dash", width=1.5),
-                                 hovertemplate=f"layer %{{x}}: %{{y:.3f}}<extra>{label}</extra>"))
-    measure = {"js": "1 - Jensen-Shannon divergence (bits)", "cosine": "cosine similarity"}.get(result.measure,
-                                                                                                 result.measure)
-    fig.update_layout(title=title or f"Does routing follow the language or the content? ({result.n_paragraphs} "
-                                     f"paragraphs x {len(result.languages)} languages)",
-                      xaxis=dict(title="layer", tickmode="array", tickvals=x),
-                      yaxis=dict(title=f"routing similarity ({measure})"),
-                      height=420, width=720, legend=dict(font=dict(size=11)))
-    fig.layout.meta = dict(kind="language_content_figure", measure=result.measure, layers=x)
+    runs = [(result, "solid", "", 0.0)]
+    if masked is not None:
+        if masked.content_effect is None or len(masked.content_effect) != len(x):
+            raise ValueError(f"masked must be a language_vs_content result over the same {len(x)} layers")
+        runs.append((masked, "dash", ", shared tokens masked", 0.12))
+    lows, highs, beyond = [0.0], [1.0], []
+    for res, dash, suffix, shift in runs:
+        for kind, label, color in _EFFECT_SERIES:
+            y, ci = getattr(res, f"{kind}_effect"), getattr(res, f"ci_{kind}_effect")
+            xs = x + (shift if kind == "language" else -shift) / 2 if shift else x
+            lows.append(np.nanmin(ci[:, 0]))
+            highs.append(np.nanmax(ci[:, 1]))
+            beyond += [(xi, hi_, color) for xi, hi_ in zip(xs, ci[:, 1]) if hi_ > _EFFECT_AXIS_MAX]
+            fig.add_trace(go.Scatter(
+                x=xs, y=y, mode="lines+markers",
+                name=label + suffix, line=dict(color=color, width=2.5 if dash == "solid" else 2, dash=dash),
+                marker=dict(symbol="circle" if dash == "solid" else "diamond-open", size=8),
+                error_y=dict(type="data", symmetric=False, array=ci[:, 1] - y, arrayminus=y - ci[:, 0],
+                             color=color, thickness=1.5),
+                customdata=np.c_[ci.round(3), np.full(len(x), res.n_paragraphs)],
+                hovertemplate="layer %{x:.0f}: %{y:.2f} (95% CI %{customdata[0]:.2f} to %{customdata[1]:.2f}; "
+                              f"%{{customdata[2]}} paragraphs)<extra>{label + suffix}</extra>"))
+    for level, text, where in ((0, "neither (0)", "bottom right"), (1, "noise ceiling (1)", "top right")):
+        fig.add_hline(y=level, line=dict(color=_BASELINE_COLOR, dash="dot", width=1.2),
+                      annotation=dict(text=text, font=dict(size=11, color=_BASELINE_COLOR)),
+                      annotation_position=where)
+    # a ratio whose band (ceiling - neither) is nearly empty has intervals that reach far: the axis
+    # stops at _EFFECT_AXIS_MAX and a label gives the end of each interval that goes beyond it
+    lo, hi = max(min(lows), -_EFFECT_AXIS_MAX / 2), min(max(highs), _EFFECT_AXIS_MAX)
+    pad = 0.06 * (hi - lo)
+    stacked: dict[int, int] = {}
+    for xi, end, color in beyond:  # labels of one layer stacked, so that they never overlap
+        k = stacked[round(xi)] = stacked.get(round(xi), -1) + 1
+        fig.add_annotation(x=xi, y=hi + pad, text=f"to {end:.1f}", showarrow=False, yanchor="top", xanchor="left",
+                           xshift=6, yshift=-15 * k, font=dict(size=10, color=color), bgcolor="rgba(255,255,255,0.8)")
+    fig.update_layout(
+        title=title or ("Does routing follow the language or the content?<br><sup>"
+                        f"{result.n_paragraphs} paragraphs x {len(result.languages)} languages; "
+                        "95% intervals over paragraphs</sup>"),
+        xaxis=dict(title="layer", tickmode="array", tickvals=x.tolist(), ticktext=[f"{v:g}" for v in x],
+                   range=[x.min() - 0.3, x.max() + 0.3]),
+        yaxis=dict(title="effect (0 = neither, 1 = noise ceiling)", range=[lo - pad, hi + pad]),
+        height=500, width=760, margin=dict(l=70, r=30, t=80, b=150),
+        legend=dict(orientation="h", x=0, xanchor="left", y=-0.18, yanchor="top", font=dict(size=12)))
+    fig.layout.meta = dict(kind="language_content_figure", measure=result.measure, layers=x.tolist(),
+                           masked=masked is not None)
     return fig
 
 
@@ -1303,8 +1401,10 @@ def hidden_control_figure(control: "A.HiddenControl", raw: "A.LanguageContent | 
     """Left: per layer, the share of the variance of routing similarity (over all pairs of
     documents) that the cosine similarity of their mean router inputs explains (R^2). Right: the
     content-minus-language difference of routing similarity with its 95% interval, on the raw
-    similarities (``raw``, if given) and on what the hidden states leave unexplained (residuals):
-    a difference that survives the control is more than "similar inputs, similar routing"."""
+    similarities (``raw``, if given) and on the residuals of that fit. The residual curve is a
+    demonstration of adjusting for a *mediator* (language lives in the hidden states, so the
+    adjustment removes more from same-language pairs by construction), not a control; see
+    :func:`moe_lab.analysis.hidden_state_control`."""
     x = list(layers) if layers is not None else list(range(len(control.r2)))
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.14,
                         subplot_titles=["explained by hidden-state similarity (R²)",
@@ -1312,7 +1412,7 @@ def hidden_control_figure(control: "A.HiddenControl", raw: "A.LanguageContent | 
     fig.update_layout(template=TEMPLATE)
     fig.add_trace(go.Bar(x=x, y=control.r2, name="R²", marker_color="#0077BB", showlegend=False,
                          hovertemplate="layer %{x}: R² = %{y:.2f}<extra></extra>"), row=1, col=1)
-    series = [("residuals after the control", control.residual, "#0077BB")]
+    series = [("residuals after adjusting for the mediator (biased)", control.residual, "#0077BB")]
     if raw is not None:
         series.insert(0, ("raw routing similarity", raw, "#222222"))
     for label, res, color in series:
@@ -1324,7 +1424,10 @@ def hidden_control_figure(control: "A.HiddenControl", raw: "A.LanguageContent | 
     fig.add_hline(y=0, line=dict(color=_BASELINE_COLOR, dash="dash", width=1), row=1, col=2)
     fig.update_xaxes(title_text="layer", tickmode="array", tickvals=x)
     fig.update_yaxes(range=[0, 1], row=1, col=1)
-    fig.update_layout(title=title or "The control: how much of routing similarity the hidden states explain",
-                      height=400, width=900, legend=dict(orientation="h", y=-0.25))
+    fig.update_yaxes(title_text="R² over pairs of documents", row=1, col=1)
+    fig.update_yaxes(title_text="content minus language", row=1, col=2)
+    fig.update_layout(title=title or "Adjusting for a mediator: how much of routing similarity is linear in "
+                                     "mean-input similarity",
+                      height=420, width=900, legend=dict(orientation="h", y=-0.25))
     fig.layout.meta = dict(kind="hidden_control_figure", layers=x)
     return fig

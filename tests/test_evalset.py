@@ -80,11 +80,24 @@ def test_aligned_sample_is_held_out_and_complete():
     from moe_lab.evalset import load_aligned_sample
     from moe_lab.corpus.prose import is_heldout_page
 
+    from moe_lab.corpus.prose import has_near_copies
+
     rows = load_aligned_sample()
-    assert len(rows) == 64 and len({r["id"] for r in rows}) == 64
+    assert len(rows) == 61 and len({r["id"] for r in rows}) == 61
     for r in rows:
         assert r["split"] == "heldout" and is_heldout_page(r["source"], r["page"])
-        assert len({r[lang] for lang in EVAL_LANGS}) == 5  # five different texts: translated
+        # five translated texts: not merely different (quote marks) but no two near copies
+        assert not has_near_copies(r[lang] for lang in EVAL_LANGS), r["id"]
+
+
+def test_near_copies_are_not_translations():
+    """The builder's test catches a paragraph left in English with other quote marks, and passes a
+    real translation."""
+    from moe_lab.corpus.prose import has_near_copies
+
+    en = 'APT will never install an older version of a package (that is, a "downgrade").'
+    assert has_near_copies([en, en.replace('"', "«", 1).replace('"', "»")])
+    assert not has_near_copies([en, "APT n'installera jamais une version plus ancienne d'un paquet."])
 
 
 def test_the_study_runs_on_the_sample(tok):

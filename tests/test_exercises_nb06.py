@@ -42,6 +42,11 @@ def test_marginal_baseline(trace):
     assert "top-k" in ex.check_marginal_baseline(float((either ** 2).sum()), trace, layer).message
     assert "one number" in ex.check_marginal_baseline(p ** 2, trace, layer).message  # forgot to sum
     assert ex.check_marginal_baseline(float((p ** 2).sum()), trace, trace.layers[0]).status in ("wrong", "correct")
+    ref = float((p ** 2).sum())
+    rounded = ex.check_marginal_baseline(round(ref, 4) + (1e-5 if round(ref, 4) == ref else 0), trace, layer)
+    assert rounded.status == "wrong" and "rounded" in rounded.message  # not "expected 0.1337, found 0.1337"
+    off = ex.check_marginal_baseline(ref + 0.01, trace, layer)
+    assert off.status == "wrong" and f"{ref:.4f}" not in off.message  # the reference is not printed
 
 
 def test_word_start_repetition(trace):

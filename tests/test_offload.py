@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import moe_lab
 from conftest import make_model
 from moe_lab import ModelArgs
 from moe_lab import analysis as A
@@ -176,7 +177,8 @@ def test_bytes_model_arithmetic():
 
 def test_offload_table_and_calibration():
     df = A.offload_table({"lru": 0.5, "all resident": 1.0}, precisions=("fp16", "4bit"), links=("pcie4_x16",))
-    assert len(df) == 4
+    assert len(df) == 4 and set(df.link) == {"PCIe 4.0 x16"}  # the older call: one memory with each link
+    assert df.fits.isna().all()  # no resident_experts: the fit is unknown, not assumed
     res = df[df.scenario == "all resident"]
     assert (res.misses_per_token == 0).all() and (res.demand_s == 0).all()
     half = df[(df.scenario == "lru") & (df.precision == "fp16")].iloc[0]
@@ -191,6 +193,131 @@ def test_offload_table_and_calibration():
     better = A.mixtral_calibration({"MoE-Infinity": 0.5})
     assert better.set_index("system").loc["MoE-Infinity", "predicted_tok_s"] > \
         cal.set_index("system").loc["MoE-Infinity", "predicted_tok_s"]
+
+
+def test_calibration_rows_are_modelled_as_measured():
+    cal = A.mixtral_calibration()
+    # rows without a free parameter come first, then the others (they stand apart)
+    free = cal.free_parameter.tolist()
+    assert free == sorted(free) and 0 < sum(free) < len(free)
+    assert (cal[cal.free_parameter].free_parameters != "none").all()
+    mo = cal[cal.system == "mixtral-offloading"].set_index("configuration")
+    assert set(mo.published_tok_s) == {2.092, 1.567}  # Table 2: with and without pre-loading
+    full, plain = mo.loc["2-bit experts, with pre-loading"], mo.loc["2-bit experts, without pre-loading"]
+    assert full.prefetch and not plain.prefetch
+    # pre-loading moves the guessed experts ahead *and* the misses its wrong guesses leave: more bytes
+    assert full.GB_moved_per_token > plain.GB_moved_per_token
+    # 2-bit experts, as measured (not 3-bit): 2.5 bits per weight with HQQ's scales
+    run = next(r for r in A.MIXTRAL_PUBLISHED if r.tokens_per_s == 1.567)
+    sizes = A.moe_bytes("mixtral-8x7b", run.expert_precision, run.dense_precision)
+    assert sizes.expert == pytest.approx(3 * 4096 * 14336 * 2.5 / 8)
+    t = A.decode_time(sizes, 64 * (1 - run.hit_rate), run.link, run.memory)
+    assert plain.predicted_tok_s == pytest.approx(t["tokens_per_s"])
+    # an estimate, not a bound: some rows run faster than estimated
+    assert (cal["predicted / published"] < 1).any() and (cal["predicted / published"] > 1).any()
+    # every row whose device memory is stated fits it, as the measured system did
+    assert cal.fits.dropna().all() and cal.fits.notna().sum() >= 4
+
+
+def test_resident_bytes_and_fits():
+    b = A.moe_bytes("mixtral-8x7b", "fp16")
+    kv = 2 * 32 * 8 * 128 * 2
+    assert b.kv_per_token == kv == 131072  # 128 KiB per token of context
+    assert b.dense_stored == pytest.approx(b.dense + 31999 * 4096 * 2)  # the whole embedding matrix is stored
+    need = A.resident_bytes(b, 4, context_tokens=1000)
+    assert need == pytest.approx(4 * 32 * b.expert + b.dense_stored + 1000 * kv)
+    # the review's example: 4 of 8 experts per layer at fp16 (45 GB) or int8 do not fit a 24 GB RTX 3090
+    t = A.offload_table({"LRU 4 of 8": 0.6}, resident_experts=4, systems=["rtx3090_pcie4"],
+                        precisions=("fp16", "int8", "4bit"))
+    assert t.set_index("precision").fits.to_dict() == {"fp16": False, "int8": False, "4bit": True}
+    assert (t.capacity_GB == 24 * 2 ** 30 / 1e9).all()
+    # the boundary: exactly the bytes needed fits, one byte less does not
+    need4 = A.resident_bytes(A.moe_bytes("mixtral-8x7b", "4bit"), 4)
+    at = A.offload_table(0.6, resident_experts=4, systems=["rtx3090_pcie4"], precisions=("4bit",), memory=need4)
+    below = A.offload_table(0.6, resident_experts=4, systems=["rtx3090_pcie4"], precisions=("4bit",), memory=need4 - 1)
+    assert bool(at.fits.iloc[0]) and not bool(below.fits.iloc[0])
+    # per-scenario budgets
+    t = A.offload_table({"cache": 0.7, "nothing": 0.0}, resident_experts={"cache": 8, "nothing": 0},
+                        systems=["colab_t4"], precisions=("fp16",))
+    assert t.set_index("scenario").fits.to_dict() == {"cache": False, "nothing": True}
+    # max_resident_experts is the largest budget that fits
+    for key in A.SYSTEMS:
+        for prec in ("fp16", "4bit"):
+            sizes, cap = A.moe_bytes("mixtral-8x7b", prec), A.SYSTEMS[key].capacity
+            m = A.max_resident_experts(key, prec)
+            assert A.resident_bytes(sizes, m) <= cap
+            assert m == 8 or A.resident_bytes(sizes, m + 1) > cap
+    with pytest.raises(ValueError, match="scenarios"):
+        A.offload_table({"a": 0.5}, resident_experts={"b": 2})
+    with pytest.raises(ValueError, match=r"resident_experts must be in \[0, 8\]"):
+        A.resident_bytes(b, 9)
+
+
+def test_systems_are_pairs_and_small_memories_are_refused():
+    t = A.offload_table({"x": 0.5}, resident_experts=2, precisions=("4bit",))
+    assert len(t) == len(A.SYSTEMS)  # one row per (device, link) pair, not every link with one device
+    pairs = set(zip(t.memory, t.link))
+    assert pairs == {(s.memory_link.name, s.miss_link.name) for s in A.SYSTEMS.values()}
+    assert ("NVIDIA T4 (GDDR6)", "PCIe 3.0 x16") in pairs and not any("unified" in l for _, l in pairs)
+    with pytest.raises(ValueError, match=r"smaller than the dense weights.*fp16"):
+        A.offload_table(0.5, resident_experts=0, memory=2e9, precisions=("fp16",))
+    with pytest.raises(ValueError, match="dense"):
+        A.max_resident_experts(A.System("tiny card", "T4", 1e9, "pcie3_x16"), "4bit")
+    with pytest.raises(ValueError, match="unknown system"):
+        A.offload_table(0.5, systems=["rtx9090"])
+
+
+def test_warm_caches_against_placements():
+    rng = np.random.default_rng(3)
+    ids = np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(40)]) for _ in range(2)])
+    t = make_trace(ids, E=8)
+    cold = A.simulate_offload(t, 8, "lru")
+    warm = A.simulate_offload(t, 8, "lru", warmup=t)  # every expert seen before: no compulsory miss
+    assert (cold.hit_rate < 1).all() and (warm.hit_rate == 1).all()
+    pc = A.policy_comparison(t, budgets=[8], warmup=t)
+    assert (pc.hit_rate == 1).all()  # warm caches reach what the resident placements reach
+    with pytest.raises(ValueError, match="warmup"):
+        A.simulate_offload(t, 2, "lru", warmup=make_trace(ids[:1], E=8))
+
+
+def test_provenance_travels_with_the_data(tmp_path):
+    from moe_lab import viz
+
+    fixture = moe_lab_fixture()
+    tr = moe_lab.RoutingTrace.from_olmoe(fixture)
+    assert A.provenance(tr) == A.SYNTHETIC_FIXTURE and A.is_stand_in(tr)
+    assert A.provenance(tr.select(docs=[0])) == A.SYNTHETIC_FIXTURE
+    pc = A.policy_comparison(tr.select(docs=[0]), budgets=[2, 4], policies=("lru",))
+    assert pc.attrs["source"] == A.SYNTHETIC_FIXTURE
+    fig = viz.offload_policy_figure(pc)
+    assert fig.layout.title.text.startswith("SYNTHETIC FIXTURE: ") and fig.layout.meta["source"] == A.SYNTHETIC_FIXTURE
+    # a copy of the same file elsewhere is not known to be synthetic: the label is the file's place
+    other = tmp_path / "c4_results.jsonl"
+    other.write_bytes(fixture.read_bytes())
+    assert A.provenance(moe_lab.RoutingTrace.from_olmoe(other)) == ""
+    # a model: the demo model says so; a mark on a trace survives selection and concatenation
+    demo = moe_lab.load_demo_model(random_if_missing=True)
+    assert A.provenance(demo) in (A.DEMO_MODEL, A.RANDOM_MODEL)
+    t = A.mark(make_trace([[0, 1], [1, 2]], E=4), demo)
+    assert A.provenance(t.select(docs=[0])) == A.provenance(demo)
+    assert A.headline(t, "Table 5") == A.provenance(demo).upper() + ": Table 5"
+    assert A.headline("Mixtral 8x7B", "Table 5") == "Table 5 (Mixtral 8x7B)" and not A.is_stand_in("Mixtral 8x7B")
+    model = A.mark(_echo_model(), A.DEMO_MODEL)
+    pf = A.speculative_prefetch(model, DOCS)
+    assert pf.provenance == A.DEMO_MODEL
+    fig = viz.prefetch_figure(A.prefetch_hit_rates(pf, sizes=[2]))
+    assert fig.layout.title.text.startswith("DEMO MODEL: ") and fig.layout.yaxis.title.text
+    # stamp works on any figure and does not stamp twice
+    fig = viz.stamp(viz.stamp(viz.load_heatmap(tr), tr), tr)
+    assert fig.layout.title.text.count("SYNTHETIC FIXTURE") == 1
+    tab = A.offload_table(0.5, resident_experts=4, precisions=("4bit",), source=A.provenance(tr))
+    assert "SYNTHETIC FIXTURE" in viz.tokens_per_second_figure(tab).layout.title.text
+
+
+def moe_lab_fixture():
+    import moe_lab
+
+    return moe_lab.demo_model_dir().parent / "fixtures" / "traces" / "olmoe_study" / "mixtral" / "c4_results.jsonl"
 
 
 def test_offload_figures():
@@ -208,12 +335,23 @@ def test_offload_figures():
     ph = A.prefetch_hit_rates(A.speculative_prefetch(model, DOCS), sizes=[2])
     fig = viz.prefetch_figure(ph)
     assert list(fig.data[0].y) == [1.0, 1.0] and list(fig.data[2].y) == [1.0, 1.0]
-    tab = A.offload_table(0.5, precisions=("fp16", "4bit"), links=("pcie3_x16", "ddr5"))
+    # rows that do not fit are never drawn: 4 of 8 experts per layer at fp16 / int8 on 24 GiB
+    tab = A.offload_table(0.5, resident_experts=4, precisions=("fp16", "int8", "4bit"),
+                          systems=["rtx3090_pcie4", "a100_pcie4"])
     fig = viz.tokens_per_second_figure(tab)
-    assert len(fig.data) == 2 and fig.data[1].y[0] > fig.data[0].y[0]  # 4-bit moves fewer bytes: faster
+    drawn = {(d.name, x) for d in fig.data for x in d.x}
+    assert drawn == {(p, s) for s, p, f in zip(tab.system, tab.precision, tab.fits) if f}
+    assert ("fp16", "RTX 3090 24 GiB + PCIe 4.0") not in drawn and ("int8", "A100 40 GiB + PCIe 4.0") in drawn
+    assert fig.layout.meta["not_drawn"] == 3 and "fp16, int8 on RTX 3090" in fig.layout.annotations[0].text
+    ticks = list(fig.layout.yaxis.tickvals)  # labelled ticks on the log axis: 1, 2, 5, 10, ...
+    assert ticks and set(ticks) <= set(viz._LOG_TICKS) and list(fig.layout.yaxis.ticktext) == [f"{v:g}" for v in ticks]
+    a100 = tab[(tab.system == "A100 40 GiB + PCIe 4.0")].set_index("precision").tokens_per_s
+    assert a100["4bit"] > a100["int8"]  # 4-bit moves fewer bytes: faster
     cal = A.mixtral_calibration()
     fig = viz.calibration_figure(cal)
     assert [d.x[0] for d in fig.data[2:]] == cal.published_tok_s.tolist()
+    symbols = [d.marker.symbol for d in fig.data[2:]]
+    assert symbols == ["circle-open" if f else "circle" for f in cal.free_parameter]
 
 
 @pytest.mark.parametrize("model_type", ["granitemoe", "olmoe", "qwen2_moe", "gpt_oss"])
@@ -280,3 +418,43 @@ def test_general_simulator_agrees_with_the_fast_one(seed, k, extra):
     for policy in A.POLICIES:
         assert A.simulate_layer_cache(reqs, size, policy).hit_rate == pytest.approx(
             A.simulate_expert_cache(reqs, size, policy)), (policy, size)
+
+
+def test_notebook_09_says_where_every_figure_comes_from():
+    """Every figure notebook 09 draws carries its provenance: wrapped in viz.stamp(...), titled with
+    A.headline(...), or drawn by a function that reads the label from its input (the offload
+    figures); the calibration figure shows published measurements, not a stand-in's."""
+    import ast
+    import json
+    from pathlib import Path
+
+    import moe_lab
+    from moe_lab import viz
+
+    auto = {"offload_policy_figure", "prefetch_figure", "tokens_per_second_figure", "calibration_figure"}
+    not_figures = {"stamp", "setup_notebook"}
+    path = Path(moe_lab.__file__).resolve().parent.parent / "notebooks" / "09_real_moes.ipynb"
+    cells = [c for c in json.loads(path.read_text(encoding="utf-8"))["cells"] if c["cell_type"] == "code"]
+    unlabelled, seen = [], 0
+    for cell in cells:
+        src = "".join(cell["source"])
+        tree = ast.parse(src)
+        stamped = set()
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "stamp"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "viz"):
+                stamped |= {id(a) for a in node.args}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "viz"):
+                continue
+            name = node.func.attr
+            if name in not_figures:
+                continue
+            assert callable(getattr(viz, name)), name
+            seen += 1
+            titled = any(k.arg == "title" and "headline" in ast.unparse(k.value) for k in node.keywords)
+            if not (name in auto or id(node) in stamped or titled):
+                unlabelled.append(f"viz.{name} in: {src.splitlines()[node.lineno - 1].strip()}")
+    assert seen >= 10  # the notebook's figures were found
+    assert not unlabelled, "figures without their provenance (wrap them in viz.stamp(fig, trace)): " + "; ".join(unlabelled)

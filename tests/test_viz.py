@@ -320,20 +320,22 @@ def test_every_axis_of_every_generic_figure_has_a_title(trace):
 
 def test_every_generic_figure_says_what_it_was_computed_on(trace):
     for name, fig in _generic_figures(trace).items():
-        assert "demo model" not in (fig.layout.title.text or ""), name
-    assert "(demo model)" in viz.load_heatmap(trace, source="demo model").layout.title.text
-    assert "(synthetic fixture)" in viz.domain_load_bars(trace, source="synthetic fixture").layout.title.text
-    assert "(demo model)" in viz.token_figure(trace, source="demo model").layout.title.text
-    assert "(demo model)" in viz.expert_heatmap(np.zeros((1, 1, 4)), source="demo model").layout.title.text
+        assert "DEMO MODEL" not in (fig.layout.title.text or ""), name
+    assert viz.load_heatmap(trace, source="demo model").layout.title.text.startswith("DEMO MODEL: Expert load")
+    assert viz.domain_load_bars(trace, source="synthetic fixture").layout.title.text.startswith("SYNTHETIC FIXTURE: ")
+    assert viz.token_figure(trace, source="demo model").layout.title.text.startswith("DEMO MODEL: ")
+    assert viz.expert_heatmap(np.zeros((1, 1, 4)), source="demo model").layout.title.text.startswith("DEMO MODEL")
+    assert "(Mixtral 8x7B)" in viz.load_heatmap(trace, source="Mixtral 8x7B").layout.title.text  # a real source
     # a trace that carries its provenance says it without being told
     trace.meta["provenance"] = "synthetic fixture"
     for fig in [viz.load_heatmap(trace), viz.repetition_figure(trace, n_boot=20), viz.coactivation_heatmap(trace, 0),
                 viz.domain_specialization_heatmap(trace), viz.expert_paths_sankey(trace), viz.cache_hit_figure(trace)]:
-        assert "(synthetic fixture)" in fig.layout.title.text
+        assert fig.layout.title.text.startswith("SYNTHETIC FIXTURE: ")
     # the layer switch keeps it in every view's title
-    assert all("synthetic fixture" in b.args[1]["title.text"]
+    assert all(b.args[1]["title.text"].startswith("SYNTHETIC FIXTURE: ")
                for b in viz.domain_specialization_heatmap(trace).layout.updatemenus[0].buttons)
     assert viz.figure_title("Hit rate (synthetic fixture)", source="synthetic fixture") == "Hit rate (synthetic fixture)"
+    assert viz.figure_title("Hit rate", source=trace) == "SYNTHETIC FIXTURE: Hit rate"  # as viz.stamp writes it
 
 
 def test_heatmaps_have_one_tick_per_expert_in_its_colour(trace):
@@ -489,14 +491,14 @@ def test_traces_of_the_demo_model_say_so_in_every_figure_title():
     torch.manual_seed(0)
     model = moe_lab.Mixtral(moe_lab.ModelArgs.from_name("tiny").replace(n_layers=2)).eval()
     plain = moe_lab.trace_routing(model, {"code": [[1, 5, 6, 7, 8]]}, progress=False)
-    assert "provenance" not in plain.meta and "(" not in viz.load_heatmap(plain).layout.title.text.split("%")[-1]
+    assert "provenance" not in plain.meta and not viz.load_heatmap(plain).layout.title.text.startswith("DEMO")
     model.is_demo = True  # what load_demo_model sets
     t = moe_lab.trace_routing(model, {"code": [[1, 5, 6, 7, 8]]}, progress=False)
     assert t.meta["provenance"] == "demo model"
     for fig in (viz.load_heatmap(t), viz.token_figure(t), viz.domain_load_bars(t), viz.coactivation_heatmap(t, 0)):
-        assert "(demo model)" in fig.layout.title.text
+        assert fig.layout.title.text.startswith("DEMO MODEL: ")
     model.is_demo = False  # load_demo_model's random fallback
-    assert moe_lab.trace_routing(model, [[1, 5, 6]], progress=False).meta["provenance"] == "random tiny model"
+    assert moe_lab.trace_routing(model, [[1, 5, 6]], progress=False).meta["provenance"] == "random untrained model"
 
 
 def test_expert_axis_labels_every_expert_in_its_colour():

@@ -6,6 +6,8 @@ store). Analyses documented "trace or store" also take a :class:`~moe_lab.TraceS
 disk) and read it in chunks.
 ``offload.py``: the offloading what-if: per-layer caches with counts, placements and prefetch,
 speculative prefetch, bytes -> tokens/s, calibration against published Mixtral 8x7B numbers.
+``sources.py``: where a number comes from (a real model or trace, the demo model, a synthetic
+fixture), carried with the data so that titles and captions say so.
 ``language.py``: does routing follow the language or the content (aligned paragraphs in five
 languages), and how much of it hidden-state similarity explains.
 """
@@ -58,14 +60,35 @@ from .offload import (  # noqa: F401
     MoeBytes,
     moe_bytes,
     decode_time,
+    System,
+    SYSTEMS,
+    MEMORY_CAPACITY,
+    resident_bytes,
+    max_resident_experts,
     offload_table,
     PublishedRun,
     MIXTRAL_PUBLISHED,
     mixtral_calibration,
 )
+from .sources import (  # noqa: F401
+    SYNTHETIC_FIXTURE,
+    DEMO_MODEL,
+    RANDOM_MODEL,
+    STAND_INS,
+    provenance,
+    mark,
+    is_stand_in,
+    headline,
+)
 from .language import (  # noqa: F401
     expert_usage,
     pairwise_similarity,
+    split_halves,
+    split_half_similarity,
+    noise_ceiling,
+    token_overlap,
+    shared_token_mask,
+    untranslated_paragraphs,
     mean_router_inputs,
     aligned_grid,
     compare_pairs,

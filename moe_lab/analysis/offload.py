@@ -19,8 +19,10 @@ live. Three questions decide its speed, and this module answers each from a rout
    once. :func:`decode_time` adds the resident bytes read at the fast memory's bandwidth, and
    each miss's expert bytes (at fp16 / int8 / 4-bit / 3-bit, :data:`PRECISIONS`) moved over a
    link (:data:`LINKS`: PCIe 3.0/4.0 x16, NVMe SSD, DDR4/DDR5, unified memory) with its latency.
-   :func:`offload_table` tabulates it; :func:`mixtral_calibration` sets its predictions for
-   Mixtral 8x7B beside published measurements, with sources.
+   :func:`offload_table` tabulates it for real machines (:data:`SYSTEMS`: a device *and* its link,
+   with the device's memory capacity) and says which configurations **fit** that memory;
+   :func:`mixtral_calibration` sets its estimates for Mixtral 8x7B beside published
+   measurements, each modelled as it was measured, with sources.
 
 Shapes: N tokens (in decoding order), k experts per token, L layers, E experts per layer.
 """
@@ -39,13 +41,15 @@ from ..model import ModelArgs, PRESETS
 from ..routing.bridge import decoder_layers, find_routers, hf_forward, is_hf_model
 from ..routing.trace import RoutingTrace
 from ..routing.tracing import normalise_inputs
+from .sources import provenance
 
 __all__ = [
     "Policy", "POLICIES", "PLACEMENTS", "LayerCacheResult",
     "simulate_layer_cache", "placement", "simulate_offload", "policy_comparison", "Prefetch", "PREFETCH_SOURCES",
     "speculative_prefetch",
     "prefetch_hit_rates", "Link", "LINKS", "MEMORIES", "PRECISIONS", "bits_per_weight", "MoeBytes",
-    "moe_bytes", "decode_time", "offload_table", "PublishedRun", "MIXTRAL_PUBLISHED", "mixtral_calibration",
+    "moe_bytes", "decode_time", "System", "SYSTEMS", "MEMORY_CAPACITY", "resident_bytes", "max_resident_experts",
+    "offload_table", "PublishedRun", "MIXTRAL_PUBLISHED", "mixtral_calibration",
 ]
 
 Policy = Literal["lru", "lfu", "optimal", "static"]
@@ -226,47 +230,67 @@ def placement(trace: RoutingTrace, budget, strategy: str = "frequency", *,
     raise ValueError(f"strategy must be one of {PLACEMENTS}, got {strategy!r}")
 
 
-def simulate_offload(trace: RoutingTrace, budget, policy: str = "lru", *, profile: RoutingTrace | None = None):
+def simulate_offload(trace: RoutingTrace, budget, policy: str = "lru", *, profile: RoutingTrace | None = None,
+                     warmup: RoutingTrace | None = None):
     """Per-layer simulation of a whole model: DataFrame (layer, policy, budget, hits, misses,
     hit_rate, misses_per_token). ``policy``: a cache policy (:data:`POLICIES`) with ``budget``
     experts per layer (int or per layer), or a placement (:data:`PLACEMENTS`, see
     :func:`placement`). The sum of ``misses_per_token`` over layers is what
-    :func:`decode_time` charges to the link."""
+    :func:`decode_time` charges to the link.
+
+    ``warmup``: tokens served first and not counted (e.g. the text before ``trace``), so that a
+    cache starts warm, as a placement does (a placement is resident from the first token)."""
     import pandas as pd
 
     b = _budgets(budget, trace.n_layers)
     pins = placement(trace, b, policy, profile=profile) if policy in PLACEMENTS else None
+    if warmup is not None and (list(warmup.layers) != list(trace.layers) or warmup.n_experts != trace.n_experts):
+        raise ValueError(f"warmup traces layers {warmup.layers} with {warmup.n_experts} experts; "
+                         f"expected layers {trace.layers} with {trace.n_experts}")
+    n_warm = 0 if warmup is None else warmup.n_tokens
     rows = []
     for li, layer in enumerate(trace.layers):
+        ids = trace.expert_ids[li]
         if pins is not None:
             size = max(len(pins[layer]), 1)
-            r = simulate_layer_cache(trace.expert_ids[li], size, "static", pinned=pins[layer])
+            r = simulate_layer_cache(ids, size, "static", pinned=pins[layer])
+            hits, misses = r.hits, r.misses
         elif b[li] == 0:
-            ids = trace.expert_ids[li]
-            r = LayerCacheResult(hits=0, misses=ids.size, requests=ids.size,
-                                 misses_per_token=np.full(len(ids), ids.shape[1]))
+            hits, misses = 0, ids.size
         else:
-            r = simulate_layer_cache(trace.expert_ids[li], b[li], policy)
-        rows.append({"layer": layer, "policy": policy, "budget": len(pins[layer]) if pins else b[li], "hits": r.hits,
-                     "misses": r.misses, "hit_rate": r.hit_rate, "misses_per_token": r.misses / max(trace.n_tokens, 1)})
+            reqs = ids if warmup is None else np.concatenate([warmup.expert_ids[li], ids])
+            r = simulate_layer_cache(reqs, b[li], policy)
+            misses = int(r.misses_per_token[n_warm:].sum())
+            hits = ids.size - misses
+        rows.append({"layer": layer, "policy": policy, "budget": len(pins[layer]) if pins else b[li], "hits": hits,
+                     "misses": misses, "hit_rate": hits / ids.size if ids.size else float("nan"),
+                     "misses_per_token": misses / max(trace.n_tokens, 1)})
     return pd.DataFrame(rows)
 
 
 def policy_comparison(trace: RoutingTrace, budgets: Sequence[int] | None = None,
-                      policies: Sequence[str] = POLICIES + PLACEMENTS, *, profile: RoutingTrace | None = None):
+                      policies: Sequence[str] = POLICIES + PLACEMENTS, *, profile: RoutingTrace | None = None,
+                      warmup: RoutingTrace | None = None):
     """Whole-model hit rate (all layers' hits / all requests) and misses per token (summed over
     layers) for each policy or placement and per-layer budget: DataFrame (policy, budget,
-    hit_rate, misses_per_token). The input of :func:`moe_lab.viz.offload_policy_figure`."""
+    hit_rate, misses_per_token). The input of :func:`moe_lab.viz.offload_policy_figure`.
+
+    Caches start **cold** (empty) unless ``warmup`` tokens are served first (see
+    :func:`simulate_offload`), while placements are resident from the first token: on a short
+    trace without warm-up a cache pays its compulsory misses and a placement does not.
+    ``attrs["source"]``: the trace's provenance (:func:`moe_lab.analysis.provenance`)."""
     import pandas as pd
 
     budgets = list(range(1, trace.n_experts + 1)) if budgets is None else list(budgets)
     rows = []
     for policy in policies:
         for b in budgets:
-            df = simulate_offload(trace, b, policy, profile=profile)
+            df = simulate_offload(trace, b, policy, profile=profile, warmup=warmup)
             rows.append({"policy": policy, "budget": b, "hit_rate": df.hits.sum() / (df.hits.sum() + df.misses.sum()),
                          "misses_per_token": df.misses_per_token.sum()})
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    out.attrs["source"] = provenance(trace)  # "synthetic fixture", "demo model", ...: for the figure's title
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,6 +308,7 @@ class Prefetch:
     actual: np.ndarray  # [L-1, N, k]
     source: str
     n_tokens_per_doc: list[int]
+    provenance: str = ""  # the model's source label (moe_lab.analysis.provenance): "demo model", ...
 
     @property
     def recall(self) -> np.ndarray:
@@ -348,7 +373,7 @@ def speculative_prefetch(model, inputs, *, source: str = "resid_mid", n_guess: i
         actuals.append(a)
         i = j
     return Prefetch(layers=layers, guess=np.concatenate(guesses, 1), actual=np.concatenate(actuals, 1), source=source,
-                    n_tokens_per_doc=[len(d) for d in docs])
+                    n_tokens_per_doc=[len(d) for d in docs], provenance=provenance(model))
 
 
 def _topk(logits: torch.Tensor, k: int) -> np.ndarray:
@@ -457,7 +482,9 @@ def prefetch_hit_rates(pf: Prefetch, sizes: Sequence[int], policies: Sequence[st
                              "hit_rate_prefetch": pre.hit_rate, "recall": rec[i],
                              "misses_per_token": base.misses / N, "misses_per_token_prefetch": pre.misses / N,
                              "prefetched_per_token": pre.prefetched / N})
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    out.attrs["source"] = pf.provenance
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -536,12 +563,23 @@ def bits_per_weight(precision) -> float:
 @dataclass(frozen=True)
 class MoeBytes:
     """Bytes a decode step reads. ``expert``: one expert's weights; ``dense``: everything else a
-    token reads (attention, norms, routers, one embedding row, the output head) over all layers."""
+    token reads (attention, norms, routers, one embedding row, the output head) over all layers.
+
+    For what must be *stored* (does it fit?): ``embedding``, the rest of the input embedding
+    matrix (resident, but a token reads only its own row), and ``kv_per_token``, the KV cache of
+    one token of context over all layers (fp16)."""
     expert: float
     dense: float
     n_layers: int
     n_experts: int
     experts_per_token: int
+    embedding: float = 0.0
+    kv_per_token: float = 0.0
+
+    @property
+    def dense_stored(self) -> float:
+        """Bytes of every non-expert weight held in memory (``dense`` + the rest of the embedding)."""
+        return self.dense + self.embedding
 
     @property
     def active(self) -> float:
@@ -568,8 +606,10 @@ def moe_bytes(args: ModelArgs | str = "mixtral-8x7b", expert_precision="fp16", d
     dense = args.n_layers * per_layer + args.vocab_size * D + D + D  # output head read whole, one embedding row
     # experts per token: ``experts_per_token`` where ModelArgs has it, ``top_k`` before that rename
     k = getattr(args, "experts_per_token", None) or args.top_k
+    kv = 2 * args.n_layers * args.n_kv_heads * hd * 2  # K and V, every layer, fp16 (Mixtral: 128 KiB)
     return MoeBytes(expert=3 * D * args.hidden_dim * eb, dense=dense * db, n_layers=args.n_layers,
-                    n_experts=args.n_experts, experts_per_token=k)
+                    n_experts=args.n_experts, experts_per_token=k, embedding=(args.vocab_size - 1) * D * db,
+                    kv_per_token=kv)
 
 
 def decode_time(sizes: MoeBytes, misses_per_token: float, link: Link | str, memory: Link | str, *,
@@ -585,8 +625,10 @@ def decode_time(sizes: MoeBytes, misses_per_token: float, link: Link | str, memo
     * ``prefetch``: experts loaded ahead of time travel on the same link while the GPU computes;
       only the part that does not fit under the resident time costs (``overlap=False``: all of it).
 
-    Returns the three parts, ``seconds`` and ``tokens_per_s``. Lower bound of a real system: no
-    kernel-launch, Python, dequantisation or synchronisation overhead is modelled.
+    Returns the three parts, ``seconds`` and ``tokens_per_s``. An **estimate**, not a bound: no
+    kernel-launch, Python, dequantisation or synchronisation overhead is modelled (optimistic), and
+    the efficiencies of :data:`LINKS` / :data:`MEMORIES` are assumptions that a good system can
+    beat (two rows of :func:`mixtral_calibration` run faster than predicted).
     """
     link = LINKS[link] if isinstance(link, str) else link
     memory = MEMORIES[memory] if isinstance(memory, str) else memory
@@ -603,35 +645,175 @@ def decode_time(sizes: MoeBytes, misses_per_token: float, link: Link | str, memo
             "tokens_per_s": 1 / seconds}
 
 
-def offload_table(hit_rates, *, model: ModelArgs | str = "mixtral-8x7b", precisions=("fp16", "int8", "4bit", "3bit"),
-                  links=("pcie3_x16", "pcie4_x16", "nvme_ssd", "ddr4", "ddr5", "unified"), memory: Link | str = "RTX3090"):
-    """Predicted tokens/s for each (precision, link, hit rate): DataFrame with the misses per token
-    (``n_layers x k x (1 - hit rate)``), bytes moved per token and the time split.
+# --------------------------------------------------------------------------------------------
+# 5. Machines: what fits, and how fast
 
-    ``hit_rates``: ``{label: hit rate}`` (e.g. from :func:`simulate_offload` or
-    :func:`cache_hit_rates` at the budget that fits your memory), or one float."""
+
+#: Memory capacity of the fast memories in :data:`MEMORIES` that have a fixed size (bytes, as the
+#: driver reports it: a "24 GB" RTX 3090 has 24 GiB). CPU RAM has no fixed size: give it in a
+#: :class:`System`. Part of it is taken by the runtime (CUDA context, buffers: a few hundred MB),
+#: so a configuration that fits with less than ~1 GB to spare may still fail in practice.
+GiB = 2 ** 30
+MEMORY_CAPACITY: dict[str, float] = {"T4": 15 * GiB, "RTX3090": 24 * GiB, "A5000": 24 * GiB, "A100": 40 * GiB}
+
+
+@dataclass(frozen=True)
+class System:
+    """A machine as an offloading runtime sees it: the fast ``memory`` that holds the resident
+    weights (a :data:`MEMORIES` key or a :class:`Link`: its read bandwidth), how many bytes it
+    holds (``capacity``), and the ``link`` the missed experts come over (a :data:`LINKS` key or a
+    :class:`Link`). A device and its link come together: a GPU's misses come over its PCIe slot
+    (or are computed by the host CPU from its RAM), never from another machine's memory."""
+    name: str
+    memory: str | Link
+    capacity: float
+    link: str | Link
+    note: str = ""
+
+    @property
+    def memory_link(self) -> Link:
+        return MEMORIES[self.memory] if isinstance(self.memory, str) else self.memory
+
+    @property
+    def miss_link(self) -> Link:
+        return LINKS[self.link] if isinstance(self.link, str) else self.link
+
+
+#: Realistic (device, link) pairs for Mixtral 8x7B, the default rows of :func:`offload_table`.
+SYSTEMS: dict[str, System] = {
+    "colab_t4": System("Colab T4 15 GiB + PCIe 3.0", "T4", MEMORY_CAPACITY["T4"], "pcie3_x16",
+                       "free Colab GPU; misses copied from host RAM (mixtral-offloading's setting)"),
+    "rtx3090_pcie4": System("RTX 3090 24 GiB + PCIe 4.0", "RTX3090", MEMORY_CAPACITY["RTX3090"], "pcie4_x16",
+                            "expert caching: misses copied from host RAM"),
+    "rtx3090_cpu": System("RTX 3090 24 GiB + CPU (DDR4-3200)", "RTX3090", MEMORY_CAPACITY["RTX3090"], "ddr4",
+                          "partial offload: the CPU computes the experts that are not on the GPU (llama.cpp "
+                          "--n-cpu-moe, ktransformers)"),
+    "a100_pcie4": System("A100 40 GiB + PCIe 4.0", "A100", MEMORY_CAPACITY["A100"], "pcie4_x16",
+                         "expert caching: misses copied from host RAM"),
+    "cpu_ddr5_nvme": System("CPU, 16 GiB DDR5-5600 + NVMe SSD", "ddr5", 16 * GiB, "nvme_ssd",
+                            "a laptop: resident experts in RAM, the CPU computes; misses read from the SSD"),
+    "m2max_ssd": System("Apple M2 Max, 32 GiB unified + SSD", "unified", 32 * GiB, "nvme_ssd",
+                        "unified memory holds the resident experts; misses read from the internal SSD "
+                        "(modelled as a PCIe 4.0 NVMe drive)"),
+}
+
+
+def resident_bytes(sizes: MoeBytes, resident_experts: float, context_tokens: int = 4096) -> float:
+    """Bytes the fast memory must hold: ``resident_experts`` experts per layer (a mean over layers
+    for a placement such as whole layers) x layers x one expert's bytes, plus every dense weight
+    (:attr:`MoeBytes.dense_stored`) and the KV cache of ``context_tokens`` tokens."""
+    if not 0 <= resident_experts <= sizes.n_experts:
+        raise ValueError(f"resident_experts must be in [0, {sizes.n_experts}] per layer, got {resident_experts}")
+    return resident_experts * sizes.n_layers * sizes.expert + sizes.dense_stored + context_tokens * sizes.kv_per_token
+
+
+def _check_capacity(sizes: MoeBytes, capacity: float, where: str, precision, context_tokens: int) -> None:
+    need = resident_bytes(sizes, 0, context_tokens)
+    if capacity < need:
+        raise ValueError(f"{where}: a memory of {capacity / 1e9:.2f} GB is smaller than the dense weights and KV "
+                         f"cache alone ({sizes.dense_stored / 1e9:.2f} GB of dense weights at {precision} + "
+                         f"{context_tokens * sizes.kv_per_token / 1e9:.2f} GB for {context_tokens} tokens of context "
+                         f"= {need / 1e9:.2f} GB): nothing can run there; use a larger memory or a lower precision")
+
+
+def max_resident_experts(system: System | str, precision="4bit", *, model: ModelArgs | str = "mixtral-8x7b",
+                         context_tokens: int = 4096, memory: float | None = None) -> int:
+    """The largest per-layer budget of resident experts that fits ``system``'s memory (or
+    ``memory`` bytes) next to the dense weights and the KV cache; at most the number of experts.
+    Raises a ValueError when not even the dense weights fit."""
+    sys_ = SYSTEMS[system] if isinstance(system, str) else system
+    sizes = moe_bytes(model, precision)
+    cap = float(memory) if memory is not None else sys_.capacity
+    _check_capacity(sizes, cap, f"system {sys_.name!r}", precision, context_tokens)
+    free = cap - resident_bytes(sizes, 0, context_tokens)
+    return int(min(sizes.n_experts, free // (sizes.n_layers * sizes.expert)))
+
+
+def _systems(systems, memory, links) -> list[System]:
+    if systems is not None:
+        out = []
+        for s in systems:
+            if isinstance(s, str):
+                if s not in SYSTEMS:
+                    raise ValueError(f"unknown system {s!r}; use one of {sorted(SYSTEMS)} or an A.System(...)")
+                s = SYSTEMS[s]
+            out.append(s)
+        return out
+    if links is None and not isinstance(memory, (str, Link)):
+        return list(SYSTEMS.values())
+    # the older call offload_table(h, memory="RTX3090", links=(...)): that memory with each link
+    mem = memory if isinstance(memory, (str, Link)) else "RTX3090"
+    key = mem if isinstance(mem, str) else next((k for k, v in MEMORIES.items() if v == mem), None)
+    if key not in MEMORY_CAPACITY:
+        raise ValueError(f"memory {mem!r} has no known capacity: pass systems=[A.System(name, memory, capacity_bytes, "
+                         f"link)] (capacities are known for {sorted(MEMORY_CAPACITY)})")
+    m = MEMORIES[key]
+    return [System(f"{m.name.split(' (')[0]} + {(LINKS[ln] if isinstance(ln, str) else ln).name}", key,
+                   MEMORY_CAPACITY[key], ln) for ln in (links or ("pcie4_x16",))]
+
+
+def offload_table(hit_rates, *, resident_experts=None, memory=None, systems=None, model: ModelArgs | str = "mixtral-8x7b",
+                  precisions=("fp16", "int8", "4bit", "3bit"), links=None, context_tokens: int = 4096,
+                  source: str = ""):
+    """Estimated tokens/s, and whether the configuration **fits**, for each (system, precision,
+    scenario): DataFrame with the misses per token (``n_layers x k x (1 - hit rate)``), bytes moved
+    per token, the time split, ``resident_GB`` (what the device must hold), ``capacity_GB`` and
+    ``fits``.
+
+    ``hit_rates``: ``{scenario: hit rate}`` (e.g. from :func:`policy_comparison`), or one float.
+    ``resident_experts``: the experts per layer each scenario keeps resident (``{scenario: n}``,
+    or one number for all; a mean over layers for whole-layer placements). ``fits`` is
+    ``resident experts per layer x layers x expert bytes + dense weights + KV cache of
+    context_tokens <= the device's memory``; ``None`` (unknown) where ``resident_experts`` is not
+    given. Rows that do not fit describe machines that cannot exist: the figures never draw them.
+
+    ``systems``: (device, link) pairs (:class:`System` or :data:`SYSTEMS` keys; default: all of
+    :data:`SYSTEMS`). ``memory``: a number of bytes replaces every system's capacity (what if the
+    card had 12 GB?); a memory that cannot hold even the dense weights and KV cache is an error.
+    (The older ``memory="RTX3090", links=(...)`` pairs that memory with each link.)
+    ``source``: where the hit rates come from (``"synthetic fixture"``, ``"demo model"``, ... see
+    :func:`moe_lab.analysis.provenance`); kept in ``table.attrs["source"]`` for the figure titles.
+    """
     import pandas as pd
 
     if not isinstance(hit_rates, dict):
         hit_rates = {"hit rate": float(hit_rates)}
+    if resident_experts is None or isinstance(resident_experts, dict):
+        resident = dict(resident_experts or {})
+        unknown = set(resident) - set(hit_rates)
+        if unknown:
+            raise ValueError(f"resident_experts names scenarios {sorted(unknown)} that hit_rates does not have "
+                             f"({sorted(hit_rates)})")
+    else:
+        resident = {label: float(resident_experts) for label in hit_rates}
+    capacity_override = float(memory) if isinstance(memory, (int, float)) and not isinstance(memory, bool) else None
     rows = []
-    for prec in precisions:
-        sizes = moe_bytes(model, prec)
-        for label, h in hit_rates.items():
-            if not 0 <= h <= 1:
-                raise ValueError(f"hit rate {label!r} = {h} is not in [0, 1]")
-            misses = sizes.n_layers * sizes.experts_per_token * (1 - h)
-            for ln in links:
-                link = LINKS[ln] if isinstance(ln, str) else ln
-                t = decode_time(sizes, misses, link, memory)
-                rows.append({"precision": prec, "scenario": label, "hit_rate": h, "link": link.name,
+    for system in _systems(systems, None if capacity_override is not None else memory, links):
+        cap = capacity_override if capacity_override is not None else system.capacity
+        for prec in precisions:
+            sizes = moe_bytes(model, prec)
+            _check_capacity(sizes, cap, f"system {system.name!r}" + (" (memory=)" if capacity_override else ""),
+                            prec, context_tokens)
+            for label, h in hit_rates.items():
+                if not 0 <= h <= 1:
+                    raise ValueError(f"hit rate {label!r} = {h} is not in [0, 1]")
+                misses = sizes.n_layers * sizes.experts_per_token * (1 - h)
+                t = decode_time(sizes, misses, system.miss_link, system.memory_link)
+                r = resident.get(label)
+                need = None if r is None else resident_bytes(sizes, r, context_tokens)
+                rows.append({"system": system.name, "precision": prec, "scenario": label, "hit_rate": h,
+                             "resident_experts": r, "resident_GB": None if need is None else need / 1e9,
+                             "capacity_GB": cap / 1e9, "fits": None if need is None else bool(need <= cap),
+                             "link": system.miss_link.name, "memory": system.memory_link.name,
                              "expert_MB": sizes.expert / 1e6, "misses_per_token": misses,
                              "GB_moved_per_token": misses * sizes.expert / 1e9, **t})
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    df.attrs["source"] = source
+    return df
 
 
 # --------------------------------------------------------------------------------------------
-# 5. Calibration against published Mixtral 8x7B numbers
+# 6. Calibration against published Mixtral 8x7B numbers
 
 
 @dataclass(frozen=True)
@@ -646,42 +828,69 @@ class PublishedRun:
     dense_precision: str
     memory: str  # where resident weights are read
     link: str  # where the misses come from
-    hit_rate: float  # share of expert reads served from fast memory
+    hit_rate: float  # share of expert reads served from fast memory (before any prefetch)
     assumption: str
+    resident_experts: float | None = None  # experts per layer held in fast memory (for ``fits``)
+    capacity: float | None = None  # bytes of that memory (None: not stated, e.g. a CPU's RAM)
+    prefetch_recall: float | None = None  # speculative pre-loading: share of the misses guessed ahead
+    free_parameters: str = ""  # what the row assumes that its source does not state ("" if nothing)
+    configuration: str = ""  # which measured configuration of the source this row is
 
 
 #: Published Mixtral 8x7B decode speeds (batch 1), as collected in the project's landscape review
-#: (moe-landscape.md, section 3(c)), with the setting we model each one as.
+#: (moe-landscape.md, section 3(c)) and the mixtral-offloading paper's Table 2 (as transcribed in
+#: notebook-review-2.md, defect 8), each modelled as it was measured.
 MIXTRAL_PUBLISHED: tuple[PublishedRun, ...] = (
-    PublishedRun("mixtral-offloading", "free Colab T4 (16 GB), PCIe 3.0 host", "HQQ 4-bit attention, 2-3-bit experts",
-                 2.0, "Eliseev & Mazur 2023, arXiv 2312.17238 (summaries); dvmazur/mixtral-offloading README",
-                 "hqq_3bit", "4bit", "T4", "pcie3_x16", 0.5,
-                 "LRU, 4 of 8 experts per layer on the GPU; hit rate 0.5 (the paper's 40-60% LRU hit rate); "
-                 "no prefetch"),
+    PublishedRun("mixtral-offloading", "free Colab T4 (16 GB), PCIe 3.0 host", "HQQ 4-bit attention, 2-bit experts",
+                 2.092, "Eliseev & Mazur 2023, arXiv 2312.17238, Table 2 (full algorithm, Colab T4)",
+                 "hqq_2bit", "4bit", "T4", "pcie3_x16", 0.5,
+                 "LRU, 4 of 8 experts per layer on the GPU, hit rate 0.5 (the paper's 40-60%); speculative "
+                 "pre-loading of the next layer's k experts, recall 0.8 (the paper's Figure 2, as summarised): "
+                 "the guessed experts travel during the previous layer, wrong guesses too",
+                 resident_experts=4, capacity=MEMORY_CAPACITY["T4"], prefetch_recall=0.8,
+                 free_parameters="hit rate 0.5, pre-loading recall 0.8", configuration="2-bit experts, with pre-loading"),
+    PublishedRun("mixtral-offloading", "free Colab T4 (16 GB), PCIe 3.0 host", "HQQ 4-bit attention, 2-bit experts",
+                 1.567, "Eliseev & Mazur 2023, arXiv 2312.17238, Table 2 (w/o expert pre-loading)",
+                 "hqq_2bit", "4bit", "T4", "pcie3_x16", 0.5,
+                 "LRU, 4 of 8 experts per layer on the GPU, hit rate 0.5 (the paper's 40-60%); no pre-loading",
+                 resident_experts=4, capacity=MEMORY_CAPACITY["T4"], free_parameters="hit rate 0.5",
+                 configuration="2-bit experts, without pre-loading"),
     PublishedRun("MoE-Infinity", "RTX A5000 24 GB, PCIe 4.0", "fp16", 1.36, "EfficientMoE/MoE-Infinity README "
                  "(0.735 s/token)", "fp16", "fp16", "A5000", "pcie4_x16", 0.25,
                  "~20 GB left for experts after 3.2 GB of dense weights: ~57 of 256 experts (~1.8 per layer); "
-                 "hit rate 0.25 (its activation-aware cache on ~2 of 8 experts per layer)"),
+                 "hit rate 0.25 (its activation-aware cache on ~2 of 8 experts per layer)",
+                 resident_experts=57 / 32, capacity=MEMORY_CAPACITY["A5000"], free_parameters="hit rate 0.25",
+                 configuration="fp16, its own cache"),
     PublishedRun("llama.cpp", "CPU only (CPU not stated)", "Q4_K_M", 5.0, "ggml-org/llama.cpp issue #4729",
                  "q4_k_m", "q4_k_m", "ddr4", "ddr4", 1.0,
-                 "all weights in DDR4-3200 dual channel, read by the CPU (memory-bound)"),
+                 "all weights in DDR4-3200 dual channel, read by the CPU (memory-bound)",
+                 resident_experts=8, free_parameters="the CPU and its memory (assumed DDR4-3200, 2 channels)",
+                 configuration="Q4_K_M, no GPU layers"),
     PublishedRun("llama.cpp", "Ryzen 9 5900X, DDR4-3600, CPU only", "Q8_0", 3.58,
                  "ggml-org/llama.cpp issue #4716 (the project's earlier notes)", "int8", "int8", "ddr4_3600", "ddr4_3600",
-                 1.0, "all weights in DDR4-3600 dual channel, read by the CPU (memory-bound)"),
+                 1.0, "all weights in DDR4-3600 dual channel, read by the CPU (memory-bound)", resident_experts=8,
+                 configuration="Q8_0, CPU only"),
     PublishedRun("llama.cpp", "RTX 3090 24 GB, 28 of 33 layers on the GPU", "Q4_K_M", 24.0,
                  "ggml-org/llama.cpp issue #4729", "q4_k_m", "q4_k_m", "RTX3090", "ddr4", 28 / 32,
                  "front-loading: 28 of 32 blocks resident (hit rate 28/32); the other 4 blocks' experts are "
-                 "computed by the CPU from DDR4 (a 'miss' reads the expert from RAM)"),
+                 "computed by the CPU from DDR4 (a 'miss' reads the expert from RAM)",
+                 resident_experts=8 * 28 / 32, capacity=MEMORY_CAPACITY["RTX3090"],
+                 free_parameters="the CPU's memory for the 4 CPU-side blocks (assumed DDR4-3200, 2 channels)",
+                 configuration="Q4_K_M, 28 of 33 layers on the GPU"),
 )
 
 
-def mixtral_calibration(hit_rates: dict[str, float] | None = None):
-    """Our model's prediction for each published Mixtral 8x7B run beside the measurement.
+def mixtral_calibration(hit_rates: dict[str, float] | None = None, *, context_tokens: int = 4096):
+    """Our model's **estimate** for each published Mixtral 8x7B run beside the measurement.
 
-    ``hit_rates``: optional ``{system: hit rate}`` replacing the assumed ones, e.g. LRU at the
-    run's budget simulated on a real Mixtral trace (``simulate_offload`` on the OLMoE study's
-    traces). Returns a DataFrame: system, hardware, precision, published and predicted tok/s,
-    ``predicted / published`` and the assumption behind the row."""
+    Each row is modelled as measured (its precision, device, link, resident experts and, for
+    mixtral-offloading's full algorithm, speculative pre-loading). ``hit_rates``: optional
+    ``{system: hit rate}`` replacing the assumed ones, e.g. LRU at the run's budget simulated on a
+    real Mixtral trace. Returns a DataFrame: system, configuration, hardware, precision, published
+    and predicted tok/s, ``predicted / published``, ``free_parameter`` (True where the row assumes
+    something its source does not state: those rows are weaker evidence), ``fits`` (the resident
+    weights and a KV cache of ``context_tokens`` fit the device; None where its memory is not
+    stated) and the assumption. Sorted: rows without a free parameter first."""
     import pandas as pd
 
     rows = []
@@ -689,10 +898,19 @@ def mixtral_calibration(hit_rates: dict[str, float] | None = None):
         h = (hit_rates or {}).get(run.system, run.hit_rate)
         sizes = moe_bytes("mixtral-8x7b", run.expert_precision, run.dense_precision)
         misses = sizes.n_layers * sizes.experts_per_token * (1 - h)
-        t = decode_time(sizes, misses, run.link, run.memory)
-        rows.append({"system": run.system, "hardware": run.hardware, "precision": run.precision,
-                     "published_tok_s": run.tokens_per_s, "predicted_tok_s": t["tokens_per_s"],
-                     "predicted / published": t["tokens_per_s"] / run.tokens_per_s, "hit_rate": h,
-                     "GB_moved_per_token": misses * sizes.expert / 1e9, "source": run.source,
-                     "assumption": run.assumption})
-    return pd.DataFrame(rows)
+        prefetched = 0.0
+        if run.prefetch_recall is not None:  # the misses' experts are guessed and loaded a layer ahead
+            prefetched, misses = misses, misses * (1 - run.prefetch_recall)
+        t = decode_time(sizes, misses, run.link, run.memory, prefetched_per_token=prefetched)
+        fits = None
+        if run.capacity is not None and run.resident_experts is not None:
+            fits = bool(resident_bytes(sizes, run.resident_experts, context_tokens) <= run.capacity)
+        rows.append({"system": run.system, "configuration": run.configuration, "hardware": run.hardware,
+                     "precision": run.precision, "published_tok_s": run.tokens_per_s,
+                     "predicted_tok_s": t["tokens_per_s"], "predicted / published": t["tokens_per_s"] / run.tokens_per_s,
+                     "hit_rate": h, "prefetch": run.prefetch_recall is not None,
+                     "free_parameter": bool(run.free_parameters), "free_parameters": run.free_parameters or "none",
+                     "fits": fits, "GB_moved_per_token": (misses + prefetched) * sizes.expert / 1e9,
+                     "source": run.source, "assumption": run.assumption})
+    df = pd.DataFrame(rows)
+    return df.sort_values("free_parameter", kind="stable").reset_index(drop=True)

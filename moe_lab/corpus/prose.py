@@ -470,12 +470,27 @@ def load_prose(where: str | os.PathLike | None = None, sources: tuple[str, ...] 
     return ProseSet(paragraphs=paragraphs, sources=meta, raw=raw_all)
 
 
+NEAR_COPY = 0.9  # difflib similarity ratio at which two language versions count as one text
+
+
+def has_near_copies(texts, threshold: float = NEAR_COPY) -> bool:
+    """Whether two of ``texts`` are near copies (``difflib`` similarity ratio >= ``threshold``): a
+    "translation" that fell back to the source text, perhaps with other quote marks."""
+    import difflib
+
+    texts = list(texts)
+    return any(difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() >= threshold
+               for i, a in enumerate(texts) for b in texts[i + 1:])
+
+
 def aligned_paragraphs(prose: ProseSet, langs: tuple[str, ...] = LANGS) -> list[dict]:
     """The same paragraph in every language: ``{"id", "source", "page", "index", "split", <lang>: text}``.
 
     Alignment is by document structure: a page enters only when it has the same number of
     paragraphs in every language, and a paragraph only when each translation is running text
-    and differs from the English one (so it *was* translated)."""
+    and differs from the English one (so it *was* translated) and no two language versions are
+    near copies (:func:`has_near_copies`: a paragraph left untranslated in two languages, or
+    differing only by its quote marks, would make routing look as if it followed the content)."""
     kept = {lang: {p.key for p in prose.paragraphs[lang]} for lang in langs}
     out = []
     for name, raw in prose.raw.items():
@@ -487,7 +502,8 @@ def aligned_paragraphs(prose: ProseSet, langs: tuple[str, ...] = LANGS) -> list[
                 continue
             for i in range(len(per[0])):
                 key = f"{name}/{page}#{i}"
-                if all(key in kept[lang] for lang in langs):
+                if (all(key in kept[lang] for lang in langs)
+                        and not has_near_copies(raw[lang][page][i] for lang in langs)):
                     out.append({"id": key, "source": name, "page": page, "index": i,
                                 "split": "heldout" if is_heldout_page(name, page) else "train",
                                 **{lang: raw[lang][page][i] for lang in langs}})

@@ -57,7 +57,10 @@ def check_marginal_baseline(answer, trace: RoutingTrace, layer: int) -> Feedback
         return wrong(name, "that uses the top-k load (both choices); the statistic compares first choices only.", hint)
     if not 0 < value <= 1:
         return wrong(name, f"{value} is not a probability.", hint)
-    return wrong(name, f"expected {ref:.4f} at layer {layer}, found {value:.4f}.", hint)
+    if np.isclose(value, ref, atol=5e-5):  # right to the 4 decimals a printout shows, but rounded
+        return wrong(name, f"{value:.6g} is rounded: the check compares to within 1e-6, so pass the unrounded "
+                           "float (the variable, not a number copied from a printout).", hint)
+    return wrong(name, f"{value:.6g} is not sum_e p_e^2 at layer {layer} (compared to within 1e-6).", hint)
 
 
 # --------------------------------------------------------------------------- 06.2

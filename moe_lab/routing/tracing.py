@@ -250,9 +250,11 @@ class _MoeLabEngine(_Engine):
         p = self.model.output.weight
         meta = {"source": "moe_lab", "model_class": type(self.model).__name__,
                 "config": self.model.args.to_dict(), "dtype": str(p.dtype).replace("torch.", "")}
-        is_demo = getattr(self.model, "is_demo", None)  # set by load_demo_model: figures say what they show
-        if is_demo is not None:
-            meta["provenance"] = "demo model" if is_demo else "random tiny model"
+        from ..analysis.sources import provenance  # the demo model's label travels to every figure's title
+
+        label = provenance(self.model)
+        if label:
+            meta["provenance"] = label
         if self.streaming:
             meta["model_class"] = type(self.call).__name__
             meta["checkpoint"] = str(getattr(getattr(self.call, "reader", None), "path", ""))
