@@ -13,6 +13,7 @@
     viz.domain_specialization_heatmap(trace)  # domain x expert share of tokens (OLMoE)
     viz.expert_paths_sankey(trace)            # first choices from layer to layer
     viz.cache_hit_figure(trace)               # expert-cache hit rate against cache size
+    viz.expert_heatmap(values, rows=domains)  # row x (layer, expert) values, one panel and scale per layer
     viz.language_content_figure(result)       # routing: content and language effects (aligned paragraphs)
     viz.hidden_control_figure(control, raw)   # adjusting for a mediator (a demonstration, not a control)
 
@@ -20,9 +21,18 @@ Colours: one colour per expert, the same in every figure (:data:`EXPERT_COLORS`,
 :func:`expert_color`): the Okabe-Ito palette for experts 0-7, which stays distinguishable
 under the common forms of colour blindness, then Paul Tol's "muted" palette for experts 8-17;
 beyond 18 experts no palette stays distinguishable, and colours are spread around the hue
-circle (read the expert number from the hover text). Series that are *not* experts (domains,
-cache policies, baselines) use :data:`SERIES_COLORS` or greys, never the expert colours'
-meaning.
+circle (read the expert number from the hover text). Domains have their own ten colours
+(:data:`DOMAIN_COLORS`, :func:`domain_colors`; a corpus domain keeps its colour in every
+figure), as in the Mixtral paper's Figure 7; other series that are not experts (cache
+policies, baselines) use :data:`SERIES_COLORS` or greys. Static PNGs keep these colours
+exactly (``scripts/execute_notebooks.py``).
+
+Read as a PNG (GitHub, printed exports), a figure here needs no tuning in the notebook: titles
+are wrapped to the figure's width and the top margin holds them; every axis is titled; experts
+get one labelled tick each (:func:`expert_axis`); log axes are labelled 1, 2, 5, 10, ...
+(:func:`log_ticks`); legends sit where they cover no data. A figure computed on a stand-in
+says so in its title ("DEMO MODEL: ...", "SYNTHETIC FIXTURE: ..."; :func:`figure_title`,
+:func:`stamp`), from the label its trace carries or from ``source=``.
 
 Figures that have one view per layer carry all the layers and a layer switch (plotly buttons
 or a dropdown) inside the figure, so they still switch layers in a saved notebook or an HTML
