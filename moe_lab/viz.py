@@ -1119,6 +1119,7 @@ def next_token_figure(base_probs, new_probs, tokenizer=None, *, top_n: int = 10,
     names = tokenizer.pieces(top) if tokenizer is not None else [str(i) for i in top]
     ylab = [f"'{_esc(n)}' ({i})" for n, i in zip(names, top)]  # pieces already show a newline as \\n: no repr()
     kl = float(np.sum(np.where(p > 0, p * (np.log(np.clip(p, 1e-30, None)) - np.log(np.clip(q, 1e-30, None))), 0.0)))
+    kl = max(kl, 0.0)  # KL >= 0: rounding of equal distributions must not print "-0.000"
     fig = _figure()
     fig.add_trace(go.Bar(y=ylab, x=p[top], orientation="h", name=labels[0], marker_color="#BBBBBB",
                          hovertemplate="%{y}: %{x:.2%}<extra>" + labels[0] + "</extra>"))
@@ -1156,9 +1157,9 @@ def routing_change_figure(base: RoutingTrace, new: RoutingTrace, *, marker_layer
                          hovertemplate="layer %{x}: %{y:.0%} of tokens<extra>top-k set changed</extra>"))
     fig.add_trace(go.Bar(x=layers, y=first, name="first choice changed", marker_color="#EE7733",
                          hovertemplate="layer %{x}: %{y:.0%} of tokens<extra>first choice changed</extra>"))
-    if marker_layer is not None:
-        fig.add_vline(x=marker_layer, line=dict(color=_BASELINE_COLOR, dash="dash"),
-                      annotation_text="intervention", annotation_position="top")
+    if marker_layer is not None:  # a band behind the intervened layer's bars, not a line through them
+        fig.add_vrect(x0=marker_layer - 0.5, x1=marker_layer + 0.5, fillcolor="#DDDDDD", opacity=0.5, line_width=0,
+                      layer="below", annotation_text="intervened layer", annotation_position="top")
     fig.update_layout(title=figure_title(title or "Tokens routed differently after the intervention", base, source),
                       barmode="group",
                       xaxis=dict(title="layer", tickmode="array", tickvals=layers),

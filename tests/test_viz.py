@@ -264,6 +264,13 @@ def test_next_token_figure():
     assert fig.layout.meta["kl"] == pytest.approx(kl)
     with pytest.raises(ValueError):
         viz.next_token_figure(p, q[:3])
+    rng = np.random.default_rng(0)  # rounding must not print a negative KL (this pair gives -1e-15 raw)
+    a = rng.random(50)
+    a /= a.sum()
+    b = a.copy()
+    b[rng.integers(50)] += 1e-15
+    same = viz.next_token_figure(a, b)
+    assert same.layout.meta["kl"] == 0.0 and "-0.000" not in same.layout.title.text
 
 
 def test_routing_change_figure():
@@ -274,6 +281,8 @@ def test_routing_change_figure():
     np.testing.assert_allclose(first, [0, 0.25])
     np.testing.assert_allclose(sets, [0, 0.25])
     fig = viz.routing_change_figure(base, new, marker_layer=1)
+    band = [sh for sh in fig.layout.shapes if sh.type == "rect"]  # behind layer 1's bars, not across them
+    assert len(band) == 1 and (band[0].x0, band[0].x1) == (0.5, 1.5) and band[0].layer == "below"
     np.testing.assert_allclose(fig.data[0].y, [0, 0.25])
     np.testing.assert_allclose(fig.data[1].y, [0, 0.25])
     with pytest.raises(ValueError):
