@@ -237,6 +237,8 @@ def test_cache_hit_figure(trace):
     assert np.all(np.asarray(opt[0].y) >= np.asarray(lru_mean.y) - 1e-12)  # optimal is the ceiling
     fig_df = viz.cache_hit_figure(df)
     np.testing.assert_allclose(fig_df.data[0].y, fig.data[0].y)
+    trace.meta["provenance"] = "demo model"  # the DataFrame carries the trace's label to the title
+    assert viz.cache_hit_figure(A.cache_hit_rates(trace)).layout.title.text.startswith("DEMO MODEL: ")
     with pytest.raises(TypeError):
         viz.cache_hit_figure([1, 2])
 

@@ -708,7 +708,11 @@ def cache_hit_rates(trace: Source, sizes=None, policies=("lru", "lfu", "optimal"
             for s in sizes:
                 rows.append({"layer": layer, "policy": policy, "cache_size": s,
                              "hit_rate": simulate_expert_cache(reqs, s, policy)})
-    return pd.DataFrame(rows)
+    from .sources import provenance
+
+    out = pd.DataFrame(rows)
+    out.attrs["source"] = provenance(trace)  # "demo model", "synthetic fixture", ...: for the figure's title
+    return out
 
 
 def generated_only(trace: RoutingTrace) -> RoutingTrace:
