@@ -400,7 +400,7 @@ def _legend_below(fig: go.Figure, *, font_size: int = 11) -> go.Figure:
     width = fig.layout.width or 700
     rows = _legend_rows(fig, width - 40)
     bottom = (fig.layout.margin.b if fig.layout.margin.b is not None else 50)
-    need = 40 + 22 * rows
+    need = 24 + 22 * rows
     fig.update_layout(legend=dict(orientation="h", x=0, xanchor="left", y=0, yanchor="bottom", yref="container",
                                   font=dict(size=font_size), bgcolor="rgba(255,255,255,0)"),
                       margin=dict(b=bottom + need), height=(fig.layout.height or 500) + need)
