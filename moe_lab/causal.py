@@ -440,8 +440,9 @@ def mask_top_experts(model, texts_by_domain, tokenizer=None, r_values: Sequence[
             losses[tuple(key.items())][idx] = _doc_losses(pieces.head_nll(x, targets), targets)
             bar.update()
     bar.close()
-    rows = _paired_rows(losses, base, domains, n_boot, seed)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(_paired_rows(losses, base, domains, n_boot, seed))
+
+
 @torch.no_grad()
 def disable_top_experts(model, texts_by_domain, tokenizer=None, r_values: Sequence[int] | None = None, *,
                         select_texts=None, n_random: int = 5, n_boot: int = 1000, batch_size: int = 8,
