@@ -10,8 +10,9 @@ Every function returns a pandas DataFrame; intervals are percentile bootstraps o
   other effect of its layer); :func:`scan_cells` counts the (layer, domain) cells beyond it.
 * :func:`mask_top_experts` -- DeepSeekMoE's redundancy test (arXiv 2401.06066, section 4.5,
   Figure 4): each token's own r best experts masked, the top-k picked among the rest.
-* :func:`disable_top_experts` -- disable the busiest experts: the r most-routed experts of every
-  layer switched off for every token, against r random ones, with a load-normalised reading.
+* :func:`disable_busiest_experts` (also ``disable_top_experts``) -- disable the busiest experts:
+  the r most-routed experts of every layer switched off for every token, against r random ones,
+  with a load-normalised reading.
 * :func:`dose_response` -- the change in loss per domain along a dose (e.g. a steering offset).
 * :func:`contrastive_experts` -- per (layer, expert): activation rate on texts A minus on texts B
   (SteerMoE's risk difference), ranked.
@@ -44,7 +45,8 @@ from .devices import resolve_device
 from .routing.interventions import AblateExpert, Intervention, intervene, layer_ids, unwrap
 from .routing.tracing import normalise_inputs, trace_routing
 
-__all__ = ["ablation_scan", "scan_cells", "paired_gap", "mask_top_experts", "disable_top_experts", "dose_response",
+__all__ = ["ablation_scan", "scan_cells", "paired_gap", "mask_top_experts", "disable_busiest_experts",
+           "disable_top_experts", "dose_response",
            "contrastive_experts", "alternative_routes", "document_losses", "bootstrap_mean"]
 
 
@@ -538,6 +540,11 @@ def disable_top_experts(model, texts_by_domain, tokenizer=None, r_values: Sequen
     for row in rows:
         row.setdefault("selected_on", selected_on)
     return pd.DataFrame(rows)
+
+
+#: The same function under the name of what it does ("disable the busiest experts"); the name
+#: ``disable_top_experts`` is kept for existing code.
+disable_busiest_experts = disable_top_experts
 
 
 # --------------------------------------------------------------------------------------------
