@@ -858,11 +858,11 @@ def ablation_scan_figure(scan, *, title: str | None = None) -> go.Figure:
                          tickvals=[f"e{e}" for e in experts], tickfont=dict(size=10), row=1, col=j + 1)
     fig.update_yaxes(autorange="reversed", tickmode="array", tickvals=labels, row=1, col=1)
     if not legend_shown:  # no circle: say so in the legend
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="beyond the null: none",
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="beyond the null: none", showlegend=True,
                                  marker=dict(symbol="circle-open", color="black", size=13)), row=1, col=1)
     fig.add_annotation(text="Δ loss (nats),<br>one scale per layer", xref="paper", yref="paper", x=0, xanchor="right",
                        y=-0.26, yanchor="top", showarrow=False, font=dict(size=11), align="right")
-    fig.update_layout(title=title or "Change in loss when one expert is switched off, per domain",
+    fig.update_layout(title=title or "Change in loss when one expert is switched off, per domain", showlegend=True,
                       height=250 + 30 * len(domains), width=max(600, 240 * n),
                       margin=dict(t=70, b=170, l=150), legend=dict(orientation="h", y=-0.5, x=0, yanchor="top"))
     fig.layout.meta = dict(kind="ablation_scan_figure", layers=layers)
