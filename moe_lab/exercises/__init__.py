@@ -14,4 +14,5 @@ truthy only when the answer is right, and has ``.require()`` for the worked solu
 ``notebooks/solutions/`` (it raises :class:`ExerciseError` with the same message).
 """
 
-from .feedback import ExerciseError, Feedback, correct, is_todo, todo, wrong  # noqa: F401
+from .byhand import ForbiddenCall, forbid, run_by_hand  # noqa: F401
+from .feedback import ExerciseError, Feedback, correct, is_todo, not_equal, redact, todo, wrong  # noqa: F401
