@@ -476,6 +476,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error("-j must be at least 1")
+    if args.times_only and args.no_execute:
+        ap.error("--times-only measures a run: it cannot go with --no-execute")
     try:
         browser = require_figure_tools(install=not args.no_install)
     except FigureToolsMissing as e:
