@@ -405,3 +405,33 @@ def test_the_random_router_checker_rejects_top1_plus_random():
         return probs, idx, w / w.sum(-1, keepdim=True)
 
     assert all(nb04.check_random_routing(uniform, n_experts=8) for _ in range(5))  # no false alarm
+
+
+def _solution_lines(nn: str) -> set[str]:
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "solutions" / f"{nn}_solutions.ipynb"
+    code = "\n".join("".join(c["source"]) for c in json.loads(path.read_text(encoding="utf-8"))["cells"]
+                     if c["cell_type"] == "code")
+    lines = {re.sub(r"\s+", "", ln.split("#")[0]) for ln in code.splitlines()}
+    return {ln for ln in lines if len(ln) >= 16 and not ln.startswith(("import", "from", "print(", "ex."))}
+
+
+def test_hints_come_in_two_levels_and_never_give_the_solution_line(all_cases):
+    """The stub's feedback has a nudge and a method (folded away), different from each other; neither
+    holds a line of the worked solution (whitespace aside)."""
+    pending = {"06", "08", "09"}  # their hints are rewritten by the helpers editing those notebooks
+    problems = []
+    for key, (call, _, _) in all_cases.items():
+        nn = key[:2]
+        fb = call(None)
+        assert fb.status == "todo", (key, fb)
+        if nn in pending:
+            continue
+        if not (fb.hint and fb.method and fb.hint != fb.method):
+            problems.append(f"{key}: hint {fb.hint!r}, method {fb.method!r}")
+        said = re.sub(r"\s+", "", fb.hint + fb.method)
+        problems += [f"{key}: the hint holds the solution line {line!r}" for line in _solution_lines(nn)
+                     if line in said]
+    assert not problems, "\n".join(problems)

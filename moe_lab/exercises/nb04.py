@@ -280,10 +280,10 @@ def check_hf_moe_trace(answer, hf_model, tokens) -> Feedback:
     ...) and trace ``tokens`` through it with ``trace_routing``; ``answer`` = that trace."""
     name = "Exercise 04.5 (trace another transformers MoE)"
     hint = "transformers has several MoE configs (OLMoE, Qwen2-MoE, ...): build a tiny random one and trace it."
-    method = ("e.g. cfg = transformers.OlmoeConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, "
-            "num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_experts=8, num_experts_per_tok=2, "
-            "pad_token_id=0, bos_token_id=1, eos_token_id=2); "
-            "hf = transformers.OlmoeForCausalLM(cfg).eval(); trace = trace_routing(hf, tokens, progress=False).")
+    method = ("transformers.OlmoeConfig (or Qwen2MoeConfig, ...) with a hidden size of 32, an intermediate size of "
+              "64, 2 layers, 4 attention heads and 2 kv heads, a vocabulary of 128, 8 experts, top-2 and the "
+              "pad/bos/eos ids 0/1/2 is tiny; build OlmoeForCausalLM from it in eval mode and trace the tokens "
+              "with trace_routing.")
     if is_todo(answer) or is_todo(hf_model):
         return todo(name, hint, method)
     if not isinstance(answer, RoutingTrace):

@@ -104,7 +104,9 @@ def check_effective_coefficient(answer, coef: float, n_layers: int) -> Feedback:
     (Both losses are k at perfect balance, and the pooled loss moves like the mean of the layers'.)"""
     name = "Exercise 07.3 (effective coefficient)"
     if is_todo(answer):
-        return todo(name, "the pooled loss moves like the mean of the layers' losses; what is a sum of n terms?")
+        return todo(name, "the pooled loss moves like the mean of the layers' losses; what is a sum of n terms?",
+                    "write the sum over layers as n_layers times the mean over layers: the coefficient in front of "
+                    "the mean is then the one that compares with transformers' pooled loss.")
     expected = coef * n_layers
     problem = mismatch(expected, answer, atol=1e-9, rtol=1e-6)
     if problem is None:
