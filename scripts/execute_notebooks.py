@@ -381,6 +381,12 @@ def run_one(path: Path, *, execute: bool, fast: bool, cell_timeout: int, html: s
 
 
 def _worker_main(args) -> int:
+    if args.times_only:  # no figure is drawn: no browser needed
+        result = run_one(Path(args.worker), execute=True, fast=args.fast, cell_timeout=args.cell_timeout,
+                         html=args.html, scale=args.png_scale, failed_dir=Path(args.failed_dir),
+                         progress=args.jobs == 1, jobs=args.jobs, times_only=True)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0 if result["ok"] else 1
     import kaleido
 
     kaleido.start_sync_server(silence_warnings=True)  # one browser for all the notebook's figures
@@ -479,7 +485,7 @@ def main(argv=None) -> int:
     if args.times_only and args.no_execute:
         ap.error("--times-only measures a run: it cannot go with --no-execute")
     try:
-        browser = require_figure_tools(install=not args.no_install)
+        browser = "not needed (--times-only)" if args.times_only else require_figure_tools(install=not args.no_install)
     except FigureToolsMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
