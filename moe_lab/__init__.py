@@ -35,6 +35,7 @@ from .routing.interventions import (  # noqa: F401
     AblateExpert,
     CustomRouting,
     ForceExpert,
+    MaskTopExperts,
     RouterTemperature,
     SetTopK,
     SteerExperts,

@@ -15,8 +15,11 @@ splits exactly into one part per component::
 
 and the same for the output logit of a token with the final norm: :func:`logit_attribution`.
 The parts are *direct* effects: how much a component writes, in the direction the router
-(or the output head) reads, not what would happen without it (for that, ablate it:
-:mod:`moe_lab.causal`).
+(or the output head) reads, not what would happen without it. An exact decomposition with the
+norm scale frozen is not a causal effect: removing a component also changes the norm's scale and
+everything computed after it that reads it (``attn.3``'s share depends on what ``moe.0`` wrote).
+For the causal effect, remove it: :func:`router_logits_without` (one component at one position)
+or :mod:`moe_lab.causal`.
 
 ::
 
@@ -41,9 +44,9 @@ from torch import Tensor
 
 from .devices import resolve_device
 from .hooks import StopForward
-from .routing.interventions import layer_ids, unwrap
+from .routing.interventions import Intervention, intervene, layer_ids, unwrap
 
-__all__ = ["RouterAttribution", "LogitAttribution", "router_attribution", "logit_attribution"]
+__all__ = ["RouterAttribution", "LogitAttribution", "router_attribution", "logit_attribution", "router_logits_without"]
 
 
 @dataclass
@@ -256,3 +259,92 @@ def logit_attribution(model, tokens, targets=None, *, device=None) -> LogitAttri
     logits = rec["logits"][0].float()[positions.to(held.device), targets.to(held.device)]
     return LogitAttribution(components=names, contributions=contributions.cpu(), target_logits=logits.cpu(),
                             targets=targets, positions=positions)
+
+
+# --------------------------------------------------------------------------------------------
+# the causal cross-check
+
+
+class _ZeroSlotAtRow(Intervention):
+    """Zero-ablate ``expert`` in ``layer`` for one token row of a one-sequence forward (row = position)."""
+
+    def __init__(self, layer: int, expert: int, row: int):
+        self.layers, self.expert, self.row = (int(layer),), int(expert), int(row)
+
+    def edit_routing(self, layer, probs, indices, weights, ctx):
+        off = torch.zeros_like(indices, dtype=torch.bool)
+        if self.row < indices.shape[0]:
+            off[self.row] = indices[self.row] == self.expert
+        return probs, indices, weights.masked_fill(off, 0.0)
+
+    def __repr__(self):
+        return f"_ZeroSlotAtRow(layer={self.layers[0]}, expert={self.expert}, row={self.row})"
+
+
+@torch.no_grad()
+def router_logits_without(model, tokens, layer: int, position: int, component: str | None, *,
+                          device=None) -> Tensor:
+    """Layer ``layer``'s router logits [T, E] of one sequence when ``component`` (a name of
+    :func:`router_attribution`: ``"embed"``, ``"attn.l"``, ``"moe.l"``, ``"moe.l.expert.e"``) is
+    removed at ``position`` only (its output there set to zero; an expert's slot there gets
+    weight 0), and everything after it is recomputed. ``component=None``: the plain logits.
+    The causal counterpart of the direct parts: compare ``plain - without`` at ``position`` with
+    the component's part of the logit (they differ by the norm's scale and the indirect paths).
+    """
+    mixtral, call = unwrap(model)
+    ids = layer_ids(mixtral)
+    if layer not in ids:
+        raise ValueError(f"layer {layer} is not in this model (its layers: {ids})")
+    tokens = _one_sequence(tokens, resolve_device(model, device))
+    T = tokens.numel()
+    if not 0 <= position < T:
+        raise ValueError(f"position {position} is outside the sequence (0..{T - 1})")
+    i_last = ids.index(layer)
+    handles, ivs = [], []
+
+    def zero_at(mod, inputs, out):
+        out = out.clone()
+        out[:, position] = 0
+        return out
+    if component is not None:
+        parts = component.split(".")
+        try:
+            if parts == ["embed"]:
+                handles.append(mixtral.hook_embed.register_forward_hook(zero_at))
+            elif parts[0] in ("attn", "moe") and len(parts) in (2, 4) and int(parts[1]) in ids:
+                block = mixtral.blocks[ids.index(int(parts[1]))]
+                if len(parts) == 4 and parts[0] == "moe" and parts[2] == "expert":
+                    e = int(parts[3])
+                    if not 0 <= e < mixtral.args.n_experts:
+                        raise ValueError
+                    ivs.append(_ZeroSlotAtRow(int(parts[1]), e, position))
+                elif len(parts) == 2:
+                    hp = block.hook_attn_out if parts[0] == "attn" else block.hook_moe_out
+                    handles.append(hp.register_forward_hook(zero_at))
+                else:
+                    raise ValueError
+            else:
+                raise ValueError
+        except ValueError:
+            for h in handles:
+                h.remove()
+            raise ValueError(f"unknown component {component!r}: expected 'embed', 'attn.<layer>', 'moe.<layer>' or "
+                             f"'moe.<layer>.expert.<e>' with a layer of this model ({ids}) and "
+                             f"e < {mixtral.args.n_experts}") from None
+    got = {}
+
+    def grab(mod, inputs, out):
+        got["logits"] = out[0].float().detach().clone() if out.dim() == 3 else out.float().detach().clone()
+        raise StopForward
+    handles.append(mixtral.blocks[i_last].moe.hook_router_logits.register_forward_hook(grab))
+    try:
+        with intervene(model, *ivs):
+            call(tokens[None])
+    except StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+        if call is not mixtral:
+            call.free_all()
+    return got["logits"].reshape(T, -1).cpu()

@@ -68,6 +68,7 @@ __all__ = [
     "offload_policy_figure", "prefetch_figure", "tokens_per_second_figure", "calibration_figure", "stamp",
     "language_content_figure", "hidden_control_figure", "DOMAIN_COLORS", "domain_color", "domain_colors",
     "expert_heatmap", "figure_title", "log_ticks", "expert_axis",
+    "ablation_scan_figure", "redundancy_figure", "dose_response_figure",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -1167,6 +1168,155 @@ def routing_change_figure(base: RoutingTrace, new: RoutingTrace, *, marker_layer
                       height=340, width=560, legend=dict(orientation="h", y=-0.3))
     fig.layout.meta = dict(kind="routing_change_figure", layers=layers)
     return _finish(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Causal experiments (moe_lab.causal): ablation scan, redundancy curves, dose-response
+
+_GREY_ROW = "rgba(160,160,160,0.55)"
+
+
+def ablation_scan_figure(scan, *, title: str | None = None) -> go.Figure:
+    """The table of :func:`moe_lab.causal.ablation_scan` as one heatmap panel per layer (rows:
+    domains; columns: every expert, labelled), each panel with its own colour scale symmetric
+    around 0 (so a layer whose effects are 100x smaller than layer 0's still shows them), a
+    colour bar under each panel, and a circle on the cells whose expert is beyond the null
+    (``beyond_null``). Domains that are not ``counted`` (too few source documents) are greyed and
+    marked in their label."""
+    layers = sorted(scan.layer.unique().tolist())
+    domains = list(dict.fromkeys(scan.domain))
+    experts = sorted(scan.expert.unique().tolist())
+    counted = scan.groupby("domain", sort=False).counted.first() if "counted" in scan else None
+    labels = [d if counted is None or counted[d] else f"{d} (not counted)" for d in domains]
+    n = len(layers)
+    fig = make_subplots(rows=1, cols=n, shared_yaxes=True, horizontal_spacing=0.02 if n > 1 else 0.0,
+                        subplot_titles=[f"layer {l}" for l in layers])
+    fig.update_layout(template=TEMPLATE)
+    legend_shown = False
+    for j, layer in enumerate(layers):
+        sub = scan[scan.layer == layer].pivot_table(index="domain", columns="expert", values="delta", sort=False)
+        sub = sub.reindex(index=domains, columns=experts)
+        z = sub.to_numpy()
+        bound = float(np.nanmax(np.abs(z))) or 1.0
+        ca = "coloraxis" if j == 0 else f"coloraxis{j + 1}"
+        x0, x1 = fig.layout[f"xaxis{'' if j == 0 else j + 1}"].domain
+        fig.update_layout({ca: dict(colorscale="RdBu_r", cmin=-bound, cmax=bound, colorbar=dict(
+            orientation="h", x=(x0 + x1) / 2, xanchor="center", y=-0.26, yanchor="top", len=(x1 - x0) * 0.9,
+            thickness=10, tickfont=dict(size=10), tickvals=[-bound, 0, bound],
+            ticktext=[f"{-bound:.2g}", "0", f"{bound:.2g}"]))})
+        fig.add_trace(go.Heatmap(z=z, x=[f"e{e}" for e in experts], y=labels, coloraxis=ca, xgap=1, ygap=1,
+                                 hovertemplate=f"layer {layer}, %{{x}}, %{{y}}: Δ %{{z:.4f}} nats<extra></extra>"),
+                      row=1, col=j + 1)
+        if "beyond_null" in scan:
+            hit = scan[(scan.layer == layer) & scan.beyond_null]
+            fig.add_trace(go.Scatter(x=[f"e{e}" for e in hit.expert], y=[labels[domains.index(d)] for d in hit.domain],
+                                     mode="markers", marker=dict(symbol="circle-open", color="black", size=13,
+                                                                 line=dict(width=2)),
+                                     name="beyond the null (largest effect of its layer, interval > 0)",
+                                     showlegend=not legend_shown and len(hit) > 0, legendgroup="null",
+                                     hoverinfo="skip"), row=1, col=j + 1)
+            legend_shown = legend_shown or len(hit) > 0
+        for i, d in enumerate(domains):
+            if counted is not None and not counted[d]:
+                fig.add_shape(type="rect", xref=f"x{'' if j == 0 else j + 1}", yref="y", x0=-0.5,
+                              x1=len(experts) - 0.5, y0=i - 0.5, y1=i + 0.5, fillcolor=_GREY_ROW, line_width=0,
+                              layer="above")
+        fig.update_xaxes(title_text="expert", title_font=dict(size=12), tickmode="array",
+                         tickvals=[f"e{e}" for e in experts], tickfont=dict(size=10), row=1, col=j + 1)
+    fig.update_yaxes(autorange="reversed", tickmode="array", tickvals=labels, row=1, col=1)
+    if not legend_shown:  # no circle: say so in the legend
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="beyond the null: none", showlegend=True,
+                                 marker=dict(symbol="circle-open", color="black", size=13)), row=1, col=1)
+    fig.add_annotation(text="Δ loss (nats),<br>one scale per layer", xref="paper", yref="paper", x=0, xanchor="right",
+                       y=-0.26, yanchor="top", showarrow=False, font=dict(size=11), align="right")
+    fig.update_layout(title=title or "Change in loss when one expert is switched off, per domain", showlegend=True,
+                      height=250 + 30 * len(domains), width=max(600, 240 * n),
+                      margin=dict(t=70, b=170, l=150), legend=dict(orientation="h", y=-0.5, x=0, yanchor="top"))
+    fig.layout.meta = dict(kind="ablation_scan_figure", layers=layers)
+    return fig
+
+
+def _ci_scatter(x, y, lo, hi, name, color, dash="solid", **kw):
+    y, lo, hi = (np.asarray(v, dtype=float) for v in (y, lo, hi))
+    return go.Scatter(x=list(x), y=y, mode="lines+markers", name=name, line=dict(color=color, dash=dash, width=2.5),
+                      error_y=dict(type="data", symmetric=False, array=hi - y, arrayminus=y - lo, color=color,
+                                   thickness=1.5, width=4),
+                      hovertemplate=f"%{{x}}: %{{y:.3f}}<extra>{name}</extra>", **kw)
+
+
+def redundancy_figure(per_token, busiest, *, title: str | None = None) -> go.Figure:
+    """DeepSeekMoE's per-token test next to the global "disable the busiest experts".
+
+    ``per_token``: :func:`moe_lab.causal.mask_top_experts`; ``busiest``:
+    :func:`moe_lab.causal.disable_top_experts`, each for *one* domain (pass a single pooled
+    domain). Left: Δ loss against r, with intervals, for the four curves (each token's own top r
+    experts masked / r random per token; the r busiest experts of every layer disabled / r
+    random ones). Right: the global version per unit of displaced load (nats per share of the
+    token-slots rerouted), where busy and random experts can be compared fairly."""
+    for name, df in (("per_token", per_token), ("busiest", busiest)):
+        if df.domain.nunique() != 1:
+            raise ValueError(f"redundancy_figure: {name} must hold one domain (pool the texts), got "
+                             f"{sorted(df.domain.unique())}")
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.16,
+                        subplot_titles=["Δ loss with r experts removed", "busiest vs random, per unit of load"])
+    fig.update_layout(template=TEMPLATE)
+    styles = [(per_token, "top", "each token's own top r masked (DeepSeekMoE, per token)", "#CC3311", "solid"),
+              (per_token, "random", "r random experts masked per token", "#EE7733", "dot"),
+              (busiest, "top", "r busiest experts of every layer disabled (global)", "#0077BB", "solid"),
+              (busiest, "random", "r random experts of every layer disabled", "#33BBEE", "dot")]
+    for df, kind, name, color, dash in styles:
+        g = df[df.kind == kind].sort_values("r")
+        if len(g):
+            fig.add_trace(_ci_scatter(g.r, g.delta, g.delta_low, g.delta_high, name, color, dash), row=1, col=1)
+    for kind, name, color, dash in (("top", "busiest (global)", "#0077BB", "solid"),
+                                    ("random", "random (global)", "#33BBEE", "dot")):
+        g = busiest[(busiest.kind == kind) & (busiest.r > 0)].sort_values("r")
+        fig.add_trace(_ci_scatter(g.r, g.delta_per_displaced, g.dpd_low, g.dpd_high, name, color, dash,
+                                  showlegend=False), row=1, col=2)
+    fig.add_hline(y=0, line=dict(color=_BASELINE_COLOR, dash="dash", width=1))
+    fig.update_xaxes(title_text="r (experts removed)", title_font=dict(size=12), dtick=1)
+    fig.update_yaxes(title_text="Δ loss (nats)", row=1, col=1)
+    fig.update_yaxes(title_text="Δ loss per share of slots displaced", row=1, col=2)
+    fig.update_layout(title=title or "How redundant are the experts?", height=500, width=980,
+                      margin=dict(t=80, b=170), legend=dict(orientation="h", y=-0.25, x=0, yanchor="top"))
+    fig.layout.meta = dict(kind="redundancy_figure")
+    return fig
+
+
+def dose_response_figure(losses, behaviour=None, *, x: str = "dose", x_title: str = "steering offset",
+                         behaviour_title: str = "share of continuations", baseline: float | None = None,
+                         title: str | None = None) -> go.Figure:
+    """A dose-response: left, Δ loss per domain against the dose with bootstrap intervals (the
+    table of :func:`moe_lab.causal.dose_response`); right (``behaviour``, optional), a
+    behavioural share against the dose: a DataFrame with columns ``x``, ``share``, ``ci_low``,
+    ``ci_high`` (and optionally ``label`` for several series), with ``baseline`` (e.g. the
+    classifier's rate on clean text) as a dashed line. No verdict: the whole curve is the result."""
+    cols = 2 if behaviour is not None else 1
+    fig = make_subplots(rows=1, cols=cols, horizontal_spacing=0.14,
+                        subplot_titles=["Δ loss per domain (vs the plain model)"]
+                        + ([behaviour_title] if behaviour is not None else []))
+    fig.update_layout(template=TEMPLATE)
+    for i, (d, g) in enumerate(losses.groupby("domain", sort=False)):
+        g = g.sort_values(x)
+        fig.add_trace(_ci_scatter(g[x], g.delta, g.delta_low, g.delta_high, f"Δ loss on {d}",
+                                  SERIES_COLORS[i % len(SERIES_COLORS)]), row=1, col=1)
+    fig.add_hline(y=0, line=dict(color=_BASELINE_COLOR, dash="dash", width=1), row=1, col=1)
+    if behaviour is not None:
+        groups = behaviour.groupby("label", sort=False) if "label" in behaviour else [("share", behaviour)]
+        for i, (label, g) in enumerate(groups):
+            g = g.sort_values(x)
+            fig.add_trace(_ci_scatter(g[x], g.share, g.ci_low, g.ci_high, str(label),
+                                      SERIES_COLORS[(i + 3) % len(SERIES_COLORS)]), row=1, col=2)
+        if baseline is not None:
+            fig.add_hline(y=baseline, line=dict(color=_BASELINE_COLOR, dash="dash", width=1), row=1, col=2,
+                          annotation_text="on clean text", annotation_position="top left")
+        fig.update_yaxes(title_text="share", tickformat=".0%", rangemode="tozero", row=1, col=2)
+    fig.update_xaxes(title_text=x_title, title_font=dict(size=12))
+    fig.update_yaxes(title_text="Δ loss (nats)", row=1, col=1)
+    fig.update_layout(title=title or "Dose-response", height=470, width=980 if cols == 2 else 600,
+                      margin=dict(t=80, b=140), legend=dict(orientation="h", y=-0.3, x=0, yanchor="top"))
+    fig.layout.meta = dict(kind="dose_response_figure")
+    return fig
 
 
 # --------------------------------------------------------------------------------------------

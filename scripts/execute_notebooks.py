@@ -31,6 +31,13 @@ else Debian's ``chromium`` package is installed with apt-get when running as roo
 the script stops before executing anything and says what is missing. The library itself never
 needs either.
 
+Run times: a notebook's header states how long it takes in each mode between the markers
+``<!-- run-time fast -->`` / ``<!-- run-time full -->`` and ``<!-- /run-time -->``. Each run of this
+script rewrites the marker of the mode it ran with what it measured (the kernel's execution time),
+so the numbers are never typed by hand. ``--times-only`` runs the notebooks and rewrites only those
+numbers in the saved files, leaving their outputs as they are (e.g. ``--fast --times-only`` after a
+full-mode run, to measure fast mode without saving fast-mode outputs).
+
 Notebooks run in a fresh kernel each (this checkout's ``moe_lab`` first on ``PYTHONPATH``,
 ``MOE_LAB_FAST=0`` or ``1``, ``PYTHONHASHSEED=0``), in the notebook's folder. A notebook is written
 only when it ran without error and every figure got its PNG, through a temporary file renamed over
@@ -47,6 +54,7 @@ import hashlib
 import html as html_lib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -285,6 +293,50 @@ def figures_missing_png(nb: dict) -> list[int]:
             and any(is_figure_output(o) and PNG_MIME not in o.get("data", {}) for o in cell.get("outputs", []))]
 
 
+# ---------------------------------------------------------------- measured run times in the header
+
+RUN_TIME_MODES = ("fast", "full")
+_RUN_TIME = re.compile(r"(<!-- run-time (fast|full) -->)(.*?)(<!-- /run-time -->)", re.S)
+
+
+def format_run_time(seconds: float) -> str:
+    """A measured duration as a header states it: "about 40 s", "about 2.5 min", "about 15 min"."""
+    if seconds < 90:
+        return f"about {max(5, 5 * round(seconds / 5)):.0f} s"
+    minutes = seconds / 60
+    return f"about {round(minutes * 2) / 2:g} min" if minutes < 10 else f"about {round(minutes):.0f} min"
+
+
+def set_run_time(nb: dict, mode: str, seconds: float) -> int:
+    """Write ``seconds`` (formatted) between the ``<!-- run-time {mode} -->`` marker and its end in
+    the markdown cells of ``nb`` (an nbformat dict, changed in place); returns how many were written."""
+    if mode not in RUN_TIME_MODES:
+        raise ValueError(f"mode={mode!r}: use one of {RUN_TIME_MODES}")
+    count = 0
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") != "markdown":
+            continue
+        source = _text(cell.get("source"))
+
+        def put(m):
+            nonlocal count
+            if m.group(2) != mode:
+                return m.group(0)
+            count += 1
+            return m.group(1) + format_run_time(seconds) + m.group(4)
+
+        new = _RUN_TIME.sub(put, source)
+        if new != source:
+            cell["source"] = new
+    return count
+
+
+def run_times(nb: dict) -> dict[str, str]:
+    """The run times a notebook's markdown states, by mode ({"fast": "about 40 s", ...})."""
+    return {m.group(2): m.group(3) for cell in nb.get("cells", []) if cell.get("cell_type") == "markdown"
+            for m in _RUN_TIME.finditer(_text(cell.get("source")))}
+
+
 # ---------------------------------------------------------------- one notebook (a worker process)
 
 def write_atomically(path: Path, text: str) -> None:
@@ -314,8 +366,10 @@ def kernel_env(fast: bool, jobs: int = 1) -> dict:
 
 
 def run_one(path: Path, *, execute: bool, fast: bool, cell_timeout: int, html: str, scale: float,
-            failed_dir: Path, progress: bool, jobs: int = 1) -> dict:
-    """Execute one notebook (``execute``), add the static figures, write it back atomically."""
+            failed_dir: Path, progress: bool, jobs: int = 1, times_only: bool = False) -> dict:
+    """Execute one notebook (``execute``), write its measured run time into its header, add the
+    static figures, write it back atomically. ``times_only``: write only the run time into the saved
+    file (its outputs stay as they were)."""
     import nbformat
 
     result = {"notebook": str(path), "bytes_before": path.stat().st_size, "executed": execute}
@@ -346,6 +400,16 @@ def run_one(path: Path, *, execute: bool, fast: bool, cell_timeout: int, html: s
             if bar is not None:
                 bar.close()
     result["execute_s"] = time.perf_counter() - t0
+    if execute:
+        mode = "fast" if fast else "full"
+        if times_only:
+            saved = nbformat.read(path, as_version=4)
+            result["run_time_markers"] = set_run_time(saved, mode, result["execute_s"])
+            text = nbformat.writes(saved) + "\n"
+            write_atomically(path, text)
+            result.update(ok=True, figures=0, figures_s=0.0, bytes_after=len(text.encode("utf-8")))
+            return result
+        result["run_time_markers"] = set_run_time(nb, mode, result["execute_s"])
     t1 = time.perf_counter()
     stats = add_static_figures(nb, html=html, scale=scale)
     missing = figures_missing_png(nb)
@@ -361,13 +425,20 @@ def run_one(path: Path, *, execute: bool, fast: bool, cell_timeout: int, html: s
 
 
 def _worker_main(args) -> int:
+    if args.times_only:  # no figure is drawn: no browser needed
+        result = run_one(Path(args.worker), execute=True, fast=args.fast, cell_timeout=args.cell_timeout,
+                         html=args.html, scale=args.png_scale, failed_dir=Path(args.failed_dir),
+                         progress=args.jobs == 1, jobs=args.jobs, times_only=True)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0 if result["ok"] else 1
     import kaleido
 
     kaleido.start_sync_server(silence_warnings=True)  # one browser for all the notebook's figures
     try:
         result = run_one(Path(args.worker), execute=not args.no_execute, fast=args.fast,
                          cell_timeout=args.cell_timeout, html=args.html, scale=args.png_scale,
-                         failed_dir=Path(args.failed_dir), progress=args.jobs == 1, jobs=args.jobs)
+                         failed_dir=Path(args.failed_dir), progress=args.jobs == 1, jobs=args.jobs,
+                         times_only=args.times_only)
     except Exception as e:  # reported by the parent, with the notebook's name
         result = {"notebook": args.worker, "ok": False, "error": f"{type(e).__name__}: {e}"}
     finally:
@@ -404,7 +475,8 @@ def resolve(names: list[str]) -> list[Path]:
 def _launch(path: Path, args, failed_dir: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(path), "--failed-dir", str(failed_dir),
            "--html", args.html, "--png-scale", str(args.png_scale), "--cell-timeout", str(args.cell_timeout),
-           "-j", str(args.jobs)] + (["--fast"] if args.fast else []) + (["--no-execute"] if args.no_execute else [])
+           "-j", str(args.jobs)] + (["--fast"] if args.fast else []) + (["--no-execute"] if args.no_execute else []) \
+        + (["--times-only"] if args.times_only else [])
     log = failed_dir / f"{path.stem}.log"
     t0 = time.perf_counter()
     with open(log, "w") as err:
@@ -429,6 +501,8 @@ def _report(r: dict) -> str:
     if not r["ok"]:
         return f"FAILED {name} after {r.get('wall_s', 0):.0f} s: {r['error']}"
     ran = f"executed in {r['execute_s']:.1f} s" if r.get("executed") else "outputs kept"
+    if r.get("executed") and not r.get("run_time_markers"):
+        ran += " (no run-time marker in its header: nothing written)"
     return (f"ok     {name}: {ran}, {r['figures']} figures drawn in {r['figures_s']:.1f} s "
             f"({r['wall_s']:.0f} s in all), {r['bytes_before']:,} -> {r['bytes_after']:,} bytes")
 
@@ -445,13 +519,17 @@ def main(argv=None) -> int:
     ap.add_argument("--png-scale", type=float, default=PNG_SCALE, help=f"PNG scale factor (default {PNG_SCALE})")
     ap.add_argument("--no-execute", action="store_true", help="keep the saved outputs; only add the static forms")
     ap.add_argument("--no-install", action="store_true", help="never apt-get install a browser")
+    ap.add_argument("--times-only", action="store_true",
+                    help="run the notebooks but write only the measured run time into each saved header")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--failed-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error("-j must be at least 1")
+    if args.times_only and args.no_execute:
+        ap.error("--times-only measures a run: it cannot go with --no-execute")
     try:
-        browser = require_figure_tools(install=not args.no_install)
+        browser = "not needed (--times-only)" if args.times_only else require_figure_tools(install=not args.no_install)
     except FigureToolsMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -79,3 +79,39 @@ def test_attribution_on_partial_and_streaming_models(tmp_path):
         router_attribution(part, tokens, 0)
     with pytest.raises(ValueError, match="one sequence"):
         router_attribution(part, tokens.expand(2, -1), 1)
+
+
+@pytest.mark.parametrize("args", [TINY_CONFIGS[0], TINY_CONFIGS[3]], ids=[CONFIG_IDS[0], CONFIG_IDS[3]])
+def test_router_logits_without_a_component(args):
+    """The causal cross-check of the direct parts: one component removed at one position."""
+    from moe_lab.attribution import router_logits_without
+
+    model = make_model(args, seed=12)
+    tokens = random_tokens(args, 1, 12, seed=6)
+    L, pos = args.n_layers - 1, 7
+    a = router_attribution(model, tokens, L)
+    torch.testing.assert_close(router_logits_without(model, tokens, L, pos, None), a.router_logits, atol=0, rtol=0)
+    # without its own attention at pos, layer L's router reads norm(resid_pre) there; other positions unchanged
+    got = router_logits_without(model, tokens, L, pos, f"attn.{L}")
+    _, cache = model.run_with_cache(tokens, names_filter=f"blocks.{L}.hook_resid_pre")
+    block = model.blocks[L]
+    with torch.no_grad():
+        want = block.moe.gate(block.ffn_norm(cache["resid_pre", L][0, pos]))
+    torch.testing.assert_close(got[pos], want.float(), atol=1e-5, rtol=1e-5)
+    keep = torch.arange(12) != pos
+    torch.testing.assert_close(got[keep], a.router_logits[keep], atol=1e-6, rtol=0)
+    # an expert's slot at pos: removing every expert chosen there equals removing moe.0 (top-1: the one chosen)
+    if args.experts_per_token == 1:
+        _, c = model.run_with_cache(tokens, names_filter="topk_indices")
+        e = int(c["topk_indices", 0][pos, 0])
+        torch.testing.assert_close(router_logits_without(model, tokens, L, pos, f"moe.0.expert.{e}"),
+                                   router_logits_without(model, tokens, L, pos, "moe.0"), atol=1e-6, rtol=0)
+        other = (e + 1) % args.n_experts  # an expert not chosen there: nothing changes
+        torch.testing.assert_close(router_logits_without(model, tokens, L, pos, f"moe.0.expert.{other}"),
+                                   a.router_logits, atol=0, rtol=0)
+    # the embedding at pos matters at pos
+    assert not torch.allclose(router_logits_without(model, tokens, L, pos, "embed")[pos], a.router_logits[pos])
+    for bad in ("attn.9", "mlp.0", "moe.0.expert.99", "moe.0.x.1"):
+        with pytest.raises(ValueError, match="unknown component"):
+            router_logits_without(model, tokens, L, pos, bad)
+    assert not model.blocks[0].moe._forward_hooks and not model.hook_embed._forward_hooks

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 from conftest import CONFIG_IDS, TINY_CONFIGS, make_model, random_tokens
 from moe_lab import AblateExpert, StreamingMixtral, intervene, load_model, save_model, trace_routing
-from moe_lab import SwapExpert
+from moe_lab import MaskTopExperts, SteerExperts, SwapExpert
 from moe_lab.causal import (ablation_scan, alternative_routes, bootstrap_mean, contrastive_experts,
-                            disable_top_experts, document_losses)
+                            disable_top_experts, document_losses, dose_response, mask_top_experts, paired_gap,
+                            scan_cells)
 
 
 def texts_for(args, seed=0):
@@ -35,7 +36,7 @@ def doc_loss(model, doc):
 def test_ablation_scan_exact_and_prefix_reuse_identical(args):
     model = make_model(args, seed=31)
     texts = texts_for(args)
-    kw = dict(n_boot=50, n_controls=5, progress=False, batch_size=2)
+    kw = dict(n_boot=50, progress=False, batch_size=2)
     for mode in ("reroute", "zero"):
         fast = ablation_scan(model, texts, mode=mode, **kw)
         slow = ablation_scan(model, texts, mode=mode, reuse_prefix=False, **kw)
@@ -50,12 +51,16 @@ def test_ablation_scan_exact_and_prefix_reuse_identical(args):
         assert math.isclose(row.base_loss, np.mean(base), abs_tol=1e-5)
         assert math.isclose(row.delta, np.mean(abl) - np.mean(base), abs_tol=1e-5)
         assert row.ci_low <= row.delta <= row.ci_high and row.n_docs == 3
-    # the control is drawn from the layer's other experts: it lies within their effects
+    # the null: gap = delta - the largest other effect of the layer, with a paired interval
     for (L, d), g in fast.groupby(["layer", "domain"]):
         for _, r in g.iterrows():
             others = g[g.expert != r.expert].delta
-            assert others.min() - 1e-12 <= r.control_mean <= others.max() + 1e-12
-    assert (fast.beyond_control == (fast.ci_low > fast.control_high)).all()
+            assert math.isclose(r.max_other, others.max(), abs_tol=1e-12)
+            assert math.isclose(r.gap, r.delta - others.max(), abs_tol=1e-12)
+            assert r.gap_low <= r.gap + 1e-12 <= r.gap_high + 2e-12
+        assert (g.gap > 0).sum() <= 1 and g.beyond_null.sum() <= 1  # at most one expert per cell
+    assert (fast.beyond_null == (fast.gap_low > 0) & fast.counted).all()
+    assert (fast.beyond_control == fast.beyond_null).all()
 
 
 def test_ablation_scan_on_partial_and_streaming_models(tmp_path):
@@ -63,7 +68,7 @@ def test_ablation_scan_on_partial_and_streaming_models(tmp_path):
     path = save_model(make_model(args, seed=32), tmp_path / "c")
     part = load_model(path, layers=[1, 2])
     texts = texts_for(args, seed=1)
-    kw = dict(n_boot=20, n_controls=3, progress=False, batch_size=4)
+    kw = dict(n_boot=20, progress=False, batch_size=4)
     ours = ablation_scan(part, texts, layers=[2], experts=[0, 3], **kw)
     assert set(ours.layer) == {2} and set(ours.expert) == {0, 3}
     with StreamingMixtral(path, layers=[1, 2]) as sm:
@@ -99,7 +104,7 @@ def test_disable_top_experts():
     model = make_model(args, seed=33)
     texts = texts_for(args, seed=2)
     df = disable_top_experts(model, texts, r_values=[0, 2, 7], n_random=2, n_boot=20, progress=False)
-    assert len(df) == 3 * 2 * 2
+    assert len(df) == 3 * 2 * 2 and (df.selected_on == "the scored texts").all()
     r0 = df[df.r == 0]
     for d, g in r0.groupby("domain"):  # r = 0 is the plain model for both kinds
         assert g.loss.nunique() == 1
@@ -111,8 +116,29 @@ def test_disable_top_experts():
            for L in range(args.n_layers)]
     with intervene(model, *[AblateExpert(L, es) for L, es in enumerate(top)]):
         want = np.mean([doc_loss(model, x) for x in texts["high"]])
-    got = df[(df.r == 2) & (df.kind == "top") & (df.domain == "high")].loss.item()
-    assert math.isclose(got, want, abs_tol=1e-5)
+    row = df[(df.r == 2) & (df.kind == "top") & (df.domain == "high")].iloc[0]
+    assert math.isclose(row.loss, want, abs_tol=1e-5)
+    base = np.mean([doc_loss(model, x) for x in texts["high"]])
+    assert math.isclose(row.delta, want - base, abs_tol=1e-5) and row.delta_low <= row.delta <= row.delta_high
+    # displaced: the share of the high documents' (token, layer, slot) assignments the disabled experts held
+    th = trace_routing(model, texts["high"], progress=False)
+    shares = [np.mean([np.isin(th.expert_ids[L][th.doc_ids == i], top[L]).mean() for L in range(args.n_layers)])
+              for i in range(len(texts["high"]))]
+    assert math.isclose(row.displaced, np.mean(shares), abs_tol=1e-9)
+    assert math.isclose(row.delta_per_displaced, row.delta / row.displaced, rel_tol=1e-9)
+    assert row.dpd_low <= row.delta_per_displaced <= row.dpd_high
+    # r = 7 of 8: only the slots of the one expert left stay put
+    assert df[df.r == 0].displaced.eq(0).all() and df[df.r == 7].displaced.between(0.75, 1.0).all()
+    # the busy experts chosen on other texts: ranked on those
+    other = texts_for(args, seed=9)
+    df2 = disable_top_experts(model, texts, r_values=[2], n_random=1, n_boot=20, select_texts=other, progress=False)
+    t2 = trace_routing(model, other["low"] + other["high"], progress=False)
+    top2 = [np.argsort(-np.bincount(t2.expert_ids[L].ravel(), minlength=8), kind="stable")[:2].tolist()
+            for L in range(args.n_layers)]
+    with intervene(model, *[AblateExpert(L, es) for L, es in enumerate(top2)]):
+        want2 = np.mean([doc_loss(model, x) for x in texts["low"]])
+    row2 = df2[(df2.kind == "top") & (df2.domain == "low")].iloc[0]
+    assert math.isclose(row2.loss, want2, abs_tol=1e-5) and row2.selected_on == "other texts"
     with pytest.raises(ValueError, match=r"r=8 is outside \[0, 7\]"):
         disable_top_experts(model, texts, r_values=[8], progress=False)
 
@@ -200,3 +226,104 @@ def test_document_losses():
     sw = document_losses(model, texts, interventions=[SwapExpert(0, 1, 2)])
     with intervene(model, SwapExpert(0, 1, 2)):
         np.testing.assert_allclose(sw.loss, [doc_loss(model, d) for ds in texts.values() for d in ds], atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# issue 23: the null of the scan, the per-token redundancy test, dose-response, mean ablation
+
+
+def test_scan_null_by_hand_sources_and_cells():
+    args = TINY_CONFIGS[3]  # 3 layers, top-2 of 4
+    model = make_model(args, seed=41)
+    texts = texts_for(args, seed=5)
+    scan = ablation_scan(model, texts, layers=[2], n_boot=200, seed=3, progress=False, batch_size=4,
+                         n_sources={"low": 3, "high": 1})
+    assert set(scan[scan.domain == "high"].counted) == {False} and set(scan[scan.domain == "low"].counted) == {True}
+    assert not scan[scan.domain == "high"].beyond_null.any()  # a domain from 1 source is never counted
+    # the paired bootstrap by hand for the low domain
+    g = scan[scan.domain == "low"].sort_values("expert")
+    base = np.array([doc_loss(model, d) for d in texts["low"]])
+    D = []
+    for e in range(args.n_experts):
+        with intervene(model, AblateExpert(2, e)):
+            D.append(np.array([doc_loss(model, d) for d in texts["low"]]) - base)
+    D = np.stack(D, 1)  # (3 docs, 4 experts)
+    np.testing.assert_allclose(g.delta, D.mean(0), atol=1e-5)
+    boot = D[np.random.default_rng(3).integers(0, 3, size=(200, 3))].mean(1)
+    for e in range(args.n_experts):
+        others = [x for x in range(args.n_experts) if x != e]
+        lo, hi = np.quantile(boot[:, e] - boot[:, others].max(1), [0.025, 0.975])
+        row = g[g.expert == e].iloc[0]
+        assert math.isclose(row.gap_low, lo, abs_tol=1e-5) and math.isclose(row.gap_high, hi, abs_tol=1e-5)
+    cells = scan_cells(scan)
+    assert len(cells) == 2 and set(cells.domain) == {"low", "high"}
+    for _, c in cells.iterrows():
+        sub = scan[(scan.layer == c.layer) & (scan.domain == c.domain)]
+        assert c.expert == sub.loc[sub.delta.idxmax(), "expert"]
+    with pytest.raises(ValueError, match="n_sources has no entry for domain 'high'"):
+        ablation_scan(model, texts, layers=[2], n_sources={"low": 3}, progress=False)
+    with pytest.raises(ValueError, match="column 'gap' is missing"):
+        scan_cells(scan.drop(columns="gap"))
+
+
+def test_paired_gap_finds_a_planted_effect():
+    """One column made clearly larger is beyond the null; with no planted effect, none is."""
+    rng = np.random.default_rng(0)
+    D = rng.normal(0.0, 0.01, size=(12, 8)) + rng.normal(0.0, 0.05, size=(12, 1))  # shared document noise
+    gap, lo, hi = paired_gap(D, 500)
+    assert not (lo > 0).any() and (gap > 0).sum() == 1
+    D[:, 5] += 0.05
+    gap, lo, hi = paired_gap(D, 500)
+    assert lo[5] > 0 and (lo > 0).sum() == 1 and np.all(lo <= gap) and np.all(gap <= hi)
+    # paired: the shared document noise cancels; unpaired intervals of the means overlap
+    m5 = bootstrap_mean(D[:, 5], 500)
+    m_other = max(bootstrap_mean(D[:, j], 500)[2] for j in range(8) if j != 5)
+    assert m5[1] < m_other
+    with pytest.raises(ValueError, match="needs effects"):
+        paired_gap(np.zeros(4))
+
+
+def test_mean_ablation_scan():
+    args = TINY_CONFIGS[1]
+    model = make_model(args, seed=43)
+    texts = texts_for(args, seed=6)
+    reference = [random_tokens(args, 1, 24, seed=s)[0].tolist() for s in range(10, 16)]
+    scan = ablation_scan(model, texts, layers=[1], experts=[2], mode="mean", reference=reference, n_boot=20,
+                         progress=False)
+    with intervene(model, AblateExpert(1, 2, mode="mean", reference=reference)):
+        want = np.mean([doc_loss(model, d) for d in texts["low"]])
+    row = scan[scan.domain == "low"].iloc[0]
+    assert math.isclose(row.ablated_loss, want, abs_tol=1e-5) and row["mode"] == "mean"
+    with pytest.raises(ValueError, match="mode='mean'\\) needs reference="):
+        ablation_scan(model, texts, mode="mean", progress=False)
+
+
+def test_mask_top_experts_curve():
+    args = TINY_CONFIGS[1]  # top-2 of 8
+    model = make_model(args, seed=44)
+    texts = texts_for(args, seed=7)
+    df = mask_top_experts(model, texts, r_values=[0, 1, 6], n_boot=20, progress=False)
+    assert len(df) == 3 * 2 * 2
+    assert (df[df.r == 0].delta.abs() < 1e-12).all()
+    with intervene(model, MaskTopExperts(1)):
+        want = np.mean([doc_loss(model, d) for d in texts["high"]])
+    row = df[(df.r == 1) & (df.kind == "top") & (df.domain == "high")].iloc[0]
+    assert math.isclose(row.loss, want, abs_tol=1e-5) and row.delta_low <= row.delta <= row.delta_high
+    assert abs(row.delta) > 1e-6  # it did something (on a random model, in either direction)
+    rnd = df[(df.kind == "random") & (df.r == 6)]
+    assert len(rnd) == 2 and (rnd.delta.abs() > 1e-6).all()
+    with pytest.raises(ValueError, match=r"r=7 is outside \[0, 6\]"):
+        mask_top_experts(model, texts, r_values=[7], progress=False)
+
+
+def test_dose_response():
+    args = TINY_CONFIGS[1]
+    model = make_model(args, seed=45)
+    texts = texts_for(args, seed=8)
+    df = dose_response(model, texts, lambda d: [SteerExperts(0, {1: d})], [0.0, 3.0], n_boot=20, progress=False)
+    assert len(df) == 4 and (df[df.dose == 0].delta == 0).all()
+    plain = np.mean([doc_loss(model, d) for d in texts["low"]])
+    with intervene(model, SteerExperts(0, {1: 3.0})):
+        steered = np.mean([doc_loss(model, d) for d in texts["low"]])
+    row = df[(df.dose == 3.0) & (df.domain == "low")].iloc[0]
+    assert math.isclose(row.delta, steered - plain, abs_tol=1e-5) and row.delta != 0

@@ -122,7 +122,10 @@ def test_generation_on_the_device(model, cpu_model, tok):
 @pytest.mark.parametrize("iv", [moe_lab.AblateExpert(1, 2), moe_lab.AblateExpert(0, [1, 3], mode="zero"),
                                 moe_lab.SwapExpert(2, 0, 1), moe_lab.SteerExperts(1, {0: 2.0, 3: -1.0}),
                                 moe_lab.ForceExpert(1, 3, positions=[1, 2]), moe_lab.SetTopK(1),
-                                moe_lab.RouterTemperature(2.0)], ids=repr)
+                                moe_lab.RouterTemperature(2.0), moe_lab.MaskTopExperts(1),
+                                moe_lab.SteerExperts(1, activate=[2], deactivate=[0]),
+                                moe_lab.AblateExpert(1, 2, mode="mean", reference=[[1, 5, 6, 7, 8, 9, 10, 11, 12]])],
+                         ids=repr)
 def test_interventions_on_the_device(model, cpu_model, iv):
     tokens = torch.tensor([[1, 5, 6, 7, 8, 9]])
     with torch.no_grad():
@@ -148,6 +151,23 @@ def test_causal_experiments_on_the_device(model, cpu_model, tok):
     assert routes.attrs["plain_logprob"] == pytest.approx(routes_cpu.attrs["plain_logprob"], abs=ATOL)
     diff = causal.contrastive_experts(model, TEXTS["a"], TEXTS["b"], tok, n_boot=20)
     assert diff["risk_diff"].between(-1, 1).all()
+
+
+def test_redundancy_dose_and_cross_check_on_the_device(model, cpu_model, tok):
+    for m in (model, cpu_model):  # the per-token masking and its random control run where the model is
+        df = causal.mask_top_experts(m, TEXTS, tok, r_values=[0, 1], n_boot=20, progress=False)
+        assert np.isfinite(df["loss"]).all()
+    want, got = (causal.mask_top_experts(m, TEXTS, tok, r_values=[1], random_control=False, n_boot=20, progress=False)
+                 for m in (cpu_model, model))
+    np.testing.assert_allclose(got["loss"], want["loss"], atol=ATOL)
+    steer = lambda d: [moe_lab.SteerExperts(1, {0: d})]  # noqa: E731
+    want, got = (causal.dose_response(m, TEXTS, steer, [0.0, 1.0], tok, n_boot=20, progress=False)
+                 for m in (cpu_model, model))
+    np.testing.assert_allclose(got["delta"], want["delta"], atol=ATOL)
+    tokens = [1, 5, 6, 7, 8, 9]
+    want, got = (attribution.router_logits_without(m, tokens, 2, 3, "moe.0.expert.1") for m in (cpu_model, model))
+    assert got.device.type == "cpu"
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
 
 
 def test_attribution_on_the_device(model, cpu_model):

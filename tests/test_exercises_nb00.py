@@ -85,5 +85,5 @@ def test_changed_share(model):
     if not np.allclose(first, right):
         assert "first choice" in ex.check_changed_share(first, base, new).message
     assert "counts" in ex.check_changed_share(right * base.n_tokens, base, new).message
-    assert "expected 3 numbers" in ex.check_changed_share(right[:2], base, new).message
+    assert "one number per traced layer" in ex.check_changed_share(right[:2], base, new).message
     assert moe_lab.exercises.nb00.check_changed_share.__doc__

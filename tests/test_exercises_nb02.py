@@ -22,18 +22,23 @@ def lb_by_hand(router_logits, E, k, f_sums_to_one=False):
 
 def test_load_balancing_by_hand():
     lg = _logits()
-    right = lb_by_hand(lg, 8, 2)
-    assert torch.allclose(right, load_balancing_loss(lg, 8, 2))
-    assert ex.check_load_balancing(right, lg, 8, 2)
-    assert ex.check_load_balancing(float(right), lg, 8, 2)
+    assert torch.allclose(lb_by_hand(lg, 8, 2), load_balancing_loss(lg, 8, 2))
+    assert ex.check_load_balancing(lb_by_hand, lg, 8, 2)
+    assert ex.check_load_balancing(lambda rl, E, k: float(lb_by_hand(rl, E, k)), lg, 8, 2)
     assert ex.check_load_balancing(None, lg, 8, 2).status == "todo"
-    fb = ex.check_load_balancing(lb_by_hand(lg, 8, 2, f_sums_to_one=True), lg, 8, 2)
+    assert ex.check_load_balancing(lambda rl, E, k: None, lg, 8, 2).status == "todo"  # the stub
+    fb = ex.check_load_balancing(lambda rl, E, k: lb_by_hand(rl, E, k, f_sums_to_one=True), lg, 8, 2)
     assert fb.status == "wrong" and "sum to 1" in fb.message and "sums to k" in fb.hint
-    per_layer = [float(load_balancing_loss([x], 8, 2)) for x in lg]
-    fb = ex.check_load_balancing(sum(per_layer), lg, 8, 2)
+    fb = ex.check_load_balancing(lambda rl, E, k: sum(float(load_balancing_loss([x], E, k)) for x in rl), lg, 8, 2)
+    assert fb.status == "wrong" and "calls the library" in fb.message  # by hand: the library is switched off
+    per_layer = lambda rl, E, k: sum(lb_by_hand([x], E, k) for x in rl)  # noqa: E731
+    fb = ex.check_load_balancing(per_layer, lg, 8, 2)
     assert fb.status == "wrong" and "per-layer" in fb.message
-    fb = ex.check_load_balancing(sum(per_layer) / 3, lg, 8, 2)
+    fb = ex.check_load_balancing(lambda rl, E, k: per_layer(rl, E, k) / len(rl), lg, 8, 2)
     assert fb.status == "wrong" and "mean of per-layer" in fb.message
+    # a pasted value (the old form) is not accepted: the exercise takes a function
+    fb = ex.check_load_balancing(float(load_balancing_loss(lg, 8, 2)), lg, 8, 2)
+    assert fb.status == "wrong" and "takes your function" in fb.message
 
 
 def test_switch_routing():

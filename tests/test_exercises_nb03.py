@@ -49,7 +49,7 @@ def test_qk_permutation():
     fb = ex.check_qk_permutation(lambda w, n: interleaved_to_half(w, 1))
     assert fb.status == "wrong" and "one head" in fb.message
     fb = ex.check_qk_permutation(lambda w, n: w)
-    assert fb.status == "wrong" and "should hold input row" in fb.message
+    assert fb.status == "wrong" and "hold the wrong input row" in fb.message
     fb = ex.check_qk_permutation(lambda w, n: w.T)
     assert fb.status == "wrong" and "same shape" in fb.message
     fb = ex.check_qk_permutation(lambda w, n: 1 / 0)
@@ -66,7 +66,7 @@ def test_layer_order_effect(model, mistral_dir):
     fb = ex.check_layer_order_effect(0.0, mistral_dir, tokens)
     assert fb.status == "wrong" and "order" in fb.message
     fb = ex.check_layer_order_effect(diff * 2, mistral_dir, tokens)
-    assert fb.status == "wrong" and "expected" in fb.message
+    assert fb.status == "wrong" and "not equal" in fb.message
     assert ex.check_layer_order_effect("big", mistral_dir, tokens).status == "wrong"
 
 
@@ -86,7 +86,7 @@ def test_partial_load_memory():
         fb = ex.check_partial_load_memory(mistake, args, n_layers=4)
         assert fb.status == "wrong" and word in fb.message, (mistake, fb)
     fb = ex.check_partial_load_memory(1e9, args, n_layers=4)
-    assert fb.status == "wrong" and "expected about" in fb.message
+    assert fb.status == "wrong" and "not within 1%" in fb.message
 
 
 def test_function_stub_is_todo():

@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from moe_lab import AblateExpert, ForceExpert, Mixtral, ModelArgs, intervene, trace_routing
+from moe_lab import AblateExpert, ForceExpert, Mixtral, ModelArgs, intervene, topk_softmax_routing, trace_routing
 from moe_lab.exercises import nb04 as ex
 
 PROMPT = [1, 17, 52, 9, 33, 81, 40, 12, 66, 7]
@@ -19,23 +19,32 @@ def model():
 
 def test_topk_by_hand():
     logits = torch.randn(20, 8, generator=torch.Generator().manual_seed(1))
-    probs = logits.softmax(-1)
-    w, idx = probs.topk(2, dim=-1)
-    assert ex.check_topk_by_hand((w / w.sum(-1, keepdim=True), idx), logits, k=2)
-    w2, idx2 = logits.topk(2, dim=-1)  # mistral-inference's order: top-k logits, softmax over k
-    assert ex.check_topk_by_hand((w2.softmax(-1), idx2), logits, k=2)
+
+    def hf_order(lg, k):  # softmax over all, top-k, renormalise
+        w, idx = lg.softmax(-1).topk(k, dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+    def mistral_order(lg, k):  # mistral-inference's order: top-k logits, softmax over k
+        w, idx = lg.topk(k, dim=-1)
+        return w.softmax(-1), idx
+
+    assert ex.check_topk_by_hand(hf_order, logits, k=2)
+    assert ex.check_topk_by_hand(mistral_order, logits, k=2)
     assert ex.check_topk_by_hand(None, logits, k=2).status == "todo"
-    fb = ex.check_topk_by_hand((w, idx), logits, k=2)  # forgot to renormalise
+    fb = ex.check_topk_by_hand(lambda lg, k: lg.softmax(-1).topk(k, dim=-1), logits, k=2)  # forgot to renormalise
     assert fb.status == "wrong" and "not renormalised" in fb.message and fb.hint
-    fb = ex.check_topk_by_hand((w.flip(-1), idx.flip(-1)), logits, k=2)
+    fb = ex.check_topk_by_hand(lambda lg, k: tuple(x.flip(-1) for x in hf_order(lg, k)), logits, k=2)
     assert fb.status == "wrong" and "wrong order" in fb.message
-    fb = ex.check_topk_by_hand((idx, w), logits, k=2)
+    fb = ex.check_topk_by_hand(lambda lg, k: hf_order(lg, k)[::-1], logits, k=2)
     assert fb.status == "wrong" and "(weights, experts)" in fb.message
-    w3, idx3 = probs.topk(3, dim=-1)
-    fb = ex.check_topk_by_hand((w3, idx3), logits, k=2)
+    fb = ex.check_topk_by_hand(lambda lg, k: hf_order(lg, 3), logits, k=2)
     assert fb.status == "wrong" and "shape" in fb.message
-    fb = ex.check_topk_by_hand((w, (-probs).topk(2, dim=-1).indices), logits, k=2)
-    assert fb.status == "wrong" and "token 0" in fb.message
+    fb = ex.check_topk_by_hand(lambda lg, k: (hf_order(lg, k)[0], (-lg).topk(k, dim=-1).indices), logits, k=2)
+    assert fb.status == "wrong" and "experts of 64 of 64 tokens differ" in fb.message
+    # by hand: the library's own routing is switched off, and a pasted value is not accepted
+    fb = ex.check_topk_by_hand(lambda lg, k: topk_softmax_routing(lg, k)[:0:-1], logits, k=2)
+    assert fb.status == "wrong" and "calls the library" in fb.message
+    assert "takes your function" in ex.check_topk_by_hand(hf_order(logits, 2), logits, k=2).message
 
 
 def test_ablation_sweep(model):
@@ -83,7 +92,7 @@ def test_force_spread(model):
         fb = ex.check_force_spread([pos], model, PROMPT, layer, expert, pos)
         assert fb.status == "wrong" and "Later tokens" in fb.message
     fb = ex.check_force_spread(right + [len(PROMPT) + 5], model, PROMPT, layer, expert, pos)
-    assert fb.status == "wrong" and "expected positions" in fb.message
+    assert fb.status == "wrong" and "changed position(s) missing" in fb.message
 
 
 def test_random_routing():
@@ -115,7 +124,22 @@ def test_random_routing():
         w, idx = probs.topk(k, dim=-1)
         return probs, idx, w / w.sum(-1, keepdim=True)
 
+    def top1_plus_random(logits, k):  # keeps the router's own first choice: not random
+        probs = logits.float().softmax(-1)
+        first = logits.argmax(-1, keepdim=True)
+        noise = torch.rand_like(probs).scatter(-1, first, -1.0)  # any expert but the first
+        idx = torch.cat([first, noise.topk(k - 1, dim=-1).indices], -1)
+        w = probs.gather(-1, idx)
+        return probs, idx, w / w.sum(-1, keepdim=True)
+
+    def by_probability(logits, k):  # samples by the router's probabilities, not uniformly
+        probs = logits.float().softmax(-1)
+        idx = torch.multinomial(probs, k)
+        w = probs.gather(-1, idx)
+        return probs, idx, w / w.sum(-1, keepdim=True)
+
     for fn, word in [(with_replacement, "same expert twice"), (equal_weights, "equal weights"),
+                     (top1_plus_random, "router's own first choice"), (by_probability, "not drawn uniformly"),
                      (not_renormalised, "divided by their sum"), (top_k, "own top-k"),
                      (lambda logits, k: right(logits, k)[1], "tuple"),
                      (lambda logits, k: (logits, *right(logits, k)[1:]), "softmax")]:

@@ -27,37 +27,55 @@ def trace(model, tok):
     return trace_routing(model, TEXTS, tokenizer=tok, progress=False)
 
 
+def first_load(t):
+    return np.stack([np.bincount(f, minlength=t.n_experts) / t.n_tokens for f in t.expert_ids[:, :, 0]])
+
+
+def both_slots(t):
+    return np.stack([np.bincount(ids.ravel(), minlength=t.n_experts) / ids.size for ids in t.expert_ids])
+
+
 def test_first_choice_load(trace):
-    first = trace.expert_ids[:, :, 0]
-    right = np.stack([np.bincount(f, minlength=8) / trace.n_tokens for f in first])
-    assert ex.check_first_choice_load(right, trace)
+    assert ex.check_first_choice_load(first_load, trace)
     assert ex.check_first_choice_load(None, trace).status == "todo"
-    both = np.stack([np.bincount(ids.ravel(), minlength=8) / ids.size for ids in trace.expert_ids])
-    for mistake, word in [(both, "both slots"), (right * trace.n_tokens, "counts"), (right.T, "transposed"),
-                          (both * 2, "rows sum to k")]:
+    assert ex.check_first_choice_load(lambda t: None, trace).status == "todo"
+    for mistake, word in [(both_slots, "both slots"), (lambda t: first_load(t) * t.n_tokens, "counts"),
+                          (lambda t: first_load(t).T, "transposed"), (lambda t: both_slots(t) * 2, "rows sum to k")]:
         fb = ex.check_first_choice_load(mistake, trace)
         assert fb.status == "wrong" and word in fb.message, (word, fb)
-    off = right.copy()
-    off[1, 2] += 0.01
+
+    def off(t):
+        out = first_load(t)
+        out[1, 2] += 0.01
+        return out
     fb = ex.check_first_choice_load(off, trace)
-    assert fb.status == "wrong" and "layer row 1, expert 2" in fb.message
+    assert fb.status == "wrong" and "1 of 24 values differ" in fb.message
+    # by hand: the library call is switched off, and a pasted value is not accepted
+    fb = ex.check_first_choice_load(lambda t: analysis.expert_load(t, "first"), trace)
+    assert fb.status == "wrong" and "calls the library" in fb.message
+    assert "takes your function" in ex.check_first_choice_load(analysis.expert_load(trace, "first"), trace).message
+
+
+def rate(t, in_doc=True, not_bos=True):
+    first = t.expert_ids[:, :, 0]
+    keep = np.ones(t.n_tokens - 1, bool)
+    keep &= (t.doc_ids[:-1] == t.doc_ids[1:]) if in_doc else True
+    keep &= (t.token_ids[:-1] != 1) if not_bos else True
+    return (first[:, :-1] == first[:, 1:])[:, keep].mean(1)
 
 
 def test_repetition_rate(trace):
-    first = trace.expert_ids[:, :, 0]
-    same = first[:, :-1] == first[:, 1:]
-    in_doc = trace.doc_ids[:-1] == trace.doc_ids[1:]
-    not_bos = trace.token_ids[:-1] != 1
-    right = same[:, in_doc & not_bos].mean(1)
-    assert ex.check_repetition_rate(right, trace)
-    np.testing.assert_allclose(right, analysis.repetition(trace, "first", n_boot=10).rate)
+    assert ex.check_repetition_rate(rate, trace)
+    np.testing.assert_allclose(rate(trace), analysis.repetition(trace, "first", n_boot=10).rate)
     assert ex.check_repetition_rate(None, trace).status == "todo"
-    fb = ex.check_repetition_rate(same[:, not_bos].mean(1), trace)
+    fb = ex.check_repetition_rate(lambda t: rate(t, in_doc=False), trace)
     assert fb.status == "wrong" and "document boundaries" in fb.message
-    fb = ex.check_repetition_rate(same[:, in_doc].mean(1), trace)
+    fb = ex.check_repetition_rate(lambda t: rate(t, not_bos=False), trace)
     assert fb.status == "wrong" and "BOS" in fb.message
-    fb = ex.check_repetition_rate(right[:-1], trace)
+    fb = ex.check_repetition_rate(lambda t: rate(t)[:-1], trace)
     assert fb.status == "wrong" and "shape" in fb.message
+    fb = ex.check_repetition_rate(lambda t: analysis.repetition(t, "first", n_boot=10).rate, trace)
+    assert fb.status == "wrong" and "calls the library" in fb.message
 
 
 def test_digit_experts(trace):
@@ -98,4 +116,4 @@ def test_greedy_cache_hits(model, tok):
     assert fb.status == "wrong" and "between 0 and 1" in fb.message
     fb = ex.check_greedy_cache_hits(min(right + 0.05, 1.0) if right < 0.95 else right - 0.05, model, prompts, tok,
                                     n_new, size)
-    assert fb.status == "wrong" and "expected" in fb.message
+    assert fb.status == "wrong" and "not equal" in fb.message

@@ -21,18 +21,22 @@ def fraction(lg, k=K):
 
 
 def test_expert_fraction(logits):
-    f = fraction(logits)
-    assert ex.check_expert_fraction(f, logits, K).status == "correct"
-    assert ex.check_expert_fraction(f.numpy(), logits, K)  # arrays are fine too
+    assert ex.check_expert_fraction(fraction, logits, K).status == "correct"
+    assert ex.check_expert_fraction(lambda lg, k: fraction(lg, k).numpy(), logits, K)  # arrays are fine too
     assert ex.check_expert_fraction(None, logits, K).status == "todo"
-    fb = ex.check_expert_fraction(f / K, logits, K)
+    fb = ex.check_expert_fraction(lambda lg, k: fraction(lg, k) / k, logits, K)
     assert fb.status == "wrong" and "sums to 1" in fb.message and fb.hint
-    assert "top-1" in ex.check_expert_fraction(fraction(logits, 1), logits, K).message
-    fb = ex.check_expert_fraction(f[:-1], logits, K)
+    assert "top-1" in ex.check_expert_fraction(lambda lg, k: fraction(lg, 1), logits, K).message
+    fb = ex.check_expert_fraction(lambda lg, k: fraction(lg, k)[:-1], logits, K)
     assert not fb and "shape (8,)" in fb.message and "(7,)" in fb.message
-    g = f.clone()
-    g[3] += 0.1
-    assert "expert 3" in ex.check_expert_fraction(g, logits, K).message
+
+    def one_off(lg, k):
+        g = fraction(lg, k)
+        g[3] += 0.1
+        return g
+    fb = ex.check_expert_fraction(one_off, logits, K)
+    assert "1 of 8 values differ (the first at expert 3)" in fb.message
+    assert "takes your function" in ex.check_expert_fraction(fraction(logits), logits, K).message
 
 
 def test_load_balancing(logits):
@@ -84,14 +88,19 @@ def by_hand(idx):
 
 def test_router_saturation():
     idx = snapshots()
-    right = by_hand(idx)
-    assert np.allclose(right[-1], 1)
-    assert ex.check_router_saturation(right, idx)
+    assert np.allclose(by_hand(idx)[-1], 1)
+    assert ex.check_router_saturation(by_hand, idx)
     assert ex.check_router_saturation(None, idx).status == "todo"
-    assert "first snapshot" in ex.check_router_saturation(by_hand(idx[::-1])[::-1], idx).message
-    assert "divide by k" in ex.check_router_saturation(right * K, idx).message
-    fb = ex.check_router_saturation(right[:, :1], idx)
+    assert "first snapshot" in ex.check_router_saturation(lambda i: by_hand(i[::-1])[::-1], idx).message
+    assert "divide by k" in ex.check_router_saturation(lambda i: by_hand(i) * i.shape[-1], idx).message
+    fb = ex.check_router_saturation(lambda i: by_hand(i)[:, :1], idx)
     assert not fb and "shape" in fb.message
-    wrong_one = right.copy()
-    wrong_one[1, 0] += 0.2
-    assert "snapshot 1, layer 0" in ex.check_router_saturation(wrong_one, idx).message
+
+    def one_off(i):
+        out = by_hand(i)
+        out[1, 0] += 0.2
+        return out
+    assert "(the first at snapshot 1, layer 0)" in ex.check_router_saturation(one_off, idx).message
+    from moe_lab.train import router_saturation
+    fb = ex.check_router_saturation(lambda i: router_saturation(i), idx)
+    assert fb.status == "wrong" and "calls the library" in fb.message

@@ -1,7 +1,8 @@
 """Comparing a learner's numbers with the reference: what is wrong, said in words.
 
 Checkers of the numeric exercises share these so that every "wrong" says the same kind of thing:
-the expected shape against the one found, or the first element that differs with both values.
+the expected shape against the one found, or how many values differ (and where the first one is),
+never the reference value itself: a learner who types 0 must not be told the answer.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def to_number(answer) -> float | None:
 
 def mismatch(expected, found, *, atol: float = 1e-5, rtol: float = 1e-4, labels=None) -> str | None:
     """None when ``found`` matches ``expected`` (same shape, values within tolerance), else a
-    sentence naming the problem: the type, the shape, or the first differing element.
+    sentence naming the problem without the reference value: the type, the shape, NaN, or
+    "not equal: N of M values differ" with the position of the first one.
 
     ``labels``: one name per axis (e.g. ``("snapshot", "layer")``) for the element's position.
     """
@@ -43,12 +45,12 @@ def mismatch(expected, found, *, atol: float = 1e-5, rtol: float = 1e-4, labels=
     bad = ~np.isclose(got, exp, atol=atol, rtol=rtol)
     if not bad.any():
         return None
-    where = tuple(int(i) for i in np.argwhere(bad)[0]) if exp.ndim else ()
-    if where:
-        names = labels or [f"axis {i}" for i in range(exp.ndim)]
-        place = "at " + ", ".join(f"{n} {i}" for n, i in zip(names, where))
-        return f"{int(bad.sum())} of {bad.size} values differ; {place} expected {exp[where]:.6g}, found {got[where]:.6g}"
-    return f"expected {float(exp):.6g}, found {float(got):.6g}"
+    if not exp.ndim:
+        return "not equal to the reference (beyond the tolerance)"
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    names = labels or [f"axis {i}" for i in range(exp.ndim)]
+    place = ", ".join(f"{n} {i}" for n, i in zip(names, where))
+    return f"not equal: {int(bad.sum())} of {bad.size} values differ (the first at {place})"
 
 
 def matches(expected, found, *, atol: float = 1e-5, rtol: float = 1e-4) -> bool:

@@ -1,8 +1,8 @@
 """Exercises of notebook 00 · Quick start (reading a routing trace, comparing two texts, an intervention).
 
 Every checker computes the reference answer itself from the trace(s) the learner used (with
-moe_lab's analysis code), never from numbers of today's demo model, and says what is wrong
-(expected vs found) with a hint.
+moe_lab's analysis code), never from numbers of today's demo model, and says what kind of wrong an
+answer is (never the reference value), with a nudge and a second-level hint (the method).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def check_token_experts(answer, trace: RoutingTrace, position: int, layer: int) 
     """
     name = "Exercise 00.1 (a token's experts)"
     if is_todo(answer):
-        return todo(name, "trace.expert_ids has shape [layers, tokens, k]; use trace.layer_index(layer) for the row.")
+        return todo(name, "trace.expert_ids has shape [layers, tokens, k]: three indices pick one token's experts.",
+                    "the first index is the row of model layer `layer` (trace.layer_index), the second the "
+                    "token's row, the third all k slots; turn the result into a list.")
     row = trace.layer_index(layer)
     expected = [int(e) for e in trace.expert_ids[row, position]]
     got = to_array(answer)
@@ -38,18 +40,20 @@ def check_token_experts(answer, trace: RoutingTrace, position: int, layer: int) 
         return correct(name, f"correct: token {position} went to experts {expected} in layer {layer} "
                              f"(weights {[round(float(w), 3) for w in trace.weights[row, position]]}).")
     if sorted(got) == sorted(expected):
-        return wrong(name, f"right experts, wrong order: expected {expected}, found {got}.",
+        return wrong(name, "right experts, wrong order.",
                      "Column 0 of expert_ids is the first choice (the larger weight).")
     for other in range(trace.n_layers):
         if [int(e) for e in trace.expert_ids[other, position]] == got and other != row:
-            return wrong(name, f"expected {expected}, found {got}: those are the experts of layer {trace.layers[other]}.",
+            return wrong(name, f"those are the experts of layer {trace.layers[other]}.",
                          f"Use trace.layer_index({layer}), not the layer number as a row (they can differ).")
     for p in (position - 1, position + 1):
         if 0 <= p < trace.n_tokens and [int(e) for e in trace.expert_ids[row, p]] == got:
-            return wrong(name, f"expected {expected}, found {got}: those belong to the token at row {p}.",
+            return wrong(name, f"those belong to the token at row {p}.",
                          "Row 0 of the trace is the BOS token <s>; the text's tokens start at row 1.")
-    return wrong(name, f"expected {expected}, found {got}.",
-                 "trace.expert_ids[trace.layer_index(layer), position].tolist()")
+    return wrong(name, "not equal to the token's experts in that layer.",
+                 "trace.expert_ids has shape [layers, tokens, k]: three indices pick one token's experts.",
+                 "the first index is the row of model layer `layer` (trace.layer_index), the second the token's "
+                 "row (row 0 is BOS), the third all k slots in rank order.")
 
 
 # ---------------------------------------------------------------- 00.2: is a token always routed alike?
@@ -70,7 +74,9 @@ def check_token_consistency(answer, trace: RoutingTrace, token_id: int, layer: i
     """
     name = "Exercise 00.2 (one token, always the same expert?)"
     if is_todo(answer):
-        return todo(name, "select the first choices of the rows where trace.token_ids == token_id, then np.bincount.")
+        return todo(name, "keep the token's occurrences (a mask on trace.token_ids) and their first choices.",
+                    "count how often each expert is the first choice (np.bincount); the largest count over the "
+                    "number of occurrences is the share.")
     n = int((trace.token_ids == token_id).sum())
     if n == 0:
         return wrong(name, f"token id {token_id} does not occur in this trace.",
@@ -86,14 +92,16 @@ def check_token_consistency(answer, trace: RoutingTrace, token_id: int, layer: i
                              f"(routing that ignored the token would send about {chance:.0%} to any one expert).")
     counts = np.bincount(trace.expert_ids[trace.layer_index(layer), trace.token_ids == token_id, 0])
     if np.isclose(got, counts.max()):
-        return wrong(name, f"{got:g} is a count; expected a share: {counts.max()} of {n} = {expected:.3f}.",
+        return wrong(name, f"{got:g} is a count; the exercise asks for a share of the {n} occurrences.",
                      "Divide by the number of occurrences.")
     any_counts = np.bincount(trace.expert_ids[trace.layer_index(layer), trace.token_ids == token_id].ravel())
     if np.isclose(got, any_counts.max() / n):
-        return wrong(name, f"expected {expected:.3f}, found {got:.3f}: that counts both slots, not the first choice.",
+        return wrong(name, f"found {got:.3f}: that counts both slots, not the first choice.",
                      "Use column 0 of expert_ids only (the first choice).")
-    return wrong(name, f"expected {expected:.3f}, found {got:.3f}.",
-                 "firsts = trace.expert_ids[row, trace.token_ids == token_id, 0]; np.bincount(firsts).max() / len(firsts)")
+    return wrong(name, f"found {got:.3f}: not equal to the reference.",
+                 "keep the token's occurrences (a mask on trace.token_ids) and their first choices (column 0).",
+                 "count how often each expert is the first choice (np.bincount); the largest count over the number "
+                 "of occurrences is the share.")
 
 
 # ---------------------------------------------------------------- 00.3: two languages, one layer
@@ -106,7 +114,9 @@ def check_first_choice_tv(answer, trace_a: RoutingTrace, trace_b: RoutingTrace, 
     """
     name = "Exercise 00.3 (English vs French)"
     if is_todo(answer):
-        return todo(name, 'p = analysis.expert_load(trace, choice="first")[row]; TV = 0.5 * abs(p_a - p_b).sum()')
+        return todo(name, "you need each text's share of first choices per expert at that layer.",
+                    'analysis.expert_load(trace, choice="first") gives [layers, experts] shares; take the layer\'s '
+                    "row in each trace; TV is half the sum of the absolute differences.")
     pa = expert_load(trace_a, choice="first")[trace_a.layer_index(layer)]
     pb = expert_load(trace_b, choice="first")[trace_b.layer_index(layer)]
     expected = 0.5 * float(np.abs(pa - pb).sum())
@@ -118,15 +128,16 @@ def check_first_choice_tv(answer, trace_a: RoutingTrace, trace_b: RoutingTrace, 
         return correct(name, f"correct: TV = {got:.3f} at layer {layer} (0 = same experts in the same "
                              "proportions, 1 = no expert in common).")
     if np.isclose(got, 2 * expected, atol=1e-6):
-        return wrong(name, f"expected {expected:.3f}, found {got:.3f} = twice as much.",
+        return wrong(name, f"found {got:.3f}: twice the reference.",
                      "TV distance has a factor 1/2, so that it lies between 0 and 1.")
     ea = expert_load(trace_a)[trace_a.layer_index(layer)]
     eb = expert_load(trace_b)[trace_b.layer_index(layer)]
     if np.isclose(got, 0.5 * np.abs(ea - eb).sum(), atol=1e-6):
-        return wrong(name, f"expected {expected:.3f}, found {got:.3f}: you used both slots (choice='either').",
+        return wrong(name, f"found {got:.3f}: you used both slots (choice='either').",
                      'The colours are first choices: expert_load(trace, choice="first").')
-    return wrong(name, f"expected {expected:.3f}, found {got:.3f}.",
-                 "Use the row of `layer` in both traces (trace.layer_index(layer)).")
+    return wrong(name, f"found {got:.3f}: not equal to the reference.",
+                 "Use the row of `layer` in both traces (trace.layer_index(layer)).",
+                 'TV = 1/2 sum_e |p_a(e) - p_b(e)| with p from expert_load(trace, choice="first").')
 
 
 # ---------------------------------------------------------------- 00.4: how far does an ablation reach?
@@ -139,11 +150,13 @@ def check_changed_share(answer, base: RoutingTrace, new: RoutingTrace) -> Feedba
     """
     name = "Exercise 00.4 (how far does an ablation reach?)"
     if is_todo(answer):
-        return todo(name, "compare np.sort(base.expert_ids, -1) with np.sort(new.expert_ids, -1), token by token.")
+        return todo(name, "a token's *set* of experts changed when any of its k experts differs, in any order.",
+                    "sort each token's k experts in both traces (np.sort along the last axis), compare, reduce over "
+                    "the slots with .any and over the tokens with .mean, keeping the layer axis.")
     _, first, sets = routing_changes(base, new)
     got = to_array(answer)
     if got is None or got.shape != sets.shape:
-        return wrong(name, f"expected {len(sets)} numbers (one per layer), found "
+        return wrong(name, f"expected one number per traced layer (shape {sets.shape}), found "
                      f"{'?' if got is None else got.shape}.", "Reduce over tokens and slots, keep the layer axis.")
     if np.allclose(got, sets, atol=1e-6):
         reached = [l for l, s in zip(base.layers, sets) if s > 0]
@@ -154,9 +167,12 @@ def check_changed_share(answer, base: RoutingTrace, new: RoutingTrace) -> Feedba
                      "Sort the k experts of each token (np.sort(..., -1)) and compare the whole row.")
     if np.allclose(got, sets * base.n_tokens, atol=1e-6):
         return wrong(name, "those are counts of tokens; expected shares (divide by the number of tokens).")
-    bad = int(np.argmax(~np.isclose(got, sets, atol=1e-6)))
-    return wrong(name, f"layer {base.layers[bad]}: expected {sets[bad]:.3f}, found {got[bad]:.3f}.",
-                 "A token counts once if any of its k experts differs (compare sorted rows, then .any(-1)).")
+    bad = ~np.isclose(got, sets, atol=1e-6)
+    return wrong(name, f"not equal: {int(bad.sum())} of {bad.size} layers differ (the first is layer "
+                       f"{base.layers[int(np.argmax(bad))]}).",
+                 "A token counts once if any of its k experts differs, whatever their order.",
+                 "sort each token's k experts in both traces, compare, reduce over the slots with .any and over "
+                 "the tokens with .mean.")
 
 
 __all__ = ["check_token_experts", "check_token_consistency", "token_consistency", "check_first_choice_tv",

@@ -2,7 +2,9 @@
 with a sliding window, a custom routing function).
 
 Every checker computes the reference answer itself, with moe_lab's own code, from the inputs the
-learner used, and says what is wrong (expected vs found) with a hint.
+learner used, and says what kind of wrong an answer is (never the reference value), with a nudge
+and a second-level hint (the method). 02.1 is done by hand: it takes the learner's function and runs it
+on inputs of its own with ``load_balancing_loss`` switched off (:mod:`moe_lab.exercises.byhand`).
 """
 
 from __future__ import annotations
@@ -13,40 +15,59 @@ import torch
 
 from ..model import ModelArgs, count_params, load_balancing_loss, topk_softmax_routing
 from .arrays import to_number
+from .byhand import run_by_hand
 from .feedback import Feedback, correct, is_todo, todo, wrong
 
 
 # ---------------------------------------------------------------- 02.1: the load-balancing loss by hand
 
-def check_load_balancing(answer, router_logits, n_experts: int, k: int) -> Feedback:
+def _fresh_router_logits(n_experts: int, seed: int = 27) -> list[torch.Tensor]:
+    """Router logits the learner never saw: 3 layers of (40, E), uneven so the loss is far from k."""
+    g = torch.Generator().manual_seed(seed)
+    skew = torch.linspace(0, 2, n_experts)
+    return [torch.randn(40, n_experts, generator=g) * 1.5 + skew * (layer + 1) / 3 for layer in range(3)]
+
+
+def check_load_balancing(fn, router_logits, n_experts: int, k: int) -> Feedback:
     """Exercise 02.1: transformers' load-balancing loss E * sum_e f_e P_e, by hand.
 
-    ``router_logits``: one (N, E) tensor per layer. Pool the tokens of all layers; f_e is the fraction
-    of (token, layer) rows whose top-k contains e (the f_e sum to k), P_e the mean router probability.
-    ``answer``: a number. The reference is ``moe_lab.load_balancing_loss``.
+    ``fn(router_logits, n_experts, k) -> number``: your function. ``router_logits`` is one (N, E)
+    tensor per layer; pool the rows of all layers; f_e is the fraction of rows whose top-k contains e
+    (the f_e sum to k), P_e the mean router probability. The checker runs ``fn`` on router logits of
+    its own (and on the notebook's), with ``moe_lab.load_balancing_loss`` switched off; the reference is
+    ``moe_lab.load_balancing_loss``.
     """
     name = "Exercise 02.1 (load-balancing loss by hand)"
-    if is_todo(answer):
-        return todo(name, "cat the layers, softmax, one-hot of the top-k summed over the k slots, mean over rows.")
-    got = to_number(answer)
-    if got is None:
-        return wrong(name, f"expected a number, found {answer!r}.")
-    ref = float(load_balancing_loss(list(router_logits), n_experts, k))
-    if math.isclose(got, ref, rel_tol=1e-4, abs_tol=1e-6):
-        return correct(name, f"correct: {got:.5f} (balanced routing would give k = {k}).")
-    per_layer = [float(load_balancing_loss([lg], n_experts, k)) for lg in router_logits]
-    if math.isclose(got, ref / k, rel_tol=1e-4):
-        return wrong(name, f"expected {ref:.5f}, found {got:.5f} = expected / k: your f_e sum to 1 (a share of "
-                           "assignments).",
-                     "transformers' f_e is the fraction of tokens whose top-k contains e: it sums to k.")
-    if math.isclose(got, sum(per_layer), rel_tol=1e-4) and len(per_layer) > 1:
-        return wrong(name, f"expected {ref:.5f}, found {got:.5f}: the sum of per-layer losses (balanced at k x L).",
-                     "transformers pools all layers' tokens first, then computes one E * sum f_e P_e.")
-    if math.isclose(got, sum(per_layer) / len(per_layer), rel_tol=1e-4) and len(per_layer) > 1:
-        return wrong(name, f"expected {ref:.5f}, found {got:.5f}: the mean of per-layer losses.",
-                     "transformers pools all layers' tokens first; the per-layer mean is a different (stricter) loss.")
-    return wrong(name, f"expected {ref:.5f}, found {got:.5f}.",
-                 "Softmax over experts in fp32; f from the top-k of the probabilities; multiply by E at the end.")
+    hint = "pool the layers' rows first; f counts a row once for each expert in its top-k."
+    method = ("torch.cat the layers; softmax in fp32; f_e = mean over rows of a 0/1 'e is in the row's top-k' "
+              "(one-hot of the top-k indices, summed over the k slots); P_e = mean probability; E * sum f_e P_e.")
+    for logits in (_fresh_router_logits(n_experts), list(router_logits)):
+        got, bad = run_by_hand(name, fn, (logits, n_experts, k), forbidden=[load_balancing_loss], hint=hint,
+                               method=method, what="function fn(router_logits, n_experts, k) -> number")
+        if bad is not None:
+            return bad
+        got = to_number(got)
+        if got is None:
+            return wrong(name, "your function should return one number (a float or a 0-d tensor).", hint, method)
+        ref = float(load_balancing_loss(list(logits), n_experts, k))
+        if math.isclose(got, ref, rel_tol=1e-4, abs_tol=1e-6):
+            continue
+        per_layer = [float(load_balancing_loss([lg], n_experts, k)) for lg in logits]
+        if math.isclose(got, ref / k, rel_tol=1e-4):
+            return wrong(name, "your value is the reference divided by k: your f_e sum to 1 (a share of "
+                               "assignments).",
+                         "transformers' f_e is the fraction of tokens whose top-k contains e: it sums to k.", method)
+        if math.isclose(got, sum(per_layer), rel_tol=1e-4):
+            return wrong(name, "that is the sum of per-layer losses (balanced at k x L).",
+                         "transformers pools all layers' tokens first, then computes one E * sum f_e P_e.", method)
+        if math.isclose(got, sum(per_layer) / len(per_layer), rel_tol=1e-4):
+            return wrong(name, "that is the mean of per-layer losses.",
+                         "transformers pools all layers' tokens first; the per-layer mean is a different (stricter) "
+                         "loss.", method)
+        return wrong(name, "not equal to the reference on the checker's router logits.", hint, method)
+    return correct(name, f"correct on the checker's router logits and on yours: "
+                         f"{float(load_balancing_loss(list(router_logits), n_experts, k)):.5f} here (balanced routing "
+                         f"would give k = {k}).")
 
 
 # ---------------------------------------------------------------- 02.2: Switch-style routing
@@ -58,7 +79,8 @@ def check_switch_routing(answer, args: ModelArgs) -> Feedback:
     """
     name = "Exercise 02.2 (Switch-style routing)"
     if is_todo(answer):
-        return todo(name, "count_params(args).active; and what do the f_e sum to when k = 1?")
+        return todo(name, "moe_lab has a parameter counter; and what do the f_e sum to when k = 1?",
+                    "at perfect balance every f_e is k/E and every P_e is 1/E: put those into E * sum_e f_e P_e.")
     if args.experts_per_token != 1:
         return wrong(name, f"args has experts_per_token = {args.experts_per_token}; the exercise is about top-1.",
                      'ModelArgs.from_name("tiny", experts_per_token=1)')
@@ -69,13 +91,14 @@ def check_switch_routing(answer, args: ModelArgs) -> Feedback:
         return wrong(name, f"expected a pair (active, balanced value), found {answer!r}.")
     ref = count_params(args)
     if active == ref.total:
-        return wrong(name, f"active: {active:,} is the total; a top-1 token runs one expert per layer "
-                           f"(expected {ref.active:,}).", "count_params(args).active")
+        return wrong(name, f"active: {active:,} is the total; a top-1 token runs one expert per layer.",
+                     "count_params returns both a total and an active count.")
     if active != ref.active:
-        return wrong(name, f"active: expected {ref.active:,}, found {active:,}.", "count_params(args).active")
+        return wrong(name, "active: not equal to the reference.", "count the parameters of args_top1, not of args.",
+                     "count_params returns both a total and an active count.")
     if not math.isclose(balanced, args.experts_per_token, abs_tol=1e-6):
-        return wrong(name, f"balanced value: expected {args.experts_per_token}, found {balanced:g}.",
-                     "At balance f_e = k/E and P_e = 1/E, so E * sum_e f_e P_e = k.")
+        return wrong(name, "balanced value: not equal to the reference.", "what do the f_e sum to?",
+                     "at perfect balance every f_e is k/E and every P_e is 1/E: put those into E * sum_e f_e P_e.")
     return correct(name, f"correct: {active:,} active parameters; balanced load_balancing = 1 for top-1.")
 
 
@@ -89,7 +112,8 @@ def check_sliding_window_decode(answer, model, seq: torch.Tensor, prompt_len: in
     """
     name = "Exercise 02.3 (sliding window and the KV cache)"
     if is_todo(answer):
-        return todo(name, "copy section 4's loop with the sliding-window model and torch.cat the pieces.")
+        return todo(name, "section 4's cached loop works for any model: what changes with a window?",
+                    "copy section 4's loop with the sliding-window model and torch.cat the pieces along dim 1.")
     if model.args.sliding_window is None:
         return wrong(name, "this model has no sliding window (args.sliding_window is None).",
                      'Build it with ModelArgs.from_name("tiny", sliding_window=4).')
@@ -104,7 +128,8 @@ def check_sliding_window_decode(answer, model, seq: torch.Tensor, prompt_len: in
     if diff.max() <= 1e-4:
         return correct(name, "correct: the cached decode with a sliding window equals the full forward.")
     t = int((diff > 1e-4).nonzero()[0])
-    return wrong(name, f"position {t} differs from the full forward by {diff[t]:.3g}.",
+    return wrong(name, f"{int((diff > 1e-4).sum())} of {len(diff)} positions differ from the full forward "
+                       f"(the first is position {t}).",
                  "Use one cache for the whole sequence (model.new_cache) and pass cache= on every call.")
 
 
@@ -118,7 +143,9 @@ def check_force_routing_fn(fn, expert: int = 3, n_experts: int = 8, k: int = 2, 
     """
     name = "Exercise 02.4 (force an expert)"
     if is_todo(fn):
-        return todo(name, "def force(logits, k): return topk_softmax_routing(logits + bonus, k)")
+        return todo(name, "a big bonus on one column of the logits makes that expert win every time.",
+                    "build a bonus vector that is 100 at `expert` and 0 elsewhere, add it (without changing the "
+                    "logits in place), and route the result with topk_softmax_routing.")
     if not callable(fn):
         return wrong(name, f"expected a function fn(logits, k), found {type(fn).__name__}.")
     g = torch.Generator().manual_seed(seed)
@@ -135,7 +162,7 @@ def check_force_routing_fn(fn, expert: int = 3, n_experts: int = 8, k: int = 2, 
         return wrong(name, "fn changed the logits tensor it was given in place.",
                      "Build a new tensor (logits + bonus) instead of logits[:, e] += 100.")
     if out is None:
-        return todo(name, "your function returns None: return topk_softmax_routing(logits + bonus, k).")
+        return todo(name, "your function returns None: return what topk_softmax_routing returns.")
     if not isinstance(out, tuple) or len(out) != 3:
         return wrong(name, "fn must return (probs, indices, weights), like topk_softmax_routing.")
     probs, idx, w = out

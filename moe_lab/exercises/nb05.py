@@ -1,12 +1,14 @@
 """Exercises of notebook 05 (visualising experts): compute by hand what three figures draw (the
 first-choice load, the repetition rate, the experts of digit tokens), and rerun the expert-cache
-simulation on greedy text.
+simulation on greedy text. A wrong answer is told what kind of wrong it is, never the reference value.
+05.1 and 05.2 are by hand: they take the learner's function and run it on a trace of their own with
+the analysis function switched off (:mod:`moe_lab.exercises.byhand`).
 
 Each checker recomputes the answer with ``moe_lab.analysis`` from the trace (or model) the learner
 used::
 
     from moe_lab.exercises import nb05 as ex
-    ex.check_first_choice_load(answer, trace)
+    ex.check_first_choice_load(first_choice_load, trace)
 """
 
 from __future__ import annotations
@@ -15,21 +17,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..analysis.stats import cache_hit_rates, expert_load, generated_only, repetition
+from ..analysis.stats import cache_hit_rates, expert_load, expert_load_by_domain, generated_only, repetition
 from ..routing.trace import RoutingTrace
 from ..routing.tracing import trace_generation
+from .byhand import fresh_trace, run_by_hand
 from .feedback import Feedback, correct, is_todo, todo, wrong
 
 
-def _array(answer, name: str, shape: tuple, what: str, hint: str):
+def _array(answer, name: str, shape: tuple, what: str, hint: str, method: str = ""):
     """(array, None) or (None, wrong feedback) for an answer that should be a float array of ``shape``."""
     try:
         a = np.asarray(answer, dtype=float)
     except (TypeError, ValueError):
-        return None, wrong(name, f"expected {what}, found {type(answer).__name__}.", hint)
+        return None, wrong(name, f"expected {what}, found {type(answer).__name__}.", hint, method)
     if a.shape != shape:
         extra = " (transposed?)" if a.shape == shape[::-1] and len(shape) == 2 else ""
-        return None, wrong(name, f"expected {what} of shape {shape}, found {a.shape}{extra}.", hint)
+        return None, wrong(name, f"expected {what} of shape {shape}, found {a.shape}{extra}.", hint, method)
     return a, None
 
 
@@ -37,24 +40,36 @@ def _array(answer, name: str, shape: tuple, what: str, hint: str):
 # 05.1
 
 
-def check_first_choice_load(answer, trace: RoutingTrace) -> Feedback:
-    """Exercise 05.1: the first-choice load, [layers, experts]: for each layer (row), the share of
-    tokens whose *first* choice is each expert (rows sum to 1). Compute it from
-    ``trace.expert_ids`` [L, N, k] with numpy."""
+def check_first_choice_load(fn, trace: RoutingTrace) -> Feedback:
+    """Exercise 05.1: the first-choice load by hand. ``fn(trace) -> [layers, experts]``: your function;
+    for each layer (row), the share of tokens whose *first* choice is each expert (rows sum to 1),
+    from ``trace.expert_ids`` [L, N, k] with numpy. The checker runs ``fn`` on a trace of its own and
+    on ``trace``, with ``analysis.expert_load`` switched off."""
     name = "Exercise 05.1 (the first-choice load by hand)"
-    hint = ("column 0 of trace.expert_ids [L, N, k] is the first choice; count each expert per layer with "
-            "np.bincount(..., minlength=E) and divide by the number of tokens.")
-    if is_todo(answer):
-        return todo(name, hint)
+    hint = "only column 0 of expert_ids counts; each row of the result is one layer's shares."
+    method = ("column 0 of trace.expert_ids [L, N, k] is the first choice; count each expert per layer with "
+              "np.bincount(..., minlength=E) and divide by the number of tokens.")
+    for t in (fresh_trace(n_experts=trace.n_experts), trace):
+        answer, bad = run_by_hand(name, fn, (t,), forbidden=[expert_load, expert_load_by_domain], hint=hint,
+                                  method=method, what="function fn(trace) -> array [layers, experts]")
+        if bad is None:
+            bad = _first_choice_load_problem(answer, t, name, hint, method)
+        if bad is not None:
+            return bad
+    ref = expert_load(trace, "first")
+    spread = (ref.max(1) - ref.min(1)).max()
+    return correct(name, f"right on the checker's trace and on yours; rows sum to 1; the biggest gap between an "
+                         f"expert's share and another's in one layer is {spread:.1%}.")
+
+
+def _first_choice_load_problem(answer, trace: RoutingTrace, name: str, hint: str, method: str) -> Feedback | None:
     L, E = trace.n_layers, trace.n_experts
     a, bad = _array(answer, name, (L, E), "an array [layers, experts]", hint)
     if bad is not None:
         return bad
     ref = expert_load(trace, "first")
     if np.allclose(a, ref, atol=1e-6):
-        spread = (ref.max(1) - ref.min(1)).max()
-        return correct(name, f"rows sum to 1; the biggest gap between an expert's share and another's in one layer "
-                             f"is {spread:.1%}.")
+        return None
     if np.allclose(a, expert_load(trace, "either"), atol=1e-6):
         return wrong(name, "this is the load over both slots (column 0 and column 1 of expert_ids): keep only "
                            "the first choice, column 0.", hint)
@@ -62,8 +77,8 @@ def check_first_choice_load(answer, trace: RoutingTrace) -> Feedback:
         return wrong(name, "these are counts: divide each row by the number of tokens.", hint)
     if np.allclose(a, expert_load(trace, "either", "tokens"), atol=1e-6):
         return wrong(name, "rows sum to k: these are both slots counted per token. Keep only the first choice.", hint)
-    l, e = np.unravel_index(np.abs(a - ref).argmax(), ref.shape)
-    return wrong(name, f"layer row {l}, expert {e}: found {a[l, e]:.4f}, expected {ref[l, e]:.4f}.", hint)
+    n_bad = int((~np.isclose(a, ref, atol=1e-6)).sum())
+    return wrong(name, f"not equal: {n_bad} of {ref.size} values differ.", hint, method)
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,22 +95,35 @@ def _same_first_rate(trace: RoutingTrace, same_doc: bool, skip_bos: bool, bos_id
     return (first[:, :-1] == first[:, 1:])[:, keep].mean(1)
 
 
-def check_repetition_rate(answer, trace: RoutingTrace) -> Feedback:
-    """Exercise 05.2: the repetition rate of section 5 by hand, one value per layer: the share of
-    consecutive token pairs (i, i+1) *in the same document*, with token i not BOS, whose first
-    choices are the same expert."""
+def check_repetition_rate(fn, trace: RoutingTrace) -> Feedback:
+    """Exercise 05.2: the repetition rate of section 5 by hand. ``fn(trace) -> [layers]``: your
+    function; one value per layer: the share of consecutive token pairs (i, i+1) *in the same document*,
+    with token i not BOS (id 1), whose first choices are the same expert. The checker runs ``fn`` on a
+    trace of its own and on ``trace``, with ``analysis.repetition`` switched off."""
     name = "Exercise 05.2 (the repetition rate by hand)"
-    hint = ("compare the first choices of tokens i and i+1 (slices [:-1] and [1:]); keep only the pairs whose "
-            "doc_ids agree and whose token i is not BOS (id 1); average per layer.")
-    if is_todo(answer):
-        return todo(name, hint)
+    hint = "a pair is token i and token i+1: two shifted slices of the first choices; not every pair counts."
+    method = ("compare the first choices of tokens i and i+1 (slices [:-1] and [1:]); keep only the pairs whose "
+              "doc_ids agree and whose token i is not BOS (id 1); average per layer.")
+    for t in (fresh_trace(n_experts=trace.n_experts), trace):
+        answer, bad = run_by_hand(name, fn, (t,), forbidden=[repetition], hint=hint, method=method,
+                                  what="function fn(trace) -> array [layers]")
+        if bad is None:
+            bad = _repetition_problem(answer, t, name, hint, method)
+        if bad is not None:
+            return bad
+    ref = repetition(trace, "first", n_boot=10, n_shuffles=1).rate
+    return correct(name, "right on the checker's trace and on yours; the same values as analysis.repetition: "
+                         + ", ".join(f"{r:.1%}" for r in ref) + ".")
+
+
+def _repetition_problem(answer, trace: RoutingTrace, name: str, hint: str, method: str) -> Feedback | None:
     L = trace.n_layers
     a, bad = _array(answer, name, (L,), "one rate per layer", hint)
     if bad is not None:
         return bad
     ref = repetition(trace, "first", n_boot=10, n_shuffles=1).rate
     if np.allclose(a, ref, atol=1e-6):
-        return correct(name, "same values as analysis.repetition: " + ", ".join(f"{r:.1%}" for r in ref) + ".")
+        return None
     if np.allclose(a, _same_first_rate(trace, same_doc=False, skip_bos=True), atol=1e-6):
         return wrong(name, "you counted pairs across document boundaries (the last token of one document and the "
                            "BOS of the next): keep pairs whose doc_ids are equal.", hint)
@@ -104,8 +132,8 @@ def check_repetition_rate(answer, trace: RoutingTrace) -> Feedback:
                            "the same token in every document).", hint)
     if np.allclose(a, _same_first_rate(trace, same_doc=False, skip_bos=False), atol=1e-6):
         return wrong(name, "pairs across documents and pairs starting at BOS are both counted.", hint)
-    l = int(np.abs(a - ref).argmax())
-    return wrong(name, f"layer row {l}: found {a[l]:.4f}, expected {ref[l]:.4f}.", hint)
+    n_bad = int((~np.isclose(a, ref, atol=1e-6)).sum())
+    return wrong(name, f"not equal: {n_bad} of {L} layers differ.", hint, method)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,15 +159,16 @@ def check_digit_experts(answer, trace: RoutingTrace, layer: int) -> Feedback:
     ``layer`` is each expert: E values summing to 1. Compare its largest value with that expert's
     share over all tokens to see whether digits have an expert of their own."""
     name = "Exercise 05.3 (do digits get an expert of their own?)"
-    hint = ("take the layer's row (trace.layer_index(layer)), the digit tokens (the mask) and column 0; count "
-            "with np.bincount(..., minlength=E) and divide by the number of digit tokens.")
+    hint = "digit tokens only, first choice only, one layer: shares that sum to 1 over the digit tokens."
+    method = ("take the layer's row (trace.layer_index(layer)), the digit tokens (the mask) and column 0; count "
+              "with np.bincount(..., minlength=E) and divide by the number of digit tokens.")
     if is_todo(answer):
-        return todo(name, hint)
+        return todo(name, hint, method)
     mask = digit_mask(trace)
     if not mask.any():
-        return wrong(name, "this trace has no digit tokens; trace a text with numbers in it.", hint)
+        return wrong(name, "this trace has no digit tokens; trace a text with numbers in it.", hint, method)
     E = trace.n_experts
-    a, bad = _array(answer, name, (E,), "one share per expert", hint)
+    a, bad = _array(answer, name, (E,), "one share per expert", hint, method)
     if bad is not None:
         return bad
     ref = digit_first_choice(trace, layer)
@@ -149,16 +178,16 @@ def check_digit_experts(answer, trace: RoutingTrace, layer: int) -> Feedback:
         return correct(name, f"expert {e} takes {ref[e]:.0%} of the {int(mask.sum())} digit tokens in layer {layer}, "
                              f"against {overall:.0%} of all tokens.")
     if np.allclose(a, ref * mask.sum() / trace.n_tokens, atol=1e-6):
-        return wrong(name, "you divided by all tokens; divide by the number of digit tokens so the values sum to 1.", hint)
+        return wrong(name, "you divided by all tokens; divide by the number of digit tokens so the values sum to 1.", hint, method)
     row = trace.layer_index(layer)
     both = np.bincount(trace.expert_ids[row, mask].ravel(), minlength=E) / mask.sum()
     if np.allclose(a, both, atol=1e-6) or np.allclose(a, both / trace.top_k, atol=1e-6):
-        return wrong(name, "you counted both slots; the question is about the first choice (column 0).", hint)
+        return wrong(name, "you counted both slots; the question is about the first choice (column 0).", hint, method)
     for other in trace.layers:
         if other != layer and np.allclose(a, digit_first_choice(trace, other), atol=1e-6):
-            return wrong(name, f"these are the shares of layer {other}, not of layer {layer}.", hint)
-    e = int(np.abs(a - ref).argmax())
-    return wrong(name, f"expert {e}: found {a[e]:.4f}, expected {ref[e]:.4f}.", hint)
+            return wrong(name, f"these are the shares of layer {other}, not of layer {layer}.", hint, method)
+    n_bad = int((~np.isclose(a, ref, atol=1e-6)).sum())
+    return wrong(name, f"not equal: {n_bad} of {E} values differ.", hint, method)
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,24 +210,25 @@ def check_greedy_cache_hits(answer, model, prompts: Sequence, tokenizer, n_new: 
     ``answer`` = the LRU hit rate with ``cache_size`` experts per layer, decode steps only,
     averaged over layers."""
     name = "Exercise 05.4 (expert cache on greedy text)"
-    hint = ("moe_lab.trace_generation(..., temperature=0) gives the greedy trace; analysis.generated_only keeps "
+    hint = "section 9's simulation, on a trace generated greedily; only the decode steps count."
+    method = ("moe_lab.trace_generation(..., temperature=0) gives the greedy trace; analysis.generated_only keeps "
             "its decode steps; analysis.cache_hit_rates(..., sizes=[cache_size], policies=('lru',)) gives one hit "
             "rate per layer: average them.")
     if is_todo(answer):
-        return todo(name, hint)
+        return todo(name, hint, method)
     try:
         value = float(np.asarray(answer, dtype=float).reshape(()))
     except (TypeError, ValueError):
         return wrong(name, "expected one number (the hit rate averaged over layers), found "
-                           f"{np.shape(answer) if hasattr(answer, '__len__') else type(answer).__name__}.", hint)
+                           f"{np.shape(answer) if hasattr(answer, '__len__') else type(answer).__name__}.", hint, method)
     if not 0 <= value <= 1:
-        return wrong(name, f"a hit rate is between 0 and 1, found {value:.4g}.", hint)
+        return wrong(name, f"a hit rate is between 0 and 1, found {value:.4g}.", hint, method)
     ref = greedy_lru_hit_rate(model, prompts, tokenizer, n_new, cache_size)
     if abs(value - ref) <= 1e-6:
         return correct(name, f"LRU hit rate with {cache_size} of {model.args.n_experts} experts per layer on greedy "
                              f"text: {ref:.1%}.")
     if abs(value - greedy_lru_hit_rate(model, prompts, tokenizer, n_new, cache_size, decode_only=False)) <= 1e-6:
         return wrong(name, "this includes the prompt tokens: the prompt is processed in one batch, so keep only the "
-                           "decode steps (analysis.generated_only).", hint)
-    return wrong(name, f"expected {ref:.4f}, found {value:.4f} (greedy: temperature=0; LRU; {cache_size} experts "
-                       "per layer; mean over layers).", hint)
+                           "decode steps (analysis.generated_only).", hint, method)
+    return wrong(name, f"found {value:.4f}: not equal to the reference (greedy: temperature=0; LRU; {cache_size} "
+                       "experts per layer; mean over layers).", hint, method)

@@ -12,7 +12,9 @@ How they act (in this order, for every layer an intervention applies to):
    ``-inf`` (so the next expert in line takes the slot and the softmax renormalises over the
    others); :class:`RouterTemperature` divides the logits by ``t`` (the choice of experts is
    unchanged, only the weights get sharper, t < 1, or flatter, t > 1); :class:`SteerExperts`
-   adds an offset to some experts' logits (SteerMoE);
+   adds an offset to some experts' logits, or forces experts in / out of every token's top-k
+   (SteerMoE's ``activate``/``deactivate``); :class:`MaskTopExperts` sets each token's own r
+   highest logits to ``-inf`` (DeepSeekMoE's redundancy test);
 2. **k** is set: :class:`SetTopK` (``k = n_experts`` is the dense mixture);
 3. **the routing rule** runs: the model's own (softmax in fp32, top-k, renormalise) or the
    one given to :class:`CustomRouting` ``fn(logits, top_k) -> (probs, indices, weights)``;
@@ -22,7 +24,8 @@ How they act (in this order, for every layer an intervention applies to):
    that expert, and the weights of the chosen experts are renormalised to sum to 1 (so a
    forced expert the router dislikes gets a small weight; with ``top_k = 1`` it gets 1).
    ``AblateExpert(..., mode="zero")`` sets the weight of the expert's slot to 0 here (the
-   routing is unchanged, the other slots keep their weights);
+   routing is unchanged, the other slots keep their weights); ``mode="mean"`` does the same
+   and then adds the slot's weight times the expert's mean output to the MoE output;
 5. **the experts** are edited: :class:`SwapExpert` makes the MoE call another expert's module
    for an expert's slots (only during that MoE's forward: a pre-hook swaps the module in the
    ``ModuleList``, a forward hook that also runs on errors puts it back).
@@ -33,7 +36,13 @@ Three ablations, three questions:
 ``AblateExpert(l, e)`` (``"reroute"``)  what if the router could not pick e? (the next best expert
                                         takes the slot; the model stays a top-k MoE)
 ``AblateExpert(l, e, mode="zero")``     what does e's contribution add? (the same as zeroing its
-                                        ``w2``; tokens keep their routing, their slot is just empty)
+                                        ``w2``; tokens keep their routing, their slot is just empty;
+                                        this removes e's content *and* shrinks the MoE output by the
+                                        slot's weight: an off-distribution magnitude change)
+``AblateExpert(l, e, mode="mean",       what does e's token-specific content add? (e's output
+reference=docs)``                       replaced by its mean output over ``docs``: the magnitude
+                                        stays about right, only the content is removed; the
+                                        interpretability standard)
 ``SwapExpert(l, e, replacement=r)``     does e's *function* matter, or only that some expert fills
                                         the slot? (the same as copying r's weights into e)
 =====================================  =============================================================
@@ -62,6 +71,7 @@ import math
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -89,6 +99,7 @@ class _Context:
 
     def __init__(self):
         self.positions: Tensor | None = None  # (B, T) of the current forward
+        self.slot_weights: dict = {}  # (id(intervention), layer) -> (N, n) weights (AblateExpert "mean")
 
 
 class Intervention:
@@ -129,22 +140,49 @@ class Intervention:
                      ctx: _Context) -> tuple[Tensor, Tensor, Tensor]:
         return probs, indices, weights
 
+    def masked_per_token(self, layer: int) -> int:
+        """How many experts of every token this intervention takes out of the choice (besides
+        :meth:`ablated`); the composition checks that k of the rest are left."""
+        return 0
+
+    def prepare(self, mixtral, call) -> None:
+        """Called by ``intervene`` (moe_lab models) before anything is installed: compute what
+        the intervention needs from the model (``AblateExpert(..., mode="mean")``'s mean outputs)."""
+
+    def edits_output(self, layer: int) -> bool:
+        return False
+
+    def edit_output(self, layer: int, out: Tensor, ctx: _Context) -> Tensor:
+        """The MoE output (N, D) of ``layer``, after the experts ran (moe_lab models only)."""
+        return out
+
 
 class AblateExpert(Intervention):
-    """Switch expert(s) off in one layer (or several). Two meanings (``mode``):
+    """Switch expert(s) off in one layer (or several). Three meanings (``mode``):
 
     * ``"reroute"`` (default): router logit ``-inf``, so the expert cannot be chosen: the next
       expert in line takes the slot and the weights renormalise over the experts chosen;
     * ``"zero"``: the routing is unchanged (same experts, in a trace too) and the expert's slot
       gets weight 0; the other slots keep their weights (no renormalisation). The MoE output is
-      exactly what zeroing the expert's ``w2`` would give: its contribution is removed. (A
+      exactly what zeroing the expert's ``w2`` would give: its contribution is removed. This
+      mixes two things: the expert's *content* is gone, and the MoE output also *shrinks* by
+      the slot's weight (an output magnitude the next layers never saw in training). (A
       ``RoutingTrace`` shows the slot with weight 0; its weights always sum to 1, so the other
       slots appear renormalised there.)
+    * ``"mean"``: like ``"zero"``, and the slot's weight times the expert's **mean output** is
+      added back: ``weight * mean_{x in reference, routed to e} expert_e(x)`` instead of
+      ``weight * expert_e(x)``. The magnitude stays about right; only what is specific to the
+      token is removed (mean ablation, the interpretability standard). ``reference`` names the
+      tokens the mean is taken over: token-id lists (or a LongTensor [B, T]), run through the
+      model when the ``intervene`` block starts (outer interventions active); the mean is over
+      the tokens the router sends to the expert there. Required for ``"mean"``, refused for the
+      other modes. moe_lab models only (transformers models fuse their experts).
     """
 
-    MODES = ("reroute", "zero")
+    MODES = ("reroute", "zero", "mean")
 
-    def __init__(self, layer: int | Iterable[int], expert: int | Iterable[int], mode: str = "reroute"):
+    def __init__(self, layer: int | Iterable[int], expert: int | Iterable[int], mode: str = "reroute", *,
+                 reference=None):
         self.layers = _layer_tuple(layer, "AblateExpert")
         self.experts = (int(expert),) if isinstance(expert, int) else tuple(int(e) for e in expert)
         if not self.experts:
@@ -152,6 +190,18 @@ class AblateExpert(Intervention):
         if mode not in self.MODES:
             raise ValueError(f"AblateExpert: unknown mode {mode!r}; choose one of {list(self.MODES)}")
         self.mode = mode
+        if mode == "mean":
+            if reference is None:
+                raise ValueError("AblateExpert(..., mode='mean') needs reference=: the token-id lists (or a "
+                                 "LongTensor [B, T]) over which the expert's mean output is taken, e.g. held-out "
+                                 "documents other than those you score")
+            self.reference = _reference_docs(reference)
+        elif reference is not None:
+            raise ValueError(f"AblateExpert: reference= is only used by mode='mean', not mode={mode!r}")
+        else:
+            self.reference = None
+        self.means: dict[tuple[int, int], Tensor] = {}  # (layer, expert) -> mean output (D,) fp32 (mode "mean")
+        self._prepared_for = None
 
     def check(self, n_layers, n_experts, moe_layers):
         super().check(n_layers, n_experts, moe_layers)
@@ -170,16 +220,87 @@ class AblateExpert(Intervention):
         return set(self.experts) if self.mode == "reroute" else set()
 
     def edit_routing(self, layer, probs, indices, weights, ctx):
-        if self.mode != "zero":
+        if self.mode == "reroute":
             return probs, indices, weights
-        off = torch.isin(indices, torch.tensor(self.experts, device=indices.device))  # (N, k)
+        ids = torch.tensor(self.experts, device=indices.device)
+        off = torch.isin(indices, ids)  # (N, k)
+        if self.mode == "mean":  # the weight each ablated expert had, per token: (N, n_ablated)
+            ctx.slot_weights[(id(self), layer)] = ((indices[:, :, None] == ids).to(weights.dtype)
+                                                   * weights[:, :, None]).sum(1)
         return probs, indices, weights.masked_fill(off, 0.0)
+
+    # mode "mean"
+    def prepare(self, mixtral, call):
+        if self.mode != "mean" or self._prepared_for is mixtral:
+            return
+        self.means = expert_mean_outputs(mixtral, call, self.reference,
+                                         {(layer, e) for layer in self.layers for e in self.experts})
+        self._prepared_for = mixtral
+
+    def edits_output(self, layer):
+        return self.mode == "mean"
+
+    def edit_output(self, layer, out, ctx):
+        w = ctx.slot_weights.pop((id(self), layer), None)
+        if w is None:
+            return out
+        means = torch.stack([self.means[(layer, e)] for e in self.experts]).to(out.device)  # (n_ablated, D)
+        return out + (w.float() @ means).to(out.dtype)
 
     def __repr__(self):
         e = self.experts[0] if len(self.experts) == 1 else list(self.experts)
         layer = self.layers[0] if len(self.layers) == 1 else list(self.layers)
         mode = "" if self.mode == "reroute" else f", mode={self.mode!r}"
         return f"AblateExpert(layer={layer}, expert={e}{mode})"
+
+
+def _reference_docs(reference) -> list[Tensor]:
+    if isinstance(reference, Tensor):
+        if reference.dim() != 2 or reference.dtype.is_floating_point:
+            raise ValueError(f"AblateExpert: reference= as a tensor must be token ids [B, T], got "
+                             f"{tuple(reference.shape)} {reference.dtype}")
+        docs = [row for row in reference.long().cpu()]
+    else:
+        try:
+            docs = [torch.as_tensor(list(d), dtype=torch.long) for d in reference]
+        except (TypeError, ValueError) as err:
+            raise ValueError("AblateExpert: reference= must be token-id lists (tokenize texts first), got "
+                             f"{type(reference).__name__}: {err}") from None
+    docs = [d for d in docs if d.numel()]
+    if not docs:
+        raise ValueError("AblateExpert: reference= is empty (no tokens to take the expert's mean output over)")
+    return docs
+
+
+@torch.no_grad()
+def expert_mean_outputs(mixtral, call, docs: Sequence[Tensor], pairs) -> dict[tuple[int, int], Tensor]:
+    """``{(layer, expert): mean output (D,) fp32}``: each expert's output averaged over the tokens
+    of ``docs`` (token-id tensors, one forward each) that the router sends to it. ``call`` runs
+    the forward (the model, or a StreamingMixtral)."""
+    ids = layer_ids(mixtral)
+    sums, counts, handles = {}, {}, []
+    for layer, e in sorted(pairs):
+        module = mixtral.blocks[ids.index(layer)].moe.experts[e]
+
+        def grab(mod, args, out, key=(layer, e)):
+            y = out.detach().float().reshape(-1, out.shape[-1])
+            sums[key] = sums.get(key, 0) + y.sum(0)
+            counts[key] = counts.get(key, 0) + y.shape[0]
+        handles.append(module.register_forward_hook(grab))
+    device = next(mixtral.parameters()).device
+    try:
+        for d in docs:
+            call(d.to(device)[None])
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted(set(pairs) - set(counts))
+    if missing:
+        layer, e = missing[0]
+        raise ValueError(f"AblateExpert(..., mode='mean'): the router never sends a token of reference= to expert "
+                         f"{e} of layer {layer} ({sum(len(d) for d in docs)} tokens), so it has no mean output; "
+                         "use a larger or more varied reference set")
+    return {key: (sums[key] / counts[key]).cpu() for key in counts}
 
 
 class SwapExpert(Intervention):
@@ -209,32 +330,107 @@ class SwapExpert(Intervention):
 
 
 class SteerExperts(Intervention):
-    """Add ``offsets[e]`` to expert ``e``'s router logit in ``layer`` before the routing rule
-    (SteerMoE's offsets: the logits are log-probabilities up to a constant, so +d multiplies
-    e's unnormalised probability by exp(d)). Offset 0 changes nothing (bit for bit); a large
-    positive offset puts the expert in every token's top-k, a large negative one keeps it out."""
+    """Steer the router of ``layer`` toward or away from experts, before the routing rule.
 
-    def __init__(self, layer: int | Iterable[int], offsets: dict[int, float]):
+    * ``offsets={e: d}``: add ``d`` to expert e's router logit (the logits are log-probabilities
+      up to a constant, so +d multiplies e's unnormalised probability by exp(d)). Offset 0
+      changes nothing (bit for bit); a large positive offset puts the expert in every token's
+      top-k, a large negative one keeps it out. A graded dose.
+    * ``activate=[...]`` / ``deactivate=[...]``: SteerMoE's rule (Fayyaz et al. 2025, arXiv
+      2509.09660): the router's scores become log-softmax scores ``s``; the experts to activate
+      get ``max(s) + margin`` and those to deactivate ``min(s) - margin`` (the row's max and min
+      over all experts, per token). So every token routes to each activated expert (as long as
+      no more than k are activated; beyond k, the tie between them is broken by the top-k) and
+      no token routes to a deactivated one. Not a dose: a forced (de)activation.
+
+    Offsets apply first, then (de)activation. An expert in both sets is an error.
+    """
+
+    def __init__(self, layer: int | Iterable[int], offsets: dict[int, float] | None = None, *,
+                 activate: Iterable[int] = (), deactivate: Iterable[int] = (), margin: float = 0.01):
         self.layers = _layer_tuple(layer, "SteerExperts")
-        if not isinstance(offsets, dict) or not offsets:
+        self.activate = tuple(dict.fromkeys(int(e) for e in activate))
+        self.deactivate = tuple(dict.fromkeys(int(e) for e in deactivate))
+        if offsets is None and not (self.activate or self.deactivate):
+            raise ValueError("SteerExperts needs offsets={expert: offset} or activate=/deactivate= expert lists")
+        if offsets is not None and (not isinstance(offsets, dict) or not offsets):
             raise ValueError(f"SteerExperts needs offsets as a non-empty dict {{expert: offset}}, got {offsets!r}")
-        self.offsets = {int(e): float(d) for e, d in offsets.items()}
+        self.offsets = {int(e): float(d) for e, d in (offsets or {}).items()}
         if any(math.isnan(d) for d in self.offsets.values()):
             raise ValueError(f"SteerExperts: offsets must be numbers, got {offsets!r}")
+        both = sorted(set(self.activate) & set(self.deactivate))
+        if both:
+            raise ValueError(f"SteerExperts: expert {both[0]} is both in activate={list(self.activate)} and "
+                             f"deactivate={list(self.deactivate)}")
+        if not (margin >= 0 and math.isfinite(margin)):
+            raise ValueError(f"SteerExperts: margin must be a finite number >= 0, got {margin}")
+        self.margin = float(margin)
 
     def check(self, n_layers, n_experts, moe_layers):
         super().check(n_layers, n_experts, moe_layers)
         for e in self.offsets:
             self.check_expert(e, n_experts, "offsets for expert")
+        for e in self.activate:
+            self.check_expert(e, n_experts, "activate: expert")
+        for e in self.deactivate:
+            self.check_expert(e, n_experts, "deactivate: expert")
+        if len(self.deactivate) >= n_experts:
+            raise ValueError(f"{self!r} would deactivate all {n_experts} experts")
 
     def edit_logits(self, layer, logits, ctx):
-        shift = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)  # (E,)
-        shift[list(self.offsets)] = torch.tensor(list(self.offsets.values()), dtype=logits.dtype, device=logits.device)
-        return logits + shift
+        if self.offsets:
+            shift = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)  # (E,)
+            shift[list(self.offsets)] = torch.tensor(list(self.offsets.values()), dtype=logits.dtype, device=logits.device)
+            logits = logits + shift
+        if not (self.activate or self.deactivate):
+            return logits
+        s = logits.float().log_softmax(-1)  # (N, E) SteerMoE's scores (the same softmax as the logits)
+        hi = s.max(-1, keepdim=True).values + self.margin
+        lo = s.min(-1, keepdim=True).values - self.margin
+        if self.activate:
+            s[:, list(self.activate)] = hi
+        if self.deactivate:
+            s[:, list(self.deactivate)] = lo
+        return s
 
     def __repr__(self):
         layer = self.layers[0] if len(self.layers) == 1 else list(self.layers)
-        return f"SteerExperts(layer={layer}, offsets={self.offsets})"
+        parts = [f"offsets={self.offsets}"] if self.offsets else []
+        parts += [f"activate={list(self.activate)}"] if self.activate else []
+        parts += [f"deactivate={list(self.deactivate)}"] if self.deactivate else []
+        return f"SteerExperts(layer={layer}, {', '.join(parts)})"
+
+
+class MaskTopExperts(Intervention):
+    """DeepSeekMoE's redundancy test (Dai et al. 2024, arXiv 2401.06066, section 4.5, Figure 4):
+    for each token, mask its own ``r`` highest-scoring experts (router logits ``-inf``), then the
+    model's own routing rule picks the top-k among the rest (Mixtral: the softmax over the k
+    chosen logits). Per token, not per layer: every token loses *its* best r experts. ``r = 0``
+    changes nothing; ``r + k`` more than the number of experts is an error."""
+
+    def __init__(self, r: int, layers: int | Iterable[int] | None = None):
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
+            raise ValueError(f"MaskTopExperts: r must be an integer >= 0 (experts masked per token), got {r!r}")
+        self.r = int(r)
+        self.layers = _layer_tuple(layers, "MaskTopExperts")
+
+    def check(self, n_layers, n_experts, moe_layers):
+        super().check(n_layers, n_experts, moe_layers)
+        if self.r >= n_experts:
+            raise ValueError(f"{self!r}: r={self.r} masks every expert of a token (this model has {n_experts} "
+                             f"experts per layer; r + k must be at most {n_experts})")
+
+    def masked_per_token(self, layer):
+        return self.r
+
+    def edit_logits(self, layer, logits, ctx):
+        if self.r == 0:
+            return logits
+        top = logits.topk(self.r, dim=-1).indices  # (N, r) each token's own best experts
+        return logits.scatter(-1, top, float("-inf"))
+
+    def __repr__(self):
+        return f"MaskTopExperts({self.r}" + ("" if self.layers is None else f", layers={list(self.layers)}") + ")"
 
 
 class ForceExpert(Intervention):
@@ -366,6 +562,7 @@ def compose(layer: int, base: RoutingFn, interventions: Sequence[Intervention], 
     if not ivs:
         return base
     n_left = n_experts - len(set().union(*(iv.ablated(layer) for iv in ivs)))
+    n_masked = sum(iv.masked_per_token(layer) for iv in ivs)
     rule = base
     for iv in ivs:
         if iv.rule is not None:
@@ -377,6 +574,11 @@ def compose(layer: int, base: RoutingFn, interventions: Sequence[Intervention], 
         k = top_k
         for iv in ivs:
             k = iv.edit_top_k(layer, k)
+        if n_masked and k + n_masked > n_left:
+            masking = [iv for iv in ivs if iv.masked_per_token(layer)]
+            raise ValueError(f"layer {layer}: {', '.join(map(repr, masking))} masks {n_masked} experts per token and "
+                             f"the routing picks k={k}: r + k = {n_masked + k} is more than the {n_left} experts "
+                             f"available (n_experts={n_experts})")
         probs, indices, weights = rule(logits, min(k, n_left))
         for iv in ivs:
             probs, indices, weights = iv.edit_routing(layer, probs, indices, weights, ctx)
@@ -436,7 +638,7 @@ def intervene(model, *interventions: Intervention) -> Iterator:
     for iv in interventions:
         if not isinstance(iv, Intervention):
             raise TypeError(f"intervene takes Intervention objects (AblateExpert, SwapExpert, SteerExperts, "
-                            f"ForceExpert, SetTopK, RouterTemperature, CustomRouting), got {iv!r}")
+                            f"MaskTopExperts, ForceExpert, SetTopK, RouterTemperature, CustomRouting), got {iv!r}")
     apply = _hf_intervene if bridge.is_hf_model(model) else _moe_lab_intervene
     with apply(model, interventions):
         yield model
@@ -456,6 +658,9 @@ def _moe_lab_intervene(outer, interventions):
     n_experts = model.args.n_experts
     for iv in interventions:
         iv.check(len(model.blocks), n_experts, list(moes))
+    _, call = unwrap(outer)
+    for iv in interventions:
+        iv.prepare(model, call)
     ctx = _Context()
     saved: list[tuple[object, RoutingFn]] = []
     handles = []
@@ -473,6 +678,9 @@ def _moe_lab_intervene(outer, interventions):
             swaps = [sw for iv in interventions if iv.applies(layer) for sw in iv.swaps(layer)]
             if swaps:
                 handles.extend(_swap_during_forward(moe, swaps))
+            editors = [iv for iv in interventions if iv.applies(layer) and iv.edits_output(layer)]
+            if editors:
+                handles.append(_edit_output_after_forward(moe, layer, editors, ctx))
         _bookkeeping(model, interventions)
         yield outer
     finally:
@@ -502,6 +710,20 @@ def _swap_during_forward(moe, swaps: list[tuple[int, int]]):
     return [moe.register_forward_pre_hook(swap_in), moe.register_forward_hook(swap_back, prepend=True, always_call=True)]  # nested: inner first
 
 
+def _edit_output_after_forward(moe, layer, editors, ctx):
+    """A forward hook on ``moe`` that passes its output (N, D) through each editor's ``edit_output``."""
+
+    def hook(module, args, output):
+        y = output[0] if isinstance(output, tuple) else output
+        flat = y.reshape(-1, y.shape[-1])
+        for iv in editors:
+            flat = iv.edit_output(layer, flat, ctx)
+        y = flat.view(y.shape)
+        return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    return moe.register_forward_hook(hook)
+
+
 @contextmanager
 def _hf_intervene(model, interventions):
     """Interventions on a transformers model: the composed routing function of each layer goes
@@ -511,6 +733,11 @@ def _hf_intervene(model, interventions):
     n_layers = len(bridge.decoder_layers(model))
     for iv in interventions:
         iv.check(n_layers, n_experts, list(routers))
+        if any(iv.edits_output(layer) for layer in routers if iv.applies(layer)):
+            raise NotImplementedError(f"{iv!r}: mean ablation replaces an expert's output, which needs one module per "
+                                      f"expert; transformers models ({type(model).__name__}) fuse a layer's experts "
+                                      "into one module. Convert the model (moe_lab.checkpoints.convert.from_hf_model) "
+                                      "or use AblateExpert(..., mode='zero') / 'reroute'")
         if any(iv.swaps(layer) for layer in routers if iv.applies(layer)):
             raise NotImplementedError(f"{iv!r}: swapping experts needs one module per expert; transformers "
                                       f"models ({type(model).__name__}) fuse a layer's experts into one module. "
@@ -536,5 +763,5 @@ def _hf_intervene(model, interventions):
         object.__setattr__(model, _ACTIVE_ATTR, previous)
 
 
-__all__ = ["Intervention", "AblateExpert", "SwapExpert", "SteerExperts", "ForceExpert", "SetTopK", "RouterTemperature", "CustomRouting",
-           "intervene", "active_interventions", "compose", "topk_softmax_routing"]
+__all__ = ["Intervention", "AblateExpert", "SwapExpert", "SteerExperts", "MaskTopExperts", "ForceExpert", "SetTopK", "RouterTemperature", "CustomRouting",
+           "intervene", "active_interventions", "compose", "expert_mean_outputs", "topk_softmax_routing"]

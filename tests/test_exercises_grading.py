@@ -1,0 +1,437 @@
+"""The exercise checkers grade (issue 27): every checker of every notebook, called with wrong answers,
+never states the reference value in any printed form (repr, rounded to 2-6 decimals or significant
+digits, a percentage, with thousands separators, in GB); the "by hand" checkers reject the library's
+own result (called inside the learner's function, or pasted as a value); the random-router checker
+rejects the router's own first choice plus a random second.
+
+Every case builds its inputs from seeded random tiny models, so nothing here needs the demo model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from functools import cached_property
+
+import numpy as np
+import pytest
+import torch
+
+import moe_lab
+from moe_lab import AblateExpert, Mixtral, ModelArgs, analysis as A, causal, intervene, load_tokenizer
+from moe_lab.attribution import logit_attribution
+from moe_lab.checkpoints.convert import interleaved_to_half
+from moe_lab.exercises import nb00, nb01, nb02, nb03, nb04, nb05, nb06, nb07, nb08, nb09
+from moe_lab.model import count_params, load_balancing_loss, router_z_loss, topk_softmax_routing
+from moe_lab.train import router_saturation
+from moe_lab.viz import routing_changes
+
+MODULES = {f"{i:02d}": importlib.import_module(f"moe_lab.exercises.nb{i:02d}") for i in range(10)}
+TEXTS = {"english": ["The server will restart at midnight, so please save your work before you leave. In 1999 "
+                     "the 42 servers cost 3,500 dollars.",
+                     "Walking to the station in the rain, she remembered that the shop closes early on Sundays."],
+         "french": ["Le serveur redémarrera à minuit, alors enregistrez votre travail avant de partir.",
+                    "En marchant vers la gare sous la pluie, elle se souvint que le magasin ferme tôt le dimanche."]}
+
+
+# ---------------------------------------------------------------- the printed forms of a value
+
+def forms(value) -> set[str]:
+    """The ways a message could print ``value``: for a number, its repr, 2-6 decimals, 3-6
+    significant digits, a percentage, thousands separators; for an array or a list, its list repr
+    and every element with 3-6 decimals. Small integers (|v| < 10) and round numbers are left out:
+    "k = 2" or "0.0" in a message is not a leak."""
+    out: set[str] = set()
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, np.integer)) for v in value):
+        out |= {repr([int(v) for v in value]), repr(tuple(int(v) for v in value)),
+                ", ".join(str(int(v)) for v in value)}
+        return out
+    if isinstance(value, (list, tuple, np.ndarray, torch.Tensor)):
+        arr = value.detach().double().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, float)
+        for v in arr.ravel()[:64]:
+            if abs(v) >= 1e-3 and abs(v - round(v)) > 1e-9:
+                out |= {f"{v:.{d}f}" for d in (3, 4, 5, 6)}
+        return out
+    v = float(value)
+    if abs(v - round(v)) < 1e-9:  # an integer
+        return {str(int(round(v))), f"{int(round(v)):,}"} if abs(v) >= 10 else set()
+    out |= {repr(v), repr(float(np.float32(v)))}
+    out |= {f"{v:.{d}f}" for d in range(2, 7)} | {f"{v:.{d}g}" for d in range(3, 7)}
+    if abs(v) <= 1:
+        out |= {f"{100 * v:.{d}f}%" for d in range(0, 3)}
+    return {f for f in out if f.strip("-0.%") != ""}
+
+
+def leaks(text: str, value) -> list[str]:
+    """The forms of ``value`` that occur in ``text`` as whole numbers (not inside a longer one)."""
+    return [f for f in forms(value) if re.search(rf"(?<![\d.]){re.escape(f)}(?![\d])", text)]
+
+
+def full_text(fb) -> str:
+    return f"{fb}\n{fb.method}\n{fb._repr_html_()}"
+
+
+# ---------------------------------------------------------------- inputs, built once
+
+class Inputs:
+    """Seeded tiny models, traces and the values each checker needs (built on first use)."""
+
+    @cached_property
+    def tok(self):
+        return load_tokenizer()
+
+    @cached_property
+    def model(self):
+        torch.manual_seed(0)
+        return Mixtral(ModelArgs.from_name("tiny", n_layers=3, init_std=0.1)).eval()
+
+    @cached_property
+    def trace(self):
+        return moe_lab.trace_routing(self.model, TEXTS, tokenizer=self.tok, progress=False)
+
+    @cached_property
+    def docs(self):
+        g = torch.Generator().manual_seed(1)
+        return [[1] + torch.randint(2, 500, (15,), generator=g).tolist() for _ in range(6)]
+
+    @cached_property
+    def logits(self):
+        return torch.randn(64, 8, generator=torch.Generator().manual_seed(3)) * 2
+
+    @cached_property
+    def layer_logits(self):
+        g = torch.Generator().manual_seed(5)
+        return [torch.randn(20, 8, generator=g) * 2 for _ in range(3)]
+
+    @cached_property
+    def snapshots(self):
+        rng = np.random.default_rng(0)
+        return np.argsort(rng.random((5, 2, 40, 8)), axis=-1)[..., :2]
+
+    @cached_property
+    def checkpoint(self, ):
+        import tempfile
+        torch.manual_seed(0)
+        m = Mixtral(ModelArgs.from_name("tiny", n_layers=2, vocab_size=256, init_std=0.05)).eval()
+        return m, moe_lab.save_model(m, tempfile.mkdtemp(prefix="grading_") + "/mistral", layout="mistral")
+
+
+I = Inputs()
+
+
+def _value_case(call, ref, wrongs=(0.0, 123.456)):
+    return call, ref, list(wrongs)
+
+
+def _fn(value):
+    """A learner's function that returns ``value`` whatever its inputs."""
+    return lambda *args, **kwargs: value
+
+
+# Each case: () -> (call(answer) -> Feedback, the reference value(s), wrong answers).
+def cases():
+    t, m = I.trace, I.model
+    L1 = t.layers[1]
+    c = {}
+    # ---- 00
+    row = t.layer_index(L1)
+    ref = [int(e) for e in t.expert_ids[row, 5]]
+    others = [e for e in range(8) if e not in ref][:2]
+    c["00.check_token_experts"] = (lambda a: nb00.check_token_experts(a, t, 5, L1), ref, [others, others[::-1]])
+    tok_id = int(np.bincount(t.token_ids[t.token_ids > 2]).argmax())
+    c["00.check_token_consistency"] = _value_case(lambda a: nb00.check_token_consistency(a, t, tok_id, L1),
+                                                  nb00.token_consistency(t, tok_id, L1), (0.0013, 0.4321))
+    ta, tb = t.select(docs=[0, 1]), t.select(docs=[2, 3])
+    pa = A.expert_load(ta, "first")[row]
+    pb = A.expert_load(tb, "first")[row]
+    c["00.check_first_choice_tv"] = _value_case(lambda a: nb00.check_first_choice_tv(a, ta, tb, L1),
+                                                0.5 * float(np.abs(pa - pb).sum()), (0.0013, 0.987))
+    ids = [I.docs[0]]
+    base = moe_lab.trace_routing(m, ids, progress=False)
+    with intervene(m, AblateExpert(0, 3)):
+        new = moe_lab.trace_routing(m, ids, progress=False)
+    sets = routing_changes(base, new)[2]
+    c["00.check_changed_share"] = (lambda a: nb00.check_changed_share(a, base, new), sets,
+                                   [np.zeros_like(sets), np.full_like(sets, 0.0123)])
+    # ---- 01
+    perm = torch.cat([torch.arange(0, 8, 2), torch.arange(1, 8, 2)])
+    c["01.check_inverse_permutation"] = (lambda a: nb01.check_inverse_permutation(a, 8),
+                                         torch.argsort(perm).tolist(), [list(range(8)), list(range(8))[::-1]])
+    args01 = ModelArgs.from_name("tiny")
+    torch.manual_seed(0)
+    attn = moe_lab.model.Attention(args01)
+    x = torch.randn(1, 5, args01.dim)
+    ref = nb01.window_one_reference(x, attn, args01)
+    c["01.check_window_one"] = (lambda a: nb01.check_window_one(a, x, attn, args01), ref, [torch.zeros_like(ref)])
+    row8 = I.logits[0]
+    _, idx, w = topk_softmax_routing(row8[None], 2)
+    bottom = row8.argsort()[:2].tolist()
+    c["01.check_route_token"] = (lambda a: nb01.check_route_token(a, row8), w[0],
+                                 [(idx[0].tolist(), [0.5, 0.5]), (bottom, [0.6, 0.4])])
+    big = ModelArgs.from_name("mixtral-8x22b")
+    cp = count_params(big)
+    c["01.check_param_count"] = (lambda a: nb01.check_param_count(a, big), [cp.total, cp.active],
+                                 [(0, 0), (cp.total, 0), (1, 1)])
+    mx = ModelArgs.from_name("mixtral-8x7b")
+    kv = 2 * mx.n_kv_heads * mx.n_layers * mx.head_dim * 2
+    c["01.check_kv_cache_bytes"] = (lambda a: nb01.check_kv_cache_bytes(a, mx), kv, [0, 1, 7])
+    # ---- 02
+    lg = I.layer_logits
+    lb = float(load_balancing_loss(lg, 8, 2))
+    c["02.check_load_balancing"] = (lambda a: nb02.check_load_balancing(a, lg, 8, 2),
+                                    [lb, float(load_balancing_loss(nb02._fresh_router_logits(8), 8, 2))],
+                                    [_fn(0.0), _fn(123.456), lb, 0.0])
+    top1 = ModelArgs.from_name("tiny", experts_per_token=1)
+    c["02.check_switch_routing"] = (lambda a: nb02.check_switch_routing(a, top1), count_params(top1).active,
+                                    [(0, 0), (count_params(top1).active, 3.0), (count_params(top1).total, 1.0)])
+    torch.manual_seed(0)
+    sw = Mixtral(ModelArgs.from_name("tiny", sliding_window=4)).eval()
+    seq = torch.randint(2, 500, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = sw(seq)
+    c["02.check_sliding_window_decode"] = (lambda a: nb02.check_sliding_window_decode(a, sw, seq, 4), full,
+                                           [torch.zeros_like(full)])
+    c["02.check_force_routing_fn"] = (lambda a: nb02.check_force_routing_fn(a), [],
+                                      [lambda logits, k: topk_softmax_routing(logits, k)])
+    # ---- 03
+    m03, ckpt = I.checkpoint
+    router = m03.blocks[1].moe.gate.weight.detach()
+    c["03.check_router_from_file"] = (lambda a: nb03.check_router_from_file(a, m03, layer=1), router,
+                                      [torch.zeros_like(router)])
+    w = torch.arange(16 * 3, dtype=torch.float32).reshape(16, 3)
+    rows = (interleaved_to_half(w, 2)[:, 0] / 3).long().tolist()
+    c["03.check_qk_permutation"] = (lambda a: nb03.check_qk_permutation(a), rows,
+                                    [lambda w, n: w.clone(), lambda w, n: w.flip(0)])
+    tokens = torch.randint(2, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    normal, rev = moe_lab.load_model(ckpt), moe_lab.load_model(ckpt, layers=[1, 0])
+    with torch.inference_mode():
+        diff = (rev(tokens).float() - normal(tokens).float()).abs().max().item()
+    c["03.check_layer_order_effect"] = _value_case(lambda a: nb03.check_layer_order_effect(a, ckpt, tokens), diff,
+                                                   (0.0013, 123.456))
+    mem = nb03.partial_load_bytes(mx, 4)
+    c["03.check_partial_load_memory"] = (lambda a: nb03.check_partial_load_memory(a, mx, 4),
+                                         [mem, mem / 1e9, mem / 2 ** 30], [1, 1e9, 0.5])
+    # ---- 04
+    _, ref_idx, ref_w = topk_softmax_routing(I.logits, 2)
+    c["04.check_topk_by_hand"] = (lambda a: nb04.check_topk_by_hand(a, I.logits, k=2), ref_w,
+                                  [_fn((torch.zeros(64, 2), torch.zeros(64, 2, dtype=torch.long))),
+                                   (ref_w, ref_idx)])
+    prompt = [1, 17, 52, 9, 33, 81, 40, 12, 66, 7]
+    kls = nb04.ablation_kls(m, prompt, 1)
+    c["04.check_ablation_sweep"] = (lambda a: nb04.check_ablation_sweep(a, m, prompt, 1), kls,
+                                    [np.zeros(8), np.full(8, 0.0123)])
+    spread = nb04.forced_changes(m, prompt, 0, 3, 4).tolist()
+    c["04.check_force_spread"] = (lambda a: nb04.check_force_spread(a, m, prompt, 0, 3, 4), spread,
+                                  [[], [9], [4, 5]])
+    c["04.check_random_routing"] = (lambda a: nb04.check_random_routing(a), [], [_top1_plus_random])
+    c["04.check_hf_moe_trace"] = (lambda a: nb04.check_hf_moe_trace(a, m, [prompt]), [], [I.trace])
+    # ---- 05
+    c["05.check_first_choice_load"] = (lambda a: nb05.check_first_choice_load(a, t),
+                                       A.expert_load(t, "first"), [_fn(np.zeros((3, 8))),
+                                                                   A.expert_load(t, "first")])
+    rate = A.repetition(t, "first", n_boot=10, n_shuffles=1).rate
+    c["05.check_repetition_rate"] = (lambda a: nb05.check_repetition_rate(a, t), rate,
+                                     [_fn(np.zeros(3)), _fn(np.full(3, 0.0123)), rate])
+    digits = nb05.digit_first_choice(t, L1)
+    c["05.check_digit_experts"] = (lambda a: nb05.check_digit_experts(a, t, L1), digits,
+                                   [np.zeros(8), np.eye(8)[0]])
+    prompts = ["def f(x):", "Once upon a time"]
+    hit = nb05.greedy_lru_hit_rate(m, prompts, I.tok, 6, 4)
+    c["05.check_greedy_cache_hits"] = _value_case(lambda a: nb05.check_greedy_cache_hits(a, m, prompts, I.tok, 6, 4),
+                                                  hit, (0.0013, 0.9987))
+    # ---- 06
+    c["06.check_marginal_baseline"] = _value_case(lambda a: nb06.check_marginal_baseline(a, t, L1),
+                                                  nb06.marginal_baseline(t, L1), (0.0013, 0.9987))
+    c["06.check_word_start_repetition"] = _value_case(lambda a: nb06.check_word_start_repetition(a, t, L1),
+                                                      nb06.same_first_rate(t, L1, word_start_only=True),
+                                                      (0.0013, 0.9987))
+    usage = A.expert_usage(t)[t.layer_index(L1)]
+    c["06.check_expert_usage"] = (lambda a: nb06.check_expert_usage(a, t, L1), usage,
+                                  [np.full_like(usage, 1 / usage.shape[1]), np.zeros_like(usage)])
+    c["06.check_first_choice_divergence"] = _value_case(
+        lambda a: nb06.check_first_choice_divergence(a, t, "english", L1),
+        nb06.first_choice_divergence(t, "english", L1), (0.0013, 0.9987))
+    # ---- 07
+    frac = nb07._fraction(I.logits, 2)
+    c["07.check_expert_fraction"] = (lambda a: nb07.check_expert_fraction(a, I.logits, 2), frac,
+                                     [_fn(torch.zeros(8)), frac])
+    c["07.check_load_balancing"] = _value_case(lambda a: nb07.check_load_balancing(a, I.logits, 2),
+                                               float(load_balancing_loss([I.logits], 8, 2)), (0.0, 123.456))
+    c["07.check_effective_coefficient"] = _value_case(lambda a: nb07.check_effective_coefficient(a, 0.02, 32),
+                                                      0.02 * 32, (0.0, 123.456))
+    c["07.check_z_loss"] = _value_case(lambda a: nb07.check_z_loss(a, I.logits),
+                                       float(router_z_loss([I.logits])), (0.0, 123.456))
+    sat = router_saturation(I.snapshots)
+    c["07.check_router_saturation"] = (lambda a: nb07.check_router_saturation(a, I.snapshots), sat,
+                                       [_fn(np.zeros((5, 2))), sat])
+    # ---- 08
+    texts = {"x": I.docs[:3]}
+    base_loss = causal.document_losses(m, texts).loss.mean()
+    zero = float(causal.document_losses(m, texts, interventions=[AblateExpert(1, 2, mode="zero")]).loss.mean()
+                 - base_loss)
+    c["08.check_zero_ablation_delta"] = _value_case(lambda a: nb08.check_zero_ablation_delta(a, m, texts, 1, 2),
+                                                    zero, (0.0, 123.456))
+    table = causal.contrastive_experts(m, I.docs[:2], I.docs[2:4], n_boot=1, max_len=None)
+    rd = float(table[(table.layer == 1) & (table.expert == 3)].risk_diff.iloc[0])
+    c["08.check_risk_difference"] = _value_case(
+        lambda a: nb08.check_risk_difference(a, m, I.docs[:2], I.docs[2:4], 1, 3), rd, (0.0013, 0.9987))
+    doc, pos = I.docs[0], 5
+    att = logit_attribution(m, doc)
+    experts = att.table(pos)[[c_ for c_ in att.table(pos).index if ".expert." in c_]]
+    best = experts.index[0]
+    best_pair = [int(best.split(".")[1]), int(best.split(".")[3])]
+    worst = experts.index[-1]
+    c["08.check_top_expert_for_logit"] = (lambda a: nb08.check_top_expert_for_logit(a, m, doc, pos),
+                                          [best_pair, float(experts.iloc[0])],
+                                          [(int(worst.split(".")[1]), int(worst.split(".")[3])),
+                                           (int(experts.index[2].split(".")[1]), int(experts.index[2].split(".")[3]))])
+    routes = causal.alternative_routes(m, doc, 1, 6)
+    rank = int(routes[routes.router_choice]["rank"].iloc[0])
+    wrong_ranks = [r for r in (3, 11, 20) if r not in (rank, len(routes) + 1 - rank)][:2]
+    c["08.check_router_rank"] = (lambda a: nb08.check_router_rank(a, m, doc, 1, 6),
+                                 [f"rank {rank}", f"{rank} of {len(routes)}"], wrong_ranks)
+    # ---- 09
+    tr9 = moe_lab.trace_routing(m, I.docs, progress=False)
+    profile, test = tr9.select(docs=range(3)), tr9.select(docs=range(3, 6))
+    hind = nb09._frequency_hit_rate(test, 2, None) - nb09._frequency_hit_rate(test, 2, profile)
+    c["09.check_hindsight_gap"] = _value_case(lambda a: nb09.check_hindsight_gap(a, test, 2, profile), hind,
+                                              (0.4321, 0.9987))
+    laptop = A.Link("my laptop", 60e9, 0.7, 0)
+    kw = dict(hit_rate=0.6, precision="4bit", link="nvme_ssd", memory=laptop)
+    tps = A.decode_time(A.moe_bytes("mixtral-8x7b", "4bit"), 32 * 2 * 0.4, "nvme_ssd", laptop)["tokens_per_s"]
+    c["09.check_decode_speed"] = _value_case(lambda a: nb09.check_decode_speed(a, **kw), tps, (0.0013, 123.456))
+    pf = A.speculative_prefetch(m, I.docs, n_guess=3)
+    c["09.check_prefetch_recall"] = (lambda a: nb09.check_prefetch_recall(a, pf), pf.recall,
+                                     [np.zeros_like(pf.recall), np.full_like(pf.recall, 0.0123)])
+    c["09.check_any_uniform"] = _value_case(lambda a: nb09.check_any_uniform(a, 32, 8),
+                                            1 - math.comb(24, 8) / math.comb(32, 8), (0.0, 0.5))
+    return c
+
+
+def _top1_plus_random(logits, k):
+    """A "random" router that keeps the router's own first choice and draws only the rest."""
+    probs = logits.float().softmax(-1)
+    first = logits.argmax(-1, keepdim=True)
+    noise = torch.rand_like(probs).scatter(-1, first, -1.0)
+    idx = torch.cat([first, noise.topk(k - 1, dim=-1).indices], -1)
+    w = probs.gather(-1, idx)
+    return probs, idx, w / w.sum(-1, keepdim=True)
+
+
+@pytest.fixture(scope="module")
+def all_cases():
+    return cases()
+
+
+def test_every_checker_of_every_notebook_has_a_case(all_cases):
+    checkers = {f"{nn}.{name}" for nn, mod in MODULES.items() for name in dir(mod) if name.startswith("check_")}
+    assert checkers == set(all_cases), (f"no grading case for {sorted(checkers - set(all_cases))}; "
+                                        f"stale cases {sorted(set(all_cases) - checkers)}")
+    assert len(checkers) >= 43
+
+
+def test_wrong_answers_never_state_the_reference(all_cases):
+    found = []
+    for key, (call, ref, wrongs) in all_cases.items():
+        refs = ref if isinstance(ref, list) and ref and not all(isinstance(v, (int, np.integer)) for v in ref) \
+            else [ref]
+        for answer in wrongs:
+            fb = call(answer)
+            assert not fb, f"{key}: the wrong answer {answer!r} passed"
+            text = full_text(fb)
+            for r in refs:
+                hits = ([r] if isinstance(r, str) and r in text else []) if isinstance(r, str) else leaks(text, r)
+                if hits:
+                    found.append(f"{key} with {str(answer)[:40]}: {hits} in {str(fb)[:300]!r}")
+    assert not found, "messages state the reference:\n" + "\n".join(found)
+
+
+def test_the_leak_search_finds_the_old_messages():
+    """The search would have caught the messages the review quoted."""
+    assert leaks("✗ Exercise 09.4: expected 0.930077, found 0", 1 - math.comb(24, 8) / math.comb(32, 8))
+    assert leaks("total: expected 46,702,792,704, found 0", 46_702_792_704)
+    assert leaks("expected [5, 0], found [0, 1]", [5, 0])
+    assert leaks("layer row 1, expert 2: found 0.2000, expected 0.1337.", np.array([0.1, 0.13371]))
+    assert leaks("that is 13% of tokens", 0.1337) and not leaks("found 0.1342", 0.13)
+
+
+BY_HAND = {  # checker: (the learner's function that calls the library, the library's value pasted)
+    "02.check_load_balancing": (lambda: (lambda rl, E, k: load_balancing_loss(rl, E, k),
+                                         float(load_balancing_loss(I.layer_logits, 8, 2)))),
+    "04.check_topk_by_hand": (lambda: (lambda lg, k: topk_softmax_routing(lg, k)[:0:-1],
+                                       topk_softmax_routing(I.logits, 2)[:0:-1])),
+    "05.check_first_choice_load": (lambda: (lambda tr: A.expert_load(tr, "first"), A.expert_load(I.trace, "first"))),
+    "05.check_repetition_rate": (lambda: (lambda tr: A.repetition(tr, "first", n_boot=10, n_shuffles=1).rate,
+                                          A.repetition(I.trace, "first", n_boot=10, n_shuffles=1).rate)),
+    "07.check_expert_fraction": (lambda: (None, nb07._fraction(I.logits, 2))),
+    "07.check_router_saturation": (lambda: (lambda idx: router_saturation(idx), router_saturation(I.snapshots))),
+}
+PENDING_BY_HAND = {  # other notebooks' "by hand" exercises that still take a value (issue 27, item 1)
+    "06.check_expert_usage": lambda: A.expert_usage(I.trace)[I.trace.layer_index(I.trace.layers[1])],
+    "08.check_risk_difference": lambda: float(
+        (lambda tb: tb[(tb.layer == 1) & (tb.expert == 3)].risk_diff.iloc[0])(
+            causal.contrastive_experts(I.model, I.docs[:2], I.docs[2:4], n_boot=1, max_len=None))),
+    "09.check_prefetch_recall": lambda: A.speculative_prefetch(I.model, I.docs, n_guess=3).recall,
+}
+
+
+@pytest.mark.parametrize("key", sorted(BY_HAND))
+def test_by_hand_checkers_reject_the_library(key, all_cases):
+    call = all_cases[key][0]
+    library_fn, pasted = BY_HAND[key]()
+    if library_fn is not None:
+        fb = call(library_fn)
+        assert fb.status == "wrong" and "calls the library" in fb.message, fb
+    fb = call(pasted)
+    assert fb.status == "wrong" and "takes your function" in fb.message, fb
+
+
+@pytest.mark.xfail(reason="06.3, 08.2, 09.3 still take a value: their owners convert them to the function form "
+                          "(issue 27, item 1)", strict=False)
+@pytest.mark.parametrize("key", sorted(PENDING_BY_HAND))
+def test_pending_by_hand_checkers_reject_the_library(key, all_cases):
+    assert not all_cases[key][0](PENDING_BY_HAND[key]())
+
+
+def test_the_random_router_checker_rejects_top1_plus_random():
+    fb = nb04.check_random_routing(_top1_plus_random, n_experts=8)
+    assert fb.status == "wrong" and "own first choice" in fb.message and "k/E" in fb.message
+
+    def uniform(logits, k):
+        probs = logits.float().softmax(-1)
+        idx = torch.rand_like(probs).topk(k, dim=-1).indices
+        w = probs.gather(-1, idx)
+        return probs, idx, w / w.sum(-1, keepdim=True)
+
+    assert all(nb04.check_random_routing(uniform, n_experts=8) for _ in range(5))  # no false alarm
+
+
+def _solution_lines(nn: str) -> set[str]:
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "solutions" / f"{nn}_solutions.ipynb"
+    code = "\n".join("".join(c["source"]) for c in json.loads(path.read_text(encoding="utf-8"))["cells"]
+                     if c["cell_type"] == "code")
+    lines = {re.sub(r"\s+", "", ln.split("#")[0]) for ln in code.splitlines()}
+    return {ln for ln in lines if len(ln) >= 16 and not ln.startswith(("import", "from", "print(", "ex."))}
+
+
+def test_hints_come_in_two_levels_and_never_give_the_solution_line(all_cases):
+    """The stub's feedback has a nudge and a method (folded away), different from each other; neither
+    holds a line of the worked solution (whitespace aside)."""
+    pending = {"06", "08", "09"}  # their hints are rewritten by the helpers editing those notebooks
+    problems = []
+    for key, (call, _, _) in all_cases.items():
+        nn = key[:2]
+        fb = call(None)
+        assert fb.status == "todo", (key, fb)
+        if nn in pending:
+            continue
+        if not (fb.hint and fb.method and fb.hint != fb.method):
+            problems.append(f"{key}: hint {fb.hint!r}, method {fb.method!r}")
+        said = re.sub(r"\s+", "", fb.hint + fb.method)
+        problems += [f"{key}: the hint holds the solution line {line!r}" for line in _solution_lines(nn)
+                     if line in said]
+    assert not problems, "\n".join(problems)

@@ -1,0 +1,30 @@
+"""The worked solutions run on the held-out text the notebooks use (issue 27, item 8): where a notebook
+traces the shipped, tested held-out sample (``evalset.load_heldout_sample``), its solutions do too, and
+never the held-out split of a corpus they build themselves (a different, untested set)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMBERS = [f"{i:02d}" for i in range(10)]
+PENDING = {"08", "09"}  # their solutions move to the sample with the notebooks' own rewrite (merged on main)
+
+
+def code(path: Path) -> str:
+    return "\n".join("".join(c["source"]) for c in json.loads(path.read_text(encoding="utf-8"))["cells"]
+                     if c["cell_type"] == "code")
+
+
+@pytest.mark.parametrize("nn", NUMBERS)
+def test_solutions_use_the_notebooks_heldout_sample(nn):
+    notebook = code(next((ROOT / "notebooks").glob(f"{nn}_*.ipynb")))
+    solutions = code(ROOT / "notebooks" / "solutions" / f"{nn}_solutions.ipynb")
+    if "load_heldout_sample(" not in notebook:
+        pytest.skip(f"notebook {nn} does not trace the held-out sample")
+    ok = "load_heldout_sample(" in solutions and not re.search(r"\.heldout\b", solutions)
+    if not ok and nn in PENDING:
+        pytest.xfail(f"solutions {nn}: moved to the held-out sample on main (issue 27, item 8)")
+    assert ok, f"solutions {nn} trace another held-out set than notebook {nn} (use evalset.load_heldout_sample)"
