@@ -83,6 +83,22 @@ def figures(docs_per_domain: int = 3, max_tokens: int = 256):
     yield "calibration_figure", lambda: viz.calibration_figure(A.mixtral_calibration())
     pf = A.speculative_prefetch(model, [t for ts in heldout.values() for t in ts[:1]], tokenizer=tok, max_len=128)
     yield "prefetch_figure", lambda: viz.prefetch_figure(A.prefetch_hit_rates(pf, sizes=[2]))
+    # the causal figures, on a few short documents (their numbers mean little here: this is to look at them)
+    from moe_lab import SteerExperts, causal
+
+    few = {d: heldout[d][:3] for d in ("python", "english", "math", "latex")}
+    scan = causal.ablation_scan(model, few, tokenizer=tok, n_boot=50, max_len=64, progress=False,
+                                n_sources={"python": 3, "english": 3, "math": 3, "latex": 1})
+    yield "ablation_scan_figure", lambda: viz.ablation_scan_figure(scan)
+    pooled = {"all": [t for ts in few.values() for t in ts]}
+    per_token = causal.mask_top_experts(model, pooled, tokenizer=tok, r_values=[0, 1, 2], n_boot=50, max_len=64,
+                                        progress=False)
+    busiest = causal.disable_top_experts(model, pooled, tokenizer=tok, r_values=[0, 1, 2], n_random=1, n_boot=50,
+                                         max_len=64, progress=False)
+    yield "redundancy_figure", lambda: viz.redundancy_figure(per_token, busiest)
+    dose = causal.dose_response(model, {"python": few["python"]}, lambda d: [SteerExperts(0, {1: d})], [0.0, 1.0, 2.0],
+                                tokenizer=tok, n_boot=50, max_len=64, progress=False)
+    yield "dose_response_figure", lambda: viz.dose_response_figure(dose)
 
 
 def _effect_heatmap(viz, trace, source):
