@@ -1176,63 +1176,30 @@ def routing_change_figure(base: RoutingTrace, new: RoutingTrace, *, marker_layer
 _GREY_ROW = "rgba(160,160,160,0.55)"
 
 
-def ablation_scan_figure(scan, *, title: str | None = None) -> go.Figure:
-    """The table of :func:`moe_lab.causal.ablation_scan` as one heatmap panel per layer (rows:
-    domains; columns: every expert, labelled), each panel with its own colour scale symmetric
-    around 0 (so a layer whose effects are 100x smaller than layer 0's still shows them), a
-    colour bar under each panel, and a circle on the cells whose expert is beyond the null
-    (``beyond_null``). Domains that are not ``counted`` (too few source documents) are greyed and
-    marked in their label."""
-    layers = sorted(scan.layer.unique().tolist())
-    domains = list(dict.fromkeys(scan.domain))
-    experts = sorted(scan.expert.unique().tolist())
-    counted = scan.groupby("domain", sort=False).counted.first() if "counted" in scan else None
-    labels = [d if counted is None or counted[d] else f"{d} (not counted)" for d in domains]
-    n = len(layers)
-    fig = make_subplots(rows=1, cols=n, shared_yaxes=True, horizontal_spacing=0.02 if n > 1 else 0.0,
-                        subplot_titles=[f"layer {l}" for l in layers])
-    fig.update_layout(template=TEMPLATE)
-    legend_shown = False
-    for j, layer in enumerate(layers):
-        sub = scan[scan.layer == layer].pivot_table(index="domain", columns="expert", values="delta", sort=False)
-        sub = sub.reindex(index=domains, columns=experts)
-        z = sub.to_numpy()
-        bound = float(np.nanmax(np.abs(z))) or 1.0
-        ca = "coloraxis" if j == 0 else f"coloraxis{j + 1}"
-        x0, x1 = fig.layout[f"xaxis{'' if j == 0 else j + 1}"].domain
-        fig.update_layout({ca: dict(colorscale="RdBu_r", cmin=-bound, cmax=bound, colorbar=dict(
-            orientation="h", x=(x0 + x1) / 2, xanchor="center", y=-0.26, yanchor="top", len=(x1 - x0) * 0.9,
-            thickness=10, tickfont=dict(size=10), tickvals=[-bound, 0, bound],
-            ticktext=[f"{-bound:.2g}", "0", f"{bound:.2g}"]))})
-        fig.add_trace(go.Heatmap(z=z, x=[f"e{e}" for e in experts], y=labels, coloraxis=ca, xgap=1, ygap=1,
-                                 hovertemplate=f"layer {layer}, %{{x}}, %{{y}}: Δ %{{z:.4f}} nats<extra></extra>"),
-                      row=1, col=j + 1)
-        if "beyond_null" in scan:
-            hit = scan[(scan.layer == layer) & scan.beyond_null]
-            fig.add_trace(go.Scatter(x=[f"e{e}" for e in hit.expert], y=[labels[domains.index(d)] for d in hit.domain],
-                                     mode="markers", marker=dict(symbol="circle-open", color="black", size=13,
-                                                                 line=dict(width=2)),
-                                     name="beyond the null (largest effect of its layer, interval > 0)",
-                                     showlegend=not legend_shown and len(hit) > 0, legendgroup="null",
-                                     hoverinfo="skip"), row=1, col=j + 1)
-            legend_shown = legend_shown or len(hit) > 0
-        for i, d in enumerate(domains):
-            if counted is not None and not counted[d]:
-                fig.add_shape(type="rect", xref=f"x{'' if j == 0 else j + 1}", yref="y", x0=-0.5,
-                              x1=len(experts) - 0.5, y0=i - 0.5, y1=i + 0.5, fillcolor=_GREY_ROW, line_width=0,
-                              layer="above")
-        fig.update_xaxes(title_text="expert", title_font=dict(size=12), tickmode="array",
-                         tickvals=[f"e{e}" for e in experts], tickfont=dict(size=10), row=1, col=j + 1)
-    fig.update_yaxes(autorange="reversed", tickmode="array", tickvals=labels, row=1, col=1)
-    if not legend_shown:  # no circle: say so in the legend
+def ablation_scan_figure(scan, *, title: str | None = None, source: str | None = None) -> go.Figure:
+    """The table of :func:`moe_lab.causal.ablation_scan` drawn by :func:`expert_heatmap`: rows are
+    domains, one panel per layer with its own colour scale symmetric around 0 (so a layer whose
+    effects are 100x smaller than layer 0's still shows them) and a tick in every expert's colour,
+    a circle on the cells whose expert is beyond the null (``beyond_null``), and the domains that
+    are not ``counted`` (too few source documents) greyed and named in the legend."""
+    table = scan.pivot_table(index="domain", columns=["layer", "expert"], values="delta", sort=False)
+    table = table.reindex(index=list(dict.fromkeys(scan.domain)))
+    muted = []
+    if "counted" in scan:
+        counted = scan.groupby("domain", sort=False).counted.first()
+        muted = [d for d in table.index if not counted[d]]
+    marks = ([(d, int(l), int(e)) for d, l, e in scan.loc[scan.beyond_null, ["domain", "layer", "expert"]]
+              .itertuples(index=False)] if "beyond_null" in scan else [])
+    fig = expert_heatmap(table, marks=marks, muted_rows=muted,
+                         mark_label="beyond the null (largest effect of its layer, interval > 0)"
+                         if marks else "beyond the null: none",
+                         muted_label="greyed, not counted (fewer than 3 source documents)",
+                         colorbar_title="Δ loss (nats)",
+                         title=title or "Change in loss when one expert is switched off, per domain", source=source)
+    if not marks:  # no circle: say so in the legend
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="beyond the null: none", showlegend=True,
                                  marker=dict(symbol="circle-open", color="black", size=13)), row=1, col=1)
-    fig.add_annotation(text="Δ loss (nats),<br>one scale per layer", xref="paper", yref="paper", x=0, xanchor="right",
-                       y=-0.26, yanchor="top", showarrow=False, font=dict(size=11), align="right")
-    fig.update_layout(title=title or "Change in loss when one expert is switched off, per domain", showlegend=True,
-                      height=250 + 30 * len(domains), width=max(600, 240 * n),
-                      margin=dict(t=70, b=170, l=150), legend=dict(orientation="h", y=-0.5, x=0, yanchor="top"))
-    fig.layout.meta = dict(kind="ablation_scan_figure", layers=layers)
+    fig.layout.meta = dict(fig.layout.meta, kind="ablation_scan_figure")
     return fig
 
 
