@@ -31,8 +31,8 @@ FAMILIES = {
     "olmoe": ("olmoe", "OlmoeSparseMoeBlock", "OlmoeConfig",
               dict(num_experts=8, num_experts_per_tok=3, intermediate_size=12, norm_topk_prob=False)),
     "qwen2_moe": ("qwen2_moe", "Qwen2MoeSparseMoeBlock", "Qwen2MoeConfig",
-                  dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=20,
-                       norm_topk_prob=False)),
+                  dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=8,
+                       shared_expert_intermediate_size=20, norm_topk_prob=False)),
     "qwen3_moe": ("qwen3_moe", "Qwen3MoeSparseMoeBlock", "Qwen3MoeConfig",
                   dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=8, norm_topk_prob=True)),
     "deepseek_v3": ("deepseek_v3", "DeepseekV3MoE", "DeepseekV3Config",
@@ -316,3 +316,24 @@ def test_unknown_activation_is_a_clear_error():
     assert activation_name(ACT2FN["silu"], "x") == "silu" and activation_name(ACT2FN["gelu_new"], "x") == "gelu_tanh"
     with pytest.raises(ValueError, match="GraniteMoeExperts.act_fn uses the activation QuickGELUActivation"):
         design_from_transformers(hf_block("granitemoe", hidden_act="quick_gelu"))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # transformers' empty shared MLP
+@torch.no_grad()
+def test_deepseek_without_shared_experts():
+    block = hf_block("deepseek_v3", seed=9, n_shared_experts=0)
+    twin = moe_from_transformers(block)
+    assert twin.shared_expert is None
+    x = hidden_states(seed=8)
+    assert (twin(x)[0] - hf_output(block, x)).abs().max() < TOL
+
+
+def test_twin_keeps_dtype_and_mode():
+    """A bf16 block gives a bf16 twin (DeepSeek-V3's selection bias stays fp32); a block in
+    training mode gives a twin in training mode."""
+    block = hf_block("deepseek_v3", seed=10).to(torch.bfloat16)
+    twin = moe_from_transformers(block)
+    assert twin.gate.weight.dtype == torch.bfloat16 and twin.experts[0].w1.weight.dtype == torch.bfloat16
+    assert twin.selection_bias.dtype == torch.float32
+    assert torch.equal(twin.selection_bias, block.gate.e_score_correction_bias.float())
+    assert moe_from_transformers(hf_block("mixtral", seed=11).train()).training

@@ -42,6 +42,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..hooks import name_hook_points
+from ..model import ModelArgs  # model.py imports moe/__init__ (block, experts, routers), never this file
 from .block import MoE
 from .experts import ACTIVATIONS
 
@@ -134,15 +135,19 @@ def _deepseek_v3(block: nn.Module) -> tuple[dict, dict[str, Tensor]]:
     n_shared = getattr(getattr(block, "config", None), "n_shared_experts", 1) or 1
     if shared.intermediate_size % n_shared:
         n_shared = 1
+    if shared.intermediate_size == 0:  # n_shared_experts = 0: transformers keeps an empty MLP
+        n_shared = 0
     fields = dict(dim=gate.weight.shape[1], n_experts=gate.num_experts, experts_per_token=gate.top_k,
                   hidden_dim=experts.intermediate_dim, router_score="sigmoid", router_renormalise=gate.norm_topk_prob,
                   selection_bias=True, n_group=gate.num_group, topk_group=gate.topk_group,
                   routed_scaling_factor=float(gate.routed_scaling_factor),
-                  n_shared_experts=n_shared, shared_hidden_dim=shared.intermediate_size // n_shared,
+                  n_shared_experts=n_shared, shared_hidden_dim=shared.intermediate_size // max(n_shared, 1),
                   expert_act=_same_activation((experts.act_fn, "experts.act_fn"),
                                               (shared.act_fn, "shared_experts.act_fn")))
     state = {"gate.weight": gate.weight, "selection_bias": gate.e_score_correction_bias,
-             **_fused_experts(experts.gate_up_proj, experts.down_proj), **_mlp("shared_expert", shared)}
+             **_fused_experts(experts.gate_up_proj, experts.down_proj)}
+    if n_shared:
+        state.update(_mlp("shared_expert", shared))
     return fields, state
 
 
@@ -230,8 +235,6 @@ TWINS: dict[str, Converter] = {
 def design_from_transformers(block: nn.Module):
     """The ``ModelArgs`` (design fields filled, attention fields minimal) and the ``MoE`` state
     dict of the twin of ``block``; ``moe_from_transformers`` builds the block from them."""
-    from ..model import ModelArgs  # model.py imports this package
-
     name = type(block).__name__
     convert = TWINS.get(name)
     if convert is None or not type(block).__module__.startswith("transformers."):
