@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import InitVar, asdict, dataclass, fields
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Iterator, NamedTuple
 
 import torch
@@ -79,7 +79,7 @@ class ModelArgs:
     swiglu_limit: float | None = None  # GPT-OSS's clamped SwiGLU (clip at limit, (up + 1) * g * sigmoid(alpha g))
     swiglu_alpha: float = 1.702
     first_k_dense: int = 0  # layers 0..first_k_dense-1 are dense (DeepSeek-V3)
-    dense_layers: tuple[int, ...] = ()  # and these layers too (e.g. every other layer)
+    dense_layers: list[int] = field(default_factory=list)  # and these layers too (e.g. every other layer)
     dense_hidden_dim: int | None = None  # hidden size of a dense layer's FFN; None = hidden_dim
     top_k: InitVar[int | None] = None  # deprecated name of experts_per_token (still accepted)
 
@@ -101,7 +101,7 @@ class ModelArgs:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
-        self.dense_layers = tuple(sorted({int(i) for i in self.dense_layers}))
+        self.dense_layers = sorted({int(i) for i in self.dense_layers})
         self._check_design()
 
     def _check_design(self) -> None:

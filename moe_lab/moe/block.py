@@ -50,7 +50,7 @@ class MoE(nn.Module):
         self.hook_topk_indices = HookPoint()  # (N, k) chosen experts, rank order; -1 = empty slot
         self.hook_topk_weights = HookPoint()  # (N, k) their weights (0 in an empty slot)
         self.hook_dropped = HookPoint()  # (N,) bool: the token reached no routed expert (capacity, expert choice)
-        self.hook_shared_out = HookPoint()  # (N, D) the shared experts' output (after their gate)
+        self.hook_shared_out = HookPoint() if n_shared else None  # (N, D) the shared experts' output (after their gate)
 
     # ---- routing
 

@@ -149,6 +149,9 @@ class RoutingRecorder:
         self._block = {lid: i for i, lid in enumerate(all_ids)
                        if self.model.blocks[i].moe is not None}  # MoE layers only (a dense layer has no router)
         ids = list(self._block)
+        if not ids:
+            raise ValueError("this model has no MoE layer (every layer is dense: first_k_dense / dense_layers): "
+                             "there is no routing to trace")
         self.layers = list(ids) if layers is None else [int(l) for l in layers]
         bad = [l for l in self.layers if l not in ids]
         if bad:
