@@ -204,6 +204,28 @@ def test_output_matches_slow_path_and_one_token(case):
     assert (twin(one)[0] - hf_output(block, one)).abs().max().item() < TOL
 
 
+def test_gradients_match(case):
+    """Training sees the same block: gradients with respect to the input and the router weight agree."""
+    family, block, twin = case
+    x = hidden_states(seed=9, B=2, T=6)
+    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(10))
+    grads = []
+    for model, run in ((block, lambda x: hf_output(block, x)), (twin, lambda x: twin(x)[0])):
+        xg = x.clone().requires_grad_(True)
+        model.zero_grad()
+        (run(xg) * probe).sum().backward()
+        router = twin.gate if model is twin else getattr(block, "router", None) or block.gate
+        router = getattr(router, "classifier", router)  # Switch: router.classifier
+        grads.append((xg.grad, router.weight.grad))
+    assert (grads[0][0] - grads[1][0]).abs().max() < TOL
+    assert (grads[0][1] - grads[1][1]).abs().max() < TOL
+    top1_renormalised = twin.args.experts_per_token == 1 and twin.args.router_renormalise  # weights all 1
+    if not top1_renormalised:
+        assert grads[1][1].abs().max() > 1e-3  # the router is trained through the weights
+    block.zero_grad(set_to_none=True)
+    twin.zero_grad(set_to_none=True)
+
+
 @torch.no_grad()
 def test_hooks_report_the_routing(case):
     """hook_router_logits / hook_router_probs / hook_topk_indices / hook_topk_weights report the
