@@ -1,9 +1,13 @@
 """Mixtral in one readable file.
 
-Bottom-up, as nanoGPT: config -> norm / RoPE -> KV cache -> mask and attention -> experts and
-router -> MoE block -> transformer block -> model (``embed`` -> blocks -> ``head``). Shapes are commented as B (batch), T (new tokens), S (keys in
-view, cache included), D (dim), H (query heads), Hkv (kv heads), hd (head dim), E (experts),
-k (experts per token), N (tokens flattened), V (vocab).
+Bottom-up, as nanoGPT: config -> norm / RoPE -> KV cache -> mask and attention -> transformer
+block -> model (``embed`` -> blocks -> ``head``). The MoE block (router, experts, and every design
+``ModelArgs`` can ask for: Switch, DeepSeek, GPT-OSS, Llama 4, expert choice, ...) is in
+``moe_lab/moe/``; ``MoE``, ``Expert`` and ``topk_softmax_routing`` import from here too.
+
+Shapes are commented as B (batch), T (new tokens), S (keys in view, cache included), D (dim),
+H (query heads), Hkv (kv heads), hd (head dim), E (experts), k (experts per token), N (tokens
+flattened), V (vocab).
 
 RoPE uses Mistral's convention (interleaved pairs (2i, 2i+1)); Hugging Face checkpoints store
 wq/wk with permuted rows for their "rotate_half" convention, and the loader undoes that.

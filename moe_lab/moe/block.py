@@ -90,7 +90,7 @@ class MoE(nn.Module):
         self.hook_router_probs(probs)
         if self.hook_dropped.active:
             self.hook_dropped((indices < 0).all(-1))
-        if self.selection_bias is not None and self.training and torch.is_grad_enabled():
+        if self.training and self.selection_bias is not None and torch.is_grad_enabled():
             self.update_selection_bias(indices)
         return logits, self.hook_topk_indices(indices), self.hook_topk_weights(weights)
 
@@ -110,7 +110,9 @@ class MoE(nn.Module):
         y_n = sum over the k experts e chosen for token n of weight_ne * expert_e(x_n)  [+ shared(x_n)]
         """
         shape = x.shape
-        self.group_size = shape[1] if x.dim() == 3 else None  # a sequence: capacity and expert choice count in it
+        T = shape[1] if x.dim() == 3 else None  # a sequence: capacity and expert choice count in it
+        if self.group_size != T:
+            self.group_size = T
         x = x.reshape(-1, shape[-1])  # (N, D)
         logits, indices, weights = self.route(x)  # (N, E), (N, k), (N, k)
         weights = weights.to(x.dtype)
@@ -121,16 +123,23 @@ class MoE(nn.Module):
             for e in range(self.n_experts):
                 token, slot = torch.where(indices == e)  # the tokens that chose e, and in which of their k slots
                 if len(token):
-                    out.index_add_(0, token, self.expert_out(e, x[token], weights[token, slot, None]))
+                    w = weights[token, slot, None]  # (n, 1)
+                    y = self.experts[e](self.expert_input(x[token], w))
+                    out.index_add_(0, token, self.weighted_output(y, w))
         if self.shared_expert is not None:
             out = out + self.hook_shared_out(self.shared(x))
         return out.view(shape), logits
 
-    def expert_out(self, e: int, x: Tensor, w: Tensor) -> Tensor:
-        """Expert e on its tokens x (n, D), weighted by their routing weights w (n, 1)."""
-        if self.score_on_input:  # Llama 4: the score scales the expert's input
-            return self.experts[e](x * w)
-        return w * self.experts[e](x)
+    # Where a token's routing weight w applies: to the expert's output (Mixtral and most designs),
+    # or to its input (Llama 4, score_on_input). x, y (n, D), w (n, 1) or a number.
+
+    def expert_input(self, x: Tensor, w: Tensor) -> Tensor:
+        """What an expert gets: its tokens x, or (Llama 4) x times their weights."""
+        return x * w if self.score_on_input else x
+
+    def weighted_output(self, y: Tensor, w: Tensor) -> Tensor:
+        """What an expert adds to its tokens: its output y times their weights (Llama 4: y, the weight went in)."""
+        return y if self.score_on_input else w * y
 
     def shared(self, x: Tensor) -> Tensor:
         """The shared experts (every token, no routing; DeepSeek's n_shared_experts are one wider
@@ -141,7 +150,7 @@ class MoE(nn.Module):
         return y
 
     def dispatch_grouped(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-        """``forward``'s loop with the same ``self.expert_out(e, rows, w)`` calls and less work
+        """``forward``'s loop with the same ``self.experts[e](rows)`` calls and less work
         around them: the (token, slot) pairs sorted by expert once, each expert's rows one slice.
 
         x (N, D), indices (N, k), weights (N, k) -> (N, D). Empty slots (-1) are skipped.
@@ -151,15 +160,16 @@ class MoE(nn.Module):
             out = None
             for e, w in zip(indices.tolist()[0], weights.tolist()[0]):
                 if e >= 0:  # -1: an empty slot
-                    y = self.expert_out(e, x, w)  # (1, D)
+                    y = self.weighted_output(self.experts[e](self.expert_input(x, w)), w)  # (1, D)
                     out = y if out is None else out.add_(y)
             return torch.zeros_like(x) if out is None else out
         flat = indices.reshape(-1)  # (N*k,)
         order = flat.argsort(stable=True)  # slots grouped by expert, empty slots (-1) first
         counts = torch.bincount(flat + 1, minlength=self.n_experts + 1).tolist()  # [empty, expert 0, ...]
-        order = order[counts[0]:]
+        if counts[0]:
+            order = order[counts[0]:]  # the filled slots only
         token_of_slot = order.div(k, rounding_mode="floor")  # (n,)
-        rows = x.index_select(0, token_of_slot).split(counts[1:])  # rows[e]: (counts[e+1], D)
-        ws = weights.reshape(-1, 1)[order].split(counts[1:])
-        ys = torch.cat([self.expert_out(e, rows[e], ws[e]) for e in range(self.n_experts) if counts[e + 1]])
-        return torch.zeros_like(x).index_add_(0, token_of_slot, ys.to(x.dtype))
+        ws = weights.reshape(-1, 1)[order]  # (n, 1)
+        rows = self.expert_input(x.index_select(0, token_of_slot), ws).split(counts[1:])  # rows[e]: (counts[e+1], D)
+        ys = torch.cat([self.experts[e](rows[e]) for e in range(self.n_experts) if counts[e + 1]])  # (n, D)
+        return torch.zeros_like(x).index_add_(0, token_of_slot, self.weighted_output(ys, ws).to(x.dtype))

@@ -48,12 +48,12 @@ class Expert(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
         self.w3 = nn.Linear(dim, hidden_dim, bias=bias) if gated else None
-        self.act = ACTIVATIONS[act]
+        self.act, self.gated = ACTIVATIONS[act], gated
         self.limit, self.alpha = swiglu_limit, swiglu_alpha
         self.hook_out = HookPoint()  # (n, D): this expert's output, before its routing weight
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.w3 is None:  # plain FFN (Switch's T5 feed-forward)
+        if not self.gated:  # plain FFN (Switch's T5 feed-forward)
             h = self.act(self.w1(x))
         elif self.limit is None:  # SwiGLU (Mixtral)
             h = self.act(self.w1(x)) * self.w3(x)
