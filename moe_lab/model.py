@@ -161,6 +161,20 @@ class ModelArgs:
             if not ok:
                 raise ValueError(f"ModelArgs: {msg}")
 
+    def design_changes(self) -> dict:
+        """The MoE design fields whose values differ from Mixtral's ({} for a Mixtral)."""
+        default = ModelArgs(dim=self.dim, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
+                            n_layers=self.n_layers, n_experts=self.n_experts, experts_per_token=self.experts_per_token)
+        return {name: getattr(self, name) for name in DESIGN_FIELDS if getattr(self, name) != getattr(default, name)}
+
+    def require_mixtral_design(self, what: str) -> None:
+        """A clear error for ``what`` (a Mixtral-only file format or conversion) on another design."""
+        changes = self.design_changes()
+        if changes:
+            raise ValueError(f"{what} holds Mixtral models only; this model's MoE design differs from Mixtral's in "
+                             f"{changes}. Keep it with torch.save({{'args': model.args.to_dict(), "
+                             f"'state_dict': model.state_dict()}}, path)")
+
     def is_moe_layer(self, layer: int) -> bool:
         """Layer ``layer`` has an MoE block (else a dense FFN: ``first_k_dense``, ``dense_layers``)."""
         return layer >= self.first_k_dense and layer not in self.dense_layers
@@ -189,6 +203,13 @@ class ModelArgs:
         if unknown:
             raise ValueError(f"unknown ModelArgs fields: {sorted(unknown)}")
         return cls(**d)
+
+
+DESIGN_FIELDS = ("router", "router_score", "router_renormalise", "router_softmax_after_topk", "router_bias",
+                 "selection_bias", "n_group", "topk_group", "routed_scaling_factor", "score_on_input",
+                 "capacity_factor", "expert_capacity", "n_shared_experts", "shared_hidden_dim", "shared_expert_gate",
+                 "expert_bias", "expert_act", "expert_gated", "swiglu_limit", "first_k_dense", "dense_layers",
+                 "dense_hidden_dim")  # the fields that change the MoE block (selection_bias_rate, swiglu_alpha: only with them)
 
 
 def _warn_top_k(what: str, stacklevel: int = 3) -> None:

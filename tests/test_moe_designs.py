@@ -12,6 +12,7 @@ import copy
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -207,6 +208,16 @@ def test_count_params_matches_the_modules(design):
         assert active == count_params(args).total
 
 
+def test_mixtral_checkpoint_formats_refuse_other_designs(tmp_path):
+    model = build("switch")
+    with pytest.raises(ValueError, match=r"Mixtral models only.*'capacity_factor': 1.0.*torch.save"):
+        moe_lab.save_model(model, tmp_path / "m")
+    with pytest.raises(ValueError, match="Mixtral models only"):
+        moe_lab.save_model(model, tmp_path / "m", layout="mistral")
+    assert not (tmp_path / "m").exists()
+    moe_lab.save_model(build("mixtral"), tmp_path / "m")  # Mixtral itself still saves
+
+
 def test_dense_layers_have_an_ffn_and_no_router():
     model = build("deepseek_v3", n_layers=3, dense_layers=[2])
     assert [b.moe is None for b in model.blocks] == [True, False, True]
@@ -335,6 +346,23 @@ def test_each_design_traces(design):
     assert trace.layers == moe_layers(model)
     assert torch.equal(torch.from_numpy(trace.expert_ids), hook_ids)
     assert (trace.weights[trace.expert_ids < 0] == 0).all()
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_interventions_act_on_each_design(design):
+    """Interventions wrap each design's rule (``compose`` around ``MoE.routing_fn``)."""
+    model = build(design, seed=12)
+    docs = [r.tolist() for r in random_tokens(model.args, 2, 12, seed=13)]
+    layer = moe_layers(model)[-1]
+    base = trace_routing(model, docs, progress=False)
+    assert (base.expert_ids == 3).any()
+    with intervene(model, AblateExpert(layer=layer, expert=3)):
+        ablated = trace_routing(model, docs, progress=False)
+        with torch.no_grad():
+            model(random_tokens(model.args, 1, 5, seed=14))
+    assert not (ablated.expert_ids[ablated.layers.index(layer)] == 3).any()
+    assert model.blocks[layer].moe.routing_fn == model.blocks[layer].moe.default_routing_fn()  # restored
+    assert np.array_equal(trace_routing(model, docs, progress=False).expert_ids, base.expert_ids)
 
 
 # --------------------------------------------------------------------------------------------

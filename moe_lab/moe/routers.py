@@ -133,6 +133,7 @@ def expert_choice(logits: Tensor, capacity: int, group_size: int | None = None) 
     probs = logits.float().softmax(-1)  # (N, E)
     top = probs.view(N // T, T, E).topk(min(capacity, T), dim=1).indices  # (G, c, E) each expert's tokens
     chosen = torch.zeros(N // T, T, E, dtype=torch.bool, device=logits.device).scatter_(1, top, True).view(N, E)
+    chosen = chosen & (probs > 0)  # an expert with probability 0 (an ablated one: logit -inf) takes nothing
     ranked = probs.masked_fill(~chosen, -1.0).sort(-1, descending=True)  # chosen experts first, best first
     indices = ranked.indices.masked_fill(ranked.values < 0, -1)
     return probs, indices, ranked.values.clamp(min=0.0)
