@@ -296,6 +296,18 @@ def test_each_design_trains_with_moe_lab_train(design, tmp_path):
         assert torch.allclose(bias / args.selection_bias_rate, (bias / args.selection_bias_rate).round(), atol=1e-3)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_block_whose_every_slot_is_empty_adds_only_the_shared_expert(fast):
+    moe = MoE(design_args("llama4"))
+    moe.fast = fast
+    moe.routing_fn = lambda logits, k: (logits.sigmoid(), torch.full((len(logits), k), -1), torch.zeros(len(logits), k))
+    x = torch.randn(2, 5, 32)
+    y, _ = moe(x)
+    torch.testing.assert_close(y, moe.shared(x.reshape(-1, 32)).view(2, 5, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x[:1, :1])[0], moe.shared(x[0, :1]).view(1, 1, 32))
+
+
 def test_selection_bias_update_is_deepseek_v3s_rule():
     model = build("deepseek_v3", seed=5)
     moe = model.blocks[1].moe

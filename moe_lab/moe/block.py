@@ -167,6 +167,8 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)  # slots grouped by expert, empty slots (-1) first
         counts = torch.bincount(flat + 1, minlength=self.n_experts + 1).tolist()  # [empty, expert 0, ...]
         if counts[0]:
+            if counts[0] == N * k:  # every slot empty: no expert runs
+                return torch.zeros_like(x)
             order = order[counts[0]:]  # the filled slots only
         token_of_slot = order.div(k, rounding_mode="floor")  # (n,)
         ws = weights.reshape(-1, 1)[order]  # (n, 1)
