@@ -190,6 +190,12 @@ class ModelArgs:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
+    def with_design(self, name: str, **overrides) -> "ModelArgs":
+        """These args with the MoE design of a family (see ``DESIGNS``), then ``overrides``."""
+        if name not in DESIGNS:
+            raise ValueError(f"unknown MoE design {name!r}; choose one of {sorted(DESIGNS)}")
+        return self.replace(**{**DESIGNS[name], **overrides})
+
     def replace(self, **changes) -> "ModelArgs":
         return type(self)(**{**self.to_dict(), **changes})
 
@@ -240,6 +246,24 @@ PRESETS: dict[str, dict] = {
     # The demo model shipped in data/tiny-mixtral (configs/tiny-mixtral.json trains it on a CPU).
     "tiny-mixtral": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=384,
                          vocab_size=32000, max_seq_len=1024, router_aux_loss_coef=0.02, router_z_loss_coef=0.001),
+}
+
+
+# The MoE design of each family as ModelArgs fields (sizes stay the caller's: n_experts, hidden_dim,
+# n_group, shared_hidden_dim, first_k_dense ...). ModelArgs.with_design(name) applies one.
+DESIGNS: dict[str, dict] = {
+    "mixtral": {},  # softmax, top-k, renormalised (also Qwen3-MoE's released checkpoints)
+    "olmoe": dict(router_renormalise=False),  # (also Qwen3-MoE's config default)
+    "qwen2-moe": dict(router_renormalise=False, n_shared_experts=1, shared_expert_gate=True),
+    "deepseek-v3": dict(router_score="sigmoid", selection_bias=True, routed_scaling_factor=2.5, n_shared_experts=1,
+                        router_aux_loss_coef=0.0),  # balanced by the selection bias, not a loss
+    "gpt-oss": dict(router_bias=True, router_softmax_after_topk=True, expert_bias=True, swiglu_limit=7.0),
+    "granite-moe": dict(router_softmax_after_topk=True),
+    "llama4": dict(experts_per_token=1, router_score="sigmoid", router_renormalise=False, score_on_input=True,
+                   n_shared_experts=1),
+    "switch": dict(experts_per_token=1, router_renormalise=False, capacity_factor=1.25, expert_gated=False,
+                   expert_act="relu"),
+    "expert-choice": dict(router="expert_choice", capacity_factor=1.0),
 }
 
 

@@ -164,6 +164,19 @@ def test_clamped_swiglu_is_gpt_oss_formula():
 # configs: Mixtral stays the default; bad values get errors naming the field
 
 
+@pytest.mark.parametrize("name", sorted(moe_lab.model.DESIGNS))
+def test_named_designs_build_and_run(name):
+    args = ModelArgs(**BASE).with_design(name)
+    assert args.design_changes() == {k: v for k, v in moe_lab.model.DESIGNS[name].items()
+                                     if k in moe_lab.model.DESIGN_FIELDS}
+    model = Mixtral(args)
+    tokens = random_tokens(args, 2, 8, seed=1)
+    _, loss = model(tokens, tokens)
+    assert torch.isfinite(loss.total)
+    with pytest.raises(ValueError, match="unknown MoE design 'mixtrall'"):
+        args.with_design("mixtrall")
+
+
 def test_default_block_is_mixtrals():
     moe = MoE(ModelArgs(**BASE))
     assert moe.routing_fn is moe_lab.topk_softmax_routing
