@@ -21,7 +21,7 @@ import moe_lab.moe.block as block_module
 import moe_lab.moe.experts as experts_module
 import moe_lab.moe.routers as routers
 from conftest import random_tokens
-from moe_lab import AblateExpert, intervene, trace_routing
+from moe_lab import AblateExpert, intervene, trace_generation, trace_routing
 from moe_lab.model import Mixtral, ModelArgs, count_params
 from moe_lab.moe import MoE
 
@@ -404,6 +404,8 @@ def paths(model: Mixtral) -> dict[str, torch.Tensor]:
     out["generate"] = model.generate(tokens[:1, :5], 5)
     trace = trace_routing(model, [r.tolist() for r in tokens], progress=False)
     out["trace_ids"], out["trace_w"] = torch.from_numpy(trace.expert_ids), torch.from_numpy(trace.weights)
+    gen, gtrace = trace_generation(model, [tokens[0, :3].tolist(), tokens[1, :6].tolist()], 4)
+    out["trace_gen_tokens"], out["trace_gen_ids"] = gen, torch.from_numpy(gtrace.expert_ids)
     return out
 
 
