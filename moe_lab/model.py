@@ -35,7 +35,8 @@ from torch import Tensor
 
 from .generation import generate, generate_stream
 from .hooks import HookedMixin, HookPoint, name_hook_points
-from .moe import ACTIVATIONS, Expert, MoE, RoutingFn, make_expert, topk_softmax_routing  # noqa: F401 (moe_lab.model.MoE ...)
+from .moe import Expert, MoE, RoutingFn, make_expert, topk_softmax_routing  # noqa: F401 (moe_lab.model.MoE ...)
+from .moe.designs import DESIGN_FIELDS, DESIGNS, check_design, design_changes, require_mixtral_design  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,74 +107,15 @@ class ModelArgs:
             if not ok:
                 raise ValueError(msg)
         self.dense_layers = sorted({int(i) for i in self.dense_layers})
-        self._check_design()
-
-    def _check_design(self) -> None:
-        """Clear errors for MoE design options that cannot work: the field, what it must be, what it is."""
-        E, k = self.n_experts, self.experts_per_token
-        one_of = lambda name, options: (getattr(self, name) in options,  # noqa: E731
-                                        f"{name} must be one of {list(options)}, found {getattr(self, name)!r}")
-        checks = [
-            one_of("router", ("topk", "expert_choice")),
-            one_of("router_score", ("softmax", "sigmoid")),
-            one_of("expert_act", tuple(ACTIVATIONS)),
-            (self.capacity_factor is None or self.capacity_factor > 0,
-             f"capacity_factor must be > 0 (or None: no capacity), found {self.capacity_factor}"),
-            (self.expert_capacity is None or self.expert_capacity >= 1,
-             f"expert_capacity must be >= 1 (or None), found {self.expert_capacity}"),
-            (self.n_group >= 1 and E % self.n_group == 0,
-             f"n_group must divide n_experts={E} into groups of equal size, found n_group={self.n_group}"),
-            (1 <= self.topk_group <= self.n_group,
-             f"topk_group must be in [1, n_group={self.n_group}], found {self.topk_group}"),
-            (self.router == "expert_choice" or k <= self.topk_group * (E // max(self.n_group, 1)),
-             f"experts_per_token={k} must be <= the experts of topk_group={self.topk_group} groups of "
-             f"{E // max(self.n_group, 1)}, found {self.topk_group * (E // max(self.n_group, 1))} eligible"),
-            (self.routed_scaling_factor > 0, f"routed_scaling_factor must be > 0, found {self.routed_scaling_factor}"),
-            (self.selection_bias_rate >= 0, f"selection_bias_rate must be >= 0, found {self.selection_bias_rate}"),
-            (not (self.router_softmax_after_topk and self.router_score != "softmax"),
-             f"router_softmax_after_topk=True needs router_score='softmax', found {self.router_score!r}"),
-            (not (self.router_softmax_after_topk and (self.selection_bias or self.n_group > 1)),
-             "router_softmax_after_topk=True chooses on the logits: it cannot be combined with selection_bias or "
-             f"n_group > 1, found selection_bias={self.selection_bias}, n_group={self.n_group}"),
-            (self.router == "topk" or (self.router_score == "softmax" and not self.selection_bias and self.n_group == 1
-                                       and not self.router_softmax_after_topk),
-             "router='expert_choice' uses softmax scores, no selection bias, no groups, no softmax after top-k; found "
-             f"router_score={self.router_score!r}, selection_bias={self.selection_bias}, n_group={self.n_group}, "
-             f"router_softmax_after_topk={self.router_softmax_after_topk}"),
-            (self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, found {self.n_shared_experts}"),
-            (self.shared_hidden_dim is None or self.shared_hidden_dim >= 1 or not self.n_shared_experts,
-             f"shared_hidden_dim must be >= 1 (or None: hidden_dim={self.hidden_dim}) when n_shared_experts="
-             f"{self.n_shared_experts}, found {self.shared_hidden_dim}"),
-            (not self.shared_expert_gate or self.n_shared_experts > 0,
-             f"shared_expert_gate=True needs n_shared_experts >= 1, found {self.n_shared_experts}"),
-            (self.swiglu_limit is None or self.swiglu_limit > 0, f"swiglu_limit must be > 0 (or None), found {self.swiglu_limit}"),
-            (self.swiglu_limit is None or self.expert_gated,
-             f"swiglu_limit={self.swiglu_limit} clamps a SwiGLU: it needs expert_gated=True, found False"),
-            (0 <= self.first_k_dense <= self.n_layers,
-             f"first_k_dense must be in [0, n_layers={self.n_layers}], found {self.first_k_dense}"),
-            (all(0 <= i < self.n_layers for i in self.dense_layers),
-             f"dense_layers must be layer numbers in [0, n_layers={self.n_layers}), found {list(self.dense_layers)}"),
-            (self.hidden_dim >= 1, f"hidden_dim must be >= 1, found {self.hidden_dim}"),
-            (self.dense_hidden_dim is None or self.dense_hidden_dim >= 1,
-             f"dense_hidden_dim must be >= 1 (or None: hidden_dim), found {self.dense_hidden_dim}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"ModelArgs: {msg}")
+        check_design(self)  # clear errors for design options that cannot work (moe_lab/moe/designs.py)
 
     def design_changes(self) -> dict:
         """The MoE design fields whose values differ from Mixtral's ({} for a Mixtral)."""
-        default = ModelArgs(dim=self.dim, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
-                            n_layers=self.n_layers, n_experts=self.n_experts, experts_per_token=self.experts_per_token)
-        return {name: getattr(self, name) for name in DESIGN_FIELDS if getattr(self, name) != getattr(default, name)}
+        return design_changes(self)
 
     def require_mixtral_design(self, what: str) -> None:
         """A clear error for ``what`` (a Mixtral-only file format or conversion) on another design."""
-        changes = self.design_changes()
-        if changes:
-            raise ValueError(f"{what} holds Mixtral models only; this model's MoE design differs from Mixtral's in "
-                             f"{changes}. Keep it with torch.save({{'args': model.args.to_dict(), "
-                             f"'state_dict': model.state_dict()}}, path)")
+        require_mixtral_design(self, what)
 
     def is_moe_layer(self, layer: int) -> bool:
         """Layer ``layer`` has an MoE block (else a dense FFN: ``first_k_dense``, ``dense_layers``)."""
@@ -211,13 +153,6 @@ class ModelArgs:
         return cls(**d)
 
 
-DESIGN_FIELDS = ("router", "router_score", "router_renormalise", "router_softmax_after_topk", "router_bias",
-                 "selection_bias", "n_group", "topk_group", "routed_scaling_factor", "score_on_input",
-                 "capacity_factor", "expert_capacity", "n_shared_experts", "shared_hidden_dim", "shared_expert_gate",
-                 "expert_bias", "expert_act", "expert_gated", "swiglu_limit", "first_k_dense", "dense_layers",
-                 "dense_hidden_dim")  # the fields that change the MoE block (selection_bias_rate, swiglu_alpha: only with them)
-
-
 def _warn_top_k(what: str, stacklevel: int = 3) -> None:
     warnings.warn(f"{what}: `top_k` is now called `experts_per_token` (the number of experts each token is routed "
                   "to); `top_k` stays the sampling cut-off of generate()", DeprecationWarning, stacklevel=stacklevel)
@@ -246,24 +181,6 @@ PRESETS: dict[str, dict] = {
     # The demo model shipped in data/tiny-mixtral (configs/tiny-mixtral.json trains it on a CPU).
     "tiny-mixtral": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=384,
                          vocab_size=32000, max_seq_len=1024, router_aux_loss_coef=0.02, router_z_loss_coef=0.001),
-}
-
-
-# The MoE design of each family as ModelArgs fields (sizes stay the caller's: n_experts, hidden_dim,
-# n_group, shared_hidden_dim, first_k_dense ...). ModelArgs.with_design(name) applies one.
-DESIGNS: dict[str, dict] = {
-    "mixtral": {},  # softmax, top-k, renormalised (also Qwen3-MoE's released checkpoints)
-    "olmoe": dict(router_renormalise=False),  # (also Qwen3-MoE's config default)
-    "qwen2-moe": dict(router_renormalise=False, n_shared_experts=1, shared_expert_gate=True),
-    "deepseek-v3": dict(router_score="sigmoid", selection_bias=True, routed_scaling_factor=2.5, n_shared_experts=1,
-                        router_aux_loss_coef=0.0),  # balanced by the selection bias, not a loss
-    "gpt-oss": dict(router_bias=True, router_softmax_after_topk=True, expert_bias=True, swiglu_limit=7.0),
-    "granite-moe": dict(router_softmax_after_topk=True),
-    "llama4": dict(experts_per_token=1, router_score="sigmoid", router_renormalise=False, score_on_input=True,
-                   n_shared_experts=1),
-    "switch": dict(experts_per_token=1, router_renormalise=False, capacity_factor=1.25, expert_gated=False,
-                   expert_act="relu"),
-    "expert-choice": dict(router="expert_choice", capacity_factor=1.0),
 }
 
 
