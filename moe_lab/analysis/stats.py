@@ -67,13 +67,13 @@ def _choice_ids(trace: RoutingTrace, choice: Choice) -> np.ndarray:
 def _load_counts(trace: RoutingTrace, choice: Choice, groups: np.ndarray | None = None,
                  n_groups: int = 1) -> np.ndarray:
     """[L, E] number of (token, slot) assignments to each expert; with ``groups`` ([N] group
-    index of each token, e.g. its domain), [G, L, E] per group."""
+    index of each token, e.g. its domain), [G, L, E] per group. Empty slots (expert id -1) count for no expert."""
     ids = _choice_ids(trace, choice)  # [L, N, j]
     E = trace.n_experts
     key = ids if groups is None else groups[None, :, None] * E + ids
     counts = np.zeros((ids.shape[0], n_groups * E))
     for l in range(ids.shape[0]):
-        counts[l] = np.bincount(key[l].ravel(), minlength=n_groups * E)
+        counts[l] = np.bincount(key[l][ids[l] >= 0], minlength=n_groups * E)
     counts = counts.reshape(-1, n_groups, E).transpose(1, 0, 2)  # [G, L, E]
     return counts[0] if groups is None else counts
 

@@ -6,6 +6,12 @@ token, E experts. Every figure and analysis in moe_lab reads one of these.
 A trace may hold expert ids only (``weights`` and ``router_logits`` both ``None``): that is what
 serving engines (vLLM, SGLang) and the OLMoE study record. Analyses that need weights or logits
 refuse such a trace by name (:meth:`RoutingTrace.require`); the others work unchanged.
+
+A token routed to fewer than k experts has **empty slots: expert id -1, weight 0**. That is how a
+trace records designs where tokens get a variable number of experts: tokens dropped by an expert's
+capacity (Switch: the slot is -1, the token passes through the residual), expert choice (k = E
+columns, a token's experts first, then -1), and ``SetTopK`` on some layers only. Load counts skip them.
+
 Importers for those formats are the ``RoutingTrace.from_*`` classmethods (parsing lives in
 :mod:`moe_lab.routing.importers`); traces of millions of tokens live on disk in
 :mod:`moe_lab.routing.store`.
@@ -40,7 +46,7 @@ class RoutingTrace:
     token_ids: np.ndarray  # [N] int64
     doc_ids: np.ndarray  # [N] int64, 0..n_docs-1
     positions: np.ndarray  # [N] int64, position within the document (0 = BOS if present)
-    expert_ids: np.ndarray  # [L, N, k] int64, rank order (column 0 = first choice)
+    expert_ids: np.ndarray  # [L, N, k] int64, rank order (column 0 = first choice); -1 = empty slot, see below
     weights: np.ndarray | None = None  # [L, N, k] float32, renormalised over the k; None = ids only
     router_logits: np.ndarray | None = None  # [L, N, E] float32, optional
     domains: list[str] = field(default_factory=list)  # one label per document ("" if none)

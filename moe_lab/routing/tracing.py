@@ -145,12 +145,18 @@ class RoutingRecorder:
     def __init__(self, model, layers=None, keep_logits: bool = False):
 
         self.model, _ = unwrap(model)
-        ids = layer_ids(self.model)
+        all_ids = layer_ids(self.model)
+        self._block = {lid: i for i, lid in enumerate(all_ids)
+                       if self.model.blocks[i].moe is not None}  # MoE layers only (a dense layer has no router)
+        ids = list(self._block)
+        if not ids:
+            raise ValueError("this model has no MoE layer (every layer is dense: first_k_dense / dense_layers): "
+                             "there is no routing to trace")
         self.layers = list(ids) if layers is None else [int(l) for l in layers]
         bad = [l for l in self.layers if l not in ids]
         if bad:
-            raise ValueError(f"layer {bad[0]} is not in this model (its layers: {ids})")
-        self._block = {lid: i for i, lid in enumerate(ids)}
+            raise ValueError(f"layer {bad[0]} is not in this model (its layers: {all_ids})" if bad[0] not in all_ids
+                             else f"layer {bad[0]} is a dense layer (no router; MoE layers: {ids})")
         self.keep_logits = keep_logits
         self.records: dict[int, list] = {l: [] for l in self.layers}
         self._saved: list = []
