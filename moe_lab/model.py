@@ -61,7 +61,7 @@ class ModelArgs:
     router_aux_loss_coef: float = 0.02  # load-balancing loss coefficient (HF's definition)
     router_z_loss_coef: float = 0.0  # ST-MoE z-loss; 0 disables it
     init_std: float = 0.02
-    # ---- the MoE design (moe_lab/moe/; DESIGN_API.md). The defaults are Mixtral's.
+    # ---- the MoE design (moe_lab/moe/; docs/MOE_BLOCK_API.md). The defaults are Mixtral's.
     router: str = "topk"  # "topk": each token chooses its experts; "expert_choice": each expert its tokens
     router_score: str = "softmax"  # "softmax" over the experts, or each expert's "sigmoid" (DeepSeek-V3, Llama 4)
     router_renormalise: bool = True  # rescale the k weights to sum to 1 (False: OLMoE, Qwen2-MoE, Switch, Llama 4)

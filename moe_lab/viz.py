@@ -57,6 +57,7 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from . import analysis as A
+from .corpus.base import DOMAINS
 from .notebook_utils import DEFAULT_RENDERER, setup_plotly
 from .routing.trace import RoutingTrace
 
@@ -121,10 +122,6 @@ def expert_colors(n_experts: int) -> list[str]:
 
 
 def _known_domains() -> tuple[str, ...]:
-    try:
-        from .corpus.base import DOMAINS
-    except Exception:  # pragma: no cover - the corpus package is part of moe_lab
-        return ()
     return tuple(DOMAINS)
 
 

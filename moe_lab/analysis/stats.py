@@ -13,6 +13,7 @@ from typing import Iterator, Literal, Union
 
 import numpy as np
 
+from ..provenance import provenance
 from ..routing.store import TraceStore
 from ..routing.trace import RoutingTrace
 
@@ -708,7 +709,6 @@ def cache_hit_rates(trace: Source, sizes=None, policies=("lru", "lfu", "optimal"
             for s in sizes:
                 rows.append({"layer": layer, "policy": policy, "cache_size": s,
                              "hit_rate": simulate_expert_cache(reqs, s, policy)})
-    from .sources import provenance
 
     out = pd.DataFrame(rows)
     out.attrs["source"] = provenance(trace)  # "demo model", "synthetic fixture", ...: for the figure's title

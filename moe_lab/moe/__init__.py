@@ -1,7 +1,7 @@
 """The MoE block and its designs: ``block.py`` (``MoE``: router, experts, shared experts, the
 forward), ``routers.py`` (the routing rules, one function per design), ``experts.py`` (``Expert``:
 SwiGLU and its variants), ``designs.py`` (the design fields of ``ModelArgs``, each family's values
-``DESIGNS``, the config checks). Options come from ``moe_lab.model.ModelArgs``; ``DESIGN_API.md`` at the
+``DESIGNS``, the config checks). Options come from ``moe_lab.model.ModelArgs``; ``docs/MOE_BLOCK_API.md`` at the
 repository root lists them."""
 
 from .block import MoE

@@ -6,7 +6,7 @@
 ``moe_lab.moe.routers``: Mixtral's ``topk_softmax_routing`` by default, or this block's
 ``token_choice_rule`` / ``expert_choice_rule`` for the other designs); ``MoE.forward`` runs the
 chosen experts and adds the shared expert. Every option comes from ``ModelArgs`` (see
-``DESIGN_API.md`` and ``docs/DESIGN.md``). Interventions and tracing wrap ``routing_fn``.
+``docs/MOE_BLOCK_API.md`` and ``docs/DESIGN.md``). Interventions and tracing wrap ``routing_fn``.
 """
 
 from __future__ import annotations

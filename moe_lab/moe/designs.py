@@ -1,6 +1,6 @@
 """The MoE designs as ``ModelArgs`` fields: which fields make a design, each family's values, and
 the checks that give a bad combination a clear error (the field, what it must be, what it is).
-The fields themselves are documented on ``moe_lab.model.ModelArgs`` and in ``DESIGN_API.md``."""
+The fields themselves are documented on ``moe_lab.model.ModelArgs`` and in ``docs/MOE_BLOCK_API.md``."""
 
 from __future__ import annotations
 

@@ -33,6 +33,7 @@ from torch import Tensor
 from ..devices import resolve_device
 from ..generation import generate_stream, left_pad
 from ..hooks import StopForward
+from ..provenance import provenance  # the demo model's label travels to every figure's title
 from ..version import __version__
 from . import bridge
 from .bridge import is_hf_model
@@ -256,7 +257,6 @@ class _MoeLabEngine(_Engine):
         p = self.model.output.weight
         meta = {"source": "moe_lab", "model_class": type(self.model).__name__,
                 "config": self.model.args.to_dict(), "dtype": str(p.dtype).replace("torch.", "")}
-        from ..analysis.sources import provenance  # the demo model's label travels to every figure's title
 
         label = provenance(self.model)
         if label:
