@@ -116,7 +116,11 @@ TOPK_KEYS = ("num_experts_per_tok", "moe_k", "top_k", "moe_topk")
 #: 0.5.23, l.1410-1425: ``sorted=False``) return the top-k unsorted.
 SORTED_ROUTER_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "granitemoe", "jamba",
                           "phimoe", "gpt_oss", "minimax"}
-GROUPED_KEYS = ("n_group", "topk_group", "topk_method", "e_score_correction_bias", "routed_scaling_factor")
+GROUPED_KEYS = ("n_group", "topk_group", "topk_method", "e_score_correction_bias")
+#: families the engines always route with grouped_topk / biased_grouped_topk (unsorted top-k)
+GROUPED_ROUTER_FAMILIES = {"deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2", "kimi_k25", "glm4_moe",
+                           "glm4v_moe", "glm4_moe_lite", "minimax_m2", "dots1", "longcat_flash", "bailing_moe",
+                           "ernie4_5_moe"}
 
 
 @dataclass
@@ -224,7 +228,8 @@ def model_layout(config: Any) -> ModelLayout:
         (["scoring_func=sigmoid"] if cfg.get("scoring_func") == "sigmoid" else [])
     if top_k == 1:
         ordered, why = True, "top_k = 1: a single choice per token"
-    elif grouped:
+    elif grouped or mt in GROUPED_ROUTER_FAMILIES:
+        grouped = grouped or [f"model_type {mt}"]
         ordered, why = False, (f"{mt or 'this model'} routes with a grouped/biased top-k ({', '.join(grouped)}): "
                                f"vLLM's grouped_topk and SGLang's (biased_)grouped_topk return it unsorted")
     elif mt in SORTED_ROUTER_FAMILIES:
