@@ -338,7 +338,7 @@ def test_sglang_dump_ambiguous_and_other_modes():
 
     amb = FIX / "sglang" / "expert_distribution_recorder_1764000001.0_0.pt"  # two 4-token prompts decoding together
     with pytest.raises(ValueError, match=r"record 1 \(forward pass 1\): 2 sequences wait for position 4 and ran in "
-                                         r"the same pass .* no request ids .*--max-running-requests 1"):
+                                         r"the same pass .* no request ids.*--max-running-requests 1"):
         RoutingTrace.from_sglang_dump(amb, top_k=2, n_experts=8)
     raw = torch.load(amb, weights_only=True)
     raw["records"][1]["positions"] = [9, 9]
