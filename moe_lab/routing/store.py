@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .importers import RoutedDocument
 from .importers import id_dtype as _id_dtype
-from .trace import DOC_META, RoutingTrace, default_rank_ordered, layer_row
+from .trace import CHUNKED, DOC_META, RoutingTrace, default_rank_ordered, layer_row
 
 STORE_FORMAT = "moe_lab.routing_store"
 STORE_VERSION = 1
@@ -620,3 +620,7 @@ class TraceStore(RoutingTrace):
 def open_store(path: str | os.PathLike) -> TraceStore:
     """Open a trace directory written by :func:`save_store` or :class:`TraceWriter`."""
     return TraceStore(path)
+
+
+# RoutingTrace.save / RoutingTrace.load write and read this form (trace.py cannot import this module)
+CHUNKED.update(save=save_store, pieces=write_pieces, open=TraceStore)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,16 @@ from . import importers
 FORMAT_VERSION = 1  # the old single-file .safetensors form (still read by load)
 #: meta keys holding one entry per document (sliced by select, joined by concat, stored per chunk)
 DOC_META = ("prompt_lengths", "doc_checkpoints")
+#: the chunked on-disk form, registered by :mod:`moe_lab.routing.store` when it is imported (it
+#: imports this module, so this one cannot import it; ``import moe_lab`` loads both):
+#: "save" (trace, path, shard_tokens, progress), "pieces" (path, pieces), "open" (path)
+CHUNKED: dict = {}
+
+
+def _chunked(name: str):
+    if name not in CHUNKED:
+        raise RuntimeError("the chunked trace form is registered by moe_lab.routing.store: import moe_lab first")
+    return CHUNKED[name]
 
 
 def layer_row(layers: list[int], layer: int) -> int:
@@ -444,10 +455,6 @@ class RoutingTrace:
         ids int32; weights and logits when the trace has them; rank order, layers, domains, meta
         and pieces in the manifest). :meth:`load` memory-maps it back. Atomic: the directory is
         written beside ``path`` and renamed into place, replacing a trace saved there before."""
-        import shutil
-
-        from .store import save_store, write_pieces
-
         path = Path(path)
         if path.exists() and not (path.is_dir() and (path / "manifest.json").exists()) and not \
                 (path.is_file() and path.suffix == ".safetensors"):
@@ -455,9 +462,9 @@ class RoutingTrace:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
         try:
-            save_store(self, tmp / "trace", shard_tokens=max(self.n_tokens, 1), progress=progress)
+            _chunked("save")(self, tmp / "trace", shard_tokens=max(self.n_tokens, 1), progress=progress)
             if self.pieces is not None:
-                write_pieces(tmp / "trace", self.pieces)
+                _chunked("pieces")(tmp / "trace", self.pieces)
             if path.is_dir():
                 old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
                 os.replace(path, old / "trace")
@@ -483,9 +490,7 @@ class RoutingTrace:
         if not path.exists():
             raise FileNotFoundError(f"no routing trace at {path}")
         if path.is_dir():
-            from .store import TraceStore
-
-            return TraceStore(path)
+            return _chunked("open")(path)
         try:
             with safe_open(str(path), framework="numpy") as f:
                 meta = f.metadata() or {}
