@@ -355,3 +355,30 @@ def test_sglang_dump_ambiguous_and_other_modes():
     stat = {"rank": 0, "logical_count": torch.zeros((1, 4, 8)), "average_utilization_rate_over_window": None}
     with pytest.raises(ValueError, match=r"dump: this is a 'stat' mode dump .* per_token"):
         RoutingTrace.from_sglang_dump(stat, top_k=2, n_experts=8)
+
+
+def test_sglang_dump_chunked_prefill_and_mixed_batches():
+    # srt/eplb/expert_distribution.py _DetailSinglePassGatherer.on_forward_pass_start (input_ids, positions,
+    # extend_seq_lens, forward_mode) and srt/model_executor/forward_batch_info.py ForwardMode (EXTEND=1, DECODE=2,
+    # MIXED=3: a prefill chunk and running requests' decode tokens, each an extend segment of length 1), 0.5.23
+    import torch
+
+    def rec(i, pos, lens, mode):
+        n = len(pos)
+        topk = np.full((2, n, 8), -1, dtype=np.int32)  # layer 0 dense (-1 throughout)
+        topk[1, :, 0], topk[1, :, 1] = np.arange(n) % 4, np.arange(n) % 4 + 4
+        return {"forward_pass_id": i, "rank": 0, "gatherer_key": "primary", "input_ids": [100 + i * 10 + j for j in
+                range(n)], "positions": pos, "extend_seq_lens": lens, "forward_mode": mode,
+                "topk_ids_of_layer": torch.from_numpy(topk), "misc_objects": [],
+                "global_physical_count": torch.zeros((2, 8), dtype=torch.int32)}
+
+    dump = {"records": [rec(0, [0, 1, 2, 3, 0, 1, 2], [4, 3], 1),  # a's first prompt chunk, b's whole prompt
+                        rec(1, [4, 5, 3], [2, 1], 3),  # MIXED: a's last chunk, b's first decode token
+                        rec(2, [6, 4], None, 2)],  # DECODE: one token each
+            "last_physical_to_logical_map": torch.arange(8).repeat(2, 1)}
+    t = RoutingTrace.from_sglang_dump(dump, top_k=2, n_experts=8)
+    assert t.n_docs == 2 and t.layers == [1]
+    assert t.positions[t.doc_ids == 0].tolist() == list(range(7)) and t.meta["prompt_lengths"] == [6, 3]
+    assert t.token_ids[t.doc_ids == 0].tolist() == [100, 101, 102, 103, 110, 111, 120]
+    assert t.token_ids[t.doc_ids == 1].tolist() == [104, 105, 106, 112, 121]
+    assert t.is_generated[t.doc_ids == 1].tolist() == [False] * 3 + [True] * 2
