@@ -91,8 +91,11 @@ def test_vllm_without_config_drops_dense_layers_with_a_warning_and_refuses_top1(
     with pytest.warns(UserWarning, match=r"dropped layers \[0\]: every row repeats an expert .* pass config="):
         t = RoutingTrace.from_vllm(outs, n_experts=8)
     assert t.layers == [1, 2, 3] and not t.rank_ordered and "no config=" in t.meta["rank_order_reason"]
-    # the old layers= still picks rows
+    # the old layers= still picks rows, but never a dense layer's placeholder rows
     assert RoutingTrace.from_vllm(outs, n_experts=8, layers=[1, 2, 3]).layers == [1, 2, 3]
+    with pytest.raises(ValueError, match=r"request 'req-0', completion 0: layers=\[0, 1, 2, 3\] keeps rows \[0\], in "
+                                         r"which every row repeats an expert"):
+        RoutingTrace.from_vllm(outs, n_experts=8, layers=[0, 1, 2, 3])
     top1 = copy.deepcopy(outs)
     for q in top1:
         for o in q.outputs:

@@ -269,6 +269,10 @@ def select_moe_rows(ids: np.ndarray, where: str, *, layout: ModelLayout | None, 
         bad = [r for r in rows if not 0 <= r < R]
         if bad:
             raise ValueError(f"{where}: layers={rows} asks for rows {bad}, but routed_experts has {R} layer rows")
+        placeholder = [r for r in rows if k >= 2 and len(ids) and _repeated(ids[:, r]).all()]
+        if placeholder:
+            raise ValueError(f"{where}: layers={rows} keeps rows {placeholder}, in which every row repeats an expert "
+                             f"(a dense layer's zero placeholder, not routing); leave them out, or pass config=")
         return ids[:, rows], list(labels) if labels is not None else rows, [], "rows chosen with layers="
     if layout is not None:
         moe = layout.moe_layers
