@@ -229,9 +229,9 @@ def model_layout(config: Any) -> ModelLayout:
     if top_k == 1:
         ordered, why = True, "top_k = 1: a single choice per token"
     elif grouped or mt in GROUPED_ROUTER_FAMILIES:
-        grouped = grouped or [f"model_type {mt}"]
-        ordered, why = False, (f"{mt or 'this model'} routes with a grouped/biased top-k ({', '.join(grouped)}): "
-                               f"vLLM's grouped_topk and SGLang's (biased_)grouped_topk return it unsorted")
+        keys = "" if mt in GROUPED_ROUTER_FAMILIES else f" (config: {', '.join(grouped)})"
+        ordered, why = False, (f"{mt or 'this model'} routes with a grouped/biased top-k{keys}; vLLM's grouped_topk "
+                               f"and SGLang's (biased_)grouped_topk return it unsorted")
     elif mt in SORTED_ROUTER_FAMILIES:
         ordered, why = True, f"{mt}: softmax top-k, returned sorted by vLLM's and SGLang's fused_topk"
     else:
