@@ -139,6 +139,7 @@ def test_save_load_is_the_chunked_form_memory_mapped(tmp_path):
     for f in ("token_ids", "doc_ids", "positions", "expert_ids", "weights"):
         assert np.array_equal(getattr(back, f), getattr(t, f)), f
     assert back.pieces == t.pieces and back.domains == t.domains and back.rank_ordered
+    assert back.to_trace(docs=[2, 5]).pieces == t.select(docs=[2, 5]).pieces
     assert back.meta["prompt_lengths"] == t.meta["prompt_lengths"]
     assert back.meta["doc_checkpoints"] == t.meta["doc_checkpoints"]
     sub = back.select(docs=[3, 4])

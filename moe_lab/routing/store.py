@@ -574,6 +574,8 @@ class TraceStore(RoutingTrace):
         if not parts:
             raise ValueError("no documents selected")
         out = RoutingTrace.concat(parts)
+        if self.pieces is not None:
+            out.pieces = [p for d in docs.tolist() for p in self.pieces[self.doc_offsets[d]:self.doc_offsets[d + 1]]]
         out.meta["store"] = str(self.path)
         return out
 
