@@ -240,9 +240,8 @@ def main() -> None:
             print(f"{name:28s} {r['seconds']:7.1f} s   +{r['added_mb']:7.0f} MB RSS  +{r['added_anon_mb']:7.0f} MB anon",
                   flush=True)
         ident = identity(path, tmp)
-    finally:
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
+    finally:  # (a --keep trace lives outside tmp; the identity slice in tmp always goes)
+        shutil.rmtree(tmp, ignore_errors=True)
     read = results["read_pass"]["seconds"]
     rows = []
     for name, r in results.items():
