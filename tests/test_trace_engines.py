@@ -385,3 +385,21 @@ def test_sglang_dump_chunked_prefill_and_mixed_batches():
     assert t.token_ids[t.doc_ids == 0].tolist() == [100, 101, 102, 103, 110, 111, 120]
     assert t.token_ids[t.doc_ids == 1].tolist() == [104, 105, 106, 112, 121]
     assert t.is_generated[t.doc_ids == 1].tolist() == [False] * 3 + [True] * 2
+
+
+def test_vllm_chat_response_and_caller_asserted_rank_order():
+    # vLLM 0.34 entrypoints/openai/chat_completion/protocol.py + serving.py with return_token_ids: top-level
+    # prompt_token_ids, choices[i].token_ids, choices[i].routed_experts base64 .npy (utils/serial_utils.py)
+    http = json.loads((FIX / "vllm" / "completions_http_v0.22.json").read_text())
+    chat = [{"id": f"chatcmpl-{r['id']}", "object": "chat.completion", "model": r["model"],
+             "prompt_token_ids": r["choices"][0]["prompt_token_ids"],
+             "choices": [{"index": c["index"], "message": {"role": "assistant", "content": ""},
+                          "finish_reason": c["finish_reason"], "token_ids": c["token_ids"],
+                          "routed_experts": c["routed_experts"]} for c in r["choices"]]} for r in http]
+    a = RoutingTrace.from_vllm(http, config=DEEPSEEK)
+    b = RoutingTrace.from_vllm(chat, config=DEEPSEEK)
+    assert np.array_equal(a.expert_ids, b.expert_ids) and np.array_equal(a.token_ids, b.token_ids)
+    assert b.meta["requests"][0]["request_id"] == "chatcmpl-cmpl-req-0"
+    c = RoutingTrace.from_vllm(chat, config=DEEPSEEK, rank_ordered=True)  # the caller knows the kernel sorts
+    assert c.rank_ordered and c.meta["rank_order_reason"] == "set by the caller (rank_ordered=)"
+    assert A.repetition(c, "first", n_boot=10).n_pairs > 0
