@@ -150,6 +150,7 @@ def test_save_load_is_the_chunked_form_memory_mapped(tmp_path):
     t.meta["rank_order_reason"] = "grouped top-k"
     u = RoutingTrace.load(t.save(tmp_path / "trace"))  # saved again over the old one
     assert not u.rank_ordered and not u.select(docs=[0]).rank_ordered and not u.to_trace(max_tokens=50).rank_ordered
+    assert not A.generated_only(u).rank_ordered
     assert not RoutingTrace.concat([t.select(docs=[0]), synthetic().select(docs=[1])]).rank_ordered
     assert all(not c.rank_ordered for c, _, _ in u.iter_chunks(100, progress=False))
     assert json.loads((tmp_path / "trace" / "manifest.json").read_text())["rank_ordered"] is False

@@ -749,4 +749,5 @@ def generated_only(trace: RoutingTrace) -> RoutingTrace:
         router_logits=None if trace.router_logits is None else trace.router_logits[:, keep],
         domains=list(trace.domains), layers=list(trace.layers), n_experts=trace.n_experts,
         pieces=None if trace.pieces is None else [p for p, k in zip(trace.pieces, keep) if k],
-        meta={**trace.meta, "prompt_lengths": [0] * trace.n_docs, "generated_only": True})
+        meta={**trace.meta, "prompt_lengths": [0] * trace.n_docs, "generated_only": True},
+        rank_ordered=trace.rank_ordered)
