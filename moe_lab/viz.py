@@ -520,6 +520,8 @@ def token_figure(trace: RoutingTrace, doc: int = 0, layers: Sequence[int] | int 
     computed on ("demo model", "synthetic fixture"; default: the trace's ``meta["provenance"]``), as
     in every figure of this module.
     """
+    trace.require_rank_order("viz.token_figure (colours each token by its first choice)",
+                             "viz.load_heatmap / viz.coactivation_heatmap (top-k sets)")
     layers = _layers_arg(trace, layers)
     if not 0 <= doc < trace.n_docs:
         raise IndexError(f"doc {doc} is not in this trace (it has {trace.n_docs} documents)")
