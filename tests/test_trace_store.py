@@ -54,11 +54,11 @@ def test_round_trip_and_manifest(tmp_path):
     path = save_store(t, tmp_path / "s", shard_tokens=200)
     st = open_store(path)
     m = json.loads((path / "manifest.json").read_text())
-    assert m["format"] == "moe_lab.routing_store" and m["columns"]["expert_ids"]["dtype"] == "|u1"
+    assert m["format"] == "moe_lab.routing_store" and m["columns"]["expert_ids"]["dtype"] == "|i1"  # 8 experts: int8 (-1 = empty)
     assert len(m["shards"]) > 2 and m["n_tokens"] == t.n_tokens and m["model"] == "synthetic"
     assert (st.n_tokens, st.n_docs, st.layers, st.top_k, st.n_experts) == (t.n_tokens, t.n_docs, t.layers, 2, 8)
     assert st.domains == t.domains and st.domain_names == t.domain_names and not st.ids_only
-    assert np.load(path / "shard-000000" / "expert_ids.npy", mmap_mode="r").dtype == np.uint8
+    assert np.load(path / "shard-000000" / "expert_ids.npy", mmap_mode="r").dtype == np.int8
     back = st.to_trace()
     for f in ("token_ids", "doc_ids", "positions", "expert_ids", "weights"):
         assert np.array_equal(getattr(back, f), getattr(t, f)), f
@@ -135,7 +135,7 @@ def test_save_load_is_the_chunked_form_memory_mapped(tmp_path):
     back = RoutingTrace.load(path)
     assert isinstance(back, RoutingTrace) and isinstance(back, TraceStore)
     assert isinstance(back._whole_column("expert_ids"), np.memmap)  # nothing copied into memory
-    assert back.expert_ids.dtype == np.uint8 and back.token_ids.dtype == np.int32
+    assert back.expert_ids.dtype == np.int8 and back.token_ids.dtype == np.int32  # one byte an id
     for f in ("token_ids", "doc_ids", "positions", "expert_ids", "weights"):
         assert np.array_equal(getattr(back, f), getattr(t, f)), f
     assert back.pieces == t.pieces and back.domains == t.domains and back.rank_ordered
@@ -207,7 +207,7 @@ def test_writer_resumes_and_never_leaves_half_written_shards(tmp_path):
         TraceWriter(path, n_experts=4, top_k=2, layers=[0, 1])
     with pytest.raises(ValueError, match=r"request 9: expert ids have shape \[5, 3, 1\], expected \[5, 2, 1\]"):
         w.add(RoutedDocument(np.arange(5), np.zeros((5, 3, 1), int), np.arange(5), 5, source="request 9"))
-    with pytest.raises(ValueError, match=r"request 8: expert ids must be in \[0, 4\), found 0..4"):
+    with pytest.raises(ValueError, match=r"request 8: expert ids must be in \[0, 4\) or -1 \(an empty slot\), found 0..4"):
         w.add(RoutedDocument(np.arange(2), np.array([[[0], [4]]] * 2), np.arange(2), 2, source="request 8"))
 
 
@@ -259,3 +259,18 @@ def test_repetition_any_paths_agree_with_a_direct_count():
         direct = [np.mean([len(set(ids[l, i]) & set(ids[l, i + 1])) > 0 for i in np.flatnonzero(ok)]) for l in range(2)]
         np.testing.assert_allclose(r.rate, direct)
         assert r.n_pairs == ok.sum()
+
+
+def test_empty_slots_survive_save_and_load(tmp_path):
+    """-1 (an empty slot: a token a capacity dropped, expert choice) is stored as -1, never as 255."""
+    import numpy as np
+    from moe_lab.routing.trace import RoutingTrace
+
+    ids = np.array([[[0, 1], [2, -1], [-1, -1]]])  # [L=1, N=3, k=2]
+    t = RoutingTrace(token_ids=np.array([1, 5, 6]), doc_ids=np.zeros(3, dtype=int), positions=np.arange(3),
+                     expert_ids=ids, n_experts=8, layers=[0])
+    t.save(tmp_path / "t")
+    back = RoutingTrace.load(tmp_path / "t")
+    assert np.array_equal(np.asarray(back.expert_ids), ids) and back.expert_ids.dtype == np.int8
+    from moe_lab import analysis as A
+    assert np.allclose(A.expert_load(back), A.expert_load(t))  # load counts skip the empty slots either way

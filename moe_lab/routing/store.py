@@ -1,14 +1,15 @@
 """Routing traces too large for memory: a directory of ``.npy`` columns, written in shards.
 
-A 10-million-token trace of Mixtral (32 layers, top-2) is 640 MB of expert ids as ``uint8``,
-5 GB as the ``int64`` of an in-memory :class:`~moe_lab.RoutingTrace`. On disk it is::
+A 10-million-token trace of Mixtral (32 layers, top-2) is 640 MB of one-byte expert ids, 5 GB as
+``int64``. On disk it is::
 
     trace_dir/
       manifest.json              format, model, engine, n_experts, top_k, layers, rank_ordered, dtypes,
                                  domains, the shard list (tokens and documents in each), provenance (meta)
       pieces.json                (optional) the display string of every token, when the trace has them
       shard-000000/
-        expert_ids.npy           [n, L, k]  uint8 (E <= 256) or uint16: token-major, as engines write it
+        expert_ids.npy           [n, L, k]  int8 (E <= 128; -1 = empty slot), uint8 (E <= 256) or wider:
+                                            token-major, as engines write it
         token_ids.npy            [n]        int32
         positions.npy            [n]        int32  position in the document
         generated.npy            [n]        bool   True for generated tokens, False for the prompt
@@ -56,8 +57,10 @@ OPTIONAL_COLUMNS = ("weights", "router_logits")
 
 
 def id_dtype(n_experts: int) -> np.dtype:
-    """The narrowest dtype that holds expert ids 0..n_experts-1 (vLLM's rule: uint8 up to 256)."""
-    return _id_dtype(n_experts)
+    """The dtype of a store's expert ids: up to 128 experts ``int8``, as small as ``uint8`` and able
+    to hold -1, an empty slot (a token a capacity dropped, expert choice, ``SetTopK``); more experts
+    ``uint8`` up to 256 (vLLM's rule), then wider, with no empty slots."""
+    return _id_dtype(n_experts, signed=n_experts <= 128)
 
 
 def write_pieces(path: str | os.PathLike, pieces: Sequence[str]) -> None:
@@ -178,9 +181,9 @@ class TraceWriter:
         if len(doc.positions) != T:
             raise ValueError(f"{doc.source or 'document'}: {len(doc.positions)} positions for {T} tokens")
         ids = doc.expert_ids
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.n_experts):
-            raise ValueError(f"{doc.source or 'document'}: expert ids must be in [0, {self.n_experts}), found "
-                             f"{int(ids.min())}..{int(ids.max())}")
+        if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= self.n_experts):
+            raise ValueError(f"{doc.source or 'document'}: expert ids must be in [0, {self.n_experts}) or -1 (an "
+                             f"empty slot), found {int(ids.min())}..{int(ids.max())}")
         ordered = doc.info.get("rank_ordered")
         if ordered is not None:
             if self.rank_ordered is None:
@@ -216,6 +219,17 @@ class TraceWriter:
             self.add(doc, None if trace.weights is None else trace.weights[:, s:e].transpose(1, 0, 2),
                      None if trace.router_logits is None else trace.router_logits[:, s:e].transpose(1, 0, 2))
 
+    def _expert_ids(self, docs) -> np.ndarray:
+        ids = np.concatenate([d.expert_ids for d in docs])
+        dtype = np.dtype(self.manifest["columns"]["expert_ids"]["dtype"])  # an older store may be uint8
+        if ids.size and ids.min() < 0 and dtype.kind == "u":
+            bad = next(d for d in docs if d.expert_ids.size and d.expert_ids.min() < 0)
+            raise ValueError(f"{self.path}: expert ids are stored as {dtype} ({self.n_experts} experts), which has no "
+                             f"-1 for an empty slot, but {bad.source or 'a document'} (domain {bad.domain!r}) holds "
+                             "empty slots; write such a trace to a new store (up to 128 experts: int8) or keep it "
+                             "in memory")
+        return ids.astype(dtype)
+
     def flush(self, info: dict | None = None) -> None:
         """Write the buffered documents as one shard (tmp dir + rename), then the manifest."""
         if self.manifest.get("rank_ordered") is None and self.rank_ordered is not None:
@@ -237,7 +251,7 @@ class TraceWriter:
         prompt = np.array([d.prompt_length for d in docs], dtype=np.int64)
         positions = np.concatenate([d.positions for d in docs]).astype(np.int64)
         cols = {
-            "expert_ids": np.concatenate([d.expert_ids for d in docs]).astype(id_dtype(self.n_experts)),
+            "expert_ids": self._expert_ids(docs),
             "token_ids": np.concatenate([d.token_ids for d in docs]).astype(np.int32),
             "positions": positions.astype(np.int32),
             "generated": (positions >= np.repeat(prompt, lengths)) & np.repeat(prompt >= 0, lengths),
@@ -509,7 +523,7 @@ class TraceStore(RoutingTrace):
                 self._cols.pop((shard, name), None)
 
     def _chunk(self, shard, d0, d1, t0, t1, rows, names) -> RoutingTrace:
-        ids = self._col(shard, "expert_ids")[t0:t1]  # [n, L, k] uint8
+        ids = self._col(shard, "expert_ids")[t0:t1]  # [n, L, k] one byte an id
         if rows is not None:
             ids = ids[:, rows]
         lengths = self.doc_lengths[d0:d1]
