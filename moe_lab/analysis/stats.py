@@ -567,7 +567,7 @@ def router_saturation(trace: RoutingTrace, final: RoutingTrace, k: int | None = 
     a, b = trace.expert_ids[:, :, :k], final.expert_ids[:, :, :k]  # [L, N, k]
     shared = np.zeros(a.shape[:2])
     for j in range(k):
-        shared += (a[:, :, j:j + 1] == b).any(-1)
+        shared += (a[:, :, j:j + 1] == b).any(-1) & (a[:, :, j] >= 0)  # an empty slot (-1) matches nothing
     return shared.mean(1) / k
 
 
