@@ -312,6 +312,27 @@ def cases():
                                      [_fn(np.zeros_like(pf.recall)), _fn(np.full_like(pf.recall, 0.0123)), pf.recall])
     c["09.check_any_uniform"] = _value_case(lambda a: nb09.check_any_uniform(a, 32, 8),
                                             1 - math.comb(24, 8) / math.comb(32, 8), (0.0, 0.5))
+    # ---- the graded questions of 00-05 and 07 (issue 27, item 2)
+    for key, fn in (("00.check_ablation_reach", nb00.check_ablation_reach),
+                    ("00.check_same_token_reason", nb00.check_same_token_reason),
+                    ("01.check_routing_orders", nb01.check_routing_orders),
+                    ("02.check_window_cache", nb02.check_window_cache),
+                    ("02.check_forced_expert_effect", nb02.check_forced_expert_effect),
+                    ("03.check_block_order", nb03.check_block_order),
+                    ("03.check_hd4_blind_spot", nb03.check_hd4_blind_spot),
+                    ("04.check_unchanged_positions", nb04.check_unchanged_positions),
+                    ("04.check_more_experts", nb04.check_more_experts)):
+        c[key] = _choice_case(fn, "abcd")
+    c["01.check_gqa_factor"] = (lambda a: nb01.check_gqa_factor(a, mx), mx.n_heads / mx.n_kv_heads,
+                                [0.25, mx.n_heads, 3.5, "four"])
+    c["05.check_first_choice_balance"] = _choice_case(lambda a: nb05.check_first_choice_balance(a, t), "ab")
+    d5 = nb05.digit_first_choice(t, L1)
+    ratio = float(d5.max() / A.expert_load(t, "first")[t.layer_index(L1)][int(d5.argmax())])
+    c["05.check_digit_ratio"] = _value_case(lambda a: nb05.check_digit_ratio(a, t, L1), ratio,
+                                            (0.0013, 1 / ratio, 100 * ratio, 1.25 * ratio))
+    c["07.check_closer_to_k"] = _choice_case(lambda a: nb07.check_closer_to_k(a, I.logits, I.layer_logits[0], 2), "ab")
+    c["07.check_random_saturation"] = _value_case(lambda a: nb07.check_random_saturation(a, 8), 1 / 8,
+                                                  (0.25, 0.0, 1.5, 0.5))
     c["09.check_prefetch_cost"] = _choice_case(nb09.check_prefetch_cost, "abcd")
     c["09.check_any_saturation"] = _choice_case(nb09.check_any_saturation, "abcd")
     c["09.check_hindsight_reading"] = _choice_case(nb09.check_hindsight_reading, "abcd")
