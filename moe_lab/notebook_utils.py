@@ -21,6 +21,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from .demo import demo_model_dir
+from .evalset import load_heldout_sample
+
 FAST_ENV = "MOE_LAB_FAST"
 
 # While a learner runs a notebook: JupyterLab, Notebook 7 and VS Code draw the plotly mimetype
@@ -117,8 +120,6 @@ def shipped_fixture(*parts: str) -> Path:
     """A file or folder under the repository's ``data/fixtures`` (shipped with moe_lab, e.g.
     ``shipped_fixture("traces", "olmoe_study", "mixtral", "c4_results.jsonl")``); a
     FileNotFoundError naming the path when it is not there (an installed package without the data)."""
-    from .demo import demo_model_dir
-
     path = demo_model_dir().parent.joinpath("fixtures", *parts)
     if not path.exists():
         raise FileNotFoundError(f"shipped fixture {path} not found: moe_lab's data/fixtures comes with the "
@@ -137,8 +138,6 @@ def heldout_by_domain(per_domain: int | None = None) -> dict[str, list[str]]:
     """domain -> the texts of the shipped held-out sample (``moe_lab.evalset.load_heldout_sample``:
     held out from the demo model's training corpus and sharing no text with its training split,
     tested), in file order; the first ``per_domain`` of each domain when given."""
-    from .evalset import load_heldout_sample
-
     texts: dict[str, list[str]] = {}
     for doc in load_heldout_sample():
         texts.setdefault(doc["domain"], []).append(doc["text"])

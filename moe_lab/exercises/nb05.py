@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..analysis.stats import cache_hit_rates, expert_load, expert_load_by_domain, generated_only, repetition
+from ..analysis.stats import (cache_hit_rates, expert_load, expert_load_by_domain, generated_only, load_balance,
+                             repetition)
 from ..routing.trace import RoutingTrace
 from ..routing.tracing import trace_generation
 from .byhand import fresh_trace, run_by_hand
@@ -244,8 +245,6 @@ def check_first_choice_balance(answer, trace: RoutingTrace) -> Feedback:
     """Exercise 05.5 (multiple choice): is the first choice less balanced than both slots together,
     by the coefficient of variation of the expert shares averaged over layers? The right letter is
     worked out from ``trace``."""
-    from ..analysis import load_balance
-
     name = "Exercise 05.5 (is the first choice less balanced?)"
     cv_first = float(load_balance(expert_load(trace, "first")).cv.mean())
     cv_either = float(load_balance(expert_load(trace, "either")).cv.mean())
