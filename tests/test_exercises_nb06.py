@@ -69,6 +69,11 @@ def test_word_start_repetition(trace):
         fb = ex.check_word_start_repetition(rates[1], trace, layer)
         assert fb.status == "wrong" and "mask" in fb.message
     assert "percentage" in ex.check_word_start_repetition(100 * rates[0], trace, layer).message
+    with_bos = ex.same_first_rate(trace, layer, word_start_only=True, bos_id=-1)  # pairs starting at BOS kept
+    if not np.isclose(with_bos, rates[0]):
+        assert "BOS" in ex.check_word_start_repetition(with_bos, trace, layer).message
+    off = ex.check_word_start_repetition(rates[0] + 0.05, trace, layer)
+    assert f"{rates[0]:.4f}" not in str(off) and f"{rates[0]:.3f}" not in str(off)  # never the reference
     assert ex.check_word_start_repetition(rates[0] + 0.05, trace, layer).status == "wrong"
 
 

@@ -112,10 +112,9 @@ def check_word_start_repetition(answer, trace: RoutingTrace, layer: int) -> Feed
         return wrong(name, "that is the rate over all pairs: the word-start mask is missing.", hint, method)
     if np.isclose(value, 100 * ref, atol=1e-4):
         return wrong(name, "that is a percentage; give the rate as a fraction in [0, 1].", hint, method)
-    for bos in (None, -1):  # BOS kept in the pairs
-        if trace.pieces is not None and np.isclose(value, same_first_rate(trace, layer, True, bos_id=bos), atol=1e-6):
-            return wrong(name, "the pairs that touch BOS are counted: leave out pairs whose either token is id 1.",
-                         hint, method)
+    if np.isclose(value, same_first_rate(trace, layer, True, bos_id=-1), atol=1e-6):  # BOS kept in the pairs
+        return wrong(name, "the pairs that touch BOS are counted: leave out pairs where either token is id 1.",
+                     hint, method)
     return not_equal(name, f"it is not the word-start rate at layer {layer} (compared to within 1e-6)", hint, method)
 
 
