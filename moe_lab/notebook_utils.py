@@ -1,4 +1,6 @@
-"""Small helpers shared by the notebooks: the fast-mode switch, a version banner, plotly set-up.
+"""Small helpers shared by the notebooks: the fast-mode switch, a version banner, plotly set-up,
+and the plumbing a learner need not read (finding files, grouping the held-out sample, measuring
+peak memory), each called in one line.
 
 Every notebook starts with::
 
@@ -15,7 +17,12 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import time
 from importlib import metadata
+from pathlib import Path
+
+from .demo import demo_model_dir
+from .evalset import load_heldout_sample
 
 FAST_ENV = "MOE_LAB_FAST"
 
@@ -103,3 +110,73 @@ def setup_plotly(renderer: str = DEFAULT_RENDERER) -> str:
 
     pio.renderers.default = renderer
     return renderer
+
+
+# ------------------------------------------------------------------------------------------------
+# Plumbing the notebooks call in one line (issue 27, item 7)
+
+
+def shipped_fixture(*parts: str) -> Path:
+    """A file or folder under the repository's ``data/fixtures`` (shipped with moe_lab, e.g.
+    ``shipped_fixture("traces", "olmoe_study", "mixtral", "c4_results.jsonl")``); a
+    FileNotFoundError naming the path when it is not there (an installed package without the data)."""
+    path = demo_model_dir().parent.joinpath("fixtures", *parts)
+    if not path.exists():
+        raise FileNotFoundError(f"shipped fixture {path} not found: moe_lab's data/fixtures comes with the "
+                                "repository (git clone), not with a wheel")
+    return path
+
+
+def path_setting(value, env_var: str) -> Path | None:
+    """Where the learner's own weights or data live: ``value`` (a path set in the notebook) or else
+    the environment variable ``env_var`` (for scripted runs), ``~`` expanded; None when neither is set."""
+    chosen = value or os.environ.get(env_var)
+    return Path(chosen).expanduser() if chosen else None
+
+
+def heldout_by_domain(per_domain: int | None = None) -> dict[str, list[str]]:
+    """domain -> the texts of the shipped held-out sample (``moe_lab.evalset.load_heldout_sample``:
+    held out from the demo model's training corpus and sharing no text with its training split,
+    tested), in file order; the first ``per_domain`` of each domain when given."""
+    texts: dict[str, list[str]] = {}
+    for doc in load_heldout_sample():
+        texts.setdefault(doc["domain"], []).append(doc["text"])
+    return {d: t[:per_domain] if per_domain else t for d, t in texts.items()}
+
+
+_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def _status_bytes(key: str, status_file: str = _STATUS) -> int | None:
+    """A ``kB`` line of ``/proc/self/status`` (``VmRSS:``, ``VmHWM:``) in bytes; None where there is none."""
+    try:
+        with open(status_file) as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+class peak_growth:
+    """``with peak_growth() as m: ...`` then ``m.bytes`` (the growth of this process' peak resident
+    memory over the block: Linux ``VmHWM`` after resetting it to the current RSS through
+    ``/proc/self/clear_refs``; None where that is not available) and ``m.seconds`` (wall time)."""
+
+    def __init__(self, status_file: str = _STATUS, clear_refs: str = _CLEAR_REFS):
+        self._status, self._clear = status_file, clear_refs
+        self.bytes: int | None = None
+        self.seconds: float | None = None
+
+    def __enter__(self) -> "peak_growth":
+        try:
+            with open(self._clear, "w") as f:
+                f.write("5")  # VmHWM := current RSS
+        except OSError:
+            pass
+        self.base, self.t0 = _status_bytes("VmRSS:", self._status), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.t0
+        peak = _status_bytes("VmHWM:", self._status)
+        self.bytes = None if peak is None or self.base is None else peak - self.base

@@ -69,24 +69,58 @@ def test_word_start_repetition(trace):
         fb = ex.check_word_start_repetition(rates[1], trace, layer)
         assert fb.status == "wrong" and "mask" in fb.message
     assert "percentage" in ex.check_word_start_repetition(100 * rates[0], trace, layer).message
+    with_bos = ex.same_first_rate(trace, layer, word_start_only=True, bos_id=-1)  # pairs starting at BOS kept
+    if not np.isclose(with_bos, rates[0]):
+        assert "BOS" in ex.check_word_start_repetition(with_bos, trace, layer).message
+    off = ex.check_word_start_repetition(rates[0] + 0.05, trace, layer)
+    assert f"{rates[0]:.4f}" not in str(off) and f"{rates[0]:.3f}" not in str(off)  # never the reference
     assert ex.check_word_start_repetition(rates[0] + 0.05, trace, layer).status == "wrong"
+
+
+def _usage_by_hand(tr, layer, *, bos=True, first_only=False):
+    """Independent of the library: a plain loop over tokens."""
+    row = tr.layer_index(layer)
+    out = np.zeros((tr.n_docs, tr.n_experts))
+    for i in range(tr.n_tokens):
+        if bos and tr.token_ids[i] == 1:
+            continue
+        for e in tr.expert_ids[row, i, :1 if first_only else None]:
+            out[tr.doc_ids[i], e] += 1
+    return out / out.sum(1, keepdims=True)
 
 
 def test_expert_usage(trace):
     layer = trace.layers[2]
-    ref = analysis.expert_usage(trace)[2]
-    assert ex.check_expert_usage(ref.copy(), trace, layer).status == "correct"
+    assert ex.check_expert_usage(_usage_by_hand, trace, layer).status == "correct"
     assert ex.check_expert_usage(None, trace, layer).status == "todo"
-    assert "shape" in ex.check_expert_usage(ref.T, trace, layer).message
-    assert "BOS" in ex.check_expert_usage(analysis.expert_usage(trace, bos_id=None)[2], trace, layer).message
-    counts = ref * 10
-    assert "sum to 1" in ex.check_expert_usage(counts, trace, layer).message
-    first_only = np.zeros_like(ref)  # a typical slip: the first choice only
-    keep = trace.token_ids != 1
-    np.add.at(first_only, (trace.doc_ids[keep], trace.expert_ids[2, keep, 0]), 1)
-    first_only /= first_only.sum(1, keepdims=True)
-    fb = ex.check_expert_usage(first_only, trace, layer)
-    assert fb.status == "wrong" and "document" in fb.message
+    assert ex.check_expert_usage(lambda tr, l: None, trace, layer).status == "todo"
+    fb = ex.check_expert_usage(analysis.expert_usage(trace)[2], trace, layer)  # a pasted value
+    assert fb.status == "wrong" and "takes your function" in fb.message
+    fb = ex.check_expert_usage(lambda tr, l: analysis.expert_usage(tr)[tr.layer_index(l)], trace, layer)
+    assert fb.status == "wrong" and "calls the library" in fb.message
+    assert "shape" in ex.check_expert_usage(lambda tr, l: _usage_by_hand(tr, l).T, trace, layer).message
+    assert "BOS" in ex.check_expert_usage(lambda tr, l: _usage_by_hand(tr, l, bos=False), trace, layer).message
+    assert "sum to 1" in ex.check_expert_usage(lambda tr, l: 10 * _usage_by_hand(tr, l), trace, layer).message
+    fb = ex.check_expert_usage(lambda tr, l: _usage_by_hand(tr, l, first_only=True), trace, layer)
+    assert fb.status == "wrong" and "first choice" in fb.message
+    # the row of expert_ids taken as the layer number: right on a trace whose layers are 0..L-1, not on the checker's
+    fb = ex.check_expert_usage(lambda tr, l: _usage_by_hand(tr, tr.layers[l]) if l < tr.n_layers else None,
+                               trace, layer)
+    assert fb.status in ("wrong", "todo") and not fb
+
+
+def test_graded_questions(trace):
+    layer = trace.layers[1]
+    letters = [x for x in "abc" if ex.check_word_start_drop(x, trace, layer)]
+    assert len(letters) == 1
+    diff = ex.same_first_rate(trace, layer, True) - ex.same_first_rate(trace, layer)
+    assert letters == ["a" if diff < -0.01 else "c" if diff > 0.01 else "b"]
+    for check, right in ((ex.check_baseline_reading, "b"), (ex.check_mediator_reading, "a")):
+        assert check(right) and check(f"({right.upper()})") and check(None).status == "todo"
+        for other in "abcd".replace(right, ""):
+            fb = check(other)
+            assert fb.status == "wrong" and f"({right})" not in str(fb) and f"not ({other})" in fb.message
+        assert "one letter" in check("e").message and "one letter" in check(2).message
 
 
 def test_first_choice_divergence(trace):

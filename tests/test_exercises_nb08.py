@@ -38,21 +38,55 @@ def test_zero_ablation_delta(model, docs):
     assert not ex.check_zero_ablation_delta(right + 0.5, model, texts, 1, 2)
 
 
+def _rate(tr, layer, expert, first_only=False):
+    ids = tr.expert_ids[tr.layer_index(layer)]
+    return float(((ids[:, :1] if first_only else ids) == expert).any(-1).mean())
+
+
 def test_risk_difference(model, docs):
     a, b = docs[:2], docs[2:]
     layer, expert = 2, 3
 
-    def rate(texts):
-        t = moe_lab.trace_routing(model, texts, progress=False)
-        return float((t.expert_ids[t.layer_index(layer)] == expert).any(-1).mean())
+    def right(ta, tb, l, e):
+        return _rate(ta, l, e) - _rate(tb, l, e)
 
-    right = rate(a) - rate(b)
     assert ex.check_risk_difference(right, model, a, b, layer, expert)
     assert ex.check_risk_difference(None, model, a, b, layer, expert).status == "todo"
-    if abs(right) > 1e-9:
-        assert "sign" in ex.check_risk_difference(-right, model, a, b, layer, expert).message
-    assert "alone" in ex.check_risk_difference(rate(a), model, a, b, layer, expert).message
-    assert not ex.check_risk_difference(right + 0.3, model, a, b, layer, expert)
+    ta, tb = (moe_lab.trace_routing(model, x, progress=False) for x in (a, b))
+    fb = ex.check_risk_difference(right(ta, tb, layer, expert), model, a, b, layer, expert)  # pasted
+    assert fb.status == "wrong" and "takes your function" in fb.message
+    lib = lambda ta, tb, l, e: float(causal.contrastive_experts(model, a, b, n_boot=1).risk_diff.iloc[0])  # noqa: E731
+    assert "calls the library" in ex.check_risk_difference(lib, model, a, b, layer, expert).message
+    assert "sign" in ex.check_risk_difference(lambda ta, tb, l, e: -right(ta, tb, l, e), model, a, b, layer,
+                                              expert).message
+    assert "alone" in ex.check_risk_difference(lambda ta, tb, l, e: _rate(ta, l, e), model, a, b, layer, expert).message
+    fb = ex.check_risk_difference(lambda ta, tb, l, e: _rate(ta, l, e, True) - _rate(tb, l, e, True), model, a, b,
+                                  layer, expert)
+    assert not fb and "first choice" in fb.message
+    assert not ex.check_risk_difference(lambda *x: right(*x) + 0.3, model, a, b, layer, expert)
+
+
+def test_risk_difference_is_contrastive_experts(model, docs):
+    """The checker's reference is the library's risk difference (one formula, tested against the other)."""
+    a, b = docs[:2], docs[2:]
+    table = causal.contrastive_experts(model, a, b, n_boot=1, max_len=None)
+    ta, tb = (moe_lab.trace_routing(model, x, progress=False) for x in (a, b))
+    for row in table.itertuples():
+        assert np.isclose(ex.risk_difference(ta, tb, row.layer, row.expert), row.risk_diff, atol=1e-12)
+
+
+def test_graded_questions(model, docs):
+    texts = {"x": docs[:3]}
+    letters = [x for x in "ab" if ex.check_zero_vs_reroute(x, model, texts, 1, 2)]
+    base = causal.document_losses(model, texts).loss.mean()
+    zero = causal.document_losses(model, texts, interventions=[AblateExpert(1, 2, mode="zero")]).loss.mean() - base
+    reroute = causal.document_losses(model, texts, interventions=[AblateExpert(1, 2)]).loss.mean() - base
+    assert letters == ["a" if zero > reroute else "b"]
+    for check, right in ((ex.check_steering_test, "a"), (ex.check_small_ablation, "b")):
+        assert check(right) and check(None).status == "todo"
+        for other in "abcd".replace(right, ""):
+            fb = check(other)
+            assert fb.status == "wrong" and f"({right})" not in str(fb)
 
 
 def test_top_expert_for_logit(model, docs):

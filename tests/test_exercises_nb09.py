@@ -58,14 +58,30 @@ def test_decode_speed():
 
 def test_prefetch_recall(model, docs):
     pf = A.speculative_prefetch(model, docs, n_guess=3)
-    hit = (pf.actual[..., :, None] == pf.guess[..., None, :]).any(-1)  # [L-1, N, k]
-    right = hit.mean((1, 2))
-    assert ex.check_prefetch_recall(right, pf)
+
+    def recall(guess, actual):
+        return (actual[..., :, None] == guess[..., None, :]).any(-1).mean((1, 2))
+
+    assert ex.check_prefetch_recall(recall, pf)
     assert ex.check_prefetch_recall(None, pf).status == "todo"
-    precision = (pf.guess[..., :, None] == pf.actual[..., None, :]).any(-1).mean((1, 2))
+    fb = ex.check_prefetch_recall(pf.recall, pf)  # the library's value, pasted
+    assert fb.status == "wrong" and "takes your function" in fb.message
+    assert not ex.check_prefetch_recall(lambda g, a: pf.recall, pf)  # a constant fails on the checker's arrays
+    precision = lambda guess, actual: (guess[..., :, None] == actual[..., None, :]).any(-1).mean((1, 2))  # noqa: E731
     assert "precision" in ex.check_prefetch_recall(precision, pf).message
-    fb = ex.check_prefetch_recall(right.mean(), pf)
+    fb = ex.check_prefetch_recall(lambda g, a: recall(g, a).mean(), pf)
     assert not fb and "shape" in fb.message
+    first = lambda g, a: (a[..., 0, None] == g).any(-1).mean(-1)  # noqa: E731
+    assert "first" in ex.check_prefetch_recall(first, pf).message
+
+
+def test_graded_questions():
+    for check, right in ((ex.check_prefetch_cost, "b"), (ex.check_any_saturation, "b"),
+                         (ex.check_hindsight_reading, "b")):
+        assert check(right) and check(None).status == "todo"
+        for other in "abcd".replace(right, ""):
+            fb = check(other)
+            assert fb.status == "wrong" and f"({right})" not in str(fb)
 
 
 @pytest.mark.parametrize("E,k", [(8, 2), (32, 8), (64, 8)])

@@ -18,8 +18,6 @@ xn = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(xn)
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-# issue 27: notebooks 06, 08 and 09 get their markers and switch from the helpers editing them
-PENDING = {"06", "08", "09"}
 NO_FAST_PATH = {"00", "03"}  # the same run in both modes: a switch would do nothing
 
 
@@ -46,8 +44,6 @@ def test_set_run_time_rewrites_only_its_mode():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_the_header_states_measured_run_times(path):
-    if path.name[:2] in PENDING:
-        pytest.xfail(f"{path.name}: run-time markers to be added with its rewrite (issue 27, item 6)")
     nb = json.loads(path.read_text(encoding="utf-8"))
     times = xn.run_times(nb)
     assert set(times) == {"fast", "full"}, f"{path.name}: header lacks a run-time marker: {times}"
@@ -62,8 +58,6 @@ def test_the_header_states_measured_run_times(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_the_fast_switch_is_in_the_first_code_cell(path):
     nn = path.name[:2]
-    if nn in PENDING:
-        pytest.xfail(f"{path.name}: the FAST switch comes with its rewrite (issue 27, item 6)")
     first = "".join(next(c for c in cells(path) if c["cell_type"] == "code")["source"])
     code = "\n".join("".join(c["source"]) for c in cells(path) if c["cell_type"] == "code")
     if nn in NO_FAST_PATH:

@@ -18,6 +18,14 @@ runs on inputs of its own with the library function it replaces switched off (:m
 
     ex.check_first_choice_load(first_choice_load, trace)
 
+The questions that teach ("does it drop?", "why is the in-domain loss not the test?") are graded too,
+two or three per notebook (:mod:`.questions`): a letter for a multiple choice, where each wrong option is
+told the misconception behind it, or a number accepted in a range; where the right option depends on
+the model, the checker works it out from the learner's trace::
+
+    answer = None   # YOUR CODE HERE: "a", "b", "c" or "d"
+    ex.check_baseline_reading(answer)
+
 A checker never raises on a wrong answer: it returns a :class:`Feedback` that shows what is wrong
 and a hint (so a notebook still runs top to bottom before the learner has done anything), is
 truthy only when the answer is right, and has ``.require()`` for the worked solutions in
@@ -26,3 +34,4 @@ truthy only when the answer is right, and has ``.require()`` for the worked solu
 
 from .byhand import ForbiddenCall, forbid, run_by_hand  # noqa: F401
 from .feedback import ExerciseError, Feedback, correct, is_todo, not_equal, redact, todo, wrong  # noqa: F401
+from .questions import choice, in_range  # noqa: F401

@@ -117,7 +117,6 @@ def fresh_trace(n_experts: int = 8, top_k: int = 2, layers=(0, 2, 5), doc_length
     checking a "by hand" function: documents that start with BOS, uneven expert use, runs of the same
     first choice (so repetition is not zero), layer numbers that are not row numbers, and pieces
     (some of them digits, some starting a word)."""
-
     rng = np.random.default_rng(seed)
     N = int(sum(doc_lengths))
     doc_ids = np.concatenate([np.full(n, d) for d, n in enumerate(doc_lengths)])

@@ -3,6 +3,8 @@
 Every checker computes the reference answer itself from the trace(s) the learner used (with
 moe_lab's analysis code), never from numbers of today's demo model, and says what kind of wrong an
 answer is (never the reference value), with a nudge and a second-level hint (the method).
+
+* 00.5 :func:`check_ablation_reach`, 00.6 :func:`check_same_token_reason`: graded questions (multiple choice).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from ..routing.trace import RoutingTrace
 from ..viz import routing_changes
 from .arrays import to_array
 from .feedback import Feedback, correct, is_todo, todo, wrong
+from .questions import choice, in_range
 
 
 # ---------------------------------------------------------------- 00.1: read a trace
@@ -177,3 +180,51 @@ def check_changed_share(answer, base: RoutingTrace, new: RoutingTrace) -> Feedba
 
 __all__ = ["check_token_experts", "check_token_consistency", "token_consistency", "check_first_choice_tv",
            "check_changed_share"]
+
+
+# --------------------------------------------------------------------------- 00.5-00.6: graded questions
+
+
+def check_ablation_reach(answer) -> Feedback:
+    """Exercise 00.5 (multiple choice): an expert of the *first* layer is switched off (00.4). Which
+    layers' routing can change?"""
+    name = "Exercise 00.5 (which layers can change?)"
+    options = {"a": "only the first layer, where the expert was switched off",
+               "b": "the first layer and every later one: each later router reads hidden states the change has "
+                    "passed through",
+               "c": "every layer equally, because all experts share their weights",
+               "d": "none: the router simply picks the next expert, so nothing downstream moves"}
+    why_not = {"a": "the first layer's output is the input of the second layer's router, and so on: a change "
+                    "travels up the residual stream.",
+               "c": "experts do not share weights; and the layers after the change differ from the layers before "
+                    "it (there are none before the first layer here, but there would be for a later one).",
+               "d": "the next expert computes something else, so the first layer's output changes, and with it what "
+                    "every later router reads; 00.4's shares show it."}
+    return choice(name, answer, options, "b", why_not,
+                  why="An ablation at layer l can change routing at l and after, never before: the model runs bottom "
+                      "to top.",
+                  hint="what does the second layer's router read?",
+                  method="follow one token up the model: layer 1's router reads the residual stream after layer 0's "
+                         "MoE output, which the ablation changed.")
+
+
+def check_same_token_reason(answer) -> Feedback:
+    """Exercise 00.6 (multiple choice): a token that occurs many times gets the same first-choice
+    expert at the first layer almost every time (00.2). The most likely reason?"""
+    name = "Exercise 00.6 (why the same expert for the same token?)"
+    options = {"a": "that expert specialises in the token's topic",
+               "b": "the first layer's router sees little besides the token's own embedding, so the same token id "
+                    "is routed alike: close to a lookup on the token id",
+               "c": "chance: with 8 experts, repeats are common",
+               "d": "the tokenizer assigns each token to an expert"}
+    why_not = {"a": "the same expert for the same token says nothing about topics: the token (a bracket, an "
+                    "indentation piece) occurs in every kind of text.",
+               "c": "by chance a token would land on its most frequent expert about 1/8 of the time plus a little; "
+                    "'almost every time' is far above that.",
+               "d": "the tokenizer only maps text to ids; the router decides, from the hidden state."}
+    return choice(name, answer, options, "b", why_not,
+                  why="Deeper layers mix in more context, so the same token can be routed differently there "
+                      "(notebook 06 measures this as vocabulary specialisation).",
+                  hint="what does the first router have to go on, besides the token itself?",
+                  method="the first layer's router reads the embedding plus one attention layer's mix of the context; "
+                         "compare the consistency at the first and at the last layer.")

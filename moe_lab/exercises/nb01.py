@@ -3,6 +3,8 @@
 Every checker computes the reference answer itself, with moe_lab's own code, from the inputs the
 learner used, and says what kind of wrong an answer is (never the reference value), with a nudge
 and a second-level hint (the method).
+
+* 01.6 :func:`check_routing_orders` (multiple choice), 01.7 :func:`check_gqa_factor` (a number): graded questions.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ..checkpoints.convert import half_to_interleaved
 from ..model import Attention, ModelArgs, count_params, rope_cos_sin, rope_inv_freq, topk_softmax_routing
 from .arrays import to_array
 from .feedback import Feedback, correct, is_todo, todo, wrong
+from .questions import choice, in_range
 
 
 def _tensor(answer) -> torch.Tensor | None:
@@ -225,3 +228,41 @@ def check_kv_cache_bytes(answer, args: ModelArgs, bytes_per_value: int = 2) -> F
 
 __all__ = ["check_inverse_permutation", "check_window_one", "check_route_token", "check_param_count",
            "check_kv_cache_bytes", "window_one_reference"]
+
+
+# --------------------------------------------------------------------------- 01.6-01.7: graded questions
+
+
+def check_routing_orders(answer) -> Feedback:
+    """Exercise 01.6 (multiple choice): Hugging Face routes by softmax over all E, top-k, renormalise;
+    mistral-inference by top-k on the logits, then a softmax over those k (01.3). How do they compare?"""
+    name = "Exercise 01.6 (two routing orders)"
+    options = {"a": "the same experts and the same weights, except where an exact tie is broken differently",
+               "b": "the same experts, but different weights",
+               "c": "different experts in general",
+               "d": "the same only when k = 1"}
+    why_not = {"b": "renormalising the softmax over the k chosen experts gives exp(l_i) / sum of exp(l_j) over the k, "
+                    "which is exactly the softmax over those k logits.",
+               "c": "softmax is monotonic: the k largest probabilities belong to the k largest logits.",
+               "d": "the argument (monotonic softmax, renormalisation = softmax over the k) holds for every k."}
+    return choice(name, answer, options, "a", why_not,
+                  why="In low precision near-ties become exact ties more often, and the two code paths may break them "
+                      "differently: the only case where they disagree.",
+                  hint="is the softmax monotonic? and what is a softmax renormalised over a subset?",
+                  method="write the renormalised weight of expert i: exp(l_i)/Z divided by the sum over the k chosen "
+                         "of exp(l_j)/Z; the Z cancels.")
+
+
+def check_gqa_factor(answer, args) -> Feedback:
+    """Exercise 01.7 (a number): how many times larger would the KV cache per token of ``args`` be with
+    one kv head per query head (no GQA)?"""
+    name = "Exercise 01.7 (what GQA saves)"
+    factor = args.n_heads / args.n_kv_heads
+    return in_range(name, answer, factor - 1e-6, factor + 1e-6,
+                    diagnoses=[(lambda v: abs(v * factor - 1) < 1e-6, "that is the inverse: how many times "
+                                "*smaller* the no-GQA cache would be."),
+                               (lambda v: abs(v - args.n_heads) < 1e-6 or abs(v - args.n_kv_heads) < 1e-6,
+                                "that is a number of heads, not a ratio of cache sizes.")],
+                    unit=" x", why="The cache stores keys and values per kv head; the query heads share them.",
+                    hint="the cache size is proportional to the number of kv heads; nothing else changes.",
+                    method="divide the number of query heads (args.n_heads) by the number of kv heads (args.n_kv_heads).")

@@ -5,6 +5,8 @@ Every checker computes the reference answer itself, with moe_lab's own code, fro
 learner used, and says what kind of wrong an answer is (never the reference value), with a nudge
 and a second-level hint (the method). 02.1 is done by hand: it takes the learner's function and runs it
 on inputs of its own with ``load_balancing_loss`` switched off (:mod:`moe_lab.exercises.byhand`).
+
+* 02.5 :func:`check_window_cache`, 02.6 :func:`check_forced_expert_effect`: graded questions (multiple choice).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from ..model import ModelArgs, count_params, load_balancing_loss, topk_softmax_r
 from .arrays import to_number
 from .byhand import run_by_hand
 from .feedback import Feedback, correct, is_todo, todo, wrong
+from .questions import choice, in_range
 
 
 # ---------------------------------------------------------------- 02.1: the load-balancing loss by hand
@@ -179,3 +182,44 @@ def check_force_routing_fn(fn, expert: int = 3, n_experts: int = 8, k: int = 2, 
 
 
 __all__ = ["check_load_balancing", "check_switch_routing", "check_sliding_window_decode", "check_force_routing_fn"]
+
+
+# --------------------------------------------------------------------------- 02.5-02.6: graded questions
+
+
+def check_window_cache(answer) -> Feedback:
+    """Exercise 02.5 (multiple choice): with a sliding window of W keys, what does decoding a long
+    text need to keep in the KV cache of each layer (02.3)?"""
+    name = "Exercise 02.5 (a sliding window and the cache)"
+    options = {"a": "every position since the start, as without a window",
+               "b": "only the last W positions: older keys can never be attended to again (a rolling buffer)",
+               "c": "nothing: the window makes the cache unnecessary",
+               "d": "the last W positions of the first layer only"}
+    why_not = {"a": "a key older than W positions is outside every later query's window, in every layer: keeping it "
+                    "costs memory and is never read.",
+               "c": "within the window the keys and values of earlier tokens are still needed at every step.",
+               "d": "every layer attends with the same window, so every layer keeps its own last W positions."}
+    return choice(name, answer, options, "b", why_not,
+                  why="That is why Mistral 7B's memory for the cache stays bounded however long the text.",
+                  hint="which keys can a query at position t still attend to?",
+                  method="with window W, query t reads keys t-W+1 .. t (02.3's check): count what must be kept.")
+
+
+def check_forced_expert_effect(answer) -> Feedback:
+    """Exercise 02.6 (multiple choice): every token of layer 0 is forced to expert 3 (02.4's routing
+    function installed in block 0). What changes?"""
+    name = "Exercise 02.6 (what forcing an expert does)"
+    options = {"a": "only layer 0's routing; the later layers and the logits stay the same",
+               "b": "layer 0 sends every token to expert 3 (in one of its k slots), and the later layers' routing "
+                    "and the logits change too, because their inputs changed",
+               "c": "nothing: expert 3 computes the same as the expert it replaces",
+               "d": "every layer sends every token to expert 3"}
+    why_not = {"a": "layer 0's output is what layer 1 reads: a different mix of experts changes it, and the change "
+                    "travels up.",
+               "c": "each expert has its own weights; replacing one changes the layer's output.",
+               "d": "only block 0's routing function was replaced; the later routers still choose, from changed "
+                    "inputs."}
+    return choice(name, answer, options, "b", why_not,
+                  why="moe_lab.intervene(model, ForceExpert(...)) does the same with clean-up.",
+                  hint="what do the later routers read?",
+                  method="redraw the routing picture with the forced copy and compare layer by layer.")

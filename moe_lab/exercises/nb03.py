@@ -6,6 +6,8 @@ directory, the tokens), so the exercises work on any model, trained or random::
 
     from moe_lab.exercises import nb03 as ex
     ex.check_router_from_file(answer, model, layer=1)
+
+* 03.5 :func:`check_block_order`, 03.6 :func:`check_hd4_blind_spot`: graded questions (multiple choice).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ..checkpoints.convert import half_to_interleaved, interleaved_to_half
 from ..checkpoints.loading import load_model
 from ..model import ModelArgs, count_params
 from .feedback import Feedback, correct, is_todo, todo, wrong
+from .questions import choice, in_range
 
 BF16_BYTES = 2
 
@@ -180,3 +183,41 @@ def check_partial_load_memory(answer, args: ModelArgs, n_layers: int = 4) -> Fee
     return wrong(name, f"found {value:.4g} bytes: not within 1% of the reference, and not one of the usual slips "
                        "(fp32, the whole model, only the blocks, only the active parameters, parameters instead of "
                        "bytes, GB).", nudge, hint)
+
+
+# --------------------------------------------------------------------------- 03.5-03.6: graded questions
+
+
+def check_block_order(answer) -> Feedback:
+    """Exercise 03.5 (multiple choice): the two blocks loaded in the other order (03.3) give other
+    logits. Why?"""
+    name = "Exercise 03.5 (why block order matters)"
+    options = {"a": "each block was trained to read the residual stream as the blocks before it left it; swapped, "
+                    "each reads an input it never saw",
+               "b": "the blocks have different shapes, so swapping them is a different model",
+               "c": "it is rounding error: swapped blocks compute the same function",
+               "d": "the loader re-initialises swapped blocks"}
+    why_not = {"b": "every block of a Mixtral has the same shapes: that is why they can be swapped at all.",
+               "c": "the difference is far larger than bf16 or fp32 rounding (compare with §4's parity tolerances).",
+               "d": "layers=[1, 0] loads the same weights, only in the other order."}
+    return choice(name, answer, options, "a", why_not,
+                  why="Same shapes, different functions: a checkpoint's layer order is part of the model.",
+                  hint="the shapes allow the swap; what about what each block learned to expect?",
+                  method="compare the size of 03.3's difference with the parity tolerances of §4: it is not rounding.")
+
+
+def check_hd4_blind_spot(answer) -> Feedback:
+    """Exercise 03.6 (multiple choice): why would a test with head size 4 not catch the q/k
+    permutation written in the wrong direction (03.2)?"""
+    name = "Exercise 03.6 (the head size 4 blind spot)"
+    options = {"a": "for 4 rows the permutation (0, 2, 1, 3) is its own inverse, so both directions give the same rows",
+               "b": "with head size 4 RoPE does nothing",
+               "c": "a head of size 4 has no q/k weights",
+               "d": "the test would catch it: the directions always differ"}
+    why_not = {"b": "RoPE rotates the pairs at any head size; the blind spot is in the permutation itself.",
+               "c": "every head has q and k rows, whatever its size.",
+               "d": "write both directions for 4 rows: they are the same list."}
+    return choice(name, answer, options, "a", why_not,
+                  why="Test a permutation at a size where it is not an involution (6 or 8 rows), as the checker does.",
+                  hint="write the permutation for 4 rows, then its inverse.",
+                  method="even rows first then odd: for 4 rows (0, 2, 1, 3); apply it twice and see what you get.")

@@ -9,6 +9,8 @@ of wrong an answer is (never the reference value), with a nudge and the method a
 
     from moe_lab.exercises import nb04 as ex
     ex.check_topk_by_hand(my_routing, router_logits, k=2)
+
+* 04.6 :func:`check_unchanged_positions`, 04.7 :func:`check_more_experts`: graded questions (multiple choice).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..routing.trace import RoutingTrace
 from ..routing.tracing import trace_routing
 from .byhand import run_by_hand
 from .feedback import Feedback, correct, is_todo, todo, wrong
+from .questions import choice, in_range
 
 
 def next_token_logprobs(model, ids: Sequence[int], *interventions) -> torch.Tensor:
@@ -304,3 +307,42 @@ def check_hf_moe_trace(answer, hf_model, tokens) -> Feedback:
                            "after you traced it?).", hint, method)
     return correct(name, f"{cls}: {answer.n_layers} MoE layers, {answer.n_experts} experts, top-{answer.top_k}, "
                          f"{answer.n_tokens} tokens traced.")
+
+
+# --------------------------------------------------------------------------- 04.6-04.7: graded questions
+
+
+def check_unchanged_positions(answer) -> Feedback:
+    """Exercise 04.6 (multiple choice): an expert is forced at one position (04.3). Which positions'
+    routing cannot change?"""
+    name = "Exercise 04.6 (which positions cannot change?)"
+    options = {"a": "the positions before the forced one: attention is causal, so nothing flows backwards",
+               "b": "the positions after the forced one",
+               "c": "every position except the forced one",
+               "d": "none: every position can change"}
+    why_not = {"b": "later positions attend to the forced one (from the next layer on), so their routing can change.",
+               "c": "the later positions read the forced position's changed hidden state through attention.",
+               "d": "a position's hidden state depends only on itself and earlier positions."}
+    return choice(name, answer, options, "a", why_not,
+                  why="Whether a later position does change depends on how much attention it pays to the forced one.",
+                  hint="which positions does a token attend to?",
+                  method="look at 04.3's answer: the smallest changed position is never below the forced one.")
+
+
+def check_more_experts(answer) -> Feedback:
+    """Exercise 04.7 (multiple choice): routing each token to 3 experts instead of the 2 the model was
+    trained with (``SetTopK(3)``) makes its predictions worse. Why?"""
+    name = "Exercise 04.7 (why more experts make it worse)"
+    options = {"a": "more experts is always better; the measurement must be wrong",
+               "b": "the next layers were trained on the mix of two experts; a third output changes that mix into "
+                    "one they never saw",
+               "c": "the third expert is random noise",
+               "d": "it uses more compute, and compute lowers accuracy"}
+    why_not = {"a": "the measurement compares with yardsticks over many texts (§6.2); the effect is real.",
+               "c": "every expert is trained; it is the mix, not the expert, that is new.",
+               "d": "compute does not lower accuracy by itself; a model run outside its training conditions does."}
+    return choice(name, answer, options, "b", why_not,
+                  why="A model is trained with one k; the weights of the k experts and what later layers expect are "
+                      "tuned together. More capacity at inference is not free capacity.",
+                  hint="what did the later layers learn to read during training?",
+                  method="compare SetTopK(1), the model's k and SetTopK(3) in §6: the trained k is the best of the three.")

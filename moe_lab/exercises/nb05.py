@@ -9,6 +9,8 @@ used::
 
     from moe_lab.exercises import nb05 as ex
     ex.check_first_choice_load(first_choice_load, trace)
+
+* 05.5 :func:`check_first_choice_balance` (multiple choice, from the data), 05.6 :func:`check_digit_ratio` (a number): graded questions.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..analysis.stats import cache_hit_rates, expert_load, expert_load_by_domain, generated_only, repetition
+from ..analysis.stats import (cache_hit_rates, expert_load, expert_load_by_domain, generated_only, load_balance,
+                             repetition)
 from ..routing.trace import RoutingTrace
 from ..routing.tracing import trace_generation
 from .byhand import fresh_trace, run_by_hand
 from .feedback import Feedback, correct, is_todo, todo, wrong
+from .questions import choice, in_range
 
 
 def _array(answer, name: str, shape: tuple, what: str, hint: str, method: str = ""):
@@ -232,3 +236,50 @@ def check_greedy_cache_hits(answer, model, prompts: Sequence, tokenizer, n_new: 
                            "decode steps (analysis.generated_only).", hint, method)
     return wrong(name, f"found {value:.4f}: not equal to the reference (greedy: temperature=0; LRU; {cache_size} "
                        "experts per layer; mean over layers).", hint, method)
+
+
+# --------------------------------------------------------------------------- 05.5-05.6: graded questions
+
+
+def check_first_choice_balance(answer, trace: RoutingTrace) -> Feedback:
+    """Exercise 05.5 (multiple choice): is the first choice less balanced than both slots together,
+    by the coefficient of variation of the expert shares averaged over layers? The right letter is
+    worked out from ``trace``."""
+    name = "Exercise 05.5 (is the first choice less balanced?)"
+    cv_first = float(load_balance(expert_load(trace, "first")).cv.mean())
+    cv_either = float(load_balance(expert_load(trace, "either")).cv.mean())
+    right = "a" if cv_first > cv_either else "b"
+    options = {"a": "yes: the first choice's shares vary more from expert to expert",
+               "b": "no: the first choice is at least as balanced as both slots together"}
+    why = {"a": "Counting the second slot spreads the load: an expert that is rarely first is often second.",
+           "b": "On this model the second slot does not even out the load: the experts that are first are also "
+                "often second."}[right]
+    why_not = {"a": "compare the two heatmaps (or analysis.load_balance of the two loads): the first choice is not "
+                    "the less balanced one here.",
+               "b": "compare the two heatmaps (or analysis.load_balance of the two loads): the first choice varies "
+                    "more here."}
+    return choice(name, answer, options, right, {k: v for k, v in why_not.items() if k != right}, why=why,
+                  hint="draw both heatmaps (viz.load_heatmap with 'first' and without) and compare the spread.",
+                  method="analysis.load_balance(analysis.expert_load(trace, choice)).cv, averaged over layers, for "
+                         "'first' and 'either': the larger CV is the less balanced.")
+
+
+def check_digit_ratio(answer, trace: RoutingTrace, layer: int) -> Feedback:
+    """Exercise 05.6 (a number): the expert that gets the largest share of digit tokens' first choices
+    at ``layer`` (05.3): how many times its share of *all* tokens' first choices is that? Accepted
+    within 10% of the value on ``trace``."""
+    name = "Exercise 05.6 (how much do digits prefer their expert?)"
+    digits = digit_first_choice(trace, layer)
+    e = int(np.argmax(digits))
+    overall = expert_load(trace, "first")[trace.layer_index(layer)][e]
+    ratio = float(digits[e] / overall)
+    return in_range(name, answer, 0.9 * ratio, 1.1 * ratio,
+                    diagnoses=[(lambda v: 0.9 / ratio <= v <= 1.1 / ratio and ratio > 1.05,
+                                "that is the inverse: the share among all tokens over the share among digits."),
+                               (lambda v: v > 1.5 and 0.9 * ratio <= v / 100 <= 1.1 * ratio,
+                                "that looks like a ratio of percentages times 100: divide the two shares.")],
+                    unit=" x", why="Near 1 means the digits' favourite is just a busy expert; well above 1, a "
+                                   "preference for digits (still not a 'digit expert': compare with its other tokens).",
+                    hint="two shares of the same expert: among digit tokens (05.3) and among all tokens (05.1).",
+                    method="take the expert with the largest value of your 05.3 answer, and divide that value by the "
+                           "same expert's first-choice share of all tokens at the same layer.")

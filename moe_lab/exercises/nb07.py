@@ -7,10 +7,12 @@ nudge and the method as a second hint. 07.1 and 07.5 are by hand: they take the 
 run it on inputs of their own, with the library function switched off.
 
 * 07.1 :func:`check_expert_fraction`   f_e, the fraction of tokens whose top-k contains expert e
+
 * 07.2 :func:`check_load_balancing`    one layer's load-balancing loss E * sum_e f_e * P_e
 * 07.3 :func:`check_effective_coefficient`  what the per-layer *sum* does to the coefficient
 * 07.4 :func:`check_z_loss`            ST-MoE's router z-loss
 * 07.5 :func:`check_router_saturation` OLMoE's router saturation from router snapshots
+* 07.6 :func:`check_closer_to_k` (multiple choice, from the data), 07.7 :func:`check_random_saturation` (a number): graded questions.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..train import router_saturation
 from .arrays import matches, mismatch, to_array
 from .byhand import run_by_hand
 from .feedback import Feedback, correct, is_todo, todo, wrong
+from .questions import choice, in_range
 
 
 def _fraction(router_logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -194,3 +197,42 @@ def check_router_saturation(fn, snapshot_indices) -> Feedback:
         return wrong(name, problem, hint, method)
     return correct(name, "right on the checker's snapshots and on yours; the last row is 1 by definition; the first "
                          "is near chance, k/E, for an untrained router.")
+
+
+# --------------------------------------------------------------------------- 07.6-07.7: graded questions
+
+
+def check_closer_to_k(answer, logits_without: torch.Tensor, logits_with: torch.Tensor, k: int) -> Feedback:
+    """Exercise 07.6 (multiple choice): whose last-layer load-balancing loss is closer to the balanced
+    value k: (a) the model trained with the loss, (b) the model trained without it? Worked out from the
+    two logits."""
+    name = "Exercise 07.6 (which is closer to k?)"
+    E = logits_with.shape[-1]
+    gap = [abs(float(load_balancing_loss([lg.float()], E, k)) - k) for lg in (logits_with, logits_without)]
+    right = "a" if gap[0] < gap[1] else "b"
+    options = {"a": "the model trained with the load-balancing loss",
+               "b": "the model trained without it"}
+    why = {"a": "The loss did its job on this layer: its value is near k, where every expert gets k/E of the tokens.",
+           "b": "On this layer the run without the loss happens to be closer to balance: one layer and one run are "
+                "not the whole story (§4's heatmaps show every layer)."}[right]
+    why_not = {"a": "compute E * sum_e f_e * P_e for logits_with[-1] too (07.2's method) and compare both with k.",
+               "b": "compute E * sum_e f_e * P_e for logits_with[-1] too (07.2's method) and compare both with k."}
+    return choice(name, answer, options, right, {x: v for x, v in why_not.items() if x != right}, why=why,
+                  hint="07.2 gave one of the two values; compute the other the same way.",
+                  method="the loss is k at perfect balance and grows as the load concentrates: compare |value - k|.")
+
+
+def check_random_saturation(answer, n_experts: int) -> Feedback:
+    """Exercise 07.7 (a number): the router saturation a random top-1 router would score against the
+    final router (the expected share of tokens whose single expert is the final one)."""
+    name = "Exercise 07.7 (a random router's saturation)"
+    ref = 1 / n_experts
+    return in_range(name, answer, ref - 0.005, ref + 0.005,
+                    diagnoses=[(lambda v: abs(v - 2 / n_experts) < 0.005, "that is the chance level of a top-2 "
+                                "router; with one expert per token the overlap is smaller."),
+                               (lambda v: abs(v) < 1e-9, "a random expert still matches the final one sometimes."),
+                               (lambda v: v > 1, "saturation is a share, between 0 and 1.")],
+                    why="Saturation curves start near chance, k/E, and climb to 1 as the router settles.",
+                    hint="a random expert among E matches one given expert how often?",
+                    method="for top-k the expected overlap of two random k-sets is k * k / E experts, divided by k: k/E; "
+                           "here k = 1.")
