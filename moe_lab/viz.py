@@ -993,6 +993,7 @@ def expert_paths_sankey(trace: RoutingTrace, layers: Sequence[int] | None = None
     (the counts behind :func:`moe_lab.analysis.layer_transitions`). Links carrying less than
     ``min_share`` of the tokens are dropped to declutter. Independent layers give an even
     criss-cross; thick bands mean predictable paths (compare ``analysis.cross_layer_nmi``)."""
+    trace.require_rank_order("viz.expert_paths_sankey (first choices from layer to layer)")
     layers = _layers_arg(trace, layers)
     if len(layers) < 2:
         raise ValueError("expert_paths_sankey needs at least two layers")
@@ -1141,6 +1142,8 @@ def routing_changes(base: RoutingTrace, new: RoutingTrace) -> tuple[list[int], n
         raise ValueError("the two traces must hold the same tokens")
     if base.layers != new.layers:
         raise ValueError(f"the two traces hold different layers: {base.layers} and {new.layers}")
+    for t in (base, new):
+        t.require_rank_order("viz.routing_changes (the share of first choices changed)")
     first = (base.expert_ids[:, :, 0] != new.expert_ids[:, :, 0]).mean(1)
     sets = (np.sort(base.expert_ids, -1) != np.sort(new.expert_ids, -1)).any(-1).mean(1)
     return list(base.layers), first, sets

@@ -518,3 +518,17 @@ def test_expert_axis_labels_every_expert_in_its_colour():
     fig.update_yaxes(**ax)
     assert list(fig.layout.yaxis.tickvals) == list(range(10)) and fig.layout.yaxis.title.text == "expert"
     assert all(viz.expert_color(e) in t for e, t in enumerate(fig.layout.yaxis.ticktext))
+
+
+def test_first_choice_figures_refuse_an_unordered_trace():
+    """An engine trace of a grouped router has its top-k in any order: no figure of first choices."""
+    import numpy as np
+    from moe_lab import viz
+    from moe_lab.routing.trace import RoutingTrace
+
+    t = RoutingTrace(token_ids=np.array([1, 5, 6, 7]), doc_ids=np.zeros(4, dtype=int), positions=np.arange(4),
+                     expert_ids=np.array([[[0, 1], [2, 3], [1, 0], [3, 2]]] * 2), n_experts=4, layers=[0, 1],
+                     rank_ordered=False)
+    for draw in (lambda: viz.expert_paths_sankey(t), lambda: viz.routing_change_figure(t, t)):
+        with pytest.raises(ValueError, match="not rank-ordered"):
+            draw()
