@@ -152,6 +152,52 @@ def notebook_block(stem: str, nb: dict | None, fast: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The 3-hour workshop's slots: (slot, notebook, the last section it uses). Learners run a notebook
+# from the top, so a slot's run time is every section up to and including that one.
+WORKSHOP = [
+    ("1", "00_quickstart", None),
+    ("2", "01_building_blocks", "7."),
+    ("3", "04_routing_hooks", "6."),
+    ("4", "06_paper_routing_analysis", "8."),
+    ("5", "07_training_a_tiny_moe", "4."),
+    ("6", "08_causal_experiments", "3."),
+]
+
+
+def _through(rows: list[dict], last: str | None) -> tuple[list[dict], str]:
+    if last is None:
+        return rows, "all"
+    idx = [i for i, r in enumerate(rows) if r["section"].startswith(last + " ") or r["section"] == last]
+    if not idx:
+        raise ValueError(f"no section starting with {last!r} in {[r['section'] for r in rows]}")
+    return rows[: idx[0] + 1], f"through § {rows[idx[0]]['section']}"
+
+
+def workshop_block(nbs: dict[str, dict], fast: dict) -> str:
+    lines = ["| slot | notebook | runs | fast mode | full mode |", "|---|---|---|---:|---:|"]
+    tot_fast = tot_full = 0.0
+    for slot, stem, last in WORKSHOP:
+        if stem not in nbs:
+            lines.append(f"| {slot} | `{stem}` | (notebook missing) | n/a | n/a |")
+            continue
+        try:
+            full_rows, label = _through(section_times(nbs[stem]), last)
+        except ValueError as e:  # a section renamed: say so in the guide (the test names it too)
+            print(f"warning: workshop slot {slot}, {stem}: {e}", file=sys.stderr)
+            lines.append(f"| {slot} | `{stem}` | (no section {last!r}: update WORKSHOP in scripts/instructor_times.py) | n/a | n/a |")
+            continue
+        names = {r["section"] for r in full_rows}
+        fast_rows = [r for r in _fast_rows(fast, stem).values() if r["section"] in names]
+        f = sum(r["seconds"] for r in fast_rows) if fast_rows else None
+        g = sum(r["seconds"] for r in full_rows)
+        tot_fast += f or 0.0
+        tot_full += g
+        lines.append(f"| {slot} | `{stem}` | {label.replace('|', '/')} | {fmt(f)} | "
+                     f"{fmt(g, sum(r['untimed'] for r in full_rows))} |")
+    lines.append(f"| | **all slots** | | **{fmt(tot_fast)}** | **{fmt(tot_full)}** |")
+    return "\n".join(lines) + "\n"
+
+
 def summary_block(nbs: dict[str, dict], fast: dict) -> str:
     lines = ["| notebook | fast mode | full mode | full mode executed on |", "|---|---:|---:|---|"]
     for stem, nb in nbs.items():
@@ -181,6 +227,8 @@ def render(guide: str, nbs: dict[str, dict], fast: dict) -> tuple[str, list[str]
         seen.add(name)
         if name == "summary":
             body = summary_block(nbs, fast)
+        elif name == "workshop":
+            body = workshop_block(nbs, fast)
         else:
             if name not in nbs:
                 problems.append(f"the guide has a times block for {name!r} but notebooks/{name}.ipynb does not exist")

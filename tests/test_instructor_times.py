@@ -117,3 +117,20 @@ def test_the_guides_values_are_in_the_saved_outputs():
     assert len(values) >= 10, "the model answers quote the saved outputs through value markers"
     bad = [p for p in problems if p.startswith("value:") and "cell" in p and "no cell with that id" in p]
     assert not bad, bad
+
+
+def test_the_workshop_slots_name_existing_sections():
+    for slot, stem, last in it.WORKSHOP:
+        path = ROOT / "notebooks" / f"{stem}.ipynb"
+        assert path.exists(), f"workshop slot {slot}: {path} is missing"
+        rows, label = it._through(it.section_times(it.load(path)), last)
+        assert rows and label
+    block = blocks().get("workshop")
+    assert block is not None and "**all slots**" in block and "no section" not in block
+
+
+def test_a_workshop_slot_through_a_section_sums_the_sections_above():
+    rows, label = it._through(it.section_times(SYNTH), "1.")
+    assert [r["section"] for r in rows] == ["(title)", "1. First"] and label == "through § 1. First"
+    with pytest.raises(ValueError, match="no section starting with '9.'"):
+        it._through(it.section_times(SYNTH), "9.")
