@@ -141,6 +141,13 @@ SLIDES: list[Slide] = [
     Slide("How redundant are the experts?", "08_causal_experiments", "9983ce90", [
         "DeepSeekMoE's per-token test: mask each token's top experts, route to the rest; against masking random experts.",
         "'Ablation barely matters' means redundancy under rerouting, not that experts do nothing."]),
+    Slide("Five misconceptions, and the cell that refutes each", points=[
+        "Experts are topic specialists → 06 cell 6a510be4 against Mixtral's Figure 7; Figure 8 (06 cell e1f5a807): syntax.",
+        "More experts per token is better → 04 cells e410d8ce / 172f1454: the loss is lowest at the trained k.",
+        "Routing is per prompt → 00 cell 43cc4f16: one token id, several experts; 06 cell bd14af4b: neighbours vs shuffled.",
+        "Ablation barely matters, so experts don't matter → 00 cell 4b18e9aa, 08 cells 9351f4e4 and bb1cde53: rerouting hides redundancy.",
+        "Lower loss under steering means a lever → 08 cells c3175a00 / 19276535: a dose-response on the other domain, with a baseline."],
+        figure=False),
     Slide("Take-aways", points=[
         "Experts are not topic specialists in Mixtral: routing follows tokens and syntax; test any 'specialisation' against shuffled labels.",
         "More experts per token is not better than the trained k; per-token routing is not per-prompt routing.",
