@@ -134,3 +134,27 @@ def test_a_workshop_slot_through_a_section_sums_the_sections_above():
     assert [r["section"] for r in rows] == ["(title)", "1. First"] and label == "through § 1. First"
     with pytest.raises(ValueError, match="no section starting with '9.'"):
         it._through(it.section_times(SYNTH), "9.")
+
+
+def test_the_fast_run_executes_a_copy_and_records_timing(tmp_path):
+    """--fast's runner on a tiny notebook: the kernel runs in fast mode, per-cell timing is recorded,
+    the executed copy goes to the output folder and the original file is left as it was."""
+    import nbformat
+
+    src = tmp_path / "nbs"
+    src.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("## 1. Sleep"),
+                nbformat.v4.new_code_cell("import os, time\ntime.sleep(0.3)\nprint(os.environ['MOE_LAB_FAST'])")]
+    path = src / "tiny.ipynb"
+    nbformat.write(nb, path)
+    before = path.read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    result = it.run_fast([path], out, timeout=120)
+    assert path.read_bytes() == before
+    rows = {r["section"]: r for r in result["tiny"]["sections"]}
+    assert rows["1. Sleep"]["cells"] == 1 and rows["1. Sleep"]["untimed"] == 0
+    assert 0.3 <= rows["1. Sleep"]["seconds"] < 30
+    executed = json.loads((out / "tiny.ipynb").read_text())
+    assert it._text(executed["cells"][1]["outputs"][0]["text"]).strip() == "1"
