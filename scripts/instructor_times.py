@@ -262,7 +262,7 @@ def quote(nb_name: str, cell_id: str, pattern: str, problems: list[str]) -> str:
     if m is None:
         problems.append(f"value: {where}: its saved output does not match /{pattern}/ (not executed?)")
         return f"*(not in the saved outputs yet: re-execute {nb_name})*"
-    return m.group(1) if m.groups() else m.group(0)
+    return re.sub(r"\s+", " ", (m.group(1) if m.groups() else m.group(0)).strip())  # one line in the guide
 
 
 # ---------------------------------------------------------------- a fast run, on a copy
