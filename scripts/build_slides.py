@@ -250,9 +250,14 @@ def slide_html(n: int, total: int, s: Slide, allow_missing: bool, warnings: list
         text = "".join(_text(o.get("text")) + _text((o.get("data") or {}).get("text/plain")) for o in cell.get("outputs", []))
         m = re.search(s.value, text)
         if m is None:
-            raise SystemExit(f"build_slides: slide {n} ({s.title!r}): the saved output of notebooks/{s.notebook}.ipynb "
-                             f"cell {s.cell} [{idx}] does not match {s.value!r} (re-execute it, or update SLIDES)")
-        points = [p.replace("{}", m.group(1)) for p in points]
+            msg = (f"slide {n} ({s.title!r}): the saved output of notebooks/{s.notebook}.ipynb cell {s.cell} [{idx}] "
+                   f"does not match {s.value!r}")
+            if not allow_missing:
+                raise SystemExit(f"build_slides: {msg} (re-execute it, or update SLIDES; --allow-missing drops the point)")
+            warnings.append(msg)
+            points = [p for p in points if "{}" not in p]
+        else:
+            points = [p.replace("{}", m.group(1)) for p in points]
     points = "".join(f"<li>{html.escape(p)}</li>" for p in points)
     h1 = f'<h1 class="deck">{html.escape(s.title)}</h1>' if n == 1 else f"<h1>{html.escape(s.title)}</h1>"
     cls = "slide" + ("" if img else " textonly")

@@ -94,3 +94,13 @@ def test_every_slide_renders_offline():
     remote = [u for u in requests if not u.startswith(("file:", "data:"))]
     assert not remote, f"the deck requested {remote}"
     assert not errors, errors
+
+
+def test_a_value_not_in_the_saved_output_fails_or_is_dropped(monkeypatch):
+    slide = bs.Slide("x", "06_paper_routing_analysis", "6a510be4", ["saved: {}.", "kept"], figure=False,
+                     value=r"(no such text \d+)")
+    monkeypatch.setattr(bs, "SLIDES", [bs.Slide("t", points=["title"], figure=False), slide])
+    with pytest.raises(SystemExit, match="does not match"):
+        bs.build_html()
+    page, warnings = bs.build_html(allow_missing=True)
+    assert "kept" in page and "saved:" not in page and len(warnings) == 1
