@@ -267,9 +267,11 @@ def quote(nb_name: str, cell_id: str, pattern: str, problems: list[str]) -> str:
 
 # ---------------------------------------------------------------- a fast run, on a copy
 
-def run_fast(paths: list[Path], out_dir: Path, timeout: int = 1200) -> dict[str, dict]:
+def run_fast(paths: list[Path], out_dir: Path, timeout: int = 1200, failed: list[str] | None = None) -> dict[str, dict]:
     """Execute each notebook in fast mode in memory (kernel in its folder), save the executed copy
-    to ``out_dir``, return its per-section times. The committed notebooks are never written."""
+    to ``out_dir``, return its per-section times. The committed notebooks are never written. A
+    notebook that fails is left out of the result and its name appended to ``failed``."""
+    failed = [] if failed is None else failed
     import nbformat
     from nbclient import NotebookClient
 
@@ -294,6 +296,11 @@ def run_fast(paths: list[Path], out_dir: Path, timeout: int = 1200) -> dict[str,
                                     on_cell_executed=(lambda **kw: bar.update()) if bar else None)
             try:
                 client.execute()
+            except Exception as e:  # one failing notebook keeps its old fast times; the others go on
+                print(f"{path.name}: the fast run failed, its fast times are kept as they were "
+                      f"(partly executed copy: {out_dir / path.name}):\n{str(e)[-2000:]}", file=sys.stderr)
+                failed.append(path.name)
+                continue
             finally:
                 if bar:
                     bar.close()
@@ -333,7 +340,8 @@ def main(argv=None) -> int:
     fast = json.loads(args.fast_json.read_text(encoding="utf-8")) if args.fast_json.exists() else {}
     if args.fast:
         out_dir = Path(tempfile.mkdtemp(prefix="instructor_times_fast_"))
-        measured = run_fast(resolve(args.notebooks, known), out_dir, args.timeout)
+        failed: list[str] = []
+        measured = run_fast(resolve(args.notebooks, known), out_dir, args.timeout, failed)
         fast.setdefault("notebooks", {}).update(measured)
         fast["measured"] = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
                             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
@@ -346,6 +354,8 @@ def main(argv=None) -> int:
     new, problems = render(guide, {s: load(p) for s, p in known.items()}, fast)
     for p in problems:
         print("warning: " + p, file=sys.stderr)
+    if args.fast and failed:
+        print(f"the fast run failed for {failed}: their fast times are the old ones", file=sys.stderr)
     if args.check:
         if new != guide:
             print(f"{args.guide} is out of date: run python scripts/instructor_times.py", file=sys.stderr)
@@ -354,7 +364,7 @@ def main(argv=None) -> int:
     if new != guide:
         args.guide.write_text(new, encoding="utf-8")
         print(f"wrote the measured times into {args.guide}", file=sys.stderr)
-    return 0
+    return 1 if args.fast and failed else 0
 
 
 if __name__ == "__main__":

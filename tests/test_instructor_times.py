@@ -158,3 +158,15 @@ def test_the_fast_run_executes_a_copy_and_records_timing(tmp_path):
     assert 0.3 <= rows["1. Sleep"]["seconds"] < 30
     executed = json.loads((out / "tiny.ipynb").read_text())
     assert it._text(executed["cells"][1]["outputs"][0]["text"]).strip() == "1"
+
+
+def test_a_failing_notebook_in_the_fast_run_is_reported_and_skipped(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("## 1. Fails"), nbformat.v4.new_code_cell("raise ValueError('boom')")]
+    path = tmp_path / "bad.ipynb"
+    nbformat.write(nb, path)
+    failed: list[str] = []
+    assert it.run_fast([path], tmp_path, timeout=120, failed=failed) == {}
+    assert failed == ["bad.ipynb"]
