@@ -8,7 +8,8 @@
    popularity order per layer), first choices that persist from one token to the next with
    probability 0.1, documents of 512-4095 tokens whose last eighth is "generated", three domains.
    The directory is removed at the end (``--keep`` keeps it).
-2. **Time and peak memory of each analysis** over the whole store, each in a fresh subprocess:
+2. **Time and peak memory of each analysis** over the whole trace, opened with
+   ``RoutingTrace.load`` (memory-mapped), each in a fresh subprocess:
    wall time, and peak RSS (``VmHWM``) minus the RSS of the same subprocess after its
    imports, before the analysis (what the analysis adds). Targets: <= 60 s and <= 1.5 GB each.
    The peer in the same run: one plain pass reading every chunk (``read_pass``), so each time is
@@ -88,7 +89,7 @@ def write_synthetic(path: str, n_tokens: int, seed: int = 0, shard_tokens: int =
     doms = ["web", "code", "math"]
     written = 0
     with TraceWriter(path, n_experts=E, top_k=K, layers=range(L), model="synthetic (Mixtral shape)",
-                     engine="benchmarks/bench_traces.py", shard_tokens=shard_tokens,
+                     engine="benchmarks/bench_traces.py", shard_tokens=shard_tokens, rank_ordered=True,
                      meta={"note": "SYNTHETIC: Zipf-like experts, sticky first choices"}) as w, \
             tqdm(total=n_tokens, desc="writing synthetic trace", unit="tok", unit_scale=True) as bar:
         while written < n_tokens:
@@ -135,10 +136,10 @@ def child(store_path: str, name: str) -> None:
 
     import psutil
 
+    from moe_lab import RoutingTrace
     from moe_lab import analysis as A
-    from moe_lab import open_store
 
-    st = open_store(store_path)
+    st = RoutingTrace.load(store_path)  # memory-mapped: the one trace type, read from disk
     base = psutil.Process().memory_info().rss / 2**20
     anon = {"base": _rss_anon_mb(), "peak": 0.0}
     done = threading.Event()
@@ -177,10 +178,10 @@ def identity(store_path: str, tmp: str, n_tokens: int = 100_000) -> dict:
     import pandas as pd
 
     from moe_lab import analysis as A
-    from moe_lab import open_store, save_store
+    from moe_lab import RoutingTrace, open_store, save_store
     from moe_lab.analysis import stats
 
-    trace = open_store(store_path).to_trace(max_tokens=n_tokens)
+    trace = RoutingTrace.load(store_path).to_trace(max_tokens=n_tokens)
     small = open_store(save_store(trace, os.path.join(tmp, "slice"), shard_tokens=1 << 15))
     old = stats.CHUNK_TOKENS
     stats.CHUNK_TOKENS = 1 << 13  # many chunks per shard
@@ -239,9 +240,8 @@ def main() -> None:
             print(f"{name:28s} {r['seconds']:7.1f} s   +{r['added_mb']:7.0f} MB RSS  +{r['added_anon_mb']:7.0f} MB anon",
                   flush=True)
         ident = identity(path, tmp)
-    finally:
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
+    finally:  # (a --keep trace lives outside tmp; the identity slice in tmp always goes)
+        shutil.rmtree(tmp, ignore_errors=True)
     read = results["read_pass"]["seconds"]
     rows = []
     for name, r in results.items():

@@ -28,6 +28,7 @@ from .model import (  # noqa: F401
     router_z_loss,
     topk_softmax_routing,
 )
+from .moe.twins import moe_from_transformers  # noqa: F401 (the twin of a transformers MoE block)
 from .tokenizer import Tokenizer, load_tokenizer  # noqa: F401
 from .routing.trace import RoutingTrace  # noqa: F401
 from .routing.store import TraceStore, TraceWriter, open_store, save_store  # noqa: F401

@@ -42,7 +42,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .devices import resolve_device
-from .routing.interventions import AblateExpert, Intervention, intervene, layer_ids, unwrap
+from .routing.interventions import (AblateExpert, Intervention, MaskTopExperts, _reference_docs, expert_mean_outputs,
+                                    intervene, layer_ids, unwrap)
 from .routing.tracing import normalise_inputs, trace_routing
 
 __all__ = ["ablation_scan", "scan_cells", "paired_gap", "mask_top_experts", "disable_busiest_experts",
@@ -270,7 +271,6 @@ def ablation_scan(model, texts_by_domain, tokenizer=None, layers: Sequence[int] 
     ablations = {pair: AblateExpert(*pair, mode=mode, **({"reference": reference} if mode == "mean" else {}))
                  for pair in needed}
     if mode == "mean":  # every expert's mean output in one pass over the reference
-        from .routing.interventions import _reference_docs, expert_mean_outputs
         means = expert_mean_outputs(mixtral, unwrap(model)[1], _reference_docs(reference), set(needed))
         for iv in ablations.values():
             iv.means, iv._prepared_for = means, mixtral
@@ -415,7 +415,6 @@ def mask_top_experts(model, texts_by_domain, tokenizer=None, r_values: Sequence[
     with a bootstrap interval over documents (``ci_low``/``ci_high``, ``delta_low``/``delta_high``).
     With top-k routing, ``r >= k`` replaces all of a token's experts.
     """
-    from .routing.interventions import MaskTopExperts
     mixtral, _ = unwrap(model)
     E, k = mixtral.args.n_experts, mixtral.args.experts_per_token
     r_values = list(range(E - k + 1)) if r_values is None else [int(r) for r in r_values]

@@ -1,9 +1,13 @@
 """Mixtral in one readable file.
 
-Bottom-up, as nanoGPT: config -> norm / RoPE -> KV cache -> mask and attention -> experts and
-router -> MoE block -> transformer block -> model (``embed`` -> blocks -> ``head``). Shapes are commented as B (batch), T (new tokens), S (keys in
-view, cache included), D (dim), H (query heads), Hkv (kv heads), hd (head dim), E (experts),
-k (experts per token), N (tokens flattened), V (vocab).
+Bottom-up, as nanoGPT: config -> norm / RoPE -> KV cache -> mask and attention -> transformer
+block -> model (``embed`` -> blocks -> ``head``). The MoE block (router, experts, and every design
+``ModelArgs`` can ask for: Switch, DeepSeek, GPT-OSS, Llama 4, expert choice, ...) is in
+``moe_lab/moe/``; ``MoE``, ``Expert`` and ``topk_softmax_routing`` import from here too.
+
+Shapes are commented as B (batch), T (new tokens), S (keys in view, cache included), D (dim),
+H (query heads), Hkv (kv heads), hd (head dim), E (experts), k (experts per token), N (tokens
+flattened), V (vocab).
 
 RoPE uses Mistral's convention (interleaved pairs (2i, 2i+1)); Hugging Face checkpoints store
 wq/wk with permuted rows for their "rotate_half" convention, and the loader undoes that.
@@ -21,8 +25,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import InitVar, asdict, dataclass, fields
-from typing import Callable, Iterator, NamedTuple
+from dataclasses import InitVar, asdict, dataclass, field, fields
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -31,6 +35,8 @@ from torch import Tensor
 
 from .generation import generate, generate_stream
 from .hooks import HookedMixin, HookPoint, name_hook_points
+from .moe import Expert, MoE, RoutingFn, make_expert, topk_softmax_routing  # noqa: F401 (moe_lab.model.MoE ...)
+from .moe.designs import DESIGN_FIELDS, DESIGNS, check_design, design_changes, require_mixtral_design  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,6 +61,31 @@ class ModelArgs:
     router_aux_loss_coef: float = 0.02  # load-balancing loss coefficient (HF's definition)
     router_z_loss_coef: float = 0.0  # ST-MoE z-loss; 0 disables it
     init_std: float = 0.02
+    # ---- the MoE design (moe_lab/moe/; docs/MOE_BLOCK_API.md). The defaults are Mixtral's.
+    router: str = "topk"  # "topk": each token chooses its experts; "expert_choice": each expert its tokens
+    router_score: str = "softmax"  # "softmax" over the experts, or each expert's "sigmoid" (DeepSeek-V3, Llama 4)
+    router_renormalise: bool = True  # rescale the k weights to sum to 1 (False: OLMoE, Qwen2-MoE, Switch, Llama 4)
+    router_softmax_after_topk: bool = False  # top-k on the logits, softmax over the k (GPT-OSS, Granite)
+    router_bias: bool = False  # a learned bias on the router logits, moe.gate.bias (GPT-OSS)
+    selection_bias: bool = False  # DeepSeek-V3: buffer moe.selection_bias added to the scores to choose only
+    selection_bias_rate: float = 0.001  # its update per training forward: += rate * sign(mean load - load)
+    n_group: int = 1  # group-limited routing (DeepSeek-V3): experts in n_group groups of consecutive ids,
+    topk_group: int = 1  # each token chooses among the experts of its topk_group best groups
+    routed_scaling_factor: float = 1.0  # every routing weight times this (DeepSeek-V3)
+    score_on_input: bool = False  # expert(weight * x) instead of weight * expert(x) (Llama 4)
+    capacity_factor: float | None = None  # each expert takes <= ceil(cf * T * k / E) tokens per sequence (Switch;
+    expert_capacity: int | None = None  # or exactly this many); overflow passes through the residual
+    n_shared_experts: int = 0  # experts every token goes through, no routing (DeepSeekMoE, Qwen2-MoE, Llama 4)
+    shared_hidden_dim: int | None = None  # hidden size of each shared expert; None = hidden_dim
+    shared_expert_gate: bool = False  # shared output times sigmoid(x Wsg), moe.shared_expert_gate (Qwen2-MoE)
+    expert_bias: bool = False  # biases on w1, w2, w3 (GPT-OSS)
+    expert_act: str = "silu"  # the activation: "silu", "gelu", "gelu_tanh", "relu"
+    expert_gated: bool = True  # SwiGLU w2(act(w1 x) * w3 x); False: w2(act(w1 x)), no w3 (Switch)
+    swiglu_limit: float | None = None  # GPT-OSS's clamped SwiGLU (clip at limit, (up + 1) * g * sigmoid(alpha g))
+    swiglu_alpha: float = 1.702
+    first_k_dense: int = 0  # layers 0..first_k_dense-1 are dense (DeepSeek-V3)
+    dense_layers: list[int] = field(default_factory=list)  # and these layers too (e.g. every other layer)
+    dense_hidden_dim: int | None = None  # hidden size of a dense layer's FFN; None = hidden_dim
     top_k: InitVar[int | None] = None  # deprecated name of experts_per_token (still accepted)
 
     def __post_init__(self, top_k: int | None = None):
@@ -75,6 +106,24 @@ class ModelArgs:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        self.dense_layers = sorted({int(i) for i in self.dense_layers})
+        check_design(self)  # clear errors for design options that cannot work (moe_lab/moe/designs.py)
+
+    def design_changes(self) -> dict:
+        """The MoE design fields whose values differ from Mixtral's ({} for a Mixtral)."""
+        return design_changes(self)
+
+    def require_mixtral_design(self, what: str) -> None:
+        """A clear error for ``what`` (a Mixtral-only file format or conversion) on another design."""
+        require_mixtral_design(self, what)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Layer ``layer`` has an MoE block (else a dense FFN: ``first_k_dense``, ``dense_layers``)."""
+        return layer >= self.first_k_dense and layer not in self.dense_layers
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelArgs":
@@ -82,6 +131,12 @@ class ModelArgs:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+    def with_design(self, name: str, **overrides) -> "ModelArgs":
+        """These args with the MoE design of a family (see ``DESIGNS``), then ``overrides``."""
+        if name not in DESIGNS:
+            raise ValueError(f"unknown MoE design {name!r}; choose one of {sorted(DESIGNS)}")
+        return self.replace(**{**DESIGNS[name], **overrides})
 
     def replace(self, **changes) -> "ModelArgs":
         return type(self)(**{**self.to_dict(), **changes})
@@ -135,14 +190,22 @@ class ParamCount(NamedTuple):
 
 
 def count_params(args: ModelArgs) -> ParamCount:
-    """Parameter counts from the config alone (both embedding matrices counted, no biases)."""
-    D, hd, I, E = args.dim, args.head_dim, args.hidden_dim, args.n_experts
+    """Parameter counts from the config alone (both embedding matrices counted, no biases).
+
+    An MoE layer: router, E experts (k active), shared experts; a dense layer: its FFN."""
+    D, hd, E = args.dim, args.head_dim, args.n_experts
+    ffn = lambda hidden: (3 if args.expert_gated else 2) * D * hidden  # noqa: E731
     attn = D * args.n_heads * hd + 2 * D * args.n_kv_heads * hd + args.n_heads * hd * D
-    expert = 3 * D * I
-    shared = attn + 2 * D + E * D  # attention, two norms, router
+    common = attn + 2 * D  # attention, two norms
+    shared = ffn(args.n_shared_experts * (args.shared_hidden_dim or args.hidden_dim)) if args.n_shared_experts else 0
+    shared += D if args.shared_expert_gate else 0
+    moe = common + E * D + shared  # + router
+    dense = common + ffn(args.dense_hidden_dim or args.hidden_dim)
+    n_moe = len(args.moe_layers)
+    n_dense = args.n_layers - n_moe
     embed = 2 * args.vocab_size * D + D  # embeddings, output head, final norm
-    return ParamCount(total=args.n_layers * (shared + E * expert) + embed,
-                      active=args.n_layers * (shared + args.experts_per_token * expert) + embed)
+    return ParamCount(total=n_moe * (moe + E * ffn(args.hidden_dim)) + n_dense * dense + embed,
+                      active=n_moe * (moe + args.experts_per_token * ffn(args.hidden_dim)) + n_dense * dense + embed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,97 +398,10 @@ class Attention(nn.Module):
 # Experts, router and the sparse MoE block
 
 
-class Expert(nn.Module):
-    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x)."""
+# The block lives in moe_lab/moe/ (block.py: MoE; routers.py: the routing rules; experts.py: Expert),
+# with every design of ModelArgs; its names stay importable from here.
 
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-        self.hook_out = HookPoint()  # (n, D): this expert's output, before its routing weight
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.hook_out(self.w2(F.silu(self.w1(x)) * self.w3(x)))
-
-
-def topk_softmax_routing(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Mixtral's router: softmax over all E in fp32, keep the top k (experts per token), renormalise.
-
-    logits (N, E) -> probs (N, E) fp32, indices (N, k) in rank order, weights (N, k) summing to 1.
-    (Equivalent to mistral-inference's top-k on logits then softmax over the k.)
-    """
-    probs = F.softmax(logits.float(), dim=-1)  # (N, E)
-    weights, indices = torch.topk(probs, k, dim=-1)  # (N, k)
-    return probs, indices, weights / weights.sum(dim=-1, keepdim=True)
-
-
-RoutingFn = Callable[[Tensor, int], tuple[Tensor, Tensor, Tensor]]
-
-
-class MoE(nn.Module):
-    """Sparse mixture of experts: y = sum_{i in topk(x)} softmax(x Wg)_i-renormalised * E_i(x)."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.n_experts, self.experts_per_token = args.n_experts, args.experts_per_token
-        self.gate = nn.Linear(args.dim, args.n_experts, bias=False)
-        self.experts = nn.ModuleList(Expert(args.dim, args.hidden_dim) for _ in range(args.n_experts))
-        self.routing_fn: RoutingFn = topk_softmax_routing  # swapped by interventions
-        self.fast = True  # group the expert calls with one sort (dispatch_grouped); False: the loop below
-        self.hook_router_logits = HookPoint()  # (N, E)
-        self.hook_router_probs = HookPoint()  # (N, E) fp32 softmax over all experts
-        self.hook_topk_indices = HookPoint()  # (N, k) chosen experts, rank order
-        self.hook_topk_weights = HookPoint()  # (N, k) renormalised weights
-
-    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (N, D) -> router logits (N, E), expert indices (N, k), weights (N, k) fp32."""
-        logits = self.hook_router_logits(self.gate(x))  # (N, E)
-        probs, indices, weights = self.routing_fn(logits, self.experts_per_token)
-        self.hook_router_probs(probs)
-        return logits, self.hook_topk_indices(indices), self.hook_topk_weights(weights)
-
-    top_k = property(_top_k_get, _top_k_set, doc="Deprecated: ``experts_per_token``.")
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, T, D) -> output (B, T, D) and router logits (B*T, E).
-
-        y_n = sum over the k experts e chosen for token n of weight_ne * expert_e(x_n)
-        """
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # (N, D)
-        logits, indices, weights = self.route(x)  # (N, E), (N, k), (N, k)
-        weights = weights.to(x.dtype)
-        if self.fast:  # the same expert calls, grouped by one sort instead of a search per expert
-            return self.dispatch_grouped(x, indices, weights).view(shape), logits
-        out = torch.zeros_like(x)  # (N, D)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(indices == e)  # the tokens that chose e, and in which of their k slots
-            if len(token):
-                out.index_add_(0, token, weights[token, slot, None] * expert(x[token]))
-        return out.view(shape), logits
-
-    def dispatch_grouped(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-        """``forward``'s loop with the same ``self.experts[e](rows)`` calls and less work around
-        them: the (token, slot) pairs sorted by expert once, each expert's rows one slice.
-
-        x (N, D), indices (N, k), weights (N, k) -> (N, D).
-        """
-        N, k = indices.shape
-        if N == 1 and not torch.is_grad_enabled():  # one token (a decode step): its k experts in turn
-            out = None
-            for e, w in zip(indices.tolist()[0], weights.tolist()[0]):
-                y = self.experts[e](x)  # (1, D)
-                out = y * w if out is None else out.add_(y, alpha=w)
-            return out
-        flat = indices.reshape(-1)  # (N*k,)
-        order = flat.argsort(stable=True)  # slots grouped by expert
-        token_of_slot = order.div(k, rounding_mode="floor")  # (N*k,)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        rows = x.index_select(0, token_of_slot).split(counts)  # rows[e]: (counts[e], D)
-        ys = torch.cat([self.experts[e](rows[e]) for e in range(self.n_experts) if counts[e]])  # (N*k, D)
-        ys = ys * weights.reshape(-1, 1)[order]
-        return torch.zeros_like(x).index_add_(0, token_of_slot, ys.to(x.dtype))
+MoE.top_k = property(_top_k_get, _top_k_set, doc="Deprecated: ``experts_per_token``.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,7 +426,9 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attn = Attention(args, layer)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.moe = MoE(args)
+        moe = args.is_moe_layer(layer)
+        self.moe = MoE(args) if moe else None  # the sparse MoE block, or a dense layer's FFN:
+        self.ffn = None if moe else make_expert(args, args.dense_hidden_dim or args.hidden_dim)
         self.hook_resid_pre = HookPoint()  # (B, T, D)
         self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()
@@ -458,11 +436,14 @@ class Block(nn.Module):
         self.hook_resid_post = HookPoint()
 
     def forward(self, x: Tensor, ctx: ForwardContext) -> tuple[Tensor, Tensor]:
-        """x (B, T, D) -> x (B, T, D) and this layer's router logits (B*T, E)."""
+        """x (B, T, D) -> x (B, T, D) and this layer's router logits (B*T, E) (None: a dense layer)."""
         x = self.hook_resid_pre(x)
         attn_out = self.attn(self.attention_norm(x), ctx.cos, ctx.sin, ctx.mask, ctx.cache)
         h = self.hook_resid_mid(x + self.hook_attn_out(attn_out))
-        moe_out, router_logits = self.moe(self.ffn_norm(h))
+        if self.moe is not None:
+            moe_out, router_logits = self.moe(self.ffn_norm(h))
+        else:  # a dense layer
+            moe_out, router_logits = self.ffn(self.ffn_norm(h)), None
         return self.hook_resid_post(h + self.hook_moe_out(moe_out)), router_logits
 
 
@@ -597,6 +578,8 @@ class Mixtral(HookedMixin, nn.Module):
                 continue
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith(".bias"):  # router and expert biases (GPT-OSS) start at zero
+                p.zero_()
             elif name.endswith(("wo.weight", "w2.weight")):
                 p.normal_(0.0, std / math.sqrt(2 * self.args.n_layers))
             else:
@@ -604,7 +587,8 @@ class Mixtral(HookedMixin, nn.Module):
 
     def set_fast_dispatch(self, fast: bool = True) -> "Mixtral":
         for block in self.blocks:
-            block.moe.fast = fast
+            if block.moe is not None:
+                block.moe.fast = fast
         return self
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
@@ -710,7 +694,12 @@ class Mixtral(HookedMixin, nn.Module):
         return self.router_losses(ce, router_logits, attention_mask)
 
     def router_losses(self, ce: Tensor, router_logits, attention_mask=None) -> Loss:
-        """The full ``Loss``: ``ce`` plus the load-balancing and z-losses of ``router_logits``."""
+        """The full ``Loss``: ``ce`` plus the load-balancing and z-losses of ``router_logits``
+        (dense layers, None, have none; a model without MoE layers gets 0 for both)."""
+        router_logits = [lg for lg in router_logits if lg is not None]
+        if not router_logits:
+            zero = ce.new_zeros(())
+            return Loss(total=ce, ce=ce, load_balancing=zero, z=zero)
         lb = load_balancing_loss(router_logits, self.args.n_experts, self.args.experts_per_token, attention_mask)
         total = ce + self.args.router_aux_loss_coef * lb
         z = router_z_loss(router_logits, attention_mask)

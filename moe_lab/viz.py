@@ -13,6 +13,7 @@
     viz.domain_specialization_heatmap(trace)  # domain x expert share of tokens (OLMoE)
     viz.expert_paths_sankey(trace)            # first choices from layer to layer
     viz.cache_hit_figure(trace)               # expert-cache hit rate against cache size
+    viz.expert_heatmap(values, rows=domains)  # row x (layer, expert) values, one panel and scale per layer
     viz.language_content_figure(result)       # routing: content and language effects (aligned paragraphs)
     viz.hidden_control_figure(control, raw)   # adjusting for a mediator (a demonstration, not a control)
 
@@ -20,9 +21,18 @@ Colours: one colour per expert, the same in every figure (:data:`EXPERT_COLORS`,
 :func:`expert_color`): the Okabe-Ito palette for experts 0-7, which stays distinguishable
 under the common forms of colour blindness, then Paul Tol's "muted" palette for experts 8-17;
 beyond 18 experts no palette stays distinguishable, and colours are spread around the hue
-circle (read the expert number from the hover text). Series that are *not* experts (domains,
-cache policies, baselines) use :data:`SERIES_COLORS` or greys, never the expert colours'
-meaning.
+circle (read the expert number from the hover text). Domains have their own ten colours
+(:data:`DOMAIN_COLORS`, :func:`domain_colors`; a corpus domain keeps its colour in every
+figure), as in the Mixtral paper's Figure 7; other series that are not experts (cache
+policies, baselines) use :data:`SERIES_COLORS` or greys. Static PNGs keep these colours
+exactly (``scripts/execute_notebooks.py``).
+
+Read as a PNG (GitHub, printed exports), a figure here needs no tuning in the notebook: titles
+are wrapped to the figure's width and the top margin holds them; every axis is titled; experts
+get one labelled tick each (:func:`expert_axis`); log axes are labelled 1, 2, 5, 10, ...
+(:func:`log_ticks`); legends sit where they cover no data. A figure computed on a stand-in
+says so in its title ("DEMO MODEL: ...", "SYNTHETIC FIXTURE: ..."; :func:`figure_title`,
+:func:`stamp`), from the label its trace carries or from ``source=``.
 
 Figures that have one view per layer carry all the layers and a layer switch (plotly buttons
 or a dropdown) inside the figure, so they still switch layers in a saved notebook or an HTML
@@ -47,6 +57,7 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from . import analysis as A
+from .corpus.base import DOMAINS
 from .notebook_utils import DEFAULT_RENDERER, setup_plotly
 from .routing.trace import RoutingTrace
 
@@ -56,7 +67,8 @@ __all__ = [
     "expert_paths_sankey", "cache_hit_figure", "layer_switch_states", "next_token_figure",
     "routing_changes", "routing_change_figure", "domain_specialization_heatmap",
     "offload_policy_figure", "prefetch_figure", "tokens_per_second_figure", "calibration_figure", "stamp",
-    "language_content_figure", "hidden_control_figure",
+    "language_content_figure", "hidden_control_figure", "DOMAIN_COLORS", "domain_color", "domain_colors",
+    "expert_heatmap", "figure_title", "log_ticks", "expert_axis",
     "ablation_scan_figure", "redundancy_figure", "dose_response_figure",
 ]
 
@@ -72,8 +84,15 @@ EXPERT_COLORS: tuple[str, ...] = (
     "#AA4499", "#DDDDDD",
 )
 
-#: Colours for series that are not experts (domains, cache policies): Paul Tol's "vibrant".
+#: Colours for series that are not experts (cache policies, methods): Paul Tol's "vibrant".
 SERIES_COLORS: tuple[str, ...] = ("#0077BB", "#EE7733", "#009988", "#CC3311", "#33BBEE", "#EE3377", "#BBBBBB")
+
+#: Ten colours for domains (:func:`domain_color`): the classic Tableau/d3 "category10" with its grey
+#: replaced by navy, so that no domain looks like a grey baseline. Every pair differs by a CIELAB
+#: distance of at least 27 (tested), and each differs from the baseline greys by as much.
+DOMAIN_COLORS: tuple[str, ...] = (
+    "#1F77B4", "#FF7F0E", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#E377C2", "#17BECF", "#BCBD22", "#0B2E59",
+)
 
 #: Name of the lean plotly template that every figure here uses (registered on import).
 TEMPLATE = "moe_lab"
@@ -100,6 +119,50 @@ def expert_color(e: int) -> str:
 def expert_colors(n_experts: int) -> list[str]:
     """The colours of experts 0..n_experts-1."""
     return [expert_color(e) for e in range(n_experts)]
+
+
+def _known_domains() -> tuple[str, ...]:
+    return tuple(DOMAINS)
+
+
+def domain_colors(domains: Sequence[str]) -> list[str]:
+    """One colour per domain, distinct for up to 10 domains, and the same for a domain in every
+    figure: moe_lab's corpus domains (python, english, math, french, german, spanish, italian,
+    data, latex) keep a fixed slot of :data:`DOMAIN_COLORS` whichever subset a figure shows; other
+    names take the free slots in the order given. Past 10 domains, colours are spread around the
+    hue circle (tell them apart by the legend and hover text)."""
+    domains = list(domains)
+    known = _known_domains()
+    slot: dict[str, int] = {}
+    for d in domains:
+        if d in known and known.index(d) < len(DOMAIN_COLORS):
+            slot[d] = known.index(d)
+    free = [i for i in range(len(DOMAIN_COLORS)) if i not in set(slot.values())]
+    extra = 0
+    out = []
+    for d in domains:
+        if d not in slot:
+            if free:
+                slot[d] = free.pop(0)
+            else:
+                slot[d] = len(DOMAIN_COLORS) + extra
+                extra += 1
+        i = slot[d]
+        if i < len(DOMAIN_COLORS):
+            out.append(DOMAIN_COLORS[i])
+        else:  # golden-ratio hue steps, darker than the expert extension
+            h = (0.03 + 0.618034 * (i - len(DOMAIN_COLORS))) % 1.0
+            r, g, b = colorsys.hls_to_rgb(h, 0.42, 0.7)
+            out.append(f"#{round(r * 255):02X}{round(g * 255):02X}{round(b * 255):02X}")
+    return out
+
+
+def domain_color(domain: str, domains: Sequence[str] | None = None) -> str:
+    """Colour of ``domain`` among ``domains`` (the figure's domains; default: the domain alone)."""
+    domains = list(domains) if domains is not None else [domain]
+    if domain not in domains:
+        raise KeyError(f"domain {domain!r} is not among {domains}")
+    return domain_colors(domains)[domains.index(domain)]
 
 
 def _rgb(color: str) -> tuple[int, int, int]:
@@ -132,6 +195,14 @@ def _expert_tick(e: int) -> str:
     return f"<span style='color:{expert_color(e)}'>■</span> {e}"
 
 
+def expert_axis(n_experts: int, title: str = "expert") -> dict:
+    """Axis settings that label every expert 0..n_experts-1 with its number and a square in its
+    colour, as the heatmaps here do: ``fig.update_yaxes(**viz.expert_axis(8))`` on a figure whose
+    y values are expert numbers."""
+    return dict(title=dict(text=title), tickmode="array", tickvals=list(range(n_experts)),
+                ticktext=[_expert_tick(e) for e in range(n_experts)])
+
+
 # --------------------------------------------------------------------------------------------
 # Template and notebook set-up
 
@@ -141,12 +212,17 @@ def _register_template() -> None:
     pio.templates[TEMPLATE] = go.layout.Template(layout=dict(
         font=dict(family=_FONT, size=13, color="#222222"),
         paper_bgcolor="white", plot_bgcolor="white", colorway=list(SERIES_COLORS),
-        xaxis=dict(gridcolor=_GRID, zerolinecolor=_GRID, linecolor="#BBBBBB", ticks="outside", automargin=True),
-        yaxis=dict(gridcolor=_GRID, zerolinecolor=_GRID, linecolor="#BBBBBB", ticks="outside", automargin=True),
+        # log axes label their 2s and 5s in full (0.5, 1, 2, 5, 10, ...), not as bare digits
+        xaxis=dict(gridcolor=_GRID, zerolinecolor=_GRID, linecolor="#BBBBBB", ticks="outside", automargin=True,
+                   minorloglabels="complete", title=dict(standoff=8)),
+        yaxis=dict(gridcolor=_GRID, zerolinecolor=_GRID, linecolor="#BBBBBB", ticks="outside", automargin=True,
+                   minorloglabels="complete", title=dict(standoff=8)),
         hoverlabel=dict(font=dict(family=_FONT, size=12), align="left"),
         legend=dict(bgcolor="rgba(255,255,255,0.8)"),
         margin=dict(l=60, r=30, t=60, b=50),
-        title=dict(x=0.0, xanchor="left", font=dict(size=15)),
+        # a title indented from the figure's edge; automargin keeps it clear of the plot, its
+        # subplot titles and its legend
+        title=dict(x=0.0, xanchor="left", xref="container", pad=dict(l=14), font=dict(size=15)),
     ))
 
 
@@ -213,6 +289,162 @@ def _ids_note(source) -> str:
         if getattr(source, "ids_only", False) else ""
 
 
+def _provenance(source_obj=None, source=None) -> str:
+    """What the figure was computed on (:func:`moe_lab.analysis.provenance`): ``source`` if given (a
+    label, or a trace, model or DataFrame that carries one), else what ``source_obj`` carries
+    (``meta["provenance"]``, a trace file among the shipped fixtures, ``attrs["source"]``)."""
+    return A.provenance(source) if source is not None else A.provenance(source_obj)
+
+
+def figure_title(text: str, source_obj=None, source=None) -> str:
+    """A figure's title that says what it was computed on, in the words :func:`stamp` and
+    :func:`moe_lab.analysis.headline` use: ``"DEMO MODEL: <text>"`` / ``"SYNTHETIC FIXTURE:
+    <text>"`` for a stand-in, ``"<text> (<source>)"`` for a named real source; then the
+    expert-ids-only note for traces without router weights. ``source``: a label or anything that
+    carries one (default: ``source_obj``'s own label). Every figure function here builds its title
+    with it; use it for figures drawn by hand too: ``figure_title("Hit rate", source=trace)``."""
+    label = _provenance(source_obj, source)
+    if label and label.upper() not in text and label.lower() not in text.lower():
+        first, sep, rest = text.partition("<br>")
+        text = A.headline(label, first) + sep + rest
+    return text + _ids_note(source_obj)
+
+
+_CHAR_PX = 8.0  # mean width of a character of the title fonts (15-16 px), for wrapping
+
+
+def _wrap(text: str, width_px: float, char_px: float = _CHAR_PX) -> str:
+    """Break ``text`` at spaces (and keep its own ``<br>``) so that no line is wider than
+    ``width_px``; markup such as ``<sup>...</sup>`` lines counts at 70%."""
+    if not text:
+        return text
+    out = []
+    for line in str(text).split("<br>"):
+        scale = 0.7 if line.lstrip().startswith("<sup>") else 1.0
+        visible = len(_strip_tags(line)) * char_px * scale
+        if visible <= width_px or " " not in line:
+            out.append(line)
+            continue
+        import re
+
+        # a short parenthesised group, such as the "(demo model)" of figure_title, stays on one line
+        words, cur = re.findall(r"\([^()<>]{0,40}\)\S*|[^\s(]*\([^()<>\s]*\)\S*|\S+", line), ""
+        for w in words:
+            cand = f"{cur} {w}" if cur else w
+            if cur and len(_strip_tags(cand)) * char_px * scale > width_px and not _inside_tag(cur):
+                out.append(cur)
+                cur = w
+            else:
+                cur = cand
+        out.append(cur)
+    return "<br>".join(out)
+
+
+def _strip_tags(text: str) -> str:
+    import re
+
+    return html.unescape(re.sub(r"<[^>]*>", "", text))
+
+
+def _inside_tag(text: str) -> bool:
+    return text.count("<span") > text.count("</span>") or text.count("<sup>") > text.count("</sup>")
+
+
+def log_ticks(values, *, per_decade: Sequence[float] = (1, 2, 5)) -> dict:
+    """Axis settings for a log axis over ``values``: ``type="log"`` and explicit ``tickvals`` /
+    ``ticktext`` at 1, 2, 5 x 10^n covering the values (0.5, 1, 2, 5, 10, 20, 50, ...), every
+    tick labelled in full. Use it as ``fig.update_yaxes(**viz.log_ticks(y))``."""
+    v = np.asarray([float(x) for x in np.ravel(values) if x is not None], dtype=np.float64)
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size == 0:
+        return dict(type="log")
+    lo, hi = float(v.min()), float(v.max())
+    ticks = []
+    for n in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1):
+        for m in per_decade:
+            t = m * 10.0 ** n
+            ticks.append(float(f"{t:.6g}"))
+    below = [t for t in ticks if t <= lo]
+    above = [t for t in ticks if t >= hi]
+    first, last = (below[-1] if below else ticks[0]), (above[0] if above else ticks[-1])
+    ticks = [t for t in ticks if first <= t <= last]
+    text = [f"{t:,.10g}" for t in ticks]
+    return dict(type="log", tickmode="array", tickvals=ticks, ticktext=text,
+                range=[math.log10(first) - 0.02, math.log10(last) + 0.02])
+
+
+def _axes(fig: go.Figure):
+    """(name, axis) for every x and y axis of the figure."""
+    for name in sorted(fig.layout.to_plotly_json()):
+        if name.startswith(("xaxis", "yaxis")):
+            yield name, fig.layout[name]
+
+
+def _legend_rows(fig: go.Figure, width: float) -> int:
+    """Rows a horizontal legend of the figure's entries needs at ``width`` pixels."""
+    names = [_strip_tags(str(t.name or "")) for t in fig.data if t.showlegend is not False and t.name]
+    rows, used = 1, 0.0
+    for n in dict.fromkeys(names):
+        w = 50 + 6.6 * len(n)
+        if used and used + w > width:
+            rows, used = rows + 1, 0.0
+        used += w
+    return rows
+
+
+def _legend_below(fig: go.Figure, *, font_size: int = 11) -> go.Figure:
+    """Put the legend in rows under the plot (clear of every curve) and grow the bottom margin
+    and the height to hold it: for figures whose curves fill the plot area."""
+    width = fig.layout.width or 700
+    rows = _legend_rows(fig, width - 40)
+    bottom = (fig.layout.margin.b if fig.layout.margin.b is not None else 50)
+    need = 24 + 22 * rows
+    fig.update_layout(legend=dict(orientation="h", x=0, xanchor="left", y=0, yanchor="bottom", yref="container",
+                                  font=dict(size=font_size), bgcolor="rgba(255,255,255,0)"),
+                      margin=dict(b=bottom + need), height=(fig.layout.height or 500) + need)
+    return fig
+
+
+def _finish(fig: go.Figure, *, min_top: int | None = None) -> go.Figure:
+    """What every figure here gets before it is returned, so that its static PNG reads right with no
+    tuning in the notebook: the title wrapped to the figure's width and a top margin (and height)
+    grown to hold all its lines, the subplot titles and a layer switch above the plot; long axis
+    titles wrapped to their axis; log axes labelled at 1-2-5 ticks (:func:`log_ticks`)."""
+    lay = fig.layout
+    width = lay.width or 700
+    height = lay.height or 500
+    margin_t = lay.margin.t if lay.margin.t is not None else 60
+    title = lay.title.text
+    need = min_top or 0
+    if title:
+        wrapped = _wrap(title, width - 30)
+        lay.title.text = wrapped
+        lines = wrapped.split("<br>")
+        need = max(need, 30 + sum(13 if ln.lstrip().startswith("<sup>") else 21 for ln in lines)
+                   + (30 if any((a.y or 0) >= 1 and a.yref == "paper" for a in lay.annotations) else 0)
+                   + (34 if any((m.y or 0) >= 1 for m in lay.updatemenus) else 0))
+        if lay.title.y is None:  # the title's top sits at a fixed distance from the figure's top
+            # (plotly anchors a multi-line title by its first line: push it down by the others)
+            down = sum(11 if ln.lstrip().startswith("<sup>") else 19 for ln in lines[1:])
+            fig.update_layout(title=dict(y=1, yanchor="top", yref="container", pad=dict(t=12 + down, l=14)))
+    if need > margin_t:
+        fig.update_layout(margin=dict(t=need), height=height + need - margin_t)
+    for name, ax in _axes(fig):
+        text = ax.title.text
+        if text:
+            dom = ax.domain or (0, 1)
+            span = (dom[1] - dom[0]) * ((height - 120) if name.startswith("y") else (width - 160))
+            ax.title.text = _wrap(text, max(span, 120))
+        if ax.type == "log" and ax.tickvals is None:
+            data = [getattr(t, name[0], None) for t in fig.data
+                    if (getattr(t, f"{name[0]}axis", None) or name[0]) == name.replace("axis", "")]
+            vals = [v for d in data if d is not None for v in np.ravel(np.asarray(d, dtype=object))
+                    if isinstance(v, (int, float, np.floating, np.integer))]
+            if vals:
+                ax.update(log_ticks(vals))
+    return fig
+
+
 def _layers_arg(trace: RoutingTrace, layers) -> list[int]:
     if layers is None:
         return list(trace.layers)
@@ -275,7 +507,7 @@ def _layer_menu(labels: list[str], visible: list[list[bool]], titles: list[str] 
 
 def token_figure(trace: RoutingTrace, doc: int = 0, layers: Sequence[int] | int | None = None,
                  tokenizer=None, *, max_tokens: int | None = 600, line_chars: int = 80,
-                 title: str | None = None) -> go.Figure:
+                 title: str | None = None, source: str | None = None) -> go.Figure:
     """The tokens of document ``doc``, each on a box coloured by its first-choice expert (the
     Mixtral paper's Figure 8), one view per layer with a layer switch built into the figure.
 
@@ -284,8 +516,12 @@ def token_figure(trace: RoutingTrace, doc: int = 0, layers: Sequence[int] | int 
     Tokens are laid out like text in a monospace font, ``line_chars`` characters per line;
     ``max_tokens`` cuts long documents (None: all). ``tokenizer`` gives display pieces when the
     trace has none. Trace ``i`` of the figure is layer ``layers[i]``; the last E traces only
-    hold the legend (one entry per expert).
+    hold the legend (one entry per expert). ``source`` says in the title what the trace was
+    computed on ("demo model", "synthetic fixture"; default: the trace's ``meta["provenance"]``), as
+    in every figure of this module.
     """
+    trace.require_rank_order("viz.token_figure (colours each token by its first choice)",
+                             "viz.load_heatmap / viz.coactivation_heatmap (top-k sets)")
     layers = _layers_arg(trace, layers)
     if not 0 <= doc < trace.n_docs:
         raise IndexError(f"doc {doc} is not in this trace (it has {trace.n_docs} documents)")
@@ -314,6 +550,7 @@ def token_figure(trace: RoutingTrace, doc: int = 0, layers: Sequence[int] | int 
         if newline:
             x, line = 0, line + 1
     n_lines = line + 1
+    char_px = 7.4
 
     conf = A.router_confidence(trace) if trace.router_logits is not None else None
     k = trace.top_k
@@ -354,15 +591,16 @@ def token_figure(trace: RoutingTrace, doc: int = 0, layers: Sequence[int] | int 
                              name=str(e), showlegend=e in used or trace.n_experts <= 8, hoverinfo="skip"))
     doc_label = f"document {doc}" + (f" ({trace.domains[doc]})" if trace.domains[doc] else "")
     base_title = title or f"First-choice expert of each token, {doc_label}"
-    titles = [f"{base_title}: layer {l}{_ids_note(trace)}" for l in layers]
+    titles = [_wrap(figure_title(f"{base_title}: layer {l}", trace, source), line_chars * char_px + 10)
+              for l in layers]
     n_tr = len(layers) + trace.n_experts
     visible = [[j == i or j >= len(layers) for j in range(n_tr)] for i in range(len(layers))]
-    char_px = 7.4
     n_legend_rows = math.ceil((sum(1 for d in fig.data[len(layers):] if d.showlegend) + 3) / max(1, int(line_chars / 7)))
-    top = 88 if len(layers) > 1 else 44
+    top = (88 if len(layers) > 1 else 44) + 20 * max(t.count("<br>") for t in titles)
     bottom = 14 + 22 * n_legend_rows
     fig.update_layout(
-        title=dict(text=titles[0], y=1, yref="container", yanchor="top", pad=dict(t=10)),
+        # (plotly anchors a multi-line title by its first line: push it down by the others)
+        title=dict(text=titles[0], y=1, yref="container", yanchor="top", pad=dict(t=10 + 19 * titles[0].count("<br>"))),
         barmode="overlay", bargap=0, uniformtext=dict(minsize=12, mode="show"),
         width=int(line_chars * char_px + 40), height=int(n_lines * 24 + top + bottom),
         margin=dict(l=10, r=10, t=top, b=bottom),
@@ -382,7 +620,7 @@ def token_figure(trace: RoutingTrace, doc: int = 0, layers: Sequence[int] | int 
 # Load
 
 def load_heatmap(trace: RoutingTrace, choice: A.Choice = "either", normalization: str = "assignments",
-                 *, title: str | None = None) -> go.Figure:
+                 *, title: str | None = None, source: str | None = None) -> go.Figure:
     """Layer x expert load: share of assignments (rows sum to 1, uniform 1/E; the Mixtral
     paper's convention) or, with ``normalization="tokens"``, share of tokens choosing the expert
     (uniform k/E; OLMoE's). Colours diverge around the uniform value: red = over-loaded,
@@ -391,36 +629,34 @@ def load_heatmap(trace: RoutingTrace, choice: A.Choice = "either", normalization
     uniform = A.uniform_load(trace, choice, normalization)
     E, L = trace.n_experts, trace.n_layers
     bal = A.load_balance(load)
-    ylabels = [f"layer {l}" for l in trace.layers]
     hi = max(float(np.nanmax(np.abs(load - uniform))), 1e-9)
     fig = _figure()
     fig.add_trace(go.Heatmap(
-        z=load, x=list(range(E)), y=ylabels, zmid=uniform, zmin=uniform - hi, zmax=uniform + hi,
+        z=load, x=list(range(E)), y=list(trace.layers), zmid=uniform, zmin=uniform - hi, zmax=uniform + hi,
         colorscale="RdBu_r", colorbar=dict(title=dict(text="share"), tickformat=".0%"),
         customdata=np.repeat(bal.cv[:, None], E, axis=1).round(3),
         texttemplate="%{z:.0%}" if L * E <= 400 else None, textfont=dict(size=11),
-        hovertemplate="%{y}, expert %{x}: %{z:.1%}<br>CV of the layer %{customdata:.2f}<extra></extra>",
+        hovertemplate="layer %{y}, expert %{x}: %{z:.1%}<br>CV of the layer %{customdata:.2f}<extra></extra>",
         xgap=1, ygap=1))
     what = {"first": "first choices", "second": "second choices", "either": "assignments (top-k)"}[choice]
     unit = "share of " + (what if normalization == "assignments" else "tokens choosing it")
     fig.update_layout(
-        title=(title or f"Expert load per layer: {unit}; uniform = {uniform:.1%}") + _ids_note(trace),
+        title=figure_title(title or f"Expert load per layer: {unit}; uniform = {uniform:.1%}", trace, source),
         xaxis=dict(title="expert", tickmode="array", tickvals=list(range(E)),
                    ticktext=[_expert_tick(e) for e in range(E)], showgrid=False),
-        yaxis=dict(autorange="reversed", showgrid=False),
+        yaxis=dict(title="layer", autorange="reversed", showgrid=False, tickmode="array", tickvals=list(trace.layers)),
         height=max(260, 40 + 28 * L + 120), width=max(480, 60 * E + 260))
     fig.layout.meta = dict(kind="load_heatmap", uniform=uniform, choice=choice, normalization=normalization)
-    return fig
-
-
-_PATTERNS = ("", "/", ".", "x", "\\", "+", "-", "|")
+    return _finish(fig)
 
 
 def domain_load_bars(trace: RoutingTrace, layer: int | Sequence[int] | None = None, choice: A.Choice = "either",
-                     *, domains: Sequence[str] | None = None, title: str | None = None) -> go.Figure:
+                     *, domains: Sequence[str] | None = None, title: str | None = None,
+                     source: str | None = None) -> go.Figure:
     """Share of each domain's top-k assignments that go to each expert (the Mixtral paper's
-    Figure 7), with the uniform share 1/E as a dashed line. Bars keep the expert colours; the
-    domain is told by the bar's pattern (see the legend). One panel per layer in ``layer``
+    Figure 7), with the uniform share 1/E as a dashed line. As in the paper, bars are coloured by
+    domain (:func:`domain_colors`: a domain has the same colour in every figure) and grouped by
+    expert along x (the tick's square is the expert's colour). One panel per layer in ``layer``
     (default: the first, middle and last traced layers, as in the paper)."""
     if layer is None:
         ls = trace.layers
@@ -434,40 +670,37 @@ def domain_load_bars(trace: RoutingTrace, layer: int | Sequence[int] | None = No
     n_tok = {d: int((trace.token_domains == d).sum()) for d in doms}
     E = trace.n_experts
     uniform = A.uniform_load(trace, choice)
-    fig = make_subplots(rows=len(layers), cols=1, shared_xaxes=True, vertical_spacing=0.08,
+    fig = make_subplots(rows=len(layers), cols=1, shared_xaxes=True, vertical_spacing=0.1 if len(layers) > 1 else 0.0,
                         subplot_titles=[f"layer {l}" for l in layers])
     fig.update_layout(template=TEMPLATE)
-    colors = expert_colors(E)
+    colors = domain_colors(doms)
     for r, l in enumerate(layers, start=1):
         row = trace.layer_index(l)
         for i, d in enumerate(doms):
             label = d or "(no domain)"
             fig.add_trace(go.Bar(
-                x=list(range(E)), y=by_domain[d][row], name=label, legendgroup=label, showlegend=False,
-                marker=dict(color=colors, line=dict(color="#333333", width=0.5),
-                            pattern=dict(shape=_PATTERNS[i % len(_PATTERNS)], fgcolor="#333333", size=6, solidity=0.25)),
+                x=list(range(E)), y=by_domain[d][row], name=label, legendgroup=label, showlegend=r == 1,
+                marker=dict(color=colors[i], line=dict(width=0)),
                 customdata=np.full(E, n_tok[d]),
                 hovertemplate=f"{_esc(label)}, layer {l}<br>expert %{{x}}: %{{y:.1%}} of assignments"
                               "<br>%{customdata} tokens<extra></extra>"), row=r, col=1)
         fig.add_hline(y=uniform, line=dict(dash="dash", color=_BASELINE_COLOR, width=1.5), row=r, col=1)
         fig.update_yaxes(title_text="share", tickformat=".0%", row=r, col=1, rangemode="tozero")
-    for i, d in enumerate(doms):  # legend swatches: the pattern on white
-        label = d or "(no domain)"
-        fig.add_trace(go.Bar(x=[None], y=[None], name=label, legendgroup=label, showlegend=True,
-                             marker=dict(color="white", line=dict(color="#333333", width=1),
-                                         pattern=dict(shape=_PATTERNS[i % len(_PATTERNS)], fgcolor="#333333",
-                                                      size=6, solidity=0.25))), row=1, col=1)
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=f"uniform 1/E = {uniform:.1%}",
                              line=dict(dash="dash", color=_BASELINE_COLOR, width=1.5)), row=1, col=1)
-    fig.update_xaxes(tickmode="array", tickvals=list(range(E)), ticktext=[_expert_tick(e) for e in range(E)])
+    fig.update_xaxes(tickmode="array", tickvals=list(range(E)), ticktext=[_expert_tick(e) for e in range(E)],
+                     showticklabels=True, showgrid=False)
+    for e in range(1, E):  # a thin rule between experts: which bars belong to which expert
+        fig.add_vline(x=e - 0.5, line=dict(color=_GRID, width=1))
     fig.update_xaxes(title_text="expert", row=len(layers), col=1)
-    fig.update_layout(barmode="group", bargap=0.2, bargroupgap=0.05, height=170 + 230 * len(layers),
-                      width=max(620, 90 * E + 250),
-                      title=(title or "Share of each domain's top-k assignments per expert (Mixtral Figure 7)")
-                      + _ids_note(trace),
-                      legend=dict(title_text="domain"), margin=dict(t=90))
+    per_bar = 9 if len(doms) * E > 40 else 14
+    fig.update_layout(barmode="group", bargap=0.18, bargroupgap=0.0, height=150 + 220 * len(layers),
+                      width=int(min(1200, max(640, per_bar * E * len(doms) + 280))),
+                      title=figure_title(title or "Share of each domain's top-k assignments per expert "
+                                                  "(Mixtral Figure 7)", trace, source),
+                      legend=dict(title_text="domain", tracegroupgap=2), margin=dict(t=90))
     fig.layout.meta = dict(kind="domain_load_bars", layers=layers, domains=doms, uniform=uniform)
-    return fig
+    return _finish(fig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,7 +712,7 @@ _SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x")
 
 def repetition_figure(trace: RoutingTrace | Sequence[A.Repetition], kinds: Sequence[str] = ("first", "any"),
                       *, by_domain: bool = False, bos_id: int | None = 1, n_boot: int = 1000, seed: int = 0,
-                      title: str | None = None) -> go.Figure:
+                      title: str | None = None, source: str | None = None) -> go.Figure:
     """Share of consecutive tokens (within a document, BOS excluded) routed alike, across all
     layers (the Mixtral paper's Table 5 and Figure 10), next to its baselines: uniform routing
     (dashed), each layer's own expert frequencies ("marginal", sum of squared shares; dotted)
@@ -489,7 +722,8 @@ def repetition_figure(trace: RoutingTrace | Sequence[A.Repetition], kinds: Seque
 
     Pass a trace (rates computed with :func:`moe_lab.analysis.repetition`) or already computed
     ``Repetition`` results (one per kind). ``by_domain=True`` adds one line per domain (without
-    error bars for a domain of a single document, where a bootstrap over documents has no spread).
+    error bars for a domain of a single document, where a bootstrap over documents has no spread),
+    each in its domain's colour (:func:`domain_colors`).
     """
     if isinstance(trace, RoutingTrace):
         reps = [A.repetition(trace, kind, bos_id=bos_id, n_boot=n_boot, seed=seed) for kind in kinds]
@@ -512,6 +746,7 @@ def repetition_figure(trace: RoutingTrace | Sequence[A.Repetition], kinds: Seque
     fig = make_subplots(rows=1, cols=len(reps), subplot_titles=[_KIND_TITLES.get(k, k) for k in kinds],
                         horizontal_spacing=0.1)
     fig.update_layout(template=TEMPLATE)
+    dcolors = dict(zip(per_domain, domain_colors(list(per_domain))))
     for c, rep in enumerate(reps, start=1):
         x = list(rep.layers)
         first = c == 1
@@ -525,8 +760,8 @@ def repetition_figure(trace: RoutingTrace | Sequence[A.Repetition], kinds: Seque
                           f"<br>{rep.n_pairs} pairs<extra>all documents</extra>"), row=1, col=c)
         for i, (d, dreps) in enumerate(per_domain.items()):
             r = dreps[c - 1]
-            color = SERIES_COLORS[i % len(SERIES_COLORS)]
-            symbol = _SYMBOLS[i % len(_SYMBOLS)]  # colour and symbol together tell up to 35 domains apart
+            color = dcolors[d]
+            symbol = _SYMBOLS[i % len(_SYMBOLS)]  # symbols help past 10 domains and in grey print
             fig.add_trace(go.Scatter(
                 x=list(r.layers), y=r.rate, mode="lines+markers", name=d or "(no domain)", legendgroup=d,
                 showlegend=first, line=dict(color=color, width=1.5), marker=dict(size=6, symbol=symbol), opacity=0.8,
@@ -546,20 +781,23 @@ def repetition_figure(trace: RoutingTrace | Sequence[A.Repetition], kinds: Seque
                                  line=dict(color="#BBBBBB", dash="dash", width=2),
                                  hovertemplate=f"uniform routing: {rep.uniform:.1%}<extra></extra>"), row=1, col=c)
         fig.update_xaxes(title_text="layer", dtick=1 if len(x) <= 16 else 4, row=1, col=c)
-        fig.update_yaxes(tickformat=".0%", rangemode="tozero", row=1, col=c)
-    fig.update_yaxes(title_text="consecutive token pairs", row=1, col=1)
-    fig.update_layout(title=(title or "Consecutive tokens routed to the same expert (Mixtral Table 5 / Figure 10)")
-                      + _ids_note(reps[0]),
-                      height=max(430, 30 * (len(per_domain) + 4) + 100), width=460 * len(reps) + 200,
-                      legend=dict(font=dict(size=11)))
+        fig.update_yaxes(tickformat=".0%", rangemode="tozero", row=1, col=c,
+                         title_text="share of consecutive token pairs")
+    fig.update_layout(title=figure_title(title or "Consecutive tokens routed to the same expert "
+                                                  "(Mixtral Table 5 / Figure 10)",
+                                         reps[0], _provenance(trace if isinstance(trace, RoutingTrace) else None,
+                                                              source)),
+                      height=max(430, 21 * (len(per_domain) + 5) + 130), width=460 * len(reps) + 260,
+                      legend=dict(font=dict(size=11), tracegroupgap=0, y=1, yanchor="top"))
     fig.layout.meta = dict(kind="repetition_figure", kinds=list(kinds))
-    return fig
+    return _finish(fig)
 
 
 # --------------------------------------------------------------------------------------------
 # Co-activation (OLMoE)
 
-def coactivation_heatmap(trace: RoutingTrace, layer: int, *, title: str | None = None) -> go.Figure:
+def coactivation_heatmap(trace: RoutingTrace, layer: int, *, title: str | None = None,
+                         source: str | None = None) -> go.Figure:
     """C[i, j] = P(expert j also chosen | expert i chosen) at ``layer`` (OLMoE's co-activation;
     :func:`moe_lab.analysis.coactivation`). Colours diverge around the uniform value
     (k-1)/(E-1); the diagonal is blank."""
@@ -576,18 +814,19 @@ def coactivation_heatmap(trace: RoutingTrace, layer: int, *, title: str | None =
         texttemplate="%{z:.0%}" if E <= 16 else None, textfont=dict(size=11), xgap=1, ygap=1,
         hovertemplate="P(expert %{x} chosen | expert %{y} chosen) = %{z:.1%}<extra></extra>"))
     fig.update_layout(
-        title=(title or f"Co-activation at layer {layer}: uniform (k-1)/(E-1) = {uniform:.1%}") + _ids_note(trace),
+        title=figure_title(title or f"Co-activation at layer {layer}: uniform (k-1)/(E-1) = {uniform:.1%}", trace,
+                           source),
         xaxis=dict(title="expert j (also chosen)", tickmode="array", tickvals=list(range(E)), ticktext=ticks,
                    showgrid=False, side="bottom"),
         yaxis=dict(title="expert i (chosen)", tickmode="array", tickvals=list(range(E)), ticktext=ticks,
                    autorange="reversed", showgrid=False, scaleanchor="x"),
         width=max(460, 46 * E + 260), height=max(420, 46 * E + 160))
     fig.layout.meta = dict(kind="coactivation_heatmap", layer=int(layer), uniform=uniform)
-    return fig
+    return _finish(fig)
 
 
 def domain_specialization_heatmap(trace: RoutingTrace, layers: Sequence[int] | int | None = None, *,
-                                  title: str | None = None) -> go.Figure:
+                                  title: str | None = None, source: str | None = None) -> go.Figure:
     """Domain x expert: the share of a domain's tokens whose top-k includes the expert (OLMoE's
     domain specialisation, :func:`moe_lab.analysis.domain_specialization`), one view per layer
     with a layer switch. Uniform routing gives k/E everywhere (25% for top-2 of 8); OLMoE reaches
@@ -606,27 +845,149 @@ def domain_specialization_heatmap(trace: RoutingTrace, layers: Sequence[int] | i
             colorbar=dict(title=dict(text="share"), tickformat=".0%"), visible=i == 0, name=f"layer {l}",
             texttemplate="%{z:.0%}" if E * len(doms) <= 300 else None, textfont=dict(size=11), xgap=1, ygap=1,
             hovertemplate=f"layer {l}: %{{z:.1%}} of %{{y}} tokens have expert %{{x}} in their top-{k}<extra></extra>"))
-    titles = [(title or f"Domain specialisation at layer {l}: uniform k/E = {uniform:.0%}") + _ids_note(trace)
-              for l in layers]
+    width = max(520, 56 * E + 260)
+    titles = [_wrap(figure_title(title or f"Domain specialisation at layer {l}: uniform k/E = {uniform:.0%}",
+                                 trace, source), width - 30) for l in layers]
     fig.update_layout(
         title=titles[0], margin=dict(t=90),
         xaxis=dict(title="expert", tickmode="array", tickvals=list(range(E)),
                    ticktext=[_expert_tick(e) for e in range(E)], showgrid=False),
-        yaxis=dict(autorange="reversed", showgrid=False),
-        height=max(300, 30 * len(doms) + 200), width=max(520, 56 * E + 260))
+        yaxis=dict(title="domain", autorange="reversed", showgrid=False),
+        height=max(300, 30 * len(doms) + 200), width=width)
     if len(layers) > 1:
         vis = [[j == i for j in range(len(layers))] for i in range(len(layers))]
         fig.update_layout(updatemenus=[dict(_layer_menu([str(l) for l in layers], vis, titles, y=1.02),
                                             yanchor="bottom")])
     fig.layout.meta = dict(kind="domain_specialization_heatmap", layers=layers, uniform=uniform, domains=doms)
-    return fig
+    return _finish(fig)
+
+
+def expert_heatmap(values, *, rows: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+                   marks: Sequence[tuple] = (), mark_label: str = "marked", muted_rows: Sequence[str] = (),
+                   muted_label: str = "greyed: not counted", scale: str = "per_layer", zmid: float | None = 0.0,
+                   colorscale: str = "RdBu_r", colorbar_title: str = "value", row_title: str = "domain",
+                   value_format: str = ".3f", show_values: bool = False, title: str | None = None,
+                   source: str | None = None) -> go.Figure:
+    """A row x (layer, expert) heatmap, one panel per layer: e.g. the change in each domain's loss
+    when one expert is switched off (notebook 08's ablation scan). Every expert has its own tick
+    (in its colour), layers are separate panels, and with ``scale="per_layer"`` (default) each
+    panel has its own colour scale, symmetric around ``zmid``, with its colour bar under it, so a
+    layer whose effects are 100x smaller than layer 0's still shows its pattern (read magnitudes
+    from the colour bars and the hover text). ``scale="shared"`` uses one scale for all layers.
+
+    ``values``: an array [rows, layers, experts] (then ``rows`` names its rows), or a DataFrame
+    with one row per row label and (layer, expert) MultiIndex columns, as
+    ``scan.pivot_table(index="domain", columns=["layer", "expert"], values="delta")`` gives.
+    ``marks``: (row, layer, expert) cells circled and listed in the legend as ``mark_label``
+    (e.g. "beyond the null"). ``muted_rows``: rows drawn under a white veil and labelled
+    ``muted_label`` (e.g. domains with too few source documents to count). ``show_values`` writes
+    each value in its cell (readable up to about 8 experts per layer with a short ``value_format``)."""
+    import pandas as pd
+
+    if isinstance(values, pd.DataFrame):
+        cols = values.columns
+        if not isinstance(cols, pd.MultiIndex) or cols.nlevels != 2:
+            raise ValueError("expert_heatmap: a DataFrame needs (layer, expert) MultiIndex columns, got "
+                             f"{type(cols).__name__} with {getattr(cols, 'nlevels', 1)} level(s)")
+        lay = list(dict.fromkeys(int(l) for l in cols.get_level_values(0)))
+        exp = sorted(set(int(e) for e in cols.get_level_values(1)))
+        z = np.full((len(values), len(lay), len(exp)), np.nan)
+        for j, (l, e) in enumerate(cols):
+            z[:, lay.index(int(l)), exp.index(int(e))] = values.iloc[:, j].to_numpy(dtype=float)
+        rows = [str(r) for r in values.index] if rows is None else list(rows)
+        layers = lay if layers is None else list(layers)
+        if exp != list(range(len(exp))):
+            raise ValueError(f"expert_heatmap: experts must be 0..E-1, got {exp}")
+    else:
+        z = np.asarray(values, dtype=float)
+        if z.ndim != 3:
+            raise ValueError(f"expert_heatmap: values must be [rows, layers, experts], got shape {z.shape}")
+        rows = [str(r) for r in (rows if rows is not None else range(z.shape[0]))]
+        layers = list(layers) if layers is not None else list(range(z.shape[1]))
+    R, L, E = z.shape
+    if len(rows) != R or len(layers) != L:
+        raise ValueError(f"expert_heatmap: values have {R} rows and {L} layers, but rows has {len(rows)} "
+                         f"and layers {len(layers)}")
+    if scale not in ("per_layer", "shared"):
+        raise ValueError(f"expert_heatmap: scale must be 'per_layer' or 'shared', got {scale!r}")
+    mid = 0.0 if zmid is None else float(zmid)
+
+    def half_range(a):
+        a = a[np.isfinite(a)]
+        return max(float(np.abs(a - mid).max()) if a.size else 0.0, 1e-12)
+
+    shared = half_range(z)
+    gap = 0.03 if L > 1 else 0.0
+    fig = make_subplots(rows=1, cols=L, shared_yaxes=True, horizontal_spacing=gap,
+                        subplot_titles=[f"layer {l}" for l in layers])
+    fig.update_layout(template=TEMPLATE)
+    ticks = [_expert_tick(e) for e in range(E)]
+    panel_w = (1 - gap * (L - 1)) / L
+    show_text = show_values
+    for i, l in enumerate(layers):
+        hi = half_range(z[:, i]) if scale == "per_layer" else shared
+        ax = f"coloraxis{i + 1 if scale == 'per_layer' else ''}"
+        fig.add_trace(go.Heatmap(
+            z=z[:, i], x=list(range(E)), y=rows, coloraxis=ax if scale == "per_layer" or i == 0 else "coloraxis",
+            xgap=1, ygap=1, texttemplate=f"%{{z:{value_format}}}" if show_text else None, textfont=dict(size=9),
+            hovertemplate=f"%{{y}}, layer {l}, expert %{{x}}: %{{z:{value_format}}}<extra></extra>"),
+            row=1, col=i + 1)
+        if scale == "per_layer" or i == 0:
+            x0 = i * (panel_w + gap)
+            fig.update_layout({ax: dict(
+                colorscale=colorscale, cmid=mid, cmin=mid - hi, cmax=mid + hi,
+                colorbar=dict(orientation="h", x=x0 + panel_w / 2 if scale == "per_layer" else 0.5, xanchor="center",
+                              len=panel_w * 0.95 if scale == "per_layer" else 0.6, lenmode="fraction", thickness=10,
+                              y=-0.2, yanchor="top", yref="paper", tickfont=dict(size=10),
+                              tickmode="array", tickvals=[mid - hi, mid, mid + hi],
+                              ticktext=[f"{mid - hi:.2g}", f"{mid:.2g}", f"{mid + hi:.2g}"],
+                              title=dict(text=(f"layer {l}: " if scale == "per_layer" else "") + colorbar_title,
+                                         side="top", font=dict(size=11))))})
+    fig.update_xaxes(tickmode="array", tickvals=list(range(E)), ticktext=ticks, showgrid=False, tickangle=0,
+                     title_text="expert", tickfont=dict(size=10 if E <= 8 else 8))
+    fig.update_yaxes(autorange="reversed", showgrid=False)
+    fig.update_yaxes(title_text=row_title, row=1, col=1)
+    if marks:
+        for i, l in enumerate(layers):
+            pts = [(r, e) for r, ml, e in marks if int(ml) == int(l)]
+            fig.add_trace(go.Scatter(
+                x=[e for _, e in pts], y=[str(r) for r, _ in pts], mode="markers", name=mark_label,
+                legendgroup="marks", showlegend=i == 0,
+                marker=dict(symbol="circle-open", color="black", size=13, line=dict(width=2)),
+                hoverinfo="skip"), row=1, col=i + 1)
+        unknown = [m for m in marks if str(m[0]) not in rows or m[1] not in layers]
+        if unknown:
+            raise KeyError(f"expert_heatmap: marks {unknown[:3]} name a row or layer not in the figure "
+                           f"(rows {rows}, layers {layers})")
+    for r in muted_rows:
+        if str(r) not in rows:
+            raise KeyError(f"expert_heatmap: muted row {r!r} is not among {rows}")
+        k = rows.index(str(r))
+        for i in range(L):
+            fig.add_shape(type="rect", x0=-0.5, x1=E - 0.5, y0=k - 0.5, y1=k + 0.5, row=1, col=i + 1,
+                          fillcolor="rgba(255,255,255,0.75)", line=dict(width=0), layer="above")
+    if muted_rows:
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"{muted_label}: {', '.join(map(str, muted_rows))}",
+                                 marker=dict(symbol="square", color="#DDDDDD", size=12), legendgroup="muted"))
+    left = 40 + 7 * max(len(r) for r in rows)
+    width = int(min(1400, max(560, left + L * (E * 26 + 12) + 60)))
+    height = int(190 + 24 * R + 90)
+    fig.update_layout(
+        title=figure_title(title or "Effect per domain, layer and expert", None, source),
+        height=height, width=width, margin=dict(t=110, b=110, l=left, r=30),
+        # the legend sits under the title, clear of the panels' titles
+        legend=dict(orientation="h", x=0, xanchor="left", xref="container", y=1 - 52 / height, yanchor="top",
+                    yref="container", bgcolor="rgba(255,255,255,0)"))
+    fig.layout.meta = dict(kind="expert_heatmap", layers=[int(l) for l in layers], rows=rows, scale=scale,
+                           n_experts=E)
+    return _finish(fig)
 
 
 # --------------------------------------------------------------------------------------------
 # Expert paths across layers
 
 def expert_paths_sankey(trace: RoutingTrace, layers: Sequence[int] | None = None, *, min_share: float = 0.0,
-                        title: str | None = None) -> go.Figure:
+                        title: str | None = None, source: str | None = None) -> go.Figure:
     """How first choices flow from layer to layer: one node per (layer, expert) in the expert's
     colour, links between consecutive entries of ``layers`` weighted by the number of tokens
     (the counts behind :func:`moe_lab.analysis.layer_transitions`). Links carrying less than
@@ -662,11 +1023,12 @@ def expert_paths_sankey(trace: RoutingTrace, layers: Sequence[int] | None = None
                   hovertemplate="%{label}: %{value} tokens<extra></extra>"),
         link=dict(source=src, target=dst, value=val, color=lcol,
                   hovertemplate="%{source.label} → %{target.label}: %{value} tokens<extra></extra>")))
-    fig.update_layout(title=title or f"First-choice paths across layers {layers} ({N} tokens)",
+    fig.update_layout(title=figure_title(title or f"First-choice paths across layers {layers} ({N} tokens)",
+                                         trace, source),
                       height=max(420, 32 * E + 160), width=max(600, 170 * len(layers) + 120),
                       font=dict(size=11))
     fig.layout.meta = dict(kind="expert_paths_sankey", layers=layers)
-    return fig
+    return _finish(fig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -678,7 +1040,8 @@ _POLICY_STYLE = {"optimal": ("#0077BB", "solid", "optimal (Belady, needs the fut
 
 
 def cache_hit_figure(trace_or_df, *, sizes: Sequence[int] | None = None,
-                     policies: Sequence[str] = ("lru", "lfu", "optimal"), title: str | None = None) -> go.Figure:
+                     policies: Sequence[str] = ("lru", "lfu", "optimal"), title: str | None = None,
+                     source: str | None = None) -> go.Figure:
     """Hit rate of a per-layer expert cache against its size (the offloading question: how many
     of the E experts must stay in fast memory?), for LRU, LFU and the optimal policy, from
     :func:`moe_lab.analysis.cache_hit_rates` (pass a trace of generated tokens, or that
@@ -728,13 +1091,13 @@ def cache_hit_figure(trace_or_df, *, sizes: Sequence[int] | None = None,
     menu = _layer_menu(labels, visible, prefix="")
     fig.update_layout(
         updatemenus=[dict(menu, type="dropdown", direction="down", y=1.02, yanchor="bottom", x=1.0, xanchor="right")],
-        title=(title or "Expert-cache hit rate against cache size (tokens in decoding order)")
-        + _ids_note(trace_or_df), margin=dict(t=100),
+        title=figure_title(title or "Expert-cache hit rate against cache size (tokens in decoding order)",
+                           trace_or_df, source), margin=dict(t=60),
         xaxis=dict(title="experts kept in the cache (per layer)", dtick=1 if E <= 16 else None),
         yaxis=dict(title="hit rate", tickformat=".0%", range=[0, 1.02]),
-        height=450, width=760, legend=dict(x=0.02, y=0.98, font=dict(size=11)))
+        height=400, width=760)
     fig.layout.meta = dict(kind="cache_hit_figure", n_experts=E, layers=layers)
-    return fig
+    return _finish(_legend_below(fig))
 
 
 # --------------------------------------------------------------------------------------------
@@ -742,7 +1105,7 @@ def cache_hit_figure(trace_or_df, *, sizes: Sequence[int] | None = None,
 
 def next_token_figure(base_probs, new_probs, tokenizer=None, *, top_n: int = 10,
                       labels: tuple[str, str] = ("normal routing", "with the intervention"),
-                      title: str | None = None) -> go.Figure:
+                      title: str | None = None, source: str | None = None) -> go.Figure:
     """The next-token distribution before and after an intervention: the ``top_n`` most likely
     tokens under either, as paired horizontal bars (grey = before, dark = after). The title
     gives the KL divergence KL(before || after) in nats."""
@@ -756,17 +1119,19 @@ def next_token_figure(base_probs, new_probs, tokenizer=None, *, top_n: int = 10,
     names = tokenizer.pieces(top) if tokenizer is not None else [str(i) for i in top]
     ylab = [f"'{_esc(n)}' ({i})" for n, i in zip(names, top)]  # pieces already show a newline as \\n: no repr()
     kl = float(np.sum(np.where(p > 0, p * (np.log(np.clip(p, 1e-30, None)) - np.log(np.clip(q, 1e-30, None))), 0.0)))
+    kl = max(kl, 0.0)  # KL >= 0: rounding of equal distributions must not print "-0.000"
     fig = _figure()
     fig.add_trace(go.Bar(y=ylab, x=p[top], orientation="h", name=labels[0], marker_color="#BBBBBB",
                          hovertemplate="%{y}: %{x:.2%}<extra>" + labels[0] + "</extra>"))
     fig.add_trace(go.Bar(y=ylab, x=q[top], orientation="h", name=labels[1], marker_color="#0077BB",
                          hovertemplate="%{y}: %{x:.2%}<extra>" + labels[1] + "</extra>"))
-    fig.update_layout(title=title or f"Next-token probabilities (KL = {kl:.3f} nats)", barmode="group",
-                      yaxis=dict(autorange="reversed", tickfont=dict(family=_MONO)),
+    fig.update_layout(title=figure_title(title or f"Next-token probabilities (KL = {kl:.3f} nats)", None, source),
+                      barmode="group",
+                      yaxis=dict(title="next token (id)", autorange="reversed", tickfont=dict(family=_MONO)),
                       xaxis=dict(title="probability", tickformat=".3~%"),
                       height=140 + 26 * len(top), width=560, legend=dict(orientation="h", y=-0.25))
     fig.layout.meta = dict(kind="next_token_figure", kl=kl, token_ids=top)
-    return fig
+    return _finish(fig)
 
 
 def routing_changes(base: RoutingTrace, new: RoutingTrace) -> tuple[list[int], np.ndarray, np.ndarray]:
@@ -782,7 +1147,7 @@ def routing_changes(base: RoutingTrace, new: RoutingTrace) -> tuple[list[int], n
 
 
 def routing_change_figure(base: RoutingTrace, new: RoutingTrace, *, marker_layer: int | None = None,
-                          title: str | None = None) -> go.Figure:
+                          title: str | None = None, source: str | None = None) -> go.Figure:
     """Per layer, the share of tokens routed differently after an intervention: first choice
     changed, and top-k set changed. Layers before the intervened one cannot change (the model
     is causal across layers); ``marker_layer`` marks the intervened layer."""
@@ -792,15 +1157,16 @@ def routing_change_figure(base: RoutingTrace, new: RoutingTrace, *, marker_layer
                          hovertemplate="layer %{x}: %{y:.0%} of tokens<extra>top-k set changed</extra>"))
     fig.add_trace(go.Bar(x=layers, y=first, name="first choice changed", marker_color="#EE7733",
                          hovertemplate="layer %{x}: %{y:.0%} of tokens<extra>first choice changed</extra>"))
-    if marker_layer is not None:
-        fig.add_vline(x=marker_layer, line=dict(color=_BASELINE_COLOR, dash="dash"),
-                      annotation_text="intervention", annotation_position="top")
-    fig.update_layout(title=title or "Tokens routed differently after the intervention", barmode="group",
+    if marker_layer is not None:  # a band behind the intervened layer's bars, not a line through them
+        fig.add_vrect(x0=marker_layer - 0.5, x1=marker_layer + 0.5, fillcolor="#DDDDDD", opacity=0.5, line_width=0,
+                      layer="below", annotation_text="intervened layer", annotation_position="top")
+    fig.update_layout(title=figure_title(title or "Tokens routed differently after the intervention", base, source),
+                      barmode="group",
                       xaxis=dict(title="layer", tickmode="array", tickvals=layers),
                       yaxis=dict(title="share of tokens", tickformat=".0%", range=[0, 1.05]),
                       height=340, width=560, legend=dict(orientation="h", y=-0.3))
     fig.layout.meta = dict(kind="routing_change_figure", layers=layers)
-    return fig
+    return _finish(fig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -809,63 +1175,30 @@ def routing_change_figure(base: RoutingTrace, new: RoutingTrace, *, marker_layer
 _GREY_ROW = "rgba(160,160,160,0.55)"
 
 
-def ablation_scan_figure(scan, *, title: str | None = None) -> go.Figure:
-    """The table of :func:`moe_lab.causal.ablation_scan` as one heatmap panel per layer (rows:
-    domains; columns: every expert, labelled), each panel with its own colour scale symmetric
-    around 0 (so a layer whose effects are 100x smaller than layer 0's still shows them), a
-    colour bar under each panel, and a circle on the cells whose expert is beyond the null
-    (``beyond_null``). Domains that are not ``counted`` (too few source documents) are greyed and
-    marked in their label."""
-    layers = sorted(scan.layer.unique().tolist())
-    domains = list(dict.fromkeys(scan.domain))
-    experts = sorted(scan.expert.unique().tolist())
-    counted = scan.groupby("domain", sort=False).counted.first() if "counted" in scan else None
-    labels = [d if counted is None or counted[d] else f"{d} (not counted)" for d in domains]
-    n = len(layers)
-    fig = make_subplots(rows=1, cols=n, shared_yaxes=True, horizontal_spacing=0.02 if n > 1 else 0.0,
-                        subplot_titles=[f"layer {l}" for l in layers])
-    fig.update_layout(template=TEMPLATE)
-    legend_shown = False
-    for j, layer in enumerate(layers):
-        sub = scan[scan.layer == layer].pivot_table(index="domain", columns="expert", values="delta", sort=False)
-        sub = sub.reindex(index=domains, columns=experts)
-        z = sub.to_numpy()
-        bound = float(np.nanmax(np.abs(z))) or 1.0
-        ca = "coloraxis" if j == 0 else f"coloraxis{j + 1}"
-        x0, x1 = fig.layout[f"xaxis{'' if j == 0 else j + 1}"].domain
-        fig.update_layout({ca: dict(colorscale="RdBu_r", cmin=-bound, cmax=bound, colorbar=dict(
-            orientation="h", x=(x0 + x1) / 2, xanchor="center", y=-0.26, yanchor="top", len=(x1 - x0) * 0.9,
-            thickness=10, tickfont=dict(size=10), tickvals=[-bound, 0, bound],
-            ticktext=[f"{-bound:.2g}", "0", f"{bound:.2g}"]))})
-        fig.add_trace(go.Heatmap(z=z, x=[f"e{e}" for e in experts], y=labels, coloraxis=ca, xgap=1, ygap=1,
-                                 hovertemplate=f"layer {layer}, %{{x}}, %{{y}}: Δ %{{z:.4f}} nats<extra></extra>"),
-                      row=1, col=j + 1)
-        if "beyond_null" in scan:
-            hit = scan[(scan.layer == layer) & scan.beyond_null]
-            fig.add_trace(go.Scatter(x=[f"e{e}" for e in hit.expert], y=[labels[domains.index(d)] for d in hit.domain],
-                                     mode="markers", marker=dict(symbol="circle-open", color="black", size=13,
-                                                                 line=dict(width=2)),
-                                     name="beyond the null (largest effect of its layer, interval > 0)",
-                                     showlegend=not legend_shown and len(hit) > 0, legendgroup="null",
-                                     hoverinfo="skip"), row=1, col=j + 1)
-            legend_shown = legend_shown or len(hit) > 0
-        for i, d in enumerate(domains):
-            if counted is not None and not counted[d]:
-                fig.add_shape(type="rect", xref=f"x{'' if j == 0 else j + 1}", yref="y", x0=-0.5,
-                              x1=len(experts) - 0.5, y0=i - 0.5, y1=i + 0.5, fillcolor=_GREY_ROW, line_width=0,
-                              layer="above")
-        fig.update_xaxes(title_text="expert", title_font=dict(size=12), tickmode="array",
-                         tickvals=[f"e{e}" for e in experts], tickfont=dict(size=10), row=1, col=j + 1)
-    fig.update_yaxes(autorange="reversed", tickmode="array", tickvals=labels, row=1, col=1)
-    if not legend_shown:  # no circle: say so in the legend
+def ablation_scan_figure(scan, *, title: str | None = None, source: str | None = None) -> go.Figure:
+    """The table of :func:`moe_lab.causal.ablation_scan` drawn by :func:`expert_heatmap`: rows are
+    domains, one panel per layer with its own colour scale symmetric around 0 (so a layer whose
+    effects are 100x smaller than layer 0's still shows them) and a tick in every expert's colour,
+    a circle on the cells whose expert is beyond the null (``beyond_null``), and the domains that
+    are not ``counted`` (too few source documents) greyed and named in the legend."""
+    table = scan.pivot_table(index="domain", columns=["layer", "expert"], values="delta", sort=False)
+    table = table.reindex(index=list(dict.fromkeys(scan.domain)))
+    muted = []
+    if "counted" in scan:
+        counted = scan.groupby("domain", sort=False).counted.first()
+        muted = [d for d in table.index if not counted[d]]
+    marks = ([(d, int(l), int(e)) for d, l, e in scan.loc[scan.beyond_null, ["domain", "layer", "expert"]]
+              .itertuples(index=False)] if "beyond_null" in scan else [])
+    fig = expert_heatmap(table, marks=marks, muted_rows=muted,
+                         mark_label="beyond the null (largest effect of its layer, interval > 0)"
+                         if marks else "beyond the null: none",
+                         muted_label="greyed, not counted (fewer than 3 source documents)",
+                         colorbar_title="Δ loss (nats)",
+                         title=title or "Change in loss when one expert is switched off, per domain", source=source)
+    if not marks:  # no circle: say so in the legend
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="beyond the null: none", showlegend=True,
                                  marker=dict(symbol="circle-open", color="black", size=13)), row=1, col=1)
-    fig.add_annotation(text="Δ loss (nats),<br>one scale per layer", xref="paper", yref="paper", x=0, xanchor="right",
-                       y=-0.26, yanchor="top", showarrow=False, font=dict(size=11), align="right")
-    fig.update_layout(title=title or "Change in loss when one expert is switched off, per domain", showlegend=True,
-                      height=250 + 30 * len(domains), width=max(600, 240 * n),
-                      margin=dict(t=70, b=170, l=150), legend=dict(orientation="h", y=-0.5, x=0, yanchor="top"))
-    fig.layout.meta = dict(kind="ablation_scan_figure", layers=layers)
+    fig.layout.meta = dict(fig.layout.meta, kind="ablation_scan_figure")
     return fig
 
 

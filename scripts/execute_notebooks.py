@@ -169,8 +169,52 @@ def figure_png(figure: dict, scale: float = PNG_SCALE, colors: int = PNG_COLORS)
     image = Image.open(io.BytesIO(png)).convert("RGBA")
     flat = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
     out = io.BytesIO()
-    flat.quantize(colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(out, "PNG", optimize=True)
+    quantize_keeping(flat, colors, key_colors()).save(out, "PNG", optimize=True)
     return out.getvalue()
+
+
+def key_colors() -> list[str]:
+    """Colours that must survive the reduction to 256 colours exactly: moe_lab's expert and domain
+    colours (a median cut alone maps a small orange expert swatch beside a red heatmap to red)."""
+    try:
+        from moe_lab import viz
+    except Exception:  # the script also runs where moe_lab does not import
+        return []
+    return list(dict.fromkeys(list(viz.expert_colors(18)) + list(viz.DOMAIN_COLORS)
+                              + ["#000000", "#FFFFFF", "#222222", "#555555"]))
+
+
+def quantize_keeping(flat, colors: int, keep: list[str]):
+    """``flat`` (RGB) reduced to ``colors`` palette colours without dithering; the colours in ``keep``
+    that occur in the image are palette entries, so their pixels keep their exact colour."""
+    from PIL import Image
+
+    present = {c for _, c in (flat.getcolors(flat.width * flat.height) or [])}
+    fixed = []
+    for c in keep:
+        rgb = tuple(int(c.lstrip("#")[i:i + 2], 16) for i in (0, 2, 4))
+        if rgb in present and rgb not in fixed:
+            fixed.append(rgb)
+    if len(present) <= colors:  # every colour fits: keep them all
+        palette = [v for rgb in sorted(present) for v in rgb]
+    else:
+        rest = flat.quantize(colors - len(fixed), method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        palette = [v for rgb in fixed for v in rgb] + rest.getpalette()[: 3 * (colors - len(fixed))]
+    import numpy as np  # each pixel to its nearest palette colour, exactly (Pillow's palette mapping
+                        # works on a coarser colour grid and moves white to (252, 252, 253))
+
+    pal = np.asarray(palette, dtype=np.int32).reshape(-1, 3)
+    rgb = np.asarray(flat, dtype=np.int32)
+    codes = rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]
+    uniq, inverse = np.unique(codes.ravel(), return_inverse=True)
+    u = np.stack([uniq >> 16, (uniq >> 8) & 255, uniq & 255], axis=1)
+    nearest = np.empty(len(u), dtype=np.uint8)
+    for i in range(0, len(u), 4096):
+        d = ((u[i:i + 4096, None, :] - pal[None]) ** 2).sum(-1)
+        nearest[i:i + 4096] = d.argmin(1)
+    out = Image.fromarray(nearest[inverse].reshape(codes.shape), mode="P")
+    out.putpalette([int(v) for v in pal.ravel()] + [0] * (768 - pal.size))
+    return out
 
 
 def figure_html(figure: dict, include_plotlyjs: bool, div_id: str | None = None, png: bytes | None = None) -> str:

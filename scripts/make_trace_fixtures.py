@@ -81,6 +81,28 @@ def int32_b64(arr: np.ndarray) -> str:
     return base64.b64encode(arr.astype("<i4").tobytes()).decode("utf-8")
 
 
+#: transformers config.json of the fixtures' tiny model, in two families: DeepSeek-V2's layout
+#: (layer 0 dense through first_k_dense_replace; grouped top-k, so engine traces are not rank-ordered)
+#: and Qwen2-MoE's (layer 0 dense through mlp_only_layers; softmax top-k, sorted)
+CONFIGS = {
+    "deepseek_v2_tiny.json": {"model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"],
+                              "num_hidden_layers": 4, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+                              "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
+                              "topk_method": "greedy", "n_shared_experts": 2, "hidden_size": 64,
+                              "_note": "SYNTHETIC tiny model, DeepSeek-V2-Lite's layout"},
+    "qwen2_moe_tiny.json": {"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"],
+                            "num_hidden_layers": 4, "mlp_only_layers": [0], "decoder_sparse_step": 1,
+                            "num_experts": 8, "num_experts_per_tok": 2, "hidden_size": 64,
+                            "_note": "SYNTHETIC tiny model, Qwen2-MoE's layout"},
+}
+
+
+def config_fixtures(out: Path) -> None:
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    for name, cfg in CONFIGS.items():
+        (out / "configs" / name).write_text(json.dumps(cfg, indent=1) + "\n")
+
+
 def vllm_fixtures(rng, out: Path) -> None:
     """A tiny MoE (4 decoder layers, top-2 of 8; layer 0 dense, so its rows are zeros as vLLM
     writes them) answering 3 prompts, n=2 completions for the first."""
@@ -111,13 +133,18 @@ def vllm_fixtures(rng, out: Path) -> None:
                           "routed_experts": npy_b64(o["routed_experts"].astype(np.uint8))} for o in q["outputs"]]}
             for q in reqs]
     (out / "vllm" / "completions_http_v0.22.json").write_text(json.dumps(http))
-    # HTTP, 0.21: prompt rows at the top level, generated rows on the choice (nested lists, int16 ids
-    # of the MoE layers only: layer axis = MoE ordinal, so the dense layer is absent)
+    # HTTP, 0.21 (completion/protocol.py, routed_experts_capturer.py 0.21.0): prompt rows at the top
+    # level, generated rows on the choice (nested lists of int16 ids). Layer axis = MoE ordinal
+    # (FusedMoE.moe_layer_id), with _count_moe_layers ignoring first_k_dense_replace: DeepSeek's
+    # layout gives num_hidden_layers rows, the 3 MoE layers first, then one trailing zero row. The
+    # host buffer is np.zeros, so prefix-cached prompt rows read 0: the second request's first 2.
     http21 = []
-    for q in reqs[1:]:  # n=1 requests
+    for j, q in enumerate(reqs[1:]):  # n=1 requests
         o = q["outputs"][0]
         P = len(q["prompt_token_ids"])
-        moe = o["routed_experts"][:, 1:]
+        moe = np.concatenate([o["routed_experts"][:, 1:], np.zeros_like(o["routed_experts"][:, :1])], axis=1)
+        if j == 1:
+            moe[:2] = 0  # prefix-cached rows (zeros in the released 0.21.0, no -1 sentinel)
         http21.append({"id": f"cmpl-{q['request_id']}", "object": "text_completion", "model": "tiny-moe",
                        "prompt_routed_experts": moe[:P].tolist(),
                        "choices": [{"index": 0, "text": "", "token_ids": o["token_ids"],
@@ -145,23 +172,51 @@ def sglang_fixtures(rng, out: Path) -> None:
                           "meta_info": {"id": f"sg-{r}", "prompt_tokens": P, "completion_tokens": G,
                                         "finish_reason": {"type": "length", "length": G},
                                         "routed_experts": int32_b64(rows)}})
+    # /generate with return_prompt_token_ids (0.5.23 tokenizer_manager.py): prompt ids at the top level
+    responses[1]["prompt_token_ids"] = requests[1]["input_ids"]
     (out / "sglang" / "generate.json").write_text(json.dumps(
         {"_note": "SYNTHETIC. /generate requests and responses (meta_info.routed_experts: base64 int32 "
-                  "[prompt+output-1, num_hidden_layers, top_k])", "requests": requests, "responses": responses}))
+                  "[prompt+output-1, num_hidden_layers, top_k]); the second response was requested with "
+                  "return_prompt_token_ids", "requests": requests, "responses": responses}))
+    # OpenAI endpoints (srt/entrypoints/openai/protocol.py, serving_completions.py, serving_chat.py):
+    # sglext.routed_experts at the response level (first choice only); token ids where 0.5.23 puts them
     P, G, start = 5, 3, 2
     prompt = [1] + rng.integers(3, 32000, P - 1).tolist()
     toks = rng.integers(3, 32000, G).tolist()
     rows = synthetic_routing(rng, P + G - 1, L, k, E, np.array(prompt + toks))[start:]
     rows[:, 0] = 0
-    (out / "sglang" / "completion_sglext.json").write_text(json.dumps(
-        {"id": "cmpl-sg", "object": "text_completion", "model": "tiny-moe",
-         "choices": [{"index": 0, "text": "", "finish_reason": "length"}],
-         "usage": {"prompt_tokens": P, "completion_tokens": G, "total_tokens": P + G},
-         "sglext": {"routed_experts": int32_b64(rows), "input_ids": prompt, "output_ids": [toks]},
-         "_request": {"return_routed_experts": True, "routed_experts_start_len": start}}))
+    usage = {"prompt_tokens": P, "completion_tokens": G, "total_tokens": P + G}
+    b64 = int32_b64(rows)
+    openai = {
+        "_note": "SYNTHETIC. The same request (prompt_ids, output_ids below; routed_experts_start_len=2) as each "
+                 "OpenAI endpoint of each release returns it",
+        "prompt_ids": prompt, "output_ids": toks, "routed_experts_start_len": start,
+        # 0.5.23 /v1/completions with return_token_ids: on the choice
+        "completions_0.5.23": {"id": "cmpl-sg", "object": "text_completion", "model": "tiny-moe",
+                               "choices": [{"index": 0, "text": "", "finish_reason": "length",
+                                            "token_ids": toks, "prompt_token_ids": prompt}],
+                               "usage": usage, "sglext": {"routed_experts": b64}},
+        # 0.5.23 /v1/chat/completions with return_token_ids: choices[i].prompt_token_ids / response_token_ids
+        "chat_0.5.23": {"id": "chatcmpl-sg", "object": "chat.completion", "model": "tiny-moe",
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": ""},
+                                     "finish_reason": "length", "prompt_token_ids": prompt,
+                                     "response_token_ids": toks}],
+                        "usage": usage, "sglext": {"routed_experts": b64}},
+        # 0.5.23 chat with return_input_ids_in_sglext / return_output_ids_in_sglext
+        "chat_sglext_ids_0.5.23": {"id": "chatcmpl-sg2", "object": "chat.completion", "model": "tiny-moe",
+                                   "choices": [{"index": 0, "message": {"role": "assistant", "content": ""},
+                                                "finish_reason": "length"}],
+                                   "usage": usage, "sglext": {"routed_experts": b64, "input_ids": prompt,
+                                                              "output_ids": [toks]}},
+        # 0.5.9 /v1/completions: sglext.routed_experts, no token ids anywhere
+        "completions_0.5.9": {"id": "cmpl-sg3", "object": "text_completion", "model": "tiny-moe",
+                              "choices": [{"index": 0, "text": "", "finish_reason": "length"}],
+                              "usage": usage, "sglext": {"routed_experts": b64}},
+    }
+    (out / "sglang" / "openai_endpoints.json").write_text(json.dumps(openai))
     # per_token dump. physical 0..9: 0..7 are experts 0..7, 8 is a replica of 0, 9 of 3
     p2l = torch.tensor([list(range(8)) + [0, 3]] * L, dtype=torch.int64)
-    p2l[0] = -1  # dense layer: no experts
+    # (the real map has a row for every layer, an identity-like one for dense layers too)
     l2p_extra = {0: 8, 3: 9}
 
     def physical(logical_ids):  # route some tokens to the replicas
@@ -188,6 +243,12 @@ def sglang_fixtures(rng, out: Path) -> None:
     # pass 2 continues request b (prompt positions 0..2, decode at 3 in pass 1, then 4, 5)
     torch.save({"records": recs, "last_physical_to_logical_map": p2l},
                out / "sglang" / "expert_distribution_recorder_1764000000.0_0.pt")
+    # two requests of the same length decoding together: their tokens cannot be told apart
+    c, d = [1] + rng.integers(3, 32000, 3).tolist(), [1] + rng.integers(3, 32000, 3).tolist()
+    amb = [record(0, c + d, list(range(4)) * 2, [4, 4], 1),
+           record(1, rng.integers(3, 32000, 2).tolist(), [4, 4], None, 2)]
+    torch.save({"records": amb, "last_physical_to_logical_map": p2l},
+               out / "sglang" / "expert_distribution_recorder_1764000001.0_0.pt")
 
 
 def main() -> None:
@@ -203,6 +264,7 @@ def main() -> None:
     # OLMoE data: (2048, 8, 16) records in allenai/analysis_olmoe; here 2 windows of 32 tokens, step 5000.
     write_jsonl(out / "olmoe_study" / "olmoe" / "c4_results_5000.jsonl",
                 olmoe_windows(rng, n_windows=2, T=32, k=8, L=16, E=64, vocab=50280))
+    config_fixtures(out)
     vllm_fixtures(np.random.default_rng(7), out)
     sglang_fixtures(np.random.default_rng(8), out)
     print(f"wrote fixtures under {out}")

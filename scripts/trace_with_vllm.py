@@ -3,13 +3,20 @@ over a JSONL corpus and write a moe_lab trace directory in shards as it goes.
 
     python scripts/trace_with_vllm.py --model mistralai/Mixtral-8x7B-Instruct-v0.1 \\
         --corpus prompts.jsonl --out traces/mixtral --tensor-parallel-size 2 \\
-        [--data-parallel-size 1] [--max-tokens 128] [--temperature 0] [--batch-size 256] \\
+        [--part 0/1] [--max-tokens 128] [--temperature 0] [--batch-size 256] \\
         [--shard-tokens 1000000] [--text-key text] [--domain-key domain] [--layers 0-31] [--limit N]
 
 then, anywhere (no GPU needed)::
 
-    store = moe_lab.open_store("traces/mixtral")
-    moe_lab.analysis.repetition(store)           # Table 5 / Figure 10, over every token
+    trace = moe_lab.RoutingTrace.load("traces/mixtral")   # memory-mapped
+    moe_lab.analysis.repetition(trace)                     # Table 5 / Figure 10, over every token
+
+**MoE layers.** vLLM returns one row per decoder layer, dense layers as zeros (DeepSeek's
+``first_k_dense_replace``, Llama 4's interleaved layers, Qwen's ``mlp_only_layers``). The script
+reads the model's config from vLLM (``llm.llm_engine.model_config.hf_text_config``) and keeps
+exactly the MoE layers it names, labelled with their decoder index (``RoutingTrace.from_vllm(...,
+config=)``); the same config says whether the router's top-k comes back sorted, which the trace
+records as ``rank_ordered``. ``--layers`` overrides the config with rows of your choice.
 
 Corpus: one JSON object per line, with the prompt as text (``--text-key``, default ``text``) or
 as token ids (``prompt_token_ids``), and optionally a domain label (``--domain-key``). Every
@@ -22,9 +29,15 @@ continues after the last complete shard. Nothing is half-written (see moe_lab.ro
 The manifest records the model, the vLLM version, the sampling settings, the parallel sizes and
 the corpus file's SHA-256.
 
-``--tensor-parallel-size`` and ``--data-parallel-size`` are passed to ``vllm.LLM`` as they are,
-with ``enable_return_routed_experts=True``; vLLM spreads the model over GPUs (and nodes, with
-its own launcher) and returns the routing of every request to this process.
+``--tensor-parallel-size`` is passed to ``vllm.LLM`` with ``enable_return_routed_experts=True``.
+**Data parallelism** is not run inside one process: vLLM's offline ``LLM`` refuses
+``data_parallel_size > 1`` (``ValueError`` in every release 0.14-0.34, ``entrypoints/llm.py``), so
+``--data-parallel-size`` above 1 is refused here too. Do it the vLLM way, one process per rank:
+start N copies, each on its own GPUs (``CUDA_VISIBLE_DEVICES``), with ``--part i/N`` (corpus
+lines ``i, i+N, i+2N, ...``) and its own ``--out``; each directory is a trace of its part.
+Each shard records, per completion, the corpus line, vLLM's request id, the completion index
+and its finish reason (``manifest.json``, ``shards[i].info.requests``); completions that came
+back without routing are listed with the cause (``info.skipped``).
 
 What was and was not run: this script was NOT run against vLLM (the project's machine has no
 GPU and vLLM is not installed). Its logic -- corpus reading, batching, shard writing, resuming
@@ -61,7 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--corpus", required=True, type=Path, help="JSONL, one prompt per line")
     ap.add_argument("--out", required=True, type=Path, help="trace directory (created, or resumed)")
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
-    ap.add_argument("--data-parallel-size", type=int, default=1)
+    ap.add_argument("--data-parallel-size", type=int, default=1,
+                    help="only 1: run one process per rank with --part instead (see the docstring)")
+    ap.add_argument("--part", default="0/1", help="i/N: this process traces corpus lines i, i+N, ... (data parallel)")
     ap.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -71,7 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--shard-tokens", type=int, default=1_000_000, help="write a shard once this many tokens wait")
     ap.add_argument("--text-key", default="text")
     ap.add_argument("--domain-key", default="domain")
-    ap.add_argument("--layers", default=None, help="rows of the layer axis to keep, e.g. 1-26 (dense layers are zeros)")
+    ap.add_argument("--layers", default=None, help="rows of the layer axis to keep, e.g. 1-26 (default: the MoE "
+                                                   "layers the model config names)")
     ap.add_argument("--n-experts", type=int, default=None, help="default: from the model config")
     ap.add_argument("--limit", type=int, default=None, help="only the first N corpus lines")
     ap.add_argument("--max-model-len", type=int, default=None)
@@ -120,14 +136,30 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def config_of(llm) -> dict:
+    """The model's transformers config as vLLM loaded it (``model_config.hf_text_config``)."""
+    cfg = llm.llm_engine.model_config.hf_text_config
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+
+
 def n_experts_of(llm, override: int | None) -> int:
     if override:
         return override
-    cfg = llm.llm_engine.model_config.hf_text_config
+    cfg = config_of(llm)
     for key in EXPERT_KEYS:
-        if getattr(cfg, key, None):
-            return int(getattr(cfg, key))
+        if cfg.get(key):
+            return int(cfg[key])
     raise ValueError(f"cannot find the number of experts in the model config (tried {EXPERT_KEYS}); pass --n-experts")
+
+
+def parse_part(spec: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--part must be i/N (e.g. 0/4), got {spec!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--part {spec}: expected 0 <= i < N")
+    return i, n
 
 
 def collect(args: argparse.Namespace, llm, sampling_params, engine_version: str, progress: bool = True) -> Path:
@@ -136,8 +168,11 @@ def collect(args: argparse.Namespace, llm, sampling_params, engine_version: str,
     from tqdm.auto import tqdm
 
     items = read_corpus(args.corpus, args.text_key, args.domain_key, args.limit)
+    part, n_parts = parse_part(args.part)
+    items = [it for it in items if it["line"] % n_parts == part]
     layers = parse_layers(args.layers)
     n_experts = n_experts_of(llm, args.n_experts)
+    config = None if layers else config_of(llm)
     writer = None
     done = 0
     if (args.out / "manifest.json").exists():  # resume: lines already in complete shards
@@ -147,22 +182,33 @@ def collect(args: argparse.Namespace, llm, sampling_params, engine_version: str,
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="tracing with vLLM", unit="prompt",
                disable=not progress)
     buf_start = todo[0]["line"] if todo else done
+    requests: list[dict] = []
+    skipped: list[dict] = []
     for b in range(0, len(todo), args.batch_size):
         batch = todo[b:b + args.batch_size]
         outputs = llm.generate([it["prompt"] for it in batch], sampling_params)
-        docs = list(read_vllm(outputs, n_experts=n_experts, layers=layers, domain=[it["domain"] for it in batch]))
-        if writer is None:
+        line_of = {str(getattr(o, "request_id", r)): it["line"] for r, (o, it) in enumerate(zip(outputs, batch))}
+        report: dict = {}
+        docs = list(read_vllm(outputs, n_experts=n_experts, layers=layers, config=config,
+                              domain=[it["domain"] for it in batch], engine_version=engine_version, report=report))
+        if docs and writer is None:
             _, L, k = docs[0].expert_ids.shape
-            writer = TraceWriter(args.out, n_experts=n_experts, top_k=k, layers=layers or range(L),
-                                 model=args.model, engine="vllm", shard_tokens=1 << 62,
-                                 meta=run_meta(args, sampling_params, engine_version))
-        for doc, it in zip_docs(docs, batch):
-            doc.info["corpus_line"] = it["line"]
+            meta = run_meta(args, sampling_params, engine_version)
+            meta.update(rank_order_reason=report.get("rank_order_reason"), layer_note=report.get("layer_note"),
+                        config=report.get("layout"))
+            writer = TraceWriter(args.out, n_experts=n_experts, top_k=k, layers=docs[0].info["layers"],
+                                 model=args.model, engine="vllm", shard_tokens=1 << 62, meta=meta,
+                                 rank_ordered=report.get("rank_ordered"))
+        for doc in docs:
+            doc.info["corpus_line"] = line_of.get(str(doc.info["request_id"]))
+            requests.append({k: doc.info.get(k) for k in ("corpus_line", "request_id", "completion", "finish_reason",
+                                                          "unknown_rows")})
             writer.add(doc)
+        skipped += [{**s, "corpus_line": line_of.get(str(s["request_id"]))} for s in report.get("skipped", [])]
         end = batch[-1]["line"] + 1
-        if writer.buffered_tokens >= args.shard_tokens or b + args.batch_size >= len(todo):
-            writer.flush({"lines": [buf_start, end]})  # a shard ends on a batch boundary
-            buf_start = end
+        if writer is not None and (writer.buffered_tokens >= args.shard_tokens or b + args.batch_size >= len(todo)):
+            writer.flush({"lines": [buf_start, end], "requests": requests, "skipped": skipped})  # on a batch boundary
+            buf_start, requests, skipped = end, [], []
         bar.update(len(batch))
     bar.close()
     if writer is not None:
@@ -170,19 +216,10 @@ def collect(args: argparse.Namespace, llm, sampling_params, engine_version: str,
     return args.out
 
 
-def zip_docs(docs, batch):
-    """Documents come one per completion, in request order (n completions per prompt)."""
-    per = len(docs) // len(batch)
-    if per * len(batch) != len(docs):
-        raise ValueError(f"{len(docs)} completions for {len(batch)} prompts: expected a multiple")
-    for i, doc in enumerate(docs):
-        yield doc, batch[i // per]
-
-
 def run_meta(args, sampling_params, engine_version: str) -> dict:
     sp = {k: getattr(sampling_params, k, None) for k in ("n", "temperature", "top_p", "max_tokens", "seed")}
-    return {"source": "scripts/trace_with_vllm.py", "engine_version": engine_version, "sampling": sp,
-            "tensor_parallel_size": args.tensor_parallel_size, "data_parallel_size": args.data_parallel_size,
+    return {"source": "scripts/trace_with_vllm.py", "engine": "vllm", "engine_version": engine_version, "sampling": sp,
+            "tensor_parallel_size": args.tensor_parallel_size, "part": args.part,
             "corpus": str(args.corpus), "corpus_sha256": sha256(args.corpus), "argv": sys.argv,
             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "ids_only": True}
 
@@ -192,8 +229,8 @@ def make_llm(args):  # pragma: no cover -- needs vLLM and a GPU
     from vllm import LLM, SamplingParams
 
     kwargs = {"max_model_len": args.max_model_len} if args.max_model_len else {}
-    llm = LLM(model=args.model, tensor_parallel_size=args.tensor_parallel_size,
-              data_parallel_size=args.data_parallel_size, enable_return_routed_experts=True, seed=args.seed, **kwargs)
+    llm = LLM(model=args.model, tensor_parallel_size=args.tensor_parallel_size, enable_return_routed_experts=True,
+              seed=args.seed, **kwargs)
     sp = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                         seed=args.seed)
     return llm, sp, vllm.__version__
@@ -201,9 +238,15 @@ def make_llm(args):  # pragma: no cover -- needs vLLM and a GPU
 
 def main(argv=None, make: Callable = make_llm) -> Path:
     args = parse_args(argv)
+    if args.data_parallel_size != 1:
+        raise SystemExit(f"--data-parallel-size {args.data_parallel_size}: vLLM's offline LLM does not run data "
+                         f"parallelism in one process (LLM(data_parallel_size=N) raises ValueError, vLLM 0.14-0.34 "
+                         f"entrypoints/llm.py). Run one process per rank instead: N copies of this script, each on its "
+                         f"own GPUs (CUDA_VISIBLE_DEVICES), with --part i/N and its own --out.")
+    parse_part(args.part)
     llm, sp, version = make(args)
     out = collect(args, llm, sp, version)
-    print(f"trace in {out}; open it with moe_lab.open_store({str(out)!r})")
+    print(f"trace in {out}; open it with moe_lab.RoutingTrace.load({str(out)!r})")
     return out
 
 

@@ -176,3 +176,17 @@ def test_domain_load_divergence():
     np.testing.assert_allclose(A.domain_load_divergence(t2, n_perm=10).tv, [0.25, 0.25])
     with pytest.raises(ValueError, match="two domains"):
         A.domain_load_divergence(make_trace(ids2, doc_ids=[0, 0, 1, 1], domains=["a", "a"]))
+
+
+def test_router_saturation_never_counts_empty_slots():
+    """Two empty slots (-1, a dropped token) are not the same expert."""
+    import numpy as np
+    from moe_lab import analysis as A
+    from moe_lab.routing.trace import RoutingTrace
+
+    def tr(ids):
+        return RoutingTrace(token_ids=np.array([1, 2]), doc_ids=np.zeros(2, dtype=int), positions=np.arange(2),
+                            expert_ids=np.array(ids), n_experts=4, layers=[0])
+
+    early, final = tr([[[0, -1], [1, 2]]]), tr([[[0, -1], [2, 3]]])
+    assert np.allclose(A.router_saturation(early, final), [(1 / 2 + 1 / 2) / 2])

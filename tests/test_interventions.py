@@ -67,7 +67,7 @@ def test_force_expert(model):
     assert np.array_equal(t.expert_ids[:L], base.expert_ids[:L])
     # weights: the router's own probabilities of the chosen experts, renormalised
     probs = torch.from_numpy(t.router_logits[L]).softmax(-1)
-    chosen = probs.gather(1, torch.from_numpy(t.expert_ids[L]))
+    chosen = probs.gather(1, torch.from_numpy(t.expert_ids[L].astype(np.int64)))
     np.testing.assert_allclose(t.weights[L], (chosen / chosen.sum(-1, keepdim=True)).numpy(), atol=1e-6)
     # the other k-1 are the router's favourites among the rest, in rank order
     rest = probs.clone()

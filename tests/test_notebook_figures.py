@@ -251,3 +251,78 @@ def test_the_script_executes_and_saves_atomically(tmp_path):
     assert xn.HTML_MIME not in figs[0][2]["data"]
     assert len(PLOTLYJS_BANNER.findall(json.dumps(saved))) == 0 and not CDN_SCRIPT.search(json.dumps(saved))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.ipynb", "good.ipynb"], "no temporary files left"
+
+
+# ---------------------------------------------------------------- PNGs a reader can read (issue 23 item 9)
+
+def test_colour_reduction_keeps_the_expert_and_domain_colours_exact():
+    """A median cut alone maps a small orange expert swatch beside a red heatmap to red (05 [25]
+    showed expert 0 in expert 5's vermillion); the key colours are kept as palette entries."""
+    import numpy as np
+    from PIL import Image
+
+    from moe_lab import viz
+
+    h, w = 120, 400
+    grad = np.zeros((h, w, 3), np.uint8)
+    grad[..., 0] = 255
+    grad[..., 1] = np.linspace(0, 200, w, dtype=np.uint8)[None, :]  # 400 reds and oranges
+    grad[..., 2] = np.linspace(0, 200, h, dtype=np.uint8)[:, None]
+    grad[:10, :10] = (0xE6, 0x9F, 0x00)  # expert 0's swatch
+    grad[20:30, :10] = (0xD5, 0x5E, 0x00)  # expert 5's
+    grad[40:50, :10] = (0x1F, 0x77, 0xB4)  # a domain's
+    grad[-10:, -10:] = 255  # the white background
+    out = xn.quantize_keeping(Image.fromarray(grad), 64, xn.key_colors()).convert("RGB")
+    assert len(out.getcolors(1 << 16)) <= 64
+    for xy, want in (((5, 5), "#E69F00"), ((5, 25), "#D55E00"), ((5, 45), "#1F77B4"), ((w - 5, h - 5), "#FFFFFF")):
+        assert "#%02X%02X%02X" % out.getpixel(xy) == want
+    assert {"#E69F00", "#D55E00", "#1F77B4"} <= set(xn.key_colors())
+    assert set(viz.expert_colors(8)) <= set(xn.key_colors())
+    # an image with few colours keeps all of them
+    few = Image.fromarray(grad[:50, :10].copy())
+    assert sorted(c for _, c in few.getcolors()) == sorted(
+        c for _, c in xn.quantize_keeping(few, 256, []).convert("RGB").getcolors())
+
+
+def _edges_blank(png: bytes, border: int = 2) -> list[str]:
+    """The sides of the image where something is drawn within ``border`` px of the edge (a title,
+    legend or axis title cut off by the figure's edge)."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
+    sides = {"top": a[:border], "bottom": a[-border:], "left": a[:, :border], "right": a[:, -border:]}
+    return [k for k, v in sides.items() if (v < 200).any()]
+
+
+def test_generic_figures_draw_nothing_at_the_png_edge(kaleido_server):
+    """Rendered as the saved notebooks' PNGs are: no title, legend, axis title or colour bar runs
+    into the edge of the image, for figures with long titles, many legend entries and subplots."""
+    import numpy as np
+
+    from moe_lab import viz
+    from trace_helpers import make_trace
+
+    rng = np.random.default_rng(0)
+    ids = np.stack([np.stack([rng.permutation(8)[:2] for _ in range(300)]) for _ in range(4)])
+    domains = ["python", "english", "math", "french", "german", "spanish", "italian", "data", "latex"]
+    docs = np.repeat(np.arange(18), 300 // 18 + 1)[:300]
+    trace = make_trace(ids, doc_ids=docs, domains=[domains[d % 9] for d in range(18)], E=8)
+    long = "a source label long enough to need a second line in every figure's title"
+    figs = {
+        "load_heatmap": viz.load_heatmap(trace, source=long),
+        "domain_load_bars": viz.domain_load_bars(trace, source=long),
+        "repetition_figure": viz.repetition_figure(trace, by_domain=True, n_boot=20, source=long),
+        "coactivation_heatmap": viz.coactivation_heatmap(trace, 3, source=long),
+        "domain_specialization_heatmap": viz.domain_specialization_heatmap(trace, source=long),
+        "cache_hit_figure": viz.cache_hit_figure(trace, source=long),
+        "expert_heatmap": viz.expert_heatmap(rng.normal(size=(9, 4, 8)), rows=domains, marks=[("math", 1, 3)],
+                                             mark_label="beyond the null", source=long),
+        "token_figure": viz.token_figure(trace, source=long, max_tokens=40),
+    }
+    clipped = {}
+    for name, fig in figs.items():
+        sides = _edges_blank(xn.figure_png(fig.to_plotly_json()))
+        if sides:
+            clipped[name] = sides
+    assert not clipped, f"drawn up to the edge of the PNG (clipped?): {clipped}"

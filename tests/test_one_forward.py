@@ -19,7 +19,7 @@ import warnings
 import pytest
 import torch
 
-import moe_lab.model as model_module
+import moe_lab.moe.routers as routers_module  # where the routing rules live (moe_lab/moe/routers.py)
 from conftest import TINY_CONFIGS, left_padded_batch, make_model, random_tokens
 from moe_lab import StreamingMixtral, save_model, trace_generation, trace_routing
 from moe_lab.model import (Attention, Block, Expert, ForwardContext, KVCache, Mixtral, ModelArgs, MoE, apply_rope,
@@ -121,7 +121,7 @@ def _least_likely_experts(monkeypatch, calls):
     def edited(logits, k):  # route each token to the experts the router likes least
         calls.append(logits.shape[0])
         return topk_softmax_routing(-logits, k)
-    monkeypatch.setattr(model_module, "topk_softmax_routing", edited)
+    monkeypatch.setattr(routers_module, "topk_softmax_routing", edited)
 
 
 EDITS = {  # name: (edit, equivalent weight change: parameter names, factor)

@@ -50,6 +50,60 @@ def test_olmoe_study_olmoe_fixture_and_several_files():
         assert all(len(set(row)) == 8 for row in t.expert_ids[l].tolist())
     both = RoutingTrace.from_olmoe([MIXTRAL_STUDY, MIXTRAL_STUDY], domain="web")
     assert both.n_docs == 12 and both.domain_names == ["web"] and len(both.meta["files"]) == 2
+    assert t.rank_ordered and both.rank_ordered  # the study wrote argsort of the router logits
+
+
+def test_olmoe_study_files_of_several_checkpoints_keep_each_window_s_checkpoint(tmp_path):
+    # scripts/run_moe_analysis.py (allenai/OLMoE 357454f4) names the checkpoint only in the file name:
+    # c4_results.jsonl (final) and c4_results_{step}.jsonl
+    final = tmp_path / "c4_results.jsonl"
+    final.write_text(OLMOE_STUDY.read_text())
+    t = RoutingTrace.from_olmoe([final, OLMOE_STUDY])
+    n = t.n_docs // 2
+    assert t.meta["doc_checkpoints"] == ["main"] * n + ["step5000"] * n
+    assert t.meta["checkpoint"] is None and t.meta["checkpoints"] == ["main", "step5000"]
+    early, late = t.select_checkpoint("step5000"), t.select_checkpoint("main")
+    assert early.n_docs == late.n_docs == n and early.meta["checkpoint"] == "step5000"
+    assert np.array_equal(early.expert_ids, RoutingTrace.from_olmoe(OLMOE_STUDY).expert_ids)
+    np.testing.assert_allclose(A.router_saturation(early, late), 1.0)  # the same file under two names
+    # kept through slicing, concatenation and save/load
+    assert t.select(docs=[n - 1, n]).meta["doc_checkpoints"] == ["main", "step5000"]
+    assert (early + late).meta["doc_checkpoints"] == ["step5000"] * n + ["main"] * n
+    back = RoutingTrace.load(t.save(tmp_path / "both"))
+    assert back.meta["doc_checkpoints"] == t.meta["doc_checkpoints"]
+    assert back.select_checkpoint("main").n_docs == n
+    with pytest.raises(KeyError, match=r"no documents of checkpoint 'step9'; this trace has \['main', 'step5000'\]"):
+        t.select_checkpoint("step9")
+
+
+def test_first_choice_analyses_refuse_an_unordered_trace():
+    t = RoutingTrace.from_olmoe(MIXTRAL_STUDY, max_docs=2)
+    u = RoutingTrace(**{f: getattr(t, f) for f in ("token_ids", "doc_ids", "positions", "expert_ids", "domains",
+                                                     "layers", "n_experts")},
+                     meta={"source": "vLLM routed experts", "rank_order_reason": "deepseek_v2 routes with a "
+                           "grouped/biased top-k"}, rank_ordered=False)
+    from moe_lab import viz
+
+    calls = {"repetition(kind='first')": lambda: A.repetition(u, "first", n_boot=10),
+             "choice='first'": lambda: A.expert_load(u, "first"),
+             "choice='second'": lambda: A.expert_load_by_domain(u, "second"),
+             "router_saturation(k=1)": lambda: A.router_saturation(u, t, k=1),
+             "layer_transitions": lambda: A.layer_transitions(u, 0, 1),
+             "cross_layer_nmi": lambda: A.cross_layer_nmi(u),
+             "viz.token_figure": lambda: viz.token_figure(u, 0, layers=[0])}
+    for name, call in calls.items():
+        with pytest.raises(ValueError) as e:
+            call()
+        msg = str(e.value)
+        assert name in msg and "not rank-ordered" in msg and "grouped/biased" in msg, msg
+        assert "kind='any'" in msg and "config=" in msg and "weight" in msg, msg
+    with pytest.raises(ValueError, match=r"top_tokens_per_expert|choice='first'"):
+        A.top_tokens_per_expert(u, 0)
+    # analyses of top-k sets work as before, with the same numbers as the ordered trace
+    assert np.array_equal(A.expert_load(u), A.expert_load(t))
+    assert np.array_equal(A.repetition(u, "any", n_boot=10).rate, A.repetition(t, "any", n_boot=10).rate)
+    assert np.array_equal(A.coactivation(u, 3), A.coactivation(t, 3), equal_nan=True)
+    np.testing.assert_allclose(A.router_saturation(u, t), 1.0)  # whole top-2 sets: order does not matter
 
 
 def test_id_only_trace_analyses_work_and_weight_analyses_refuse():

@@ -54,16 +54,16 @@ def test_round_trip_and_manifest(tmp_path):
     path = save_store(t, tmp_path / "s", shard_tokens=200)
     st = open_store(path)
     m = json.loads((path / "manifest.json").read_text())
-    assert m["format"] == "moe_lab.routing_store" and m["columns"]["expert_ids"]["dtype"] == "|u1"
+    assert m["format"] == "moe_lab.routing_store" and m["columns"]["expert_ids"]["dtype"] == "|i1"  # 8 experts: int8 (-1 = empty)
     assert len(m["shards"]) > 2 and m["n_tokens"] == t.n_tokens and m["model"] == "synthetic"
     assert (st.n_tokens, st.n_docs, st.layers, st.top_k, st.n_experts) == (t.n_tokens, t.n_docs, t.layers, 2, 8)
     assert st.domains == t.domains and st.domain_names == t.domain_names and not st.ids_only
-    assert np.load(path / "shard-000000" / "expert_ids.npy", mmap_mode="r").dtype == np.uint8
+    assert np.load(path / "shard-000000" / "expert_ids.npy", mmap_mode="r").dtype == np.int8
     back = st.to_trace()
     for f in ("token_ids", "doc_ids", "positions", "expert_ids", "weights"):
         assert np.array_equal(getattr(back, f), getattr(t, f)), f
     assert back.meta["prompt_lengths"] == t.meta["prompt_lengths"] and back.domains == t.domains
-    assert np.array_equal(st.is_generated(), t.is_generated)
+    assert np.array_equal(st.is_generated, t.is_generated)
     head = st.to_trace(max_tokens=100)
     assert head.n_tokens <= 100 and np.array_equal(head.expert_ids, t.expert_ids[:, :head.n_tokens])
     some = st.to_trace(docs=[1, 2, 7])
@@ -114,18 +114,68 @@ def test_chunked_repetition_counts_match_a_direct_count(tmp_path, small_chunks):
     assert (r.ci_low <= r.rate).all() and (r.rate <= r.ci_high).all()
 
 
-def test_store_refuses_weight_analyses_and_in_memory_only_ones(tmp_path):
+def test_store_refuses_weight_analyses_and_serves_in_memory_ones(tmp_path):
     t = synthetic()
     t.weights = None
     st = open_store(save_store(t, tmp_path / "s"))
     assert st.ids_only and not (tmp_path / "s" / "shard-000000" / "weights.npy").exists()
-    with pytest.raises(TypeError, match="router_confidence runs on an in-memory RoutingTrace"):
-        A.router_confidence(st)
+    assert isinstance(st, RoutingTrace)  # one type: a store is a RoutingTrace read from disk
     with pytest.raises(ValueError, match="router_confidence needs the router's weights or router_logits"):
-        A.router_confidence(st.to_trace())
-    with pytest.raises(TypeError, match="cross_layer_nmi"):
-        A.cross_layer_nmi(st)
+        A.router_confidence(st)
+    assert np.array_equal(A.cross_layer_nmi(st), A.cross_layer_nmi(t))  # its arrays, memory-mapped
     assert A.repetition(st, n_boot=10).ids_only
+
+
+def test_save_load_is_the_chunked_form_memory_mapped(tmp_path):
+    t = synthetic(weights=True)
+    t.pieces = [f"p{i}" for i in range(t.n_tokens)]
+    t.meta["doc_checkpoints"] = ["main" if d % 2 else "step5000" for d in range(t.n_docs)]
+    path = t.save(tmp_path / "trace")
+    assert (path / "manifest.json").exists() and len(list(path.glob("shard-*"))) == 1
+    back = RoutingTrace.load(path)
+    assert isinstance(back, RoutingTrace) and isinstance(back, TraceStore)
+    assert isinstance(back._whole_column("expert_ids"), np.memmap)  # nothing copied into memory
+    assert back.expert_ids.dtype == np.int8 and back.token_ids.dtype == np.int32  # one byte an id
+    for f in ("token_ids", "doc_ids", "positions", "expert_ids", "weights"):
+        assert np.array_equal(getattr(back, f), getattr(t, f)), f
+    assert back.pieces == t.pieces and back.domains == t.domains and back.rank_ordered
+    assert back.to_trace(docs=[2, 5]).pieces == t.select(docs=[2, 5]).pieces
+    assert back.meta["prompt_lengths"] == t.meta["prompt_lengths"]
+    assert back.meta["doc_checkpoints"] == t.meta["doc_checkpoints"]
+    sub = back.select(docs=[3, 4])
+    assert sub.meta["doc_checkpoints"] == ["main", "step5000"] and np.array_equal(
+        sub.expert_ids, t.select(docs=[3, 4]).expert_ids)
+    # rank order survives save/load, slicing, concatenation and the store's chunks
+    t.rank_ordered = False
+    t.meta["rank_order_reason"] = "grouped top-k"
+    u = RoutingTrace.load(t.save(tmp_path / "trace"))  # saved again over the old one
+    assert not u.rank_ordered and not u.select(docs=[0]).rank_ordered and not u.to_trace(max_tokens=50).rank_ordered
+    assert not A.generated_only(u).rank_ordered
+    assert not RoutingTrace.concat([t.select(docs=[0]), synthetic().select(docs=[1])]).rank_ordered
+    assert all(not c.rank_ordered for c, _, _ in u.iter_chunks(100, progress=False))
+    assert json.loads((tmp_path / "trace" / "manifest.json").read_text())["rank_ordered"] is False
+    with pytest.raises(ValueError, match=r"repetition\(kind='first'\) reads the first choice .* not rank-ordered "
+                                         r"\(grouped top-k\).*repetition\(trace, 'any'\)"):
+        A.repetition(u, "first")
+    assert A.repetition(u, "any", n_boot=10).n_pairs > 0
+    # a directory that is not a trace is never overwritten
+    (tmp_path / "other").mkdir()
+    with pytest.raises(FileExistsError, match="not a saved routing trace"):
+        t.save(tmp_path / "other")
+
+
+def test_old_safetensors_traces_still_load(tmp_path):
+    from safetensors.numpy import save_file
+
+    t = synthetic()
+    arrays = {"token_ids": t.token_ids.astype(np.int64), "doc_ids": t.doc_ids.astype(np.int64),
+              "positions": t.positions.astype(np.int64), "expert_ids": t.expert_ids.astype(np.int64)}
+    header = {"format_version": 1, "domains": t.domains, "layers": t.layers, "n_experts": 8, "pieces": None,
+              "meta": {"engine": "vllm", "prompt_lengths": t.meta["prompt_lengths"]}}  # written by moe_lab <= 83a1713
+    save_file(arrays, str(tmp_path / "old.safetensors"), metadata={"moe_lab_routing_trace": json.dumps(header)})
+    old = RoutingTrace.load(tmp_path / "old.safetensors")
+    assert np.array_equal(old.expert_ids, t.expert_ids) and old.expert_ids.dtype == np.uint8
+    assert not old.rank_ordered  # an engine trace from before rank_ordered: order unknown
 
 
 def test_writer_resumes_and_never_leaves_half_written_shards(tmp_path):
@@ -157,7 +207,7 @@ def test_writer_resumes_and_never_leaves_half_written_shards(tmp_path):
         TraceWriter(path, n_experts=4, top_k=2, layers=[0, 1])
     with pytest.raises(ValueError, match=r"request 9: expert ids have shape \[5, 3, 1\], expected \[5, 2, 1\]"):
         w.add(RoutedDocument(np.arange(5), np.zeros((5, 3, 1), int), np.arange(5), 5, source="request 9"))
-    with pytest.raises(ValueError, match=r"request 8: expert ids must be in \[0, 4\), found 0..4"):
+    with pytest.raises(ValueError, match=r"request 8: expert ids must be in \[0, 4\) or -1 \(an empty slot\), found 0..4"):
         w.add(RoutedDocument(np.arange(2), np.array([[[0], [4]]] * 2), np.arange(2), 2, source="request 8"))
 
 
@@ -209,3 +259,18 @@ def test_repetition_any_paths_agree_with_a_direct_count():
         direct = [np.mean([len(set(ids[l, i]) & set(ids[l, i + 1])) > 0 for i in np.flatnonzero(ok)]) for l in range(2)]
         np.testing.assert_allclose(r.rate, direct)
         assert r.n_pairs == ok.sum()
+
+
+def test_empty_slots_survive_save_and_load(tmp_path):
+    """-1 (an empty slot: a token a capacity dropped, expert choice) is stored as -1, never as 255."""
+    import numpy as np
+    from moe_lab.routing.trace import RoutingTrace
+
+    ids = np.array([[[0, 1], [2, -1], [-1, -1]]])  # [L=1, N=3, k=2]
+    t = RoutingTrace(token_ids=np.array([1, 5, 6]), doc_ids=np.zeros(3, dtype=int), positions=np.arange(3),
+                     expert_ids=ids, n_experts=8, layers=[0])
+    t.save(tmp_path / "t")
+    back = RoutingTrace.load(tmp_path / "t")
+    assert np.array_equal(np.asarray(back.expert_ids), ids) and back.expert_ids.dtype == np.int8
+    from moe_lab import analysis as A
+    assert np.allclose(A.expert_load(back), A.expert_load(t))  # load counts skip the empty slots either way

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from moe_lab import RoutingTrace, open_store
 from moe_lab import analysis as A
-from moe_lab import open_store
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "trace_with_vllm.py"
 spec = importlib.util.spec_from_file_location("trace_with_vllm", SCRIPT)
@@ -33,6 +33,7 @@ class CompletionOutput:
     logprobs: object
     routed_experts: np.ndarray | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -45,19 +46,29 @@ class RequestOutput:
     finished: bool
 
 
-def routing_of(tokens: list[int]) -> np.ndarray:
-    """A deterministic function of the token ids, so that the test can recompute it."""
+def routing_of(tokens: list[int], dense: tuple = ()) -> np.ndarray:
+    """A deterministic function of the token ids, so that the test can recompute it; ``dense``
+    layers are rows of zeros, as vLLM returns them (routed_experts_capturer.py, 0.14-0.34)."""
     t = np.asarray(tokens)[:, None, None]
-    return ((t * 3 + np.arange(L)[None, :, None] + np.arange(K)[None, None, :] * 5) % E).astype(np.uint8)
+    out = ((t * 3 + np.arange(L)[None, :, None] + np.arange(K)[None, None, :] * 5) % E).astype(np.uint8)
+    out[:, list(dense)] = 0
+    return out
+
+
+MIXTRAL_CFG = {"model_type": "mixtral", "num_hidden_layers": L, "num_local_experts": E, "num_experts_per_tok": K}
+DEEPSEEK_CFG = {"model_type": "deepseek_v2", "num_hidden_layers": L, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+                "n_routed_experts": E, "num_experts_per_tok": K, "n_group": 1, "topk_group": 1}
 
 
 class FakeLLM:
     """generate() as vLLM's offline LLM with enable_return_routed_experts=True; fails on call
     number ``fail_on`` to simulate a crash."""
 
-    def __init__(self, fail_on: int | None = None):
+    def __init__(self, fail_on: int | None = None, config: dict = MIXTRAL_CFG, stop_string_on: int | None = None):
         self.calls, self.fail_on, self.prompts = 0, fail_on, []
-        cfg = SimpleNamespace(num_local_experts=E)
+        self.dense = tuple(range(config.get("first_k_dense_replace", 0)))
+        self.stop_string_on = stop_string_on  # this prompt ends by a stop string: no routing (vLLM 0.14-0.21)
+        cfg = SimpleNamespace(**config)  # (a transformers PretrainedConfig in vLLM; to_dict() is used when present)
         self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(hf_text_config=cfg))
 
     def generate(self, prompts, sampling_params):
@@ -71,8 +82,13 @@ class FakeLLM:
             comps = []
             for i in range(sampling_params.n):
                 gen = [(sum(ids) + 7 * j + i) % 97 + 3 for j in range(sampling_params.max_tokens)]
-                comps.append(CompletionOutput(i, "", gen, None, None, routing_of(ids + gen[:-1]), "length"))
-            outs.append(RequestOutput(f"{len(self.prompts)}", None if isinstance(p, dict) else p, ids, None, comps, True))
+                if len(self.prompts) == self.stop_string_on:
+                    comps.append(CompletionOutput(i, "", gen, None, None, None, "stop", "\n\n"))
+                else:
+                    comps.append(CompletionOutput(i, "", gen, None, None, routing_of(ids + gen[:-1], self.dense),
+                                                  "length"))
+            outs.append(RequestOutput(f"req-{len(self.prompts)}", None if isinstance(p, dict) else p, ids, None, comps,
+                                      True))
         return outs
 
 
@@ -146,3 +162,41 @@ def test_n_completions_layers_and_bad_corpus(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl, line 2: no 'text' or 'prompt_token_ids' key \(found \['txt'\]\)"):
         tv.read_corpus(tmp_path / "bad.jsonl", "text", "domain")
     assert tv.parse_layers("0,2-4") == [0, 2, 3, 4]
+
+
+def test_moe_layers_from_the_model_config_rank_order_and_request_metadata(tmp_path):
+    write_corpus(tmp_path / "c.jsonl", 6)
+    with pytest.warns(UserWarning, match=r"request 'req-5', completion 0: skipped, it came back without routing "
+                                         r"\(finish_reason 'stop' by the stop string"):
+        out = run(tmp_path, FakeLLM(config=DEEPSEEK_CFG, stop_string_on=5))
+    t = RoutingTrace.load(out)
+    assert t.layers == [1, 2, 3]  # layer 0 is dense (first_k_dense_replace=1): its zero rows are not routing
+    assert (t.expert_ids != 0).any() and t.n_docs == 5 and not t.rank_ordered
+    assert "grouped" in t.meta["rank_order_reason"] and t.meta["config"]["moe_layers"] == [1, 2, 3]
+    with pytest.raises(ValueError, match="not rank-ordered"):
+        A.repetition(t, "first")
+    infos = [r for s in t.manifest["shards"] for r in s["info"]["requests"]]
+    assert [r["request_id"] for r in infos] == ["req-1", "req-2", "req-3", "req-4", "req-6"]
+    assert [r["corpus_line"] for r in infos] == [0, 1, 2, 3, 5] and all(r["finish_reason"] == "length" for r in infos)
+    skipped = [r for s in t.manifest["shards"] for r in s["info"]["skipped"]]
+    assert [(r["request_id"], r["corpus_line"], r["finish_reason"]) for r in skipped] == [("req-5", 4, "stop")]
+
+
+def test_data_parallel_is_one_process_per_rank(tmp_path):
+    write_corpus(tmp_path / "c.jsonl", 7)
+    with pytest.raises(SystemExit, match=r"--data-parallel-size 2: vLLM's offline LLM does not run data parallelism "
+                                         r"in one process .* --part i/N"):
+        run(tmp_path, FakeLLM(), "--data-parallel-size", "2")
+    parts = []
+    for i in range(2):
+        argv_out = tmp_path / f"part{i}"
+        llm = FakeLLM()
+        argv = ["--model", "tiny-moe", "--corpus", str(tmp_path / "c.jsonl"), "--out", str(argv_out),
+                "--part", f"{i}/2", "--max-tokens", "4"]
+        tv.main(argv, make=lambda a, llm=llm: (llm, SimpleNamespace(n=1, temperature=0.0, top_p=1.0, max_tokens=4,
+                                                                    seed=0), "0.34.0"))
+        parts.append(RoutingTrace.load(argv_out))
+    lines = [[r["corpus_line"] for s in p.manifest["shards"] for r in s["info"]["requests"]] for p in parts]
+    assert lines == [[0, 2, 4, 6], [1, 3, 5]]
+    with pytest.raises(ValueError, match=r"--part must be i/N"):
+        tv.parse_part("half")

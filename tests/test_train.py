@@ -470,3 +470,13 @@ def test_shipped_demo_model():
     assert cfg["num_key_value_heads"] < cfg["num_attention_heads"] and not cfg.get("tie_word_embeddings", False)
     for name in ("MODEL_CARD.md", LOG_NAME, "evaluation.json"):
         assert (path / name).exists(), name
+
+
+def test_router_saturation_never_counts_an_empty_slot():
+    """-1 (a token a capacity dropped) chooses no expert: empty in both snapshots is no match."""
+    from moe_lab.train.evaluate import router_saturation
+
+    snaps = np.array([[[[0, -1], [1, 2]]], [[[0, -1], [2, 1]]]])  # [S=2, L=1, N=2, k=2]
+    sat = router_saturation(snaps)
+    assert sat.shape == (2, 1) and sat[0, 0] == (1 / 2 + 2 / 2) / 2  # token 0: expert 0 only; token 1: both
+    assert sat[1, 0] == 0.75  # the final snapshot against itself: the empty slot still counts for nothing

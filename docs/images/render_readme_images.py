@@ -61,7 +61,6 @@ def main(argv=None) -> int:
         "repetition": viz.repetition_figure(trace, kinds=("first",), by_domain=False,
                                             title=f"Consecutive tokens with the same first expert ({name})"),
     }
-    figs["repetition"].update_layout(width=760, height=400)
     a.out.mkdir(parents=True, exist_ok=True)
     for stem, fig in figs.items():
         path = a.out / f"{stem}.png"

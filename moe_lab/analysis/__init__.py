@@ -70,7 +70,7 @@ from .offload import (  # noqa: F401
     MIXTRAL_PUBLISHED,
     mixtral_calibration,
 )
-from .sources import (  # noqa: F401
+from ..provenance import (  # noqa: F401
     SYNTHETIC_FIXTURE,
     DEMO_MODEL,
     RANDOM_MODEL,

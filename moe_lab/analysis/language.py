@@ -53,6 +53,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from ..corpus.prose import has_near_copies  # the corpus builder's own test of a translation
 from ..devices import resolve_device
 from ..hooks import StopForward
 from ..routing.trace import RoutingTrace
@@ -442,7 +443,6 @@ def untranslated_paragraphs(rows: Sequence[dict], languages: Sequence[str] = ("e
     near copies (``difflib`` similarity ratio >= ``threshold``): a translation that fell back to the
     source text. Such a "same content" pair is the same text, not a translation, and would make
     routing look as if it followed the content."""
-    from ..corpus.prose import has_near_copies  # the corpus builder's own test (stdlib only)
 
     out = []
     for r in rows:

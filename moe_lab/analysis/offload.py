@@ -41,7 +41,7 @@ from ..model import ModelArgs, PRESETS
 from ..routing.bridge import decoder_layers, find_routers, hf_forward, is_hf_model
 from ..routing.trace import RoutingTrace
 from ..routing.tracing import normalise_inputs
-from .sources import provenance
+from ..provenance import provenance
 
 __all__ = [
     "Policy", "POLICIES", "PLACEMENTS", "LayerCacheResult",

@@ -13,6 +13,7 @@ from typing import Iterator, Literal, Union
 
 import numpy as np
 
+from ..provenance import provenance
 from ..routing.store import TraceStore
 from ..routing.trace import RoutingTrace
 
@@ -31,20 +32,27 @@ def _chunks(source: Source, desc: str, layers=None) -> Iterator[tuple[RoutingTra
     chunk; a store yields chunks of whole documents with a progress bar. Every chunked analysis
     accumulates per-chunk counts with the same code for both, so results do not depend on the
     chunking (tests/test_trace_store.py checks that they are identical)."""
-    if isinstance(source, RoutingTrace):
-        yield (source if layers is None else source.select(layers=layers)), 0, 0
-    elif isinstance(source, TraceStore):
+    if isinstance(source, TraceStore):  # (a RoutingTrace on disk: read in chunks)
         yield from source.iter_chunks(CHUNK_TOKENS, layers=layers, desc=desc)
+    elif isinstance(source, RoutingTrace):
+        yield (source if layers is None else source.select(layers=layers)), 0, 0
     else:
         raise TypeError(f"expected a RoutingTrace or a TraceStore, got {type(source).__name__}")
 
 
 def _in_memory(source, analysis: str) -> RoutingTrace:
-    if isinstance(source, TraceStore):
-        raise TypeError(f"{analysis} runs on an in-memory RoutingTrace; take a slice of the store with "
-                        f"store.to_trace(max_tokens=...) (chunked analyses: expert_load, expert_load_by_domain, "
-                        f"repetition, coactivation, domain/vocabulary specialisation, cache_hit_rates)")
+    """The trace itself: a saved trace (TraceStore) serves its arrays memory-mapped."""
+    if not isinstance(source, RoutingTrace):
+        raise TypeError(f"{analysis} expects a RoutingTrace, got {type(source).__name__}")
     return source
+
+
+
+def _require_rank_order(trace, analysis: str, instead: str) -> None:
+    """Refuse ``analysis`` (which reads column 0 as the first choice) on a trace whose top-k
+    order is not known (``rank_ordered`` False: engine traces of grouped/biased routers)."""
+    if not getattr(trace, "rank_ordered", True):
+        trace.require_rank_order(analysis, instead)
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,6 +61,8 @@ def _in_memory(source, analysis: str) -> RoutingTrace:
 
 def _choice_ids(trace: RoutingTrace, choice: Choice) -> np.ndarray:
     """[L, N, j] expert ids for the first choice, the second, or all k ("either")."""
+    if choice in ("first", "second"):
+        _require_rank_order(trace, f"choice={choice!r}", "choice='either' (every top-k pick)")
     if choice == "first":
         return trace.expert_ids[:, :, :1]
     if choice == "second":
@@ -67,13 +77,13 @@ def _choice_ids(trace: RoutingTrace, choice: Choice) -> np.ndarray:
 def _load_counts(trace: RoutingTrace, choice: Choice, groups: np.ndarray | None = None,
                  n_groups: int = 1) -> np.ndarray:
     """[L, E] number of (token, slot) assignments to each expert; with ``groups`` ([N] group
-    index of each token, e.g. its domain), [G, L, E] per group."""
+    index of each token, e.g. its domain), [G, L, E] per group. Empty slots (expert id -1) count for no expert."""
     ids = _choice_ids(trace, choice)  # [L, N, j]
     E = trace.n_experts
     key = ids if groups is None else groups[None, :, None] * E + ids
     counts = np.zeros((ids.shape[0], n_groups * E))
     for l in range(ids.shape[0]):
-        counts[l] = np.bincount(key[l].ravel(), minlength=n_groups * E)
+        counts[l] = np.bincount(key[l][ids[l] >= 0], minlength=n_groups * E)
     counts = counts.reshape(-1, n_groups, E).transpose(1, 0, 2)  # [G, L, E]
     return counts[0] if groups is None else counts
 
@@ -316,6 +326,8 @@ def repetition(trace: Source, kind: Literal["first", "any"] = "first", *, bos_id
     """
     if kind not in ("first", "any"):
         raise ValueError(f"kind must be 'first' or 'any', got {kind!r}")
+    if kind == "first":
+        _require_rank_order(trace, "repetition(kind='first')", "repetition(trace, 'any') (shared top-k experts)")
     rng = np.random.default_rng(seed)
     L, D, N, E = trace.n_layers, trace.n_docs, trace.n_tokens, trace.n_experts
     hits = np.zeros((L, D))  # pairs routed alike, per layer and document
@@ -425,6 +437,7 @@ def _shuffled_order(trace: RoutingTrace, bos_id, seed: int, stream: int, first_t
 def _pair_counts(ids: np.ndarray, E: int) -> np.ndarray:
     """[E, E] number of tokens whose top-k (ids [N, k]) holds both i and j (diagonal: i chosen)."""
     k = ids.shape[1]
+    ids = ids.astype(np.int64)  # (uint8 ids * E would wrap)
     both = np.zeros(E * E)
     for a in range(k):
         for b in range(k):
@@ -547,10 +560,14 @@ def router_saturation(trace: RoutingTrace, final: RoutingTrace, k: int | None = 
     k = min(trace.top_k, final.top_k) if k is None else k
     if not 1 <= k <= min(trace.top_k, final.top_k):
         raise ValueError(f"k must be in [1, {min(trace.top_k, final.top_k)}], got {k}")
+    if k < max(trace.top_k, final.top_k):  # the first k choices: rank order matters
+        for t in (trace, final):
+            _require_rank_order(t, f"router_saturation(k={k})", f"router_saturation(k={min(trace.top_k, final.top_k)}) "
+                                "(the whole top-k sets, when both traces have the same top-k)")
     a, b = trace.expert_ids[:, :, :k], final.expert_ids[:, :, :k]  # [L, N, k]
     shared = np.zeros(a.shape[:2])
     for j in range(k):
-        shared += (a[:, :, j:j + 1] == b).any(-1)
+        shared += (a[:, :, j:j + 1] == b).any(-1) & (a[:, :, j] >= 0)  # an empty slot (-1) matches nothing
     return shared.mean(1) / k
 
 
@@ -561,6 +578,7 @@ def router_saturation(trace: RoutingTrace, final: RoutingTrace, k: int | None = 
 def layer_transitions(trace: RoutingTrace, from_layer: int, to_layer: int) -> np.ndarray:
     """[E, E] P(first choice at to_layer = j | first choice at from_layer = i)."""
     trace = _in_memory(trace, "layer_transitions")
+    _require_rank_order(trace, "layer_transitions (first choices)", "coactivation within a layer")
     a = trace.expert_ids[trace.layer_index(from_layer), :, 0]
     b = trace.expert_ids[trace.layer_index(to_layer), :, 0]
     E = trace.n_experts
@@ -591,6 +609,7 @@ def cross_layer_nmi(trace: RoutingTrace) -> np.ndarray:
     """[L, L] NMI between the first choices of every pair of traced layers (Mixtral: 0.03-0.07
     between different layers)."""
     trace = _in_memory(trace, "cross_layer_nmi")
+    _require_rank_order(trace, "cross_layer_nmi (first choices)", "")
     L = trace.n_layers
     first = trace.expert_ids[:, :, 0]
     out = np.eye(L)
@@ -693,7 +712,7 @@ def cache_hit_rates(trace: Source, sizes=None, policies=("lru", "lfu", "optimal"
     layers = list(trace.layers) if layers is None else list(layers)
     keep = None
     if generated:
-        keep = trace.is_generated() if isinstance(trace, TraceStore) else trace.is_generated
+        keep = trace.is_generated
         if not keep.any():
             raise ValueError("generated=True but this trace marks no token as generated (no prompt lengths)")
     rows = []
@@ -708,7 +727,10 @@ def cache_hit_rates(trace: Source, sizes=None, policies=("lru", "lfu", "optimal"
             for s in sizes:
                 rows.append({"layer": layer, "policy": policy, "cache_size": s,
                              "hit_rate": simulate_expert_cache(reqs, s, policy)})
-    return pd.DataFrame(rows)
+
+    out = pd.DataFrame(rows)
+    out.attrs["source"] = provenance(trace)  # "demo model", "synthetic fixture", ...: for the figure's title
+    return out
 
 
 def generated_only(trace: RoutingTrace) -> RoutingTrace:
@@ -731,4 +753,5 @@ def generated_only(trace: RoutingTrace) -> RoutingTrace:
         router_logits=None if trace.router_logits is None else trace.router_logits[:, keep],
         domains=list(trace.domains), layers=list(trace.layers), n_experts=trace.n_experts,
         pieces=None if trace.pieces is None else [p for p, k in zip(trace.pieces, keep) if k],
-        meta={**trace.meta, "prompt_lengths": [0] * trace.n_docs, "generated_only": True})
+        meta={**trace.meta, "prompt_lengths": [0] * trace.n_docs, "generated_only": True},
+        rank_ordered=trace.rank_ordered)

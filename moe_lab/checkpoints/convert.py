@@ -41,6 +41,7 @@ def half_to_interleaved(w: Tensor, n_heads: int) -> Tensor:
 
 def hf_config_dict(args: ModelArgs) -> dict:
     """A transformers ``MixtralConfig`` as a plain dict (the contents of config.json)."""
+    args.require_mixtral_design("a transformers MixtralConfig")
     return {
         "architectures": ["MixtralForCausalLM"],
         "model_type": "mixtral",
@@ -101,6 +102,7 @@ def args_from_hf_config(cfg: dict, **overrides) -> ModelArgs:
 
 def to_hf_state_dict(sd: dict[str, Tensor], args: ModelArgs, fused: bool = False) -> dict[str, Tensor]:
     """moe_lab names -> HF hub names (``fused=False``) or transformers v5 in-memory names."""
+    args.require_mixtral_design("a Hugging Face Mixtral state dict")
     out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
            "lm_head.weight": sd["output.weight"]}
     moe_name = "mlp" if fused else "block_sparse_moe"

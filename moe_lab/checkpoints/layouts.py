@@ -76,6 +76,7 @@ def to_mistral_state_dict(sd: dict[str, Tensor], args: ModelArgs, stacked: bool 
 
     No RoPE permutation: Mistral and moe_lab share the interleaved convention.
     """
+    args.require_mixtral_design("a mistral-inference state dict")
     out = {"tok_embeddings.weight": sd["tok_embeddings.weight"], "norm.weight": sd["norm.weight"],
            "output.weight": sd["output.weight"]}
     for L in range(args.n_layers):
@@ -179,6 +180,7 @@ def args_from_params(params: dict, **overrides) -> ModelArgs:
 
 def params_dict(args: ModelArgs) -> dict:
     """The params.json mistral-inference reads for ``args``."""
+    args.require_mixtral_design("params.json")
     p = {"dim": args.dim, "n_layers": args.n_layers, "head_dim": args.head_dim, "hidden_dim": args.hidden_dim,
          "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "norm_eps": args.norm_eps,
          "vocab_size": args.vocab_size, "rope_theta": args.rope_theta, "max_seq_len": args.max_seq_len,

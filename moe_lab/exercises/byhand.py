@@ -21,6 +21,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from ..routing.trace import RoutingTrace
 from .feedback import Feedback, todo, wrong
 
 
@@ -116,7 +117,6 @@ def fresh_trace(n_experts: int = 8, top_k: int = 2, layers=(0, 2, 5), doc_length
     checking a "by hand" function: documents that start with BOS, uneven expert use, runs of the same
     first choice (so repetition is not zero), layer numbers that are not row numbers, and pieces
     (some of them digits, some starting a word)."""
-    from ..routing.trace import RoutingTrace
 
     rng = np.random.default_rng(seed)
     N = int(sum(doc_lengths))

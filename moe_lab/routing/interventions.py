@@ -654,7 +654,7 @@ def _bookkeeping(model, interventions):
 @contextmanager
 def _moe_lab_intervene(outer, interventions):
     model, _ = unwrap(outer)
-    moes = {lid: block.moe for lid, block in zip(layer_ids(model), model.blocks)}
+    moes = {lid: block.moe for lid, block in zip(layer_ids(model), model.blocks) if block.moe is not None}
     n_experts = model.args.n_experts
     for iv in interventions:
         iv.check(len(model.blocks), n_experts, list(moes))

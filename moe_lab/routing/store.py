@@ -1,13 +1,15 @@
 """Routing traces too large for memory: a directory of ``.npy`` columns, written in shards.
 
-A 10-million-token trace of Mixtral (32 layers, top-2) is 640 MB of expert ids as ``uint8``,
-5 GB as the ``int64`` of an in-memory :class:`~moe_lab.RoutingTrace`. On disk it is::
+A 10-million-token trace of Mixtral (32 layers, top-2) is 640 MB of one-byte expert ids, 5 GB as
+``int64``. On disk it is::
 
     trace_dir/
-      manifest.json              format, model, engine, n_experts, top_k, layers, dtypes, domains,
-                                 the shard list (tokens and documents in each), provenance (meta)
+      manifest.json              format, model, engine, n_experts, top_k, layers, rank_ordered, dtypes,
+                                 domains, the shard list (tokens and documents in each), provenance (meta)
+      pieces.json                (optional) the display string of every token, when the trace has them
       shard-000000/
-        expert_ids.npy           [n, L, k]  uint8 (E <= 256) or uint16: token-major, as engines write it
+        expert_ids.npy           [n, L, k]  int8 (E <= 128; -1 = empty slot), uint8 (E <= 256) or wider:
+                                            token-major, as engines write it
         token_ids.npy            [n]        int32
         positions.npy            [n]        int32  position in the document
         generated.npy            [n]        bool   True for generated tokens, False for the prompt
@@ -24,8 +26,11 @@ reader trusts only the shards the manifest lists, so a writer killed at any mome
 trace as it was after its last complete shard, and :class:`TraceWriter` resumes from there.
 
 :class:`TraceStore` opens the directory with ``np.load(mmap_mode="r")``: nothing is read until
-used. :meth:`TraceStore.iter_chunks` yields in-memory ``RoutingTrace`` chunks of whole
-documents, which is how every analysis in :mod:`moe_lab.analysis` runs over a store.
+used. It **is** a :class:`~moe_lab.RoutingTrace` (what ``RoutingTrace.load`` returns for a
+directory, and what ``RoutingTrace.save`` writes): its ``token_ids``, ``expert_ids`` ... are
+memory-mapped on first use (zero-copy for a single shard), and
+:meth:`TraceStore.iter_chunks` yields in-memory ``RoutingTrace`` chunks of whole documents,
+which is how every analysis in :mod:`moe_lab.analysis` runs over it.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .importers import RoutedDocument
-from .trace import RoutingTrace, layer_row
+from .importers import id_dtype as _id_dtype
+from .trace import CHUNKED, DOC_META, RoutingTrace, default_rank_ordered, layer_row
 
 STORE_FORMAT = "moe_lab.routing_store"
 STORE_VERSION = 1
@@ -51,8 +57,19 @@ OPTIONAL_COLUMNS = ("weights", "router_logits")
 
 
 def id_dtype(n_experts: int) -> np.dtype:
-    """The narrowest dtype that holds expert ids 0..n_experts-1 (vLLM's rule: uint8 up to 256)."""
-    return np.dtype(np.uint8 if n_experts <= 256 else np.uint16)
+    """The dtype of a store's expert ids: up to 128 experts ``int8``, as small as ``uint8`` and able
+    to hold -1, an empty slot (a token a capacity dropped, expert choice, ``SetTopK``); more experts
+    ``uint8`` up to 256 (vLLM's rule), then wider, with no empty slots."""
+    return _id_dtype(n_experts, signed=n_experts <= 128)
+
+
+def write_pieces(path: str | os.PathLike, pieces: Sequence[str]) -> None:
+    """Store the display string of every token beside the manifest (``pieces.json``)."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    if len(pieces) != manifest["n_tokens"]:
+        raise ValueError(f"{len(pieces)} pieces for a store of {manifest['n_tokens']} tokens")
+    _atomic_json(path / "pieces.json", {"pieces": list(pieces)})
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
@@ -101,8 +118,10 @@ class TraceWriter:
 
     def __init__(self, path: str | os.PathLike, *, n_experts: int, top_k: int, layers: Iterable[int],
                  model: str | None = None, engine: str | None = None, meta: dict | None = None,
-                 shard_tokens: int = 1 << 20, with_weights: bool = False, with_logits: bool = False):
+                 shard_tokens: int = 1 << 20, with_weights: bool = False, with_logits: bool = False,
+                 rank_ordered: bool | None = None):
         self.path = Path(path)
+        self.rank_ordered = rank_ordered
         self.layers = [int(l) for l in layers]
         self.n_experts, self.top_k, self.shard_tokens = int(n_experts), int(top_k), int(shard_tokens)
         self.with_weights, self.with_logits = with_weights, with_logits
@@ -113,8 +132,11 @@ class TraceWriter:
             self.manifest = _read_manifest(self.path)
             want = {"n_experts": self.n_experts, "top_k": self.top_k, "layers": self.layers,
                     "with_weights": with_weights, "with_logits": with_logits}
+            if rank_ordered is not None:
+                want["rank_ordered"] = bool(rank_ordered)
+            self.rank_ordered = self.manifest.get("rank_ordered", rank_ordered)
             for key, value in want.items():
-                if self.manifest[key] != value:
+                if self.manifest.get(key) != value:
                     raise ValueError(f"{self.path} already holds a trace with {key}={self.manifest[key]}, "
                                      f"cannot append one with {key}={value}")
         else:
@@ -131,6 +153,7 @@ class TraceWriter:
             self.manifest = {"format": STORE_FORMAT, "format_version": STORE_VERSION, "model": model,
                              "engine": engine, "n_experts": self.n_experts, "top_k": self.top_k,
                              "n_layers": L, "layers": self.layers, "with_weights": with_weights,
+                             "rank_ordered": None if rank_ordered is None else bool(rank_ordered),
                              "with_logits": with_logits, "columns": columns, "domains": [],
                              "n_tokens": 0, "n_docs": 0, "shards": [], "meta": dict(meta or {})}
             _atomic_json(self.path / "manifest.json", self.manifest)
@@ -158,9 +181,17 @@ class TraceWriter:
         if len(doc.positions) != T:
             raise ValueError(f"{doc.source or 'document'}: {len(doc.positions)} positions for {T} tokens")
         ids = doc.expert_ids
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.n_experts):
-            raise ValueError(f"{doc.source or 'document'}: expert ids must be in [0, {self.n_experts}), found "
-                             f"{int(ids.min())}..{int(ids.max())}")
+        if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= self.n_experts):
+            raise ValueError(f"{doc.source or 'document'}: expert ids must be in [0, {self.n_experts}) or -1 (an "
+                             f"empty slot), found {int(ids.min())}..{int(ids.max())}")
+        ordered = doc.info.get("rank_ordered")
+        if ordered is not None:
+            if self.rank_ordered is None:
+                self.rank_ordered = bool(ordered)
+                self.manifest["rank_ordered"] = self.rank_ordered
+            elif bool(ordered) != self.rank_ordered:
+                raise ValueError(f"{doc.source or 'document'}: rank_ordered={bool(ordered)}, but this store holds "
+                                 f"rank_ordered={self.rank_ordered} documents")
         if self.with_weights != (weights is not None) or self.with_logits != (logits is not None):
             raise ValueError(f"{doc.source or 'document'}: this store {'has' if self.with_weights else 'has no'} "
                              f"weights and {'has' if self.with_logits else 'has no'} logits; the document must match")
@@ -183,12 +214,26 @@ class TraceWriter:
             s, e = bounds[d], bounds[d + 1]
             doc = RoutedDocument(token_ids=trace.token_ids[s:e], expert_ids=trace.expert_ids[:, s:e].transpose(1, 0, 2),
                                  positions=trace.positions[s:e], prompt_length=int(lengths[d]) if known else -1,
-                                 domain=trace.domains[d], source=f"document {d}")
+                                 domain=trace.domains[d], source=f"document {d}",
+                                 info={"rank_ordered": trace.rank_ordered})
             self.add(doc, None if trace.weights is None else trace.weights[:, s:e].transpose(1, 0, 2),
                      None if trace.router_logits is None else trace.router_logits[:, s:e].transpose(1, 0, 2))
 
+    def _expert_ids(self, docs) -> np.ndarray:
+        ids = np.concatenate([d.expert_ids for d in docs])
+        dtype = np.dtype(self.manifest["columns"]["expert_ids"]["dtype"])  # an older store may be uint8
+        if ids.size and ids.min() < 0 and dtype.kind == "u":
+            bad = next(d for d in docs if d.expert_ids.size and d.expert_ids.min() < 0)
+            raise ValueError(f"{self.path}: expert ids are stored as {dtype} ({self.n_experts} experts), which has no "
+                             f"-1 for an empty slot, but {bad.source or 'a document'} (domain {bad.domain!r}) holds "
+                             "empty slots; write such a trace to a new store (up to 128 experts: int8) or keep it "
+                             "in memory")
+        return ids.astype(dtype)
+
     def flush(self, info: dict | None = None) -> None:
         """Write the buffered documents as one shard (tmp dir + rename), then the manifest."""
+        if self.manifest.get("rank_ordered") is None and self.rank_ordered is not None:
+            self.manifest["rank_ordered"] = bool(self.rank_ordered)
         if not self._buf:
             if info:  # record progress even when nothing was buffered (e.g. all requests empty)
                 self.manifest["shards"].append({"name": None, "n_tokens": 0, "n_docs": 0, "info": info})
@@ -206,7 +251,7 @@ class TraceWriter:
         prompt = np.array([d.prompt_length for d in docs], dtype=np.int64)
         positions = np.concatenate([d.positions for d in docs]).astype(np.int64)
         cols = {
-            "expert_ids": np.concatenate([d.expert_ids for d in docs]).astype(id_dtype(self.n_experts)),
+            "expert_ids": self._expert_ids(docs),
             "token_ids": np.concatenate([d.token_ids for d in docs]).astype(np.int32),
             "positions": positions.astype(np.int32),
             "generated": (positions >= np.repeat(prompt, lengths)) & np.repeat(prompt >= 0, lengths),
@@ -258,7 +303,8 @@ def save_store(trace: RoutingTrace, path: str | os.PathLike, *, shard_tokens: in
     meta.pop("prompt_lengths", None)  # per document, in the shards
     with TraceWriter(path, n_experts=trace.n_experts, top_k=trace.top_k, layers=trace.layers,
                      model=meta.get("model"), engine=meta.get("engine"), meta=meta, shard_tokens=shard_tokens,
-                     with_weights=trace.weights is not None, with_logits=trace.router_logits is not None) as w:
+                     with_weights=trace.weights is not None, with_logits=trace.router_logits is not None,
+                     rank_ordered=trace.rank_ordered) as w:
         w.add_trace(trace, progress=progress)
     return path
 
@@ -267,21 +313,29 @@ def save_store(trace: RoutingTrace, path: str | os.PathLike, *, shard_tokens: in
 # Reading
 
 
-class TraceStore:
-    """A trace directory, memory-mapped. Same size properties as ``RoutingTrace`` (``n_tokens``,
-    ``n_docs``, ``layers``, ``top_k``, ``n_experts``, ``domains``, ``domain_names``, ``meta``);
-    the analyses in :mod:`moe_lab.analysis` accept it wherever they accept a trace and run over
-    it chunk by chunk."""
+class TraceStore(RoutingTrace):
+    """A trace directory, memory-mapped: a :class:`~moe_lab.RoutingTrace` read from disk
+    (``RoutingTrace.load(dir)`` and ``open_store(dir)`` return one). Sizes, ``layers``,
+    ``domains``, ``meta`` and ``rank_ordered`` come from the manifest; ``token_ids``,
+    ``positions``, ``doc_ids``, ``expert_ids`` ([L, N, k]), ``weights`` and ``router_logits`` are
+    memory-mapped on first use (zero-copy when the store has one shard, as ``RoutingTrace.save``
+    writes it; joined in memory otherwise). The analyses in :mod:`moe_lab.analysis` read it
+    chunk by chunk (:meth:`iter_chunks`), so a 10-million-token trace never sits in memory."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike):  # (not the dataclass __init__: fields come from disk)
         self.path = Path(path)
         self.manifest = _read_manifest(self.path)
         m = self.manifest
         self.layers: list[int] = list(m["layers"])
-        self.n_experts, self.top_k = int(m["n_experts"]), int(m["top_k"])
+        self.n_experts, self._top_k = int(m["n_experts"]), int(m["top_k"])
         self.meta = dict(m.get("meta") or {})
+        ordered = m.get("rank_ordered")
+        self.rank_ordered = default_rank_ordered({"engine": m.get("engine"), **self.meta}) if ordered is None \
+            else bool(ordered)
         self._shards = [s for s in m["shards"] if s["name"]]
         self._cols: dict[tuple[int, str], np.ndarray] = {}
+        self._whole: dict[str, np.ndarray] = {}
+        self._pieces = None
         doc_dom, doc_prompt, doc_len = [], [], []
         for i, s in enumerate(self._shards):
             lengths, doms, prompt = (self._col(i, c) for c in DOC_COLUMNS)
@@ -296,6 +350,73 @@ class TraceStore:
         self._doc_domains = np.concatenate(doc_dom) if doc_dom else np.zeros(0, np.int16)
         self.prompt_lengths = np.concatenate(doc_prompt) if doc_prompt else np.zeros(0, np.int64)
         self._shard_docs = np.concatenate([[0], np.cumsum([s["n_docs"] for s in self._shards])]).astype(np.int64)
+        if len(self.prompt_lengths) and (self.prompt_lengths >= 0).all():
+            self.meta["prompt_lengths"] = self.prompt_lengths.tolist()
+
+    # ---- the RoutingTrace fields, memory-mapped on first use
+
+    def _whole_column(self, name: str) -> np.ndarray | None:
+        """A token column over the whole store: the memory map itself for one shard, else the
+        shards joined (in memory, kept)."""
+        if name in OPTIONAL_COLUMNS and not self.manifest["with_" + ("weights" if name == "weights" else "logits")]:
+            return None
+        if name not in self._whole:
+            if len(self._shards) == 1:
+                self._whole[name] = self._col(0, name)
+            else:
+                dtype = np.dtype(self.manifest["columns"][name]["dtype"])
+                shape = {"expert_ids": (self.n_layers, self.top_k), "weights": (self.n_layers, self.top_k),
+                         "router_logits": (self.n_layers, self.n_experts)}.get(name, ())
+                parts = [np.asarray(self._col(i, name)) for i in range(len(self._shards))]
+                self._whole[name] = np.concatenate(parts) if parts else np.zeros((0, *shape), dtype)
+                for i in range(len(self._shards)):
+                    self._release(i)
+        return self._whole[name]
+
+    @property
+    def token_ids(self) -> np.ndarray:
+        return self._whole_column("token_ids")
+
+    @property
+    def positions(self) -> np.ndarray:
+        return self._whole_column("positions")
+
+    @property
+    def doc_ids(self) -> np.ndarray:
+        if "doc_ids" not in self._whole:
+            self._whole["doc_ids"] = np.repeat(np.arange(self.n_docs, dtype=np.int32), self.doc_lengths)
+        return self._whole["doc_ids"]
+
+    @property
+    def expert_ids(self) -> np.ndarray:
+        """[L, N, k]: a transposed view of the token-major column on disk."""
+        return self._whole_column("expert_ids").transpose(1, 0, 2)
+
+    @property
+    def weights(self) -> np.ndarray | None:
+        w = self._whole_column("weights")
+        return None if w is None else w.transpose(1, 0, 2)
+
+    @property
+    def router_logits(self) -> np.ndarray | None:
+        z = self._whole_column("router_logits")
+        return None if z is None else z.transpose(1, 0, 2)
+
+    @property
+    def pieces(self) -> list[str] | None:
+        f = self.path / "pieces.json"
+        if self._pieces is None and f.exists():
+            self._pieces = json.loads(f.read_text())["pieces"]
+        return self._pieces
+
+    @property
+    def top_k(self) -> int:
+        return self._top_k
+
+    @property
+    def is_generated(self) -> np.ndarray:
+        """[N] bool: generated tokens (the ``generated`` column)."""
+        return self.column("generated")
 
     def _col(self, shard: int, name: str) -> np.ndarray:
         key = (shard, name)
@@ -351,7 +472,7 @@ class TraceStore:
     def __repr__(self):
         return (f"TraceStore({str(self.path)!r}, tokens={self.n_tokens}, docs={self.n_docs}, "
                 f"layers={len(self.layers)}, experts={self.n_experts}, top_k={self.top_k}, "
-                f"shards={len(self._shards)}, ids_only={self.ids_only})")
+                f"shards={len(self._shards)}, ids_only={self.ids_only}, rank_ordered={self.rank_ordered})")
 
     # ---- chunks
 
@@ -402,7 +523,7 @@ class TraceStore:
                 self._cols.pop((shard, name), None)
 
     def _chunk(self, shard, d0, d1, t0, t1, rows, names) -> RoutingTrace:
-        ids = self._col(shard, "expert_ids")[t0:t1]  # [n, L, k] uint8
+        ids = self._col(shard, "expert_ids")[t0:t1]  # [n, L, k] one byte an id
         if rows is not None:
             ids = ids[:, rows]
         lengths = self.doc_lengths[d0:d1]
@@ -412,14 +533,22 @@ class TraceStore:
                 arr = self._col(shard, col)[t0:t1]
                 opt[col] = (arr if rows is None else arr[:, rows]).transpose(1, 0, 2)
         meta = dict(self.meta)
-        meta["prompt_lengths"] = self.prompt_lengths[d0:d1].tolist()
+        for key in DOC_META:
+            if len(meta.get(key) or []) == self.n_docs:
+                meta[key] = meta[key][d0:d1]
+        prompt = self.prompt_lengths[d0:d1]
+        if (prompt >= 0).all():
+            meta["prompt_lengths"] = prompt.tolist()
+        else:
+            meta.pop("prompt_lengths", None)
         return RoutingTrace(
             token_ids=self._col(shard, "token_ids")[t0:t1], doc_ids=np.repeat(np.arange(d1 - d0), lengths),
             positions=self._col(shard, "positions")[t0:t1],
             expert_ids=np.ascontiguousarray(ids.transpose(1, 0, 2)),  # [L, n, k], still uint8: cheap to widen
             weights=opt.get("weights"), router_logits=opt.get("router_logits"),
             domains=[names[i] for i in self._doc_domains[d0:d1].tolist()],
-            layers=self.layers if rows is None else [self.layers[r] for r in rows], n_experts=self.n_experts, meta=meta)
+            layers=self.layers if rows is None else [self.layers[r] for r in rows], n_experts=self.n_experts, meta=meta,
+            rank_ordered=self.rank_ordered)
 
     def column(self, name: str, layer: int | None = None, progress: bool = False) -> np.ndarray:
         """A whole token column in memory (``token_ids``, ``positions``, ``generated``), or with
@@ -432,10 +561,6 @@ class TraceStore:
             parts.append(np.array(arr, dtype=np.int64 if name == "expert_ids" else arr.dtype))  # a copy
             self._release(i)
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-    def is_generated(self) -> np.ndarray:
-        """[N] bool: generated tokens (the ``generated`` column)."""
-        return self.column("generated")
 
     def to_trace(self, max_tokens: int | None = None, docs: Sequence[int] | None = None) -> RoutingTrace:
         """An in-memory trace of the first documents holding at most ``max_tokens`` tokens (at
@@ -463,6 +588,8 @@ class TraceStore:
         if not parts:
             raise ValueError("no documents selected")
         out = RoutingTrace.concat(parts)
+        if self.pieces is not None:
+            out.pieces = [p for d in docs.tolist() for p in self.pieces[self.doc_offsets[d]:self.doc_offsets[d + 1]]]
         out.meta["store"] = str(self.path)
         return out
 
@@ -509,3 +636,7 @@ class TraceStore:
 def open_store(path: str | os.PathLike) -> TraceStore:
     """Open a trace directory written by :func:`save_store` or :class:`TraceWriter`."""
     return TraceStore(path)
+
+
+# RoutingTrace.save / RoutingTrace.load write and read this form (trace.py cannot import this module)
+CHUNKED.update(save=save_store, pieces=write_pieces, open=TraceStore)

@@ -33,6 +33,7 @@ from torch import Tensor
 from ..devices import resolve_device
 from ..generation import generate_stream, left_pad
 from ..hooks import StopForward
+from ..provenance import provenance  # the demo model's label travels to every figure's title
 from ..version import __version__
 from . import bridge
 from .bridge import is_hf_model
@@ -145,12 +146,18 @@ class RoutingRecorder:
     def __init__(self, model, layers=None, keep_logits: bool = False):
 
         self.model, _ = unwrap(model)
-        ids = layer_ids(self.model)
+        all_ids = layer_ids(self.model)
+        self._block = {lid: i for i, lid in enumerate(all_ids)
+                       if self.model.blocks[i].moe is not None}  # MoE layers only (a dense layer has no router)
+        ids = list(self._block)
+        if not ids:
+            raise ValueError("this model has no MoE layer (every layer is dense: first_k_dense / dense_layers): "
+                             "there is no routing to trace")
         self.layers = list(ids) if layers is None else [int(l) for l in layers]
         bad = [l for l in self.layers if l not in ids]
         if bad:
-            raise ValueError(f"layer {bad[0]} is not in this model (its layers: {ids})")
-        self._block = {lid: i for i, lid in enumerate(ids)}
+            raise ValueError(f"layer {bad[0]} is not in this model (its layers: {all_ids})" if bad[0] not in all_ids
+                             else f"layer {bad[0]} is a dense layer (no router; MoE layers: {ids})")
         self.keep_logits = keep_logits
         self.records: dict[int, list] = {l: [] for l in self.layers}
         self._saved: list = []
@@ -250,6 +257,10 @@ class _MoeLabEngine(_Engine):
         p = self.model.output.weight
         meta = {"source": "moe_lab", "model_class": type(self.model).__name__,
                 "config": self.model.args.to_dict(), "dtype": str(p.dtype).replace("torch.", "")}
+
+        label = provenance(self.model)
+        if label:
+            meta["provenance"] = label
         if self.streaming:
             meta["model_class"] = type(self.call).__name__
             meta["checkpoint"] = str(getattr(getattr(self.call, "reader", None), "path", ""))

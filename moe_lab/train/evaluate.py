@@ -97,23 +97,29 @@ def evaluate_heldout(model: Mixtral, heldout: dict[str, np.ndarray], bos_id: int
 
 
 def routing_snapshot(model: Mixtral, probe: torch.Tensor) -> np.ndarray:
-    """Top-k experts chosen for every probe token [P, T] in every layer: uint8 [L, P*T, k]."""
+    """Top-k experts chosen for every probe token [P, T] in every layer: [L, P*T, k], uint8 (int16
+    where a design leaves a slot empty: -1, a token dropped by a capacity or not taken by expert
+    choice)."""
     trace = trace_routing(model, probe, batch_size=len(probe), progress=False)
-    return trace.expert_ids.astype(np.uint8)
+    ids = np.asarray(trace.expert_ids)
+    return ids.astype(np.int16 if (ids < 0).any() else np.uint8)
 
 
 def router_saturation(snapshot_indices: np.ndarray) -> np.ndarray:
     """OLMoE's router saturation over a run's router snapshots: for every snapshot s and layer l,
     the mean over probe tokens of |topk_s ∩ topk_final| / k, the share of each token's final experts
     already chosen at s. ``snapshot_indices`` [S, L, N, k] (the last is the final model) -> [S, L];
-    1 at the last snapshot by definition, about k/E for a router that has not learned yet."""
+    1 at the last snapshot by definition (less by the share of empty slots), about k/E for a router
+    that has not learned yet. An empty
+    slot (-1: a dropped token, expert choice) chooses no expert, so it never counts as a match."""
     idx = np.asarray(snapshot_indices).astype(np.int64)
     if idx.ndim != 4:
         raise ValueError(f"snapshot_indices must be [snapshots, layers, tokens, k], got shape {idx.shape}")
     S, L, N, k = idx.shape
     E = int(idx.max()) + 1
-    onehot = np.zeros((S, L, N, E), dtype=bool)  # [S, L, N, E] chosen experts
-    np.put_along_axis(onehot, idx, True, axis=-1)
+    onehot = np.zeros((S, L, N, E + 1), dtype=bool)  # [S, L, N, E + 1] chosen experts; the last column: empty
+    np.put_along_axis(onehot, np.where(idx < 0, E, idx), True, axis=-1)
+    onehot = onehot[..., :E]
     return (onehot & onehot[-1:]).sum(-1).mean(-1) / k
 
 

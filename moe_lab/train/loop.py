@@ -148,8 +148,8 @@ def training_step(model: Mixtral, opt: torch.optim.Optimizer, cfg: TrainConfig, 
         gn = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])))
     opt.step()
     E = cfg.model.n_experts
-    counts = torch.stack([torch.bincount(cache["topk_indices", l].flatten().cpu(), minlength=E)
-                          for l in cache.layers("topk_indices")])  # [L, E]
+    chosen = [cache["topk_indices", l].flatten().cpu() for l in cache.layers("topk_indices")]  # MoE layers
+    counts = torch.stack([torch.bincount(c[c >= 0], minlength=E) for c in chosen])  # [L, E]; -1: empty slot
     return parts, gn, counts
 
 
@@ -173,7 +173,7 @@ class _Run:
         self.log: list[dict] = []
         self.start, self.elapsed_before = 0, 0.0
         self.acc = _fresh_acc()
-        self.load_counts = torch.zeros(cfg.model.n_layers, cfg.model.n_experts, dtype=torch.long)
+        self.load_counts = torch.zeros(len(cfg.model.moe_layers), cfg.model.n_experts, dtype=torch.long)
         self.ckpt_path = out / CKPT_NAME if out is not None else None
         self.log_path = out / LOG_NAME if out is not None else None
         self.tokens_per_step = cfg.optim.batch_size * cfg.data.seq_len

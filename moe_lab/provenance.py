@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..demo import demo_model_dir
+from .demo import demo_model_dir
 
 __all__ = ["SYNTHETIC_FIXTURE", "DEMO_MODEL", "RANDOM_MODEL", "STAND_INS", "provenance", "mark", "is_stand_in",
            "headline"]
