@@ -199,21 +199,28 @@ def workshop_block(nbs: dict[str, dict], fast: dict) -> str:
 
 
 def summary_block(nbs: dict[str, dict], fast: dict) -> str:
-    lines = ["| notebook | fast mode | full mode | full mode executed on |", "|---|---:|---:|---|"]
+    lines = ["| notebook | fast mode | fast run's wall time (kernel start included) | full mode | full mode executed on |",
+             "|---|---:|---:|---:|---|"]
     for stem, nb in nbs.items():
         rows = section_times(nb)
         fr = _fast_rows(fast, stem)
         stamps = [c["metadata"]["execution"]["iopub.execute_input"][:10] for c in nb.get("cells", [])
                   if c.get("cell_type") == "code" and (c.get("metadata") or {}).get("execution", {}).get("iopub.execute_input")]
-        lines.append(f"| `{stem}` | {fmt(sum(r['seconds'] for r in fr.values()) if fr else None)} | "
+        run = fast.get("notebooks", {}).get(stem, {})
+        wall = fmt(run["wall_s"]) if "wall_s" in run else "n/a"
+        if "load" in run:
+            wall += f" (load {run['load']:g}, {run.get('date', '?')})"
+        lines.append(f"| `{stem}` | {fmt(sum(r['seconds'] for r in fr.values()) if fr else None)} | {wall} | "
                      f"{fmt(sum(r['seconds'] for r in rows), sum(r['untimed'] for r in rows))} | "
                      f"{max(stamps) if stamps else 'n/a'} |")
     meta = fast.get("measured")
     if meta:
         lines.append("")
-        lines.append(f"Fast mode measured {meta.get('date', '?')} on {meta.get('machine', '?')} "
+        lines.append(f"Fast mode last measured {meta.get('date', '?')} on {meta.get('machine', '?')} "
                      f"(`python scripts/instructor_times.py --fast`); full mode from the saved notebooks' cell timings "
-                     "(`python scripts/execute_notebooks.py`). Kernel time only: add 5-15 s per notebook for the kernel's start.")
+                     "(`python scripts/execute_notebooks.py`). Section times are kernel time; the wall time adds the "
+                     "kernel's start. On a shared machine the same notebook's times vary with the load (the wall "
+                     "column gives the 1-minute load average when a run ended, where recorded), up to about 2x on 2 cores.")
     return "\n".join(lines) + "\n"
 
 
@@ -306,7 +313,9 @@ def run_fast(paths: list[Path], out_dir: Path, timeout: int = 1200, failed: list
                     bar.close()
                 nbformat.write(nb, out_dir / path.name)
             wall = time.perf_counter() - t0
-            results[path.stem] = {"sections": section_times(json.loads(nbformat.writes(nb))), "wall_s": round(wall, 1)}
+            results[path.stem] = {"sections": section_times(json.loads(nbformat.writes(nb))), "wall_s": round(wall, 1),
+                                  "load": round(os.getloadavg()[0], 1),
+                                  "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")}
             print(f"{path.name}: fast run {wall:.0f} s (copy: {out_dir / path.name})", file=sys.stderr)
     finally:
         os.environ.clear()
