@@ -7,8 +7,8 @@
 
 Every slide names its notebook and cell (by cell id, and its index as saved). A figure slide takes
 the ``image/png`` output that ``scripts/execute_notebooks.py`` saved in that cell (the figures'
-static form), recompressed losslessly, and inlines it as a data: URI, so the deck is one offline
-HTML file: its own CSS and a few lines of JavaScript (arrow keys, space, Home/End, a slide
+static form, already reduced to 256 colours and optimised there: 5-100 kB each) as it is, and
+inlines it as a data: URI, so the deck is one offline HTML file: its own CSS and a few lines of JavaScript (arrow keys, space, Home/End, a slide
 counter), nothing loaded from the network. Printed (or exported to PDF) it gives one slide per page.
 
 The claims on the slides are the notebooks' own, worded short; a number on a slide is read from
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import io
 import json
 import re
 import sys
@@ -210,18 +209,6 @@ def cell_png(cell: dict) -> bytes | None:
     return None
 
 
-def shrink(png: bytes) -> bytes:
-    """The smaller of the PNG as saved and its lossless re-encoding (Pillow's optimize, palette kept)."""
-    try:
-        from PIL import Image
-    except ImportError:
-        return png
-    im = Image.open(io.BytesIO(png))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=True)
-    return min(png, buf.getvalue(), key=len)
-
-
 def slide_html(n: int, total: int, s: Slide, allow_missing: bool, warnings: list[str]) -> str:
     img, src = "", ""
     if s.notebook:
@@ -240,7 +227,7 @@ def slide_html(n: int, total: int, s: Slide, allow_missing: bool, warnings: list
                     raise SystemExit(f"build_slides: {msg}; run scripts/execute_notebooks.py on it, or --allow-missing")
                 warnings.append(msg)
             else:
-                data = base64.b64encode(shrink(png)).decode("ascii")
+                data = base64.b64encode(png).decode("ascii")
                 img = f'<div class="fig"><img alt="{html.escape(s.title)}" src="data:image/png;base64,{data}"></div>'
     else:
         header = '<div class="nb">moe_lab workshop</div>'
