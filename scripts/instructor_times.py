@@ -343,7 +343,13 @@ def main(argv=None) -> int:
     ap.add_argument("--guide", type=Path, default=GUIDE)
     ap.add_argument("--fast-json", type=Path, default=FAST_JSON)
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per cell in the fast run")
+    ap.add_argument("--notebooks-dir", type=Path, default=None, help="the notebooks' folder (default: this checkout's)")
     args = ap.parse_args(argv)
+    if args.notebooks_dir is not None:
+        global NOTEBOOKS
+        if not args.notebooks_dir.is_dir():
+            raise SystemExit(f"--notebooks-dir {args.notebooks_dir}: not a folder")
+        NOTEBOOKS = args.notebooks_dir
 
     known = notebook_paths()
     fast = json.loads(args.fast_json.read_text(encoding="utf-8")) if args.fast_json.exists() else {}
