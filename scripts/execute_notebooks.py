@@ -386,7 +386,7 @@ def run_one(path: Path, *, execute: bool, fast: bool, cell_timeout: int, html: s
             bar = tqdm(total=sum(c.cell_type == "code" for c in nb.cells), desc=path.name, unit="cell",
                        leave=False, file=sys.stderr)
         os.environ.update(kernel_env(fast, jobs))  # the kernel inherits this process's environment
-        client = NotebookClient(nb, timeout=cell_timeout, kernel_name="python3",
+        client = NotebookClient(nb, timeout=cell_timeout, kernel_name="python3", record_timing=True,  # per-cell times: scripts/instructor_times.py
                                 resources={"metadata": {"path": str(path.parent)}},
                                 on_cell_executed=(lambda **kw: bar.update()) if bar else None)
         try:
