@@ -1,0 +1,159 @@
+"""The lab's results, summarised: intervals over seeds, paired differences, and expert choice's leak.
+
+``summary_table`` turns the rows of ``results.jsonl`` into one line per recipe (mean and a 95%
+t-interval over the seeds of held-out CE; means of the other measures); ``paired_difference`` compares
+two recipes seed by seed (the same seed means the same batch order); ``causality_leak`` measures what
+expert choice does to a causal language model: change one token and count how many *earlier* tokens
+of the same sequence change their experts (a causal model, and any token-choice router, gives 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: Student t quantiles (two-sided 95%) by degrees of freedom; larger samples use the normal 1.96.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+MEASURES = ("ce", "tokens_per_s", "max_violation", "max_violation_train", "cv", "dropped_share", "experts_per_token",
+            "router_saturation_mid", "domain_tv", "domain_tv_null", "vocab_specialization")
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of ``results.jsonl`` (a file, or the lab's output folder holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.jsonl"
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no lab results here (run python -m moe_lab.lab run --out {p.parent})")
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def interval(values) -> tuple[float, float, float]:
+    """(mean, low, high): a 95% t-interval of the mean over seeds (low = high = mean for one value)."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+    if len(v) == 0:
+        return (math.nan, math.nan, math.nan)
+    m = float(v.mean())
+    if len(v) == 1:
+        return (m, m, m)
+    half = T95.get(len(v) - 1, 1.96) * float(v.std(ddof=1)) / math.sqrt(len(v))
+    return (m, m - half, m + half)
+
+
+def summary_table(rows: list[dict], order=None):
+    """One line per recipe: seeds ok / failed (and why), CE mean with its interval, the other measures' means."""
+    import pandas as pd
+
+    from .recipes import RECIPES
+
+    names = list(order or RECIPES)
+    names += [r["recipe"] for r in rows if r["recipe"] not in names]
+    out = []
+    for name in dict.fromkeys(names):
+        rs = [r for r in rows if r["recipe"] == name]
+        if not rs:
+            continue
+        ok = [r for r in rs if r.get("status") == "ok"]
+        line = {"recipe": name, "seeds_ok": len(ok), "failed": "; ".join(f"seed {r['seed']}: {r['reason']}" for r in rs
+                                                                        if r.get("status") != "ok")}
+        m, lo, hi = interval([r["ce"] for r in ok])
+        line.update({"ce": m, "ce_low": lo, "ce_high": hi, "ce_half": (hi - lo) / 2})
+        for k in MEASURES[1:]:
+            vals = [r[k] for r in ok if r.get(k) is not None]
+            line[k] = float(np.mean(vals)) if vals else math.nan
+        if ok:
+            line["params_active"], line["params_total"] = ok[0]["params"]["active"], ok[0]["params"]["total"]
+        out.append(line)
+    return pd.DataFrame(out).set_index("recipe")
+
+
+def paired_difference(rows: list[dict], a: str, b: str, measure: str = "ce") -> dict:
+    """``a - b`` seed by seed (the seeds both finished): mean, 95% t-interval, n, and whether the interval
+    excludes 0 ("beyond seed noise")."""
+    va = {r["seed"]: r.get(measure) for r in rows if r["recipe"] == a and r.get("status") == "ok"}
+    vb = {r["seed"]: r.get(measure) for r in rows if r["recipe"] == b and r.get("status") == "ok"}
+    seeds = sorted(s for s in set(va) & set(vb) if va[s] is not None and vb[s] is not None)
+    m, lo, hi = interval([va[s] - vb[s] for s in seeds])
+    return {"a": a, "b": b, "measure": measure, "diff": m, "low": lo, "high": hi, "n": len(seeds),
+            "beyond_noise": bool(len(seeds) > 1 and (lo > 0 or hi < 0))}
+
+
+@torch.no_grad()
+def routing_sets(model, tokens: torch.Tensor) -> torch.Tensor:
+    """[L, B, T, E] bool: which experts process each token in each MoE layer (empty slots left out)."""
+    _, cache = model.run_with_cache(tokens, names_filter=["topk_indices"])
+    layers = cache.layers("topk_indices")
+    B, T = tokens.shape
+    out = []
+    for l in layers:
+        idx = cache["topk_indices", l].reshape(B, T, -1)
+        E = model.args.n_experts
+        onehot = torch.zeros(B, T, E + 1, dtype=torch.bool)
+        onehot.scatter_(-1, idx.clamp(min=-1) % (E + 1), True)  # -1 -> column E, dropped below
+        out.append(onehot[..., :E])
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def causality_leak(model, tokens: torch.Tensor, n_changes: int = 8, seed: int = 0) -> dict:
+    """Change the token at a random position t of each sequence (to a random other id) and count the
+    tokens *before* t whose set of experts changes, in any MoE layer and in the first one.
+
+    In a causal model a token's hidden state depends only on itself and earlier tokens, so with
+    token-choice routing (top-k, or a capacity filled in token order with one choice per token) no
+    earlier token can change: the share is exactly 0. Expert choice ranks each expert's candidates
+    over the whole sequence, so a later token can push an earlier one out of (or into) an expert.
+    Returns shares over (changed sequence, earlier token) pairs and the number of pairs."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    B, T = tokens.shape
+    base = routing_sets(model, tokens)
+    changed_any = changed_first = pairs = 0
+    for _ in range(n_changes):
+        t = torch.randint(T // 4, T, (B,), generator=g)
+        edited = tokens.clone()
+        new = torch.randint(2, model.args.vocab_size, (B,), generator=g)
+        edited[torch.arange(B), t] = torch.where(new == tokens[torch.arange(B), t], (new + 1) % model.args.vocab_size, new)
+        after = routing_sets(model, edited)
+        diff = (after != base).any(-1)  # [L, B, T] the expert set changed
+        earlier = torch.arange(T)[None, :] < t[:, None]  # [B, T]
+        changed_any += int((diff.any(0) & earlier).sum())
+        changed_first += int((diff[0] & earlier).sum())
+        pairs += int(earlier.sum())
+    return {"share_earlier_changed": changed_any / max(pairs, 1), "share_earlier_changed_layer0": changed_first / max(pairs, 1),
+            "earlier_tokens": pairs}
+
+
+def lab_causality(work: str | os.PathLike, out: str | os.PathLike, recipes=("expert_choice", "mixtral_aux", "switch_cf1.0"),
+                  windows_per_domain: int = 2, n_changes: int = 8, scale=None) -> list[dict]:
+    """:func:`causality_leak` of the lab's trained models (final checkpoints under ``work``) on held-out
+    windows, written to ``out/causality.json``: expert choice and two token-choice controls."""
+    from ..model import Mixtral
+    from ..train import TrainConfig
+    from ..train.data import inputs_targets, prepare_data
+    from .recipes import FULL
+    from .run import Lab
+
+    lab = Lab(out, work, scale or FULL, progress=False)
+    rows = []
+    for d in sorted(Path(work).glob("*-s*")):
+        name, seed = d.name.rsplit("-s", 1)
+        if name not in recipes or not (d / "checkpoint.pt").exists():
+            continue
+        ck = torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=False)
+        cfg = TrainConfig.from_dict(ck["config"])
+        if ck["step"] != cfg.optim.steps:
+            continue  # not finished
+        model = Mixtral(cfg.model)
+        model.load_state_dict(ck["model"])
+        data = prepare_data(cfg, d, lab.corpus, lab.tokenizer, progress=False)
+        x, _ = inputs_targets(np.concatenate([w[:windows_per_domain] for w in data.heldout.values()]), data.bos_id)
+        rows.append({"recipe": name, "seed": int(seed), **causality_leak(model, x, n_changes, seed=int(seed))})
+    (Path(out) / "causality.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
