@@ -157,3 +157,102 @@ def lab_causality(work: str | os.PathLike, out: str | os.PathLike, recipes=("exp
         rows.append({"recipe": name, "seed": int(seed), **causality_leak(model, x, n_changes, seed=int(seed))})
     (Path(out) / "causality.json").write_text(json.dumps(rows, indent=1) + "\n")
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# The papers' questions: their claim (stated) next to our measurement (derived from the lab's rows)
+
+#: question -> (paper, what it states). "stated": the paper's own words or numbers, not re-measured here.
+CLAIMS = {
+    "bias balancing": ("Wang et al. 2024 (arXiv 2408.15664), used by DeepSeek-V3",
+                       "a per-expert selection bias updated by +-gamma outside autograd gives a lower MaxVio than the "
+                       "auxiliary loss AND a lower perplexity (1B and 3B models)"),
+    "capacity": ("Switch Transformer (Fedus et al. 2021)",
+                 "capacity factors 1.0-1.25 work well; a lower factor drops more tokens (they pass through the "
+                 "residual) but costs less compute and memory"),
+    "MoE vs dense": ("Switch Transformer (Fedus et al. 2021); Mixtral (Jiang et al. 2024)",
+                     "at the same compute per token an MoE learns faster than its dense twin (Switch: up to 7x "
+                     "pre-training speed-up over T5); Mixtral's 13B active parameters match or beat Llama 2 70B"),
+    "upcycling": ("Komatsuzaki et al. 2023; Drop-Upcycling (Nakamura et al., ICLR 2025); OLMoE's discussion",
+                  "experts copied from one dense FFN start identical and specialise less than experts trained "
+                  "from scratch; re-initialising part of each expert (Drop-Upcycling, r = 0.5) restores diversity"),
+    "fine-grained + shared": ("DeepSeekMoE (Dai et al. 2024)",
+                              "many small experts plus shared ones: DeepSeekMoE 2B is comparable to GShard 2.9B "
+                              "(1.5x the expert parameters and compute)"),
+    "expert choice": ("Expert choice (Zhou et al. 2022)",
+                      "more than 2x faster training convergence than Switch top-1 and GShard top-2; a variable "
+                      "number of experts per token, balanced by construction"),
+}
+
+
+def _fmt(d: dict, digits: int = 3) -> str:
+    if d["n"] == 0:
+        return "n/a (no paired seeds)"
+    iv = f" [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]" if d["n"] > 1 else " (one seed: no interval)"
+    return f"{d['diff']:+.{digits}f}{iv}"
+
+
+def _noise(d: dict) -> str:
+    if d["n"] < 2:
+        return "one seed: cannot tell"
+    return "beyond seed noise" if d["beyond_noise"] else "within seed noise"
+
+
+def claims_table(rows: list[dict]):
+    """One line per question: the paper, its claim (stated), our measurement (derived from the rows, paired
+    by seed: differences with their 95% intervals) and whether the paper's direction reproduced here."""
+    import pandas as pd
+
+    pd_ = lambda a, b, m="ce": paired_difference(rows, a, b, m)  # noqa: E731
+    out = []
+
+    def add(q, measured, direction):
+        paper, says = CLAIMS[q]
+        out.append({"question": q, "paper": paper, "paper says (stated)": says,
+                    "we measured (derived, a - b over seeds)": measured, "direction reproduced here": direction})
+
+    mv = pd_("v3_bias", "mixtral_aux", "max_violation")
+    mvt = pd_("v3_bias", "mixtral_aux", "max_violation_train")
+    mv0 = pd_("v3_bias", "mixtral_noaux", "max_violation")
+    ce = pd_("v3_bias", "mixtral_aux")
+    lower = mv["n"] > 0 and mv["diff"] < 0
+    add("bias balancing",
+        f"MaxVio (held-out) bias - aux loss {_fmt(mv, 2)}, (training batches) {_fmt(mvt, 2)}; bias - no balancing "
+        f"{_fmt(mv0, 2)}; CE bias - aux loss {_fmt(ce)} ({_noise(ce)})",
+        f"MaxVio lower than with the aux loss: {'yes' if lower else 'no'}"
+        + (f" ({_noise(mv)}); " if mv["n"] > 1 else "; ")
+        + ("CE better" if ce["n"] and ce["diff"] < 0 and ce["beyond_noise"] else
+           "CE worse" if ce["beyond_noise"] else "CE the same within seed noise"))
+    dr = pd_("switch_cf1.0", "switch_cf1.25", "dropped_share")
+    c = pd_("switch_cf1.0", "switch_cf1.25")
+    add("capacity", f"dropped share 1.0 - 1.25 {_fmt(dr)}; CE 1.0 - 1.25 {_fmt(c)} ({_noise(c)})",
+        ("capacity 1.0 drops more" if dr["n"] and dr["diff"] > 0 else "capacity 1.0 does not drop more")
+        + ("; and costs loss" if c["beyond_noise"] and c["diff"] > 0 else "; no loss cost beyond seed noise"
+           if not c["beyond_noise"] else "; and gains loss"))
+    a = pd_("mixtral_aux", "dense_active")
+    t = pd_("mixtral_aux", "dense_total")
+    add("MoE vs dense", f"CE top-2 of 8 - dense equal active {_fmt(a)} ({_noise(a)}); - dense equal total {_fmt(t)} "
+                        f"({_noise(t)})",
+        "MoE better than dense at equal active parameters" if a["beyond_noise"] and a["diff"] < 0 else
+        "MoE not better than dense at equal active parameters (beyond seed noise)")
+    sp = pd_("upcycled", "mixtral_aux", "domain_tv")
+    sd = pd_("drop_upcycled", "upcycled", "domain_tv")
+    vs = pd_("upcycled", "mixtral_aux", "vocab_specialization")
+    cu = pd_("upcycled", "mixtral_aux")
+    add("upcycling", f"domain TV (specialisation by domain) upcycled - scratch {_fmt(sp)}; drop - copy {_fmt(sd)}; "
+                     f"vocabulary specialisation upcycled - scratch {_fmt(vs)}; CE upcycled - scratch {_fmt(cu)}",
+        ("upcycled experts specialise less by domain" if sp["n"] and sp["diff"] < 0 and sp["beyond_noise"] else
+         "upcycled experts do not specialise less by domain (beyond seed noise)")
+        + ("; Drop-Upcycling specialises more than copying" if sd["beyond_noise"] and sd["diff"] > 0 else
+           "; Drop-Upcycling not more specialised than copying (beyond seed noise)"))
+    f = pd_("finegrained_shared", "mixtral_aux")
+    add("fine-grained + shared", f"CE fine-grained + shared - top-2 of 8 {_fmt(f)} ({_noise(f)})",
+        "fine-grained + shared better at equal active parameters" if f["beyond_noise"] and f["diff"] < 0 else
+        "fine-grained + shared not better (beyond seed noise)")
+    e1 = pd_("expert_choice", "mixtral_aux")
+    e2 = pd_("expert_choice", "switch_cf1.25")
+    add("expert choice", f"CE expert choice - top-2 {_fmt(e1)} ({_noise(e1)}); - Switch 1.25 {_fmt(e2)} ({_noise(e2)}); "
+                         "but its CE is not a causal LM's (section 6)",
+        ("lower CE than top-2" if e1["beyond_noise"] and e1["diff"] < 0 else "not lower CE than top-2 beyond noise")
+        + " (not comparable: expert choice sees later tokens)")
+    return pd.DataFrame(out).set_index("question")
