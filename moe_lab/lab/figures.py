@@ -14,11 +14,11 @@ from ..moe import MoE
 
 #: design name -> ModelArgs overrides for the routing pictures (8 experts, 12 tokens)
 PICTURES = {
-    "Mixtral: top-2 of 8": {},
-    "Switch: top-1, capacity 1.0": dict(experts_per_token=1, router_renormalise=False, capacity_factor=1.0),
-    "DeepSeek-V3: sigmoid + selection bias": dict(router_score="sigmoid", selection_bias=True),
-    "expert choice: each expert takes c tokens": dict(router="expert_choice", capacity_factor=1.0),
-    "fine-grained 32 (top-7) + shared": dict(n_experts=32, experts_per_token=7, n_shared_experts=1, hidden_dim=4),
+    "Mixtral top-2 of 8": {},
+    "Switch top-1, capacity 1.0": dict(experts_per_token=1, router_renormalise=False, capacity_factor=1.0),
+    "V3 sigmoid + selection bias": dict(router_score="sigmoid", selection_bias=True),
+    "expert choice (c = 3)": dict(router="expert_choice", capacity_factor=1.0),
+    "fine-grained: top-7 of 32 + shared": dict(n_experts=32, experts_per_token=7, n_shared_experts=1, hidden_dim=4),
 }
 
 
@@ -142,6 +142,6 @@ def ce_figure(table, title: str):
                                                                               array=t.ce_high - t.ce,
                                                                               arrayminus=t.ce - t.ce_low),
                                hovertemplate="%{y}: %{x:.4f}<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title="held-out cross-entropy (nats/token, reduced vocabulary)",
+    fig.update_layout(title=dict(text=title, font=dict(size=13)), xaxis_title="held-out cross-entropy (nats/token, reduced vocabulary)",
                       yaxis=dict(autorange="reversed"), height=420, width=820)
     return fig
