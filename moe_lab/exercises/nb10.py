@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from ..lab.summary import interval
-from ..moe import routers
+from ..model import ModelArgs
+from ..moe import MoE, routers
 from .arrays import to_array, to_number
 from .feedback import Feedback, correct, is_todo, todo, wrong
 
@@ -143,9 +144,6 @@ def check_expert_choice(fn, logits, capacity: int) -> Feedback:
 
 def _bias_step(bias, load, rate) -> np.ndarray:
     """The block's own update (``MoE.update_selection_bias``) applied to a bias and a load."""
-    from ..model import ModelArgs
-    from ..moe import MoE
-
     bias_t = torch.as_tensor(np.asarray(bias, dtype=np.float32))
     E = len(bias_t)
     moe = MoE(ModelArgs(dim=2, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=2, vocab_size=2, hidden_dim=1,

@@ -9,6 +9,7 @@ import torch
 
 from .recipes import FULL, MINI
 from .run import SEEDS, run_lab, write_command
+from .summary import lab_causality
 
 
 def main(argv=None):
@@ -25,7 +26,6 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     scale = MINI if a.mini else FULL
     if a.cmd == "leak":
-        from .summary import lab_causality
         for row in lab_causality(a.work, a.out, scale=scale):
             print(row)
         return

@@ -11,6 +11,8 @@ import torch
 from ..hooks import name_hook_points, run_with_cache
 from ..model import ModelArgs
 from ..moe import MoE
+from ..moe.designs import design_changes
+from ..moe.twins import moe_from_transformers
 
 #: design name -> ModelArgs overrides for the routing pictures (8 experts, 12 tokens)
 PICTURES = {
@@ -114,9 +116,6 @@ def random_hf_block(family: str, seed: int = 0):
 def twin_check(family: str, seed: int = 0) -> dict:
     """The transformers block of ``family`` and its moe_lab twin on the same random hidden states
     [3, 10, 16]: the max |difference| of the outputs, and the twin's design fields."""
-    from ..moe.twins import moe_from_transformers
-    from ..moe.designs import design_changes
-
     block = random_hf_block(family, seed)
     twin = moe_from_transformers(block).eval()
     x = torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(seed + 1))

@@ -17,6 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..model import Mixtral
+from ..train import TrainConfig
+from ..train.data import inputs_targets, prepare_data
+from .recipes import FULL, RECIPES
+from .run import Lab
+
 #: Student t quantiles (two-sided 95%) by degrees of freedom; larger samples use the normal 1.96.
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -49,8 +55,6 @@ def interval(values) -> tuple[float, float, float]:
 def summary_table(rows: list[dict], order=None):
     """One line per recipe: seeds ok / failed (and why), CE mean with its interval, the other measures' means."""
     import pandas as pd
-
-    from .recipes import RECIPES
 
     names = list(order or RECIPES)
     names += [r["recipe"] for r in rows if r["recipe"] not in names]
@@ -134,12 +138,6 @@ def lab_causality(work: str | os.PathLike, out: str | os.PathLike, recipes=("exp
                   windows_per_domain: int = 2, n_changes: int = 8, scale=None) -> list[dict]:
     """:func:`causality_leak` of the lab's trained models (final checkpoints under ``work``) on held-out
     windows, written to ``out/causality.json``: expert choice and two token-choice controls."""
-    from ..model import Mixtral
-    from ..train import TrainConfig
-    from ..train.data import inputs_targets, prepare_data
-    from .recipes import FULL
-    from .run import Lab
-
     lab = Lab(out, work, scale or FULL, progress=False)
     rows = []
     for d in sorted(Path(work).glob("*-s*")):

@@ -13,6 +13,8 @@ import hashlib
 
 import numpy as np
 
+from ..tokenizer import load_tokenizer
+
 UNK, BOS = 0, 1
 
 
@@ -47,8 +49,6 @@ class ReducedTokenizer:
 
 def reduced_tokenizer(corpus, size: int, base=None) -> ReducedTokenizer:
     """The ``size - 2`` ids most frequent in ``corpus.train`` (ties by id) kept, the rest UNK."""
-    from ..tokenizer import load_tokenizer
-
     base = base or load_tokenizer()
     counts = np.zeros(base.vocab_size, dtype=np.int64)
     texts = [d.text for d in corpus.train]
