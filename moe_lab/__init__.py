@@ -9,6 +9,7 @@ The package, by folder (imports only go down this list; ``docs/DESIGN.md`` has t
 * ``routing/``: routing traces, tracing, interventions and the transformers bridge;
 * ``analysis.py``, ``viz.py``, ``widgets.py``: analyses with baselines, figures, the explorer;
 * ``train/``, ``corpus/``: the training loop and the corpus that made the demo model.
+* ``lab/``: the design-space lab (``python -m moe_lab.lab run``): every MoE recipe trained side by side (notebook 10).
 """
 
 import sys as _sys

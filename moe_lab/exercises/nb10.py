@@ -1,0 +1,211 @@
+"""Exercises of notebook 10 · The MoE design space.
+
+Each checker computes the reference with the code the lab runs (``moe_lab.moe.routers``, the block's
+``update_selection_bias``, ``moe_lab.lab.summary.interval``), says what kind of wrong an answer is, and
+never prints the reference value. 10.1 and 10.2 are by hand: they take the learner's function and run
+it on inputs of their own as well as on the notebook's.
+
+* 10.1 :func:`check_capacity_drops`  Switch's capacity: which tokens an expert keeps, in token order
+* 10.2 :func:`check_expert_choice`   expert choice: each expert's top-c tokens of the sequence
+* 10.3 :func:`check_bias_update`     DeepSeek-V3's selection-bias update, one step
+* 10.4 :func:`check_seed_interval`   the half width of a 95% interval over seeds
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..lab.summary import interval
+from ..model import ModelArgs
+from ..moe import MoE, routers
+from .arrays import to_array, to_number
+from .feedback import Feedback, correct, is_todo, todo, wrong
+
+
+def _kept(indices: torch.Tensor, n_experts: int, capacity: int) -> np.ndarray:
+    """[T] bool: the top-1 choices ``indices`` [T] an expert keeps at ``capacity`` (the block's rule)."""
+    idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1, 1)
+    kept, _ = routers.drop_overflow(idx, torch.ones(idx.shape), n_experts, capacity)
+    return (kept[:, 0] >= 0).numpy()
+
+
+def _differ(expected: np.ndarray, got: np.ndarray, what: str) -> str:
+    return f"{int((expected != got).sum())} of {expected.size} {what} differ"
+
+
+def _call(name: str, fn, args, what: str):
+    """(answer as array or None, Feedback or None): run the learner's function, turning errors into feedback."""
+    if is_todo(fn) or not callable(fn):
+        return None, todo(name, f"write a function {what} and pass it (the function itself, not its result).")
+    try:
+        out = fn(*args)
+    except Exception as e:  # the learner's code: say what it raised
+        return None, wrong(name, f"your function raised {type(e).__name__}: {e}", f"it should be {what}.")
+    if is_todo(out):
+        return None, todo(name, "your function returns None: fill in its body.")
+    arr = to_array(out)
+    if arr is None:
+        return None, wrong(name, f"your function returned a {type(out).__name__}, not an array.", f"it should be {what}.")
+    return arr, None
+
+
+def check_capacity_drops(fn, indices, n_experts: int, capacity: int) -> Feedback:
+    """10.1, by hand: ``fn(indices, n_experts, capacity) -> [T] bool``: for top-1 choices ``indices`` [T]
+    of one sequence, which tokens their expert keeps when each expert takes at most ``capacity`` tokens,
+    first come first served in token order (Switch). Checked on the checker's choices and on yours."""
+    name = "Exercise 10.1 (capacity)"
+    what = "fn(indices, n_experts, capacity) -> bool array [T]"
+    hint = "go through the tokens in order and count, per expert, how many it has taken so far."
+    g = torch.Generator().manual_seed(10)
+    own = torch.cat([torch.zeros(6, dtype=torch.long), torch.randint(0, n_experts, (18,), generator=g)])
+    own = own[torch.randperm(len(own), generator=g)]
+    for idx in (own, torch.as_tensor(indices, dtype=torch.long).reshape(-1)):
+        arr, bad = _call(name, fn, (idx.clone(), n_experts, capacity), what)
+        if bad is not None:
+            return bad
+        expected = _kept(idx, n_experts, capacity)
+        if arr.shape != expected.shape:
+            return wrong(name, f"your mask has shape {arr.shape}, one value per token is shape {expected.shape}.", hint)
+        got = arr.astype(bool)
+        if np.array_equal(got, expected):
+            continue
+        where = " (on the checker's own choices)" if idx is own else ""
+        if got.all():
+            return wrong(name, "you kept every token: the capacity drops the overflow" + where + ".", hint)
+        if np.array_equal(got, _kept(idx.flip(0), n_experts, capacity)[::-1]):
+            return wrong(name, "you kept the *last* tokens of each expert; Switch keeps the first ones (token order)" + where + ".",
+                         hint)
+        if np.array_equal(got, _kept(idx, n_experts, capacity - 1)):
+            return wrong(name, "one token too few per expert: an expert keeps `capacity` tokens, not capacity - 1" + where + ".",
+                         hint)
+        if np.array_equal(got, _kept(idx, n_experts, capacity + 1)):
+            return wrong(name, "one token too many per expert: stop at `capacity`" + where + ".", hint)
+        return wrong(name, _differ(expected, got, "tokens") + where + ".", hint)
+    dropped = int((~expected).sum())
+    return correct(name, f"right on the checker's choices and on yours ({dropped} of {len(expected)} tokens "
+                         f"pass through the residual only).")
+
+
+def _chosen(logits: torch.Tensor, capacity: int) -> np.ndarray:
+    """[T, E] bool: expert choice's assignment of one sequence (the block's rule)."""
+    _, idx, _ = routers.expert_choice(logits, capacity)
+    T, E = logits.shape
+    out = np.zeros((T, E), dtype=bool)
+    for t, row in enumerate(idx.tolist()):
+        for e in row:
+            if e >= 0:
+                out[t, e] = True
+    return out
+
+
+def check_expert_choice(fn, logits, capacity: int) -> Feedback:
+    """10.2, by hand: ``fn(logits, capacity) -> [T, E] bool``: for router logits [T, E] of one sequence,
+    which tokens each expert takes when every expert takes the ``capacity`` tokens with the highest
+    softmax probability (softmax over the experts) for it (expert choice)."""
+    name = "Exercise 10.2 (expert choice)"
+    what = "fn(logits, capacity) -> bool array [T, E]"
+    hint = "first the probabilities (softmax over the experts of each token), then, for each expert (column), its top-c tokens."
+    g = torch.Generator().manual_seed(11)
+    own = torch.randn(16, 4, generator=g) * 2 + torch.linspace(0, 2, 16)[:, None] * torch.tensor([1.0, -1.0, 0.5, 0.0])
+    for lg in (own, torch.as_tensor(logits, dtype=torch.float32)):
+        arr, bad = _call(name, fn, (lg.clone(), capacity), what)
+        if bad is not None:
+            return bad
+        expected = _chosen(lg, capacity)
+        where = " (on the checker's own logits)" if lg is own else ""
+        if arr.shape != expected.shape:
+            return wrong(name, f"your mask has shape {arr.shape}; [tokens, experts] is {expected.shape}" + where + ".", hint)
+        got = arr.astype(bool)
+        if np.array_equal(got, expected):
+            continue
+        k = max(1, round(capacity * lg.shape[1] / lg.shape[0]))
+        tc = np.zeros_like(expected)
+        np.put_along_axis(tc, lg.topk(k, dim=-1).indices.numpy(), True, axis=-1)
+        if np.array_equal(got, tc) or (got.sum(1) == got.sum(1)[0]).all() and not (got.sum(0) == capacity).all():
+            return wrong(name, "each *token* chose its experts: that is token choice. Here each expert (column) chooses" + where + ".",
+                         hint)
+        raw = np.zeros_like(expected)
+        np.put_along_axis(raw, lg.topk(capacity, dim=0).indices.numpy(), True, axis=0)
+        if np.array_equal(got, raw):
+            return wrong(name, "you ranked the raw logits; expert choice ranks the softmax probabilities (a token's "
+                               "logits are compared with its other experts' first)" + where + ".", hint)
+        if not (got.sum(0) == capacity).all():
+            return wrong(name, f"every expert takes exactly capacity = {capacity} tokens; some columns of yours do not" + where + ".",
+                         hint)
+        return wrong(name, _differ(expected, got, "(token, expert) pairs") + where + ".", hint)
+    per_token = expected.sum(1)
+    return correct(name, f"right on the checker's logits and on yours; here tokens got between {per_token.min()} and "
+                         f"{per_token.max()} experts ({int((per_token == 0).sum())} tokens got none), and every "
+                         "expert exactly its capacity.")
+
+
+def _bias_step(bias, load, rate) -> np.ndarray:
+    """The block's own update (``MoE.update_selection_bias``) applied to a bias and a load."""
+    bias_t = torch.as_tensor(np.asarray(bias, dtype=np.float32))
+    E = len(bias_t)
+    moe = MoE(ModelArgs(dim=2, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=2, vocab_size=2, hidden_dim=1,
+                        n_experts=E, experts_per_token=1, selection_bias=True, selection_bias_rate=float(rate)))
+    moe.selection_bias.copy_(bias_t)
+    counts = np.asarray(load, dtype=np.int64)
+    moe.update_selection_bias(torch.as_tensor(np.repeat(np.arange(E), counts)).reshape(-1, 1))
+    return moe.selection_bias.double().numpy()
+
+
+def check_bias_update(answer, bias, load, rate: float) -> Feedback:
+    """10.3: ``answer`` [E]: the selection bias after one DeepSeek-V3 update from ``bias`` [E], given the
+    tokens each expert received in the batch, ``load`` [E] (counts), and the update speed ``rate``."""
+    name = "Exercise 10.3 (bias update)"
+    hint = "an expert with fewer tokens than the mean load gets a higher bias (so it is chosen more), by `rate`."
+    if is_todo(answer):
+        return todo(name, hint)
+    got = to_array(answer)
+    expected = _bias_step(bias, load, rate)
+    if got is None or got.shape != expected.shape:
+        return wrong(name, f"one new bias per expert: an array of {len(expected)} numbers.", hint)
+    if np.allclose(got, expected, atol=1e-6):
+        return correct(name, "right: a fixed step of `rate` towards balance, whatever the size of the imbalance "
+                             "(only its sign counts).")
+    b = np.asarray(bias, dtype=np.float64)
+    if np.allclose(got, 2 * b - expected, atol=1e-6):
+        return wrong(name, "the sign is flipped: you raised the bias of overloaded experts.", hint)
+    load = np.asarray(load, dtype=np.float64)
+    if np.allclose(got, b + rate * (load.mean() - load), atol=1e-6):
+        return wrong(name, "the step is rate * sign(mean - load), not rate * (mean - load): only the direction counts.",
+                     hint)
+    if np.allclose(got, expected - b, atol=1e-6):
+        return wrong(name, "that is the change; add it to the old bias.", hint)
+    return wrong(name, _differ(np.round(expected, 6), np.round(got, 6), "experts' biases") + ".", hint)
+
+
+def check_seed_interval(answer, values) -> Feedback:
+    """10.4: ``answer`` (a number): the half width of the 95% t-interval of the mean of ``values``
+    (one held-out CE per seed), as the lab's summary computes it."""
+    name = "Exercise 10.4 (interval over seeds)"
+    hint = "t quantile (two-sided 95%, n - 1 degrees of freedom) x sample standard deviation / sqrt(n)."
+    if is_todo(answer):
+        return todo(name, hint)
+    got = to_number(answer)
+    if got is None:
+        return wrong(name, "one number: the half width.", hint)
+    v = np.asarray(values, dtype=np.float64)
+    n = len(v)
+    m, lo, hi = interval(v)
+    half = (hi - lo) / 2
+    close = lambda x: math.isclose(got, x, rel_tol=1e-4, abs_tol=1e-9)  # noqa: E731
+    if close(half):
+        return correct(name, f"right: with {n} seeds the t quantile is more than twice the normal 1.96, so three "
+                             "seeds give wide intervals.")
+    sd = v.std(ddof=1)
+    if close(1.96 * sd / math.sqrt(n)):
+        return wrong(name, "you used the normal quantile 1.96; with so few seeds use Student's t (n - 1 degrees of "
+                           "freedom).", hint)
+    if close(half * v.std(ddof=0) / sd):
+        return wrong(name, "your standard deviation divides by n; the sample standard deviation divides by n - 1.", hint)
+    if close(half * math.sqrt(n)):
+        return wrong(name, "that is a spread of single seeds: divide by sqrt(n) for the mean's interval.", hint)
+    if close(hi - lo):
+        return wrong(name, "that is the whole width; the half width is half of it.", hint)
+    return wrong(name, "not equal to the reference.", hint)
