@@ -11,6 +11,8 @@ Hints come in two levels: a nudge, then the method (``Feedback.method``), never 
 * 10.2 :func:`check_expert_choice`   expert choice: each expert's top-c tokens of the sequence
 * 10.3 :func:`check_bias_update`     DeepSeek-V3's selection-bias update, one step
 * 10.4 :func:`check_seed_interval`   the half width of a 95% interval over seeds
+* 10.5 :func:`check_capacity_overflow`  (multiple choice) why capacity 1.0 still drops tokens
+* 10.6 :func:`check_expert_choice_decoding`  (multiple choice) why expert choice cannot decode token by token
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..moe import MoE, routers
 from .arrays import to_array, to_number
 from .byhand import run_by_hand
 from .feedback import Feedback, correct, is_todo, todo, wrong
+from .questions import choice
 
 
 def _kept(indices: torch.Tensor, n_experts: int, capacity: int) -> np.ndarray:
@@ -225,3 +228,46 @@ def check_seed_interval(answer, values) -> Feedback:
     if close(hi - lo):
         return wrong(name, "that is the whole width; the half width is half of it.", hint, method)
     return wrong(name, "not equal to the reference.", hint, method)
+
+
+def check_capacity_overflow(answer) -> Feedback:
+    """10.5 (multiple choice): with capacity factor 1.0 every Switch expert may take exactly the balanced
+    share of a sequence's tokens, yet section 4's table shows a large share of (token, layer) pairs dropped.
+    Why?"""
+    name = "Exercise 10.5 (why capacity 1.0 drops tokens)"
+    options = {"a": "the capacity is counted over the whole batch, so long sequences crowd out short ones",
+               "b": "no sequence is routed exactly evenly: an over-chosen expert drops every token past its share, "
+                    "and the room left in under-chosen experts is not given to anyone",
+               "c": "the tokens with the lowest router probability are the ones dropped",
+               "d": "the Switch recipes train without a balancing loss"}
+    why_not = {"a": "the capacity is per sequence (the block's group is one sequence), and every sequence has the "
+                    "same length here.",
+               "c": "Switch keeps each expert's first tokens in token order, whatever their probability (10.1).",
+               "d": "both Switch recipes train with the auxiliary loss (coefficient 0.01, section 3); it lowers the "
+                    "imbalance on average but cannot make every sequence exactly even."}
+    return choice(name, answer, options, "b", why_not,
+                  why="a capacity of exactly the mean leaves no slack: any imbalance becomes drops, which is why "
+                      "Switch uses factors above 1 (1.25 drops less in the table).",
+                  hint="what happens in one sequence where one expert is chosen a little more often than average?",
+                  method="count, in your 10.1 answer, the tokens chosen per expert (np.bincount) next to the "
+                         "capacity: the drops are the excess of the over-chosen experts, while others stay below it.")
+
+
+def check_expert_choice_decoding(answer) -> Feedback:
+    """10.6 (multiple choice): why can expert choice, as trained in the lab, not generate text one token at
+    a time?"""
+    name = "Exercise 10.6 (expert choice and decoding)"
+    options = {"a": "it costs more compute per token than top-2 token choice",
+               "b": "each expert picks its top tokens among the whole sequence, so a token's experts depend on "
+                    "tokens after it, which do not exist yet while it is generated",
+               "c": "it drops tokens, and a language model cannot skip a token",
+               "d": "it needs a balancing loss, which is undefined at inference"}
+    why_not = {"a": "at capacity 1.0 it gives a token 2 experts on average, the same compute as top-2.",
+               "c": "Switch drops tokens too and still decodes: a token with no expert goes through the residual.",
+               "d": "expert choice is balanced by construction and trains with no balancing loss (section 3)."}
+    return choice(name, answer, options, "b", why_not,
+                  why="section 6 measures it: changing one later token changes the experts of earlier tokens, "
+                      "which a token-choice router never does.",
+                  hint="to choose its tokens, what does an expert need to see?",
+                  method="look at section 6's table: in which variant does changing the last token change "
+                         "the routing of earlier tokens, and why does that require the future?")
