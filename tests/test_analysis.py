@@ -190,3 +190,33 @@ def test_router_saturation_never_counts_empty_slots():
 
     early, final = tr([[[0, -1], [1, 2]]]), tr([[[0, -1], [2, 3]]])
     assert np.allclose(A.router_saturation(early, final), [(1 / 2 + 1 / 2) / 2])
+
+
+def test_empty_slots_are_no_expert():
+    """An empty slot (-1: a token dropped by a capacity, expert choice's padding) is routed to no
+    expert in every statistic; the token itself still counts as an occurrence / a token."""
+    l0 = [[0, 1], [0, -1], [-1, -1], [2, -1], [3, 0], [3, 1]]
+    l1 = [[1, 0], [2, 1], [3, 2], [-1, -1], [0, 1], [0, 2]]
+    t = make_trace([l0, l1], doc_ids=[0, 0, 0, 1, 1, 1], token_ids=[7, 7, 7, 7, 8, 8], domains=["a", "b"])
+    # expert load: 8 filled slots of 12 at layer 0: counts 3, 2, 1, 2
+    np.testing.assert_allclose(A.expert_load(t)[0], [3 / 8, 2 / 8, 1 / 8, 2 / 8])
+    np.testing.assert_allclose(A.expert_load(t, normalization="tokens")[0], [3 / 6, 2 / 6, 1 / 6, 2 / 6])
+    # vocabulary specialisation: token 7 occurs 4 times, 2 of them with expert 0 (one of them dropped)
+    spec = A.vocabulary_specialization(t, 0, min_count=2).set_index("token_id")
+    assert spec.loc[7, "count"] == 4 and spec.loc[7, "top_expert"] == 0
+    assert spec.loc[7, "specialization"] == pytest.approx(2 / 4)
+    assert spec.loc[8, "count"] == 2 and spec.loc[8, "top_expert"] == 3 and spec.loc[8, "specialization"] == 1
+    top = A.top_tokens_per_expert(t, 0, n=2, min_count=2, choice="either")
+    assert (7, 0.5, 4) in top[0] and (7, 0.25, 4) in top[2]
+    # co-activation: chosen 0: 3, 1: 2, 2: 1, 3: 2 tokens
+    c = A.coactivation(t, 0)
+    np.testing.assert_allclose(c[0], [np.nan, 1 / 3, 0, 1 / 3])
+    np.testing.assert_allclose(c[2], [0, 0, np.nan, 0])
+    np.testing.assert_allclose(c[3], [1 / 2, 1 / 2, 0, np.nan])
+    # domain specialisation: share of each domain's tokens (dropped ones included) whose top-k has the expert
+    doms, ds = A.domain_specialization(t, 0)
+    assert doms == ["a", "b"]
+    np.testing.assert_allclose(ds, [[2 / 3, 1 / 3, 0, 0], [1 / 3, 1 / 3, 1 / 3, 2 / 3]])
+    # layer transitions: only the tokens with a first choice at both layers
+    np.testing.assert_allclose(A.layer_transitions(t, 0, 1), [[0, .5, .5, 0], [0] * 4, [0] * 4, [1, 0, 0, 0]])
+    assert np.isfinite(A.cross_layer_nmi(t)).all()

@@ -22,12 +22,13 @@ import moe_lab
 from moe_lab import AblateExpert, Mixtral, ModelArgs, analysis as A, causal, intervene, load_tokenizer
 from moe_lab.attribution import logit_attribution
 from moe_lab.checkpoints.convert import interleaved_to_half
-from moe_lab.exercises import nb00, nb01, nb02, nb03, nb04, nb05, nb06, nb07, nb08, nb09
+from moe_lab.exercises import nb00, nb01, nb02, nb03, nb04, nb05, nb06, nb07, nb08, nb09, nb10
 from moe_lab.model import count_params, load_balancing_loss, router_z_loss, topk_softmax_routing
+from moe_lab.moe import routers
 from moe_lab.train import router_saturation
 from moe_lab.viz import routing_changes
 
-MODULES = {f"{i:02d}": importlib.import_module(f"moe_lab.exercises.nb{i:02d}") for i in range(10)}
+MODULES = {f"{i:02d}": importlib.import_module(f"moe_lab.exercises.nb{i:02d}") for i in range(11)}
 TEXTS = {"english": ["The server will restart at midnight, so please save your work before you leave. In 1999 "
                      "the 42 servers cost 3,500 dollars.",
                      "Walking to the station in the rain, she remembered that the shop closes early on Sundays."],
@@ -108,6 +109,11 @@ class Inputs:
     def snapshots(self):
         rng = np.random.default_rng(0)
         return np.argsort(rng.random((5, 2, 40, 8)), axis=-1)[..., :2]
+
+    @cached_property
+    def switch_choices(self):
+        g = torch.Generator().manual_seed(5)
+        return (torch.randn(32, 8, generator=g) + torch.linspace(1.5, 0, 8)).argmax(-1)  # skewed towards expert 0
 
     @cached_property
     def checkpoint(self, ):
@@ -312,6 +318,40 @@ def cases():
                                      [_fn(np.zeros_like(pf.recall)), _fn(np.full_like(pf.recall, 0.0123)), pf.recall])
     c["09.check_any_uniform"] = _value_case(lambda a: nb09.check_any_uniform(a, 32, 8),
                                             1 - math.comb(24, 8) / math.comb(32, 8), (0.0, 0.5))
+    # ---- 10 (by hand: 10.1, 10.2 take the learner's function; the reference is a mask, never printed)
+    sw10 = I.switch_choices
+    cap10 = routers.capacity_of(len(sw10), 1, 8, 1.0)
+    c["10.check_capacity_drops"] = (lambda a: nb10.check_capacity_drops(a, sw10, 8, cap10),
+                                    nb10._kept(sw10, 8, cap10).astype(int).tolist(),
+                                    [lambda i, E, C: np.ones(len(i), bool), lambda i, E, C: nb10._kept(i.flip(0), E, C)[::-1],
+                                     lambda i, E, C: nb10._kept(i, E, C - 1), lambda i, E, C: np.zeros(len(i), bool)])
+    ec10, ec_cap10 = I.logits[:16], routers.capacity_of(16, 2, 8, 1.0)
+
+    def token_choice(lg, c_):
+        out = np.zeros(tuple(lg.shape), bool)
+        np.put_along_axis(out, lg.topk(2, dim=-1).indices.numpy(), True, axis=-1)
+        return out
+
+    def raw_logits(lg, c_):
+        out = np.zeros(tuple(lg.shape), bool)
+        np.put_along_axis(out, lg.topk(c_, dim=0).indices.numpy(), True, axis=0)
+        return out
+
+    c["10.check_expert_choice"] = (lambda a: nb10.check_expert_choice(a, ec10, ec_cap10),
+                                   nb10._chosen(ec10, ec_cap10).astype(int).ravel().tolist(),
+                                   [token_choice, raw_logits, lambda lg, c_: np.zeros(tuple(lg.shape), bool)])
+    bias10 = np.array([0.0213, -0.0117, 0.0, 0.0334, -0.0251, 0.0042, 0.0108, -0.0329])
+    load10, rate10 = np.array([40, 12, 25, 31, 18, 25, 9, 40]), 0.0013
+    new_bias10 = nb10._bias_step(bias10, load10, rate10)
+    c["10.check_bias_update"] = (lambda a: nb10.check_bias_update(a, bias10, load10, rate10), new_bias10,
+                                 [2 * bias10 - new_bias10, bias10 + rate10 * (load10.mean() - load10), new_bias10 - bias10,
+                                  np.zeros(8), new_bias10 + 0.0123])
+    ce10 = [3.3127, 3.3481, 3.2913]
+    m10, lo10, hi10 = nb10.interval(ce10)
+    sd10 = float(np.std(ce10, ddof=1))
+    c["10.check_seed_interval"] = _value_case(lambda a: nb10.check_seed_interval(a, ce10), (hi10 - lo10) / 2,
+                                              (1.96 * sd10 / math.sqrt(3), (hi10 - lo10) / 2 * np.std(ce10) / sd10,
+                                               hi10 - lo10, 0.0, 123.456))
     # ---- the graded questions of 00-05 and 07 (issue 27, item 2)
     for key, fn in (("00.check_ablation_reach", nb00.check_ablation_reach),
                     ("00.check_same_token_reason", nb00.check_same_token_reason),
@@ -336,6 +376,8 @@ def cases():
     c["09.check_prefetch_cost"] = _choice_case(nb09.check_prefetch_cost, "abcd")
     c["09.check_any_saturation"] = _choice_case(nb09.check_any_saturation, "abcd")
     c["09.check_hindsight_reading"] = _choice_case(nb09.check_hindsight_reading, "abcd")
+    c["10.check_capacity_overflow"] = _choice_case(nb10.check_capacity_overflow, "abcd")
+    c["10.check_expert_choice_decoding"] = _choice_case(nb10.check_expert_choice_decoding, "abcd")
     return c
 
 
@@ -413,6 +455,13 @@ BY_HAND = {  # checker: (the learner's function that calls the library, the libr
             causal.contrastive_experts(I.model, I.docs[:2], I.docs[2:4], n_boot=1, max_len=None))),
         float((lambda tb: tb[(tb.layer == 1) & (tb.expert == 3)].risk_diff.iloc[0])(
             causal.contrastive_experts(I.model, I.docs[:2], I.docs[2:4], n_boot=1, max_len=None))))),
+    # 10.1 / 10.2: the block's own rules (routers.drop_overflow, routers.expert_choice) are switched off
+    "10.check_capacity_drops": (lambda: (
+        lambda idx, E, C: (routers.drop_overflow(idx.reshape(-1, 1), torch.ones(len(idx), 1), E, C)[0][:, 0] >= 0).numpy(),
+        nb10._kept(I.switch_choices, 8, routers.capacity_of(32, 1, 8, 1.0)))),
+    "10.check_expert_choice": (lambda: (
+        lambda lg, cap: np.stack([(routers.expert_choice(lg, cap)[1] == e).any(-1).numpy() for e in range(lg.shape[1])], 1),
+        nb10._chosen(I.logits[:16], routers.capacity_of(16, 2, 8, 1.0)))),
     # 09.3 takes plain arrays: there is no .recall to call, and a copied result fails on the checker's own arrays
     "09.check_prefetch_recall": (lambda: (None, A.speculative_prefetch(I.model, I.docs, n_guess=3).recall)),
 }
@@ -473,14 +522,14 @@ def test_hints_come_in_two_levels_and_never_give_the_solution_line(all_cases):
 
 
 def test_06_08_09_do_not_rely_on_the_redaction_net(all_cases, monkeypatch):
-    """Notebooks 06, 08 and 09 (and every graded question) say what kind of wrong an answer is in their own
+    """Notebooks 06, 08, 09 and 10 (and every graded question) say what kind of wrong an answer is in their own
     words: with the "expected <value>" net switched off, their messages still hold no reference value."""
     from moe_lab.exercises import feedback
 
     monkeypatch.setattr(feedback, "redact", lambda message: message)
     found = []
     for key, (call, ref, wrongs) in all_cases.items():
-        if key[:2] not in {"06", "08", "09"} and not key.endswith(tuple(QUESTIONS)):
+        if key[:2] not in {"06", "08", "09", "10"} and not key.endswith(tuple(QUESTIONS)):
             continue
         refs = ref if isinstance(ref, list) and ref and not all(isinstance(v, (int, np.integer)) for v in ref) \
             else [ref]
@@ -495,7 +544,7 @@ def test_06_08_09_do_not_rely_on_the_redaction_net(all_cases, monkeypatch):
 QUESTIONS = ("check_ablation_reach", "check_same_token_reason", "check_routing_orders", "check_gqa_factor",
              "check_window_cache", "check_forced_expert_effect", "check_block_order", "check_hd4_blind_spot",
              "check_unchanged_positions", "check_more_experts", "check_first_choice_balance", "check_digit_ratio",
-             "check_closer_to_k", "check_random_saturation")
+             "check_closer_to_k", "check_random_saturation", "check_capacity_overflow", "check_expert_choice_decoding")
 
 
 def test_every_notebook_has_two_or_three_graded_questions(all_cases):
@@ -507,7 +556,7 @@ def test_every_notebook_has_two_or_three_graded_questions(all_cases):
 
     for nn, mod in MODULES.items():
         graded = [name for name in dir(mod) if name.startswith("check_")
-                  and any(f in inspect.getsource(getattr(mod, name)) for f in ("choice(", "in_range("))]
+                  and re.search(r"(?<![\w.])(choice|in_range)\(", inspect.getsource(getattr(mod, name)))]
         assert 2 <= len(graded) <= 3, f"notebook {nn}: graded questions {graded}"
     assert questions.choice and questions.in_range
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-NUMBERS = [f"{i:02d}" for i in range(10)]
+NUMBERS = [f"{i:02d}" for i in range(11)]
 
 
 def _code(path: Path) -> str:

@@ -145,3 +145,35 @@ def test_expert_choice_leaks_the_future_token_choice_does_not():
         assert causality_leak(Mixtral(model_args(name, TINY)).eval(), x, 3)["share_earlier_changed"] == 0.0
     leak = causality_leak(Mixtral(model_args("expert_choice", TINY)).eval(), x, 3)
     assert leak["share_earlier_changed"] > 0.01 and leak["earlier_tokens"] > 0
+
+
+def test_measure_again_fills_the_empty_slot_statistics_without_training(lab_dirs):
+    """`python -m moe_lab.lab measure`: a finished capacity run is measured again from its final
+    checkpoint (no optimiser step: the checkpoint and the recorded CE are unchanged), and its vocabulary
+    specialisation and router saturation are filled in, with chance levels from the filled slots."""
+    from moe_lab.lab.run import snapshot_ids
+
+    lab = Lab(lab_dirs / "m", lab_dirs / "m_work", TINY, progress=False)
+    [row] = lab.run(["switch_cf1.0"], [0])
+    assert row["status"] == "ok" and row["dropped_share"] > 0
+    ckpt = lab_dirs / "m_work" / "switch_cf1.0-s0" / "checkpoint.pt"
+    before = ckpt.stat().st_mtime_ns
+    # an old row (written before empty slots were measured) and an old uint8 snapshot file (-1 stored as 255)
+    old = {k: v for k, v in row.items() if not k.startswith(("vocab_", "router_saturation"))}
+    (lab_dirs / "m" / "results.jsonl").write_text(json.dumps(old) + "\n")
+    snap = lab_dirs / "m_work" / "switch_cf1.0-s0" / "router_snapshots.npz"
+    z = dict(np.load(snap))
+    assert (z["indices"] < 0).any()
+    z["indices"] = z["indices"].astype(np.uint8)
+    np.savez(snap, **z)
+    np.testing.assert_array_equal(snapshot_ids(z["indices"], 8), np.load(snap)["indices"].astype(np.int8))
+    lab.measure_again(["switch_cf1.0"], [0])  # what `python -m moe_lab.lab measure` calls
+    [new] = lab.rows()
+    assert ckpt.stat().st_mtime_ns == before and new["ce"] == row["ce"] and new["steps"] == TINY.steps
+    assert new["vocab_specialization"] == pytest.approx(row["vocab_specialization"])
+    assert new["router_saturation_mid"] == pytest.approx(row["router_saturation_mid"])
+    assert 0 < new["router_saturation_final"] < 1  # the ceiling: the empty slots never match
+    assert new["vocab_specialization_chance"] == pytest.approx(new["experts_per_token"] / 8)
+    assert "remeasured" in new and new["wall_s"] == row["wall_s"]
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        lab.remeasure("expert_choice", 0)

@@ -95,8 +95,8 @@ def _token_groups(chunk: RoutingTrace, names: list[str]) -> np.ndarray:
 
 
 def _normalize_load(counts: np.ndarray, n_tokens: int, picks: int, normalization: str) -> np.ndarray:
-    if normalization == "assignments":
-        return counts / max(n_tokens * picks, 1)
+    if normalization == "assignments":  # the filled slots: an empty one (-1) is no assignment
+        return counts / np.maximum(counts.sum(-1, keepdims=True), 1)
     if normalization == "tokens":
         return counts / max(n_tokens, 1)
     raise ValueError(f"normalization must be 'assignments' or 'tokens', got {normalization!r}")
@@ -110,6 +110,10 @@ def expert_load(trace: Source, choice: Choice = "either",
     the uniform value is 1/E (the Mixtral paper's Figure 7). ``"tokens"``: share of tokens that
     chose the expert among their picks; rows sum to the number of picks and the uniform value is
     k/E for ``choice="either"`` (OLMoE's convention).
+
+    Empty slots (expert id -1: a token dropped by a capacity, expert choice's padding) are no
+    assignment: "assignments" divides by the filled slots (rows still sum to 1), "tokens" by all
+    tokens (a dropped token chose no expert, so rows sum to the mean number of filled picks).
     """
     picks = trace.top_k if choice == "either" else 1
     _normalize_load(np.zeros(1), 1, 1, normalization)  # reject a bad normalization before reading
@@ -435,19 +439,21 @@ def _shuffled_order(trace: RoutingTrace, bos_id, seed: int, stream: int, first_t
 
 
 def _pair_counts(ids: np.ndarray, E: int) -> np.ndarray:
-    """[E, E] number of tokens whose top-k (ids [N, k]) holds both i and j (diagonal: i chosen)."""
+    """[E, E] number of tokens whose top-k (ids [N, k]) holds both i and j (diagonal: i chosen).
+    An empty slot (-1) holds no expert: it pairs with nothing."""
     k = ids.shape[1]
     ids = ids.astype(np.int64)  # (uint8 ids * E would wrap)
     both = np.zeros(E * E)
     for a in range(k):
         for b in range(k):
-            both += np.bincount(ids[:, a] * E + ids[:, b], minlength=E * E)
+            ok = (ids[:, a] >= 0) & (ids[:, b] >= 0)
+            both += np.bincount(ids[ok, a] * E + ids[ok, b], minlength=E * E)
     return both.reshape(E, E)
 
 
 def coactivation(trace: Source, layer: int) -> np.ndarray:
     """[E, E] C[i, j] = N(i and j both chosen) / N(i chosen) (OLMoE); diagonal NaN. Trace or store.
-    Uniform value (k-1)/(E-1), 1/7 for top-2 of 8."""
+    Uniform value (k-1)/(E-1), 1/7 for top-2 of 8. Empty slots (-1) choose no expert."""
     trace.layer_index(layer)
     E = trace.n_experts
     both = sum(_pair_counts(c.expert_ids[0], E) for c, _, _ in _chunks(trace, "co-activation", layers=[layer]))
@@ -483,30 +489,40 @@ def router_confidence(trace: RoutingTrace) -> Confidence:
     return Confidence(entropy=None, top1_prob=w[..., 0], margin=margin)
 
 
-def _token_expert_hits(source: Source, layer: int, choice: Choice, desc: str) -> tuple[np.ndarray, np.ndarray]:
-    """(vocab [V], hits [V, E]): the token ids seen, and how often each was routed to each
-    expert (among the ``choice`` picks) at ``layer``. Counts add up chunk by chunk."""
+def _token_expert_hits(source: Source, layer: int, choice: Choice, desc: str
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(vocab [V], hits [V, E], occurrences [V]): the token ids seen, how often each was routed to
+    each expert (among the ``choice`` picks) at ``layer``, and how often each occurred. An empty slot
+    (-1: a token dropped by a capacity, expert choice's padding) is routed to no expert; the token's
+    occurrence still counts. Counts add up chunk by chunk."""
     E = source.n_experts
-    hits = np.zeros((0, E))
+    hits, seen = np.zeros((0, E)), np.zeros(0)
     for c, _, _ in _chunks(source, desc, layers=[layer]):
-        ids = _choice_ids(c, choice)[0]  # [n, j]
-        V = int(c.token_ids.max()) + 1 if c.n_tokens else 0
+        ids = _choice_ids(c, choice)[0].astype(np.int64)  # [n, j]
+        tok = np.asarray(c.token_ids, dtype=np.int64)
+        V = int(tok.max()) + 1 if c.n_tokens else 0
         if V > len(hits):
             hits = np.concatenate([hits, np.zeros((V - len(hits), E))])
+            seen = np.concatenate([seen, np.zeros(V - len(seen))])
+        seen += np.bincount(tok, minlength=len(seen))
         for j in range(ids.shape[1]):
-            hits += np.bincount(c.token_ids * E + ids[:, j], minlength=len(hits) * E).reshape(-1, E)
-    counts_any = hits.sum(1)
-    vocab = np.flatnonzero(counts_any)
-    return vocab, hits[vocab]
+            ok = ids[:, j] >= 0
+            hits += np.bincount(tok[ok] * E + ids[ok, j], minlength=len(hits) * E).reshape(-1, E)
+    vocab = np.flatnonzero(seen)
+    return vocab, hits[vocab], seen[vocab]
 
 
 def vocabulary_specialization(trace: Source, layer: int, min_count: int = 5):
     """Per token id (seen >= min_count times): the share of its occurrences whose top-k includes
-    its most frequent expert (OLMoE; chance k/E). DataFrame sorted by count. Trace or store."""
+    its most frequent expert (OLMoE; chance k/E). DataFrame sorted by count. Trace or store.
+
+    A token with fewer than k experts (empty slots, -1: dropped by a capacity, or taken by fewer
+    experts under expert choice) still counts as an occurrence; it is a hit only when one of the
+    experts it did get is the top expert (a fully dropped occurrence is never a hit). Chance is then
+    the mean number of filled slots per token / E instead of k/E."""
     import pandas as pd
 
-    vocab, hits = _token_expert_hits(trace, layer, "either", "vocabulary specialisation")
-    counts = hits.sum(1) / trace.top_k  # occurrences: each adds top_k hits
+    vocab, hits, counts = _token_expert_hits(trace, layer, "either", "vocabulary specialisation")
     keep = counts >= min_count
     share = hits[keep] / counts[keep, None]
     df = pd.DataFrame({"token_id": vocab[keep], "count": counts[keep].astype(np.int64), "top_expert": share.argmax(1),
@@ -523,9 +539,8 @@ def top_tokens_per_expert(trace: Source, layer: int, n: int = 10, min_count: int
                           choice: Choice = "first") -> dict[int, list[tuple[int, float, int]]]:
     """expert -> [(token id, share of that token's occurrences routed to it, count)] for the n
     tokens most reliably sent to the expert. Trace or store."""
-    vocab, hits = _token_expert_hits(trace, layer, choice, "top tokens per expert")
-    picks = trace.top_k if choice == "either" else 1
-    counts = (hits.sum(1) / picks).astype(np.int64)
+    vocab, hits, counts = _token_expert_hits(trace, layer, choice, "top tokens per expert")
+    counts = counts.astype(np.int64)
     share = hits / counts[:, None]
     out = {}
     for e in range(trace.n_experts):
@@ -576,11 +591,13 @@ def router_saturation(trace: RoutingTrace, final: RoutingTrace, k: int | None = 
 
 
 def layer_transitions(trace: RoutingTrace, from_layer: int, to_layer: int) -> np.ndarray:
-    """[E, E] P(first choice at to_layer = j | first choice at from_layer = i)."""
+    """[E, E] P(first choice at to_layer = j | first choice at from_layer = i), over the tokens with a
+    first choice at both layers (an empty slot, -1, is no choice)."""
     trace = _in_memory(trace, "layer_transitions")
     _require_rank_order(trace, "layer_transitions (first choices)", "coactivation within a layer")
-    a = trace.expert_ids[trace.layer_index(from_layer), :, 0]
-    b = trace.expert_ids[trace.layer_index(to_layer), :, 0]
+    a = trace.expert_ids[trace.layer_index(from_layer), :, 0].astype(np.int64)
+    b = trace.expert_ids[trace.layer_index(to_layer), :, 0].astype(np.int64)
+    a, b = a[(a >= 0) & (b >= 0)], b[(a >= 0) & (b >= 0)]
     E = trace.n_experts
     joint = np.zeros((E, E))
     np.add.at(joint, (a, b), 1)
@@ -607,7 +624,7 @@ def normalized_mutual_information(a: np.ndarray, b: np.ndarray, n_classes: int) 
 
 def cross_layer_nmi(trace: RoutingTrace) -> np.ndarray:
     """[L, L] NMI between the first choices of every pair of traced layers (Mixtral: 0.03-0.07
-    between different layers)."""
+    between different layers), over the tokens with a first choice at both (not -1, empty)."""
     trace = _in_memory(trace, "cross_layer_nmi")
     _require_rank_order(trace, "cross_layer_nmi (first choices)", "")
     L = trace.n_layers
@@ -615,7 +632,8 @@ def cross_layer_nmi(trace: RoutingTrace) -> np.ndarray:
     out = np.eye(L)
     for i in range(L):
         for j in range(i + 1, L):
-            out[i, j] = out[j, i] = normalized_mutual_information(first[i], first[j], trace.n_experts)
+            ok = (first[i] >= 0) & (first[j] >= 0)
+            out[i, j] = out[j, i] = normalized_mutual_information(first[i][ok], first[j][ok], trace.n_experts)
     return out
 
 

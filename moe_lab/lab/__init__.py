@@ -1,6 +1,7 @@
 """The design-space lab (issue 26): the same small model trained under each MoE recipe, side by side.
 
     python -m moe_lab.lab run --out data/design_space      # every recipe x 3 seeds; resumable
+    python -m moe_lab.lab measure --out data/design_space  # measures again from the final checkpoints, no training
 
 ``recipes.py``  the scale, the recipes (matched active parameters), upcycling
 ``vocab.py``    the reduced vocabulary (Mixtral ids -> the most frequent few thousand)

@@ -41,6 +41,16 @@ class Diverged(RuntimeError):
     pass
 
 
+def snapshot_ids(indices: np.ndarray, n_experts: int) -> np.ndarray:
+    """Router snapshot ids as int16 with -1 for an empty slot. Snapshots written before
+    ``routing_snapshot`` kept -1 stored it as 255 (uint8); with fewer than 255 experts, 255 can only be
+    that empty slot."""
+    ids = np.asarray(indices)
+    if ids.dtype == np.uint8 and n_experts < 255:
+        ids = np.where(ids == 255, -1, ids.astype(np.int16)).astype(np.int16)
+    return ids
+
+
 def train_config(args, scale: Scale, seed: int, name: str, load_balancing: str = "per_layer") -> TrainConfig:
     data = DataConfig(corpus_size=scale.corpus_size, seq_len=scale.seq_len, eval_tokens_per_domain=None,
                       eval_windows=2, probe_windows=2)
@@ -164,17 +174,64 @@ class Lab:
         div = domain_load_divergence(trace, n_perm=50, seed=seed)
         row["domain_tv"], row["domain_tv_null"] = float(div.tv.mean()), float(div.null_mean.mean())
         row["domain_tv_above_p95"] = float((div.tv > div.null_p95).mean())
-        if (ids >= 0).all():  # vocabulary_specialization counts only full top-k slots
-            spec = [vocabulary_specialization(trace, l) for l in trace.layers]
-            row["vocab_specialization"] = float(np.mean([np.average(s.specialization, weights=s["count"]) for s in spec]))
-            row["vocab_specialization_chance"] = a.experts_per_token / a.n_experts
-            snaps = res.snapshots["indices"]
-            if len(snaps) >= 3:
-                sat = router_saturation(snaps)  # [S, L], the last is the final model
-                mid = int(np.argmin(np.abs(np.array(res.snapshots["steps"]) - res.step / 2)))
-                row["router_saturation_mid"] = float(sat[mid].mean())
-                row["router_saturation_chance"] = a.experts_per_token / a.n_experts
+        # an empty slot (-1) is no expert in both statistics; a token with fewer than k experts still
+        # counts, so their chance levels use the filled slots (experts_per_token), not k
+        spec = [vocabulary_specialization(trace, l) for l in trace.layers]
+        row["vocab_specialization"] = float(np.mean([np.average(s.specialization, weights=s["count"]) for s in spec]))
+        row["vocab_specialization_chance"] = row["experts_per_token"] / a.n_experts
+        snaps = snapshot_ids(res.snapshots["indices"], a.n_experts)
+        if len(snaps) >= 3:
+            sat = router_saturation(snaps)  # [S, L], the last is the final model
+            mid = int(np.argmin(np.abs(np.array(res.snapshots["steps"]) - res.step / 2)))
+            filled = (snaps >= 0).mean(axis=(1, 2, 3))  # [S] share of filled slots
+            row["router_saturation_mid"] = float(sat[mid].mean())
+            row["router_saturation_final"] = float(sat[-1].mean())  # the ceiling: 1 less the empty slots
+            # independent uniform choices filling these shares of the k' slots: k'/E * f_mid * f_final
+            # (k/E when no slot is empty; k' = 8 slots for expert choice, where a token can get all experts)
+            row["router_saturation_chance"] = snaps.shape[-1] / a.n_experts * float(filled[mid] * filled[-1])
         return row
+
+    def remeasure(self, name: str, seed: int) -> dict:
+        """Every measure of a finished run again, from its saved final checkpoint: no optimiser step.
+        The run is restored as ``run`` would resume it (model, log, router snapshots), and
+        :meth:`measure` runs on it. Raises when the checkpoint is missing or not at the schedule's end."""
+        recipe = RECIPES[name]
+        cfg = train_config(model_args(recipe, self.scale), self.scale, seed, name, recipe.load_balancing)
+        ckpt = self.work / f"{name}-s{seed}" / CKPT_NAME
+        if not ckpt.exists():
+            raise FileNotFoundError(f"{ckpt}: no checkpoint of {name} seed {seed} (measure never trains; "
+                                    "run `python -m moe_lab.lab run` first)")
+        step = torch.load(ckpt, map_location="cpu", weights_only=False)["step"]
+        if step != cfg.optim.steps:
+            raise ValueError(f"{ckpt}: checkpoint at step {step}, expected the final step {cfg.optim.steps} "
+                             "(measure never trains; finish the run with `python -m moe_lab.lab run`)")
+        return self.measure(recipe, seed, self._train(cfg, self.run_dir(name, seed)))
+
+    def measure_again(self, recipes=None, seeds=SEEDS, check=("ce", "dropped_share", "experts_per_token", "domain_tv"),
+                      ) -> list[dict]:
+        """Recompute the measures of the finished ("ok") runs of ``recipes`` (default: every routed
+        recipe) from their final checkpoints and rewrite their rows of ``results.jsonl`` in place
+        (``wall_s`` and ``train_time_s`` kept as recorded, ``remeasured`` added). The measures in ``check`` must come out as recorded
+        (the same model on the same tokens), else nothing is written."""
+        names = list(recipes or [n for n, r in RECIPES.items() if not r.dense])
+        unknown = set(names) - set(RECIPES)
+        if unknown:
+            raise ValueError(f"unknown recipes {sorted(unknown)}; known: {list(RECIPES)}")
+        rows = self.rows()
+        todo = [i for i, r in enumerate(rows) if r["recipe"] in names and r["seed"] in seeds and r.get("status") == "ok"]
+        for i in tqdm(todo, desc="measure again", unit="run", disable=not self.progress):
+            old = rows[i]
+            new = self.remeasure(old["recipe"], old["seed"])
+            for key in check:
+                if key in old and not math.isclose(old[key], new[key], rel_tol=1e-5, abs_tol=1e-9):
+                    raise RuntimeError(f"{old['recipe']} seed {old['seed']}: {key} recorded {old[key]}, measured "
+                                       f"again {new[key]}: not the same model or tokens; results.jsonl left as it was")
+            rows[i] = {**new, "wall_s": old.get("wall_s"), "train_time_s": old.get("train_time_s", new["train_time_s"]),
+                       "remeasured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        tmp = self.out / (RESULTS + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(self.out / RESULTS)
+        return rows
 
     # ---- everything
 

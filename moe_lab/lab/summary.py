@@ -27,7 +27,8 @@ from .run import Lab
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 MEASURES = ("ce", "tokens_per_s", "max_violation", "max_violation_train", "cv", "dropped_share", "experts_per_token",
-            "router_saturation_mid", "domain_tv", "domain_tv_null", "vocab_specialization")
+            "router_saturation_mid", "router_saturation_chance", "router_saturation_final", "domain_tv", "domain_tv_null",
+            "vocab_specialization", "vocab_specialization_chance")
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
