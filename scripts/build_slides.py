@@ -131,7 +131,7 @@ SLIDES: list[Slide] = [
         "One expert off at a time, Δ loss per domain with a bootstrap interval; the null: the same windows, "
         "the largest effect among the layer's other 7 experts.",
         "Count cells beyond the null against what chance gives, not single hits."]),
-    Slide("Steering: a dose-response, not one forced rule", "08_causal_experiments", "c3175a00", [
+    Slide("Steering: a dose-response, not one forced rule", "08_causal_experiments", "c3175a00b", [
         "Offsets +d / −d on a layer's top python / english experts, d from 0 to 2, and SteerMoE's forced rule once.",
         "In-domain loss rises whatever the experts encode; a lower loss under steering is not a lever by itself."]),
     Slide("Why did this token go to that expert?", "08_causal_experiments", "d87bc917", [
