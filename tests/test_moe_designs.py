@@ -494,3 +494,21 @@ def test_an_edit_of_a_design_step_reaches_every_path(edit, monkeypatch):
     ref = paths(equivalent)
     apply_edit(monkeypatch)
     assert_paths_equal(paths(rebuilt(base)), ref, plain)
+
+
+def test_hook_dropped_listens_after_a_copy():
+    """The block's quick "is anyone listening to hook_dropped" test follows the hook point, also in a
+    deep copy (the copied block watches its own hook point, not the original's)."""
+    import copy
+
+    args = ModelArgs(dim=16, hidden_dim=32, n_experts=4, experts_per_token=1, n_layers=1, n_heads=2, n_kv_heads=2,
+                     head_dim=8, vocab_size=32, capacity_factor=0.5)
+    moe = MoE(args).eval()
+    twin = copy.deepcopy(moe)
+    seen = []
+    twin.hook_dropped.register_forward_hook(lambda m, i, o: seen.append(o))
+    x = torch.randn(1, 8, 16)
+    moe(x)
+    assert seen == []  # the original's hook point has no listener
+    twin(x)
+    assert len(seen) == 1 and seen[0].dtype == torch.bool and bool(seen[0].any())  # capacity 0.5 drops tokens

@@ -50,6 +50,8 @@ class MoE(nn.Module):
         self.hook_topk_indices = HookPoint()  # (N, k) chosen experts, rank order; -1 = empty slot
         self.hook_topk_weights = HookPoint()  # (N, k) their weights (0 in an empty slot)
         self.hook_dropped = HookPoint()  # (N,) bool: the token reached no routed expert (capacity, expert choice)
+        # hook_dropped's own hook dicts: "is anyone listening?" without nn.Module's attribute lookup, on every forward
+        self._dropped_listeners = (self.hook_dropped._forward_hooks, self.hook_dropped._forward_pre_hooks)
         self.hook_shared_out = HookPoint() if n_shared else None  # (N, D) the shared experts' output (after their gate)
 
     # ---- routing
@@ -88,7 +90,7 @@ class MoE(nn.Module):
         logits = self.hook_router_logits(self.gate(x))  # (N, E)
         probs, indices, weights = self.routing_fn(logits, self.experts_per_token)
         self.hook_router_probs(probs)
-        if self.hook_dropped.active:
+        if any(self._dropped_listeners):  # = self.hook_dropped.active: the comparison is only computed when recorded
             self.hook_dropped((indices < 0).all(-1))
         if self.training and self.selection_bias is not None and torch.is_grad_enabled():
             self.update_selection_bias(indices)
