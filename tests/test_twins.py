@@ -9,8 +9,6 @@ scores, choices, dropped tokens (Switch) and shared-expert output.
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -18,6 +16,7 @@ pytest.importorskip("transformers")
 
 import moe_lab  # noqa: E402
 from moe_lab.hooks import run_with_cache  # noqa: E402
+from moe_lab.lab.figures import random_hf_block  # noqa: E402
 from moe_lab.moe import MoE  # noqa: E402
 from moe_lab.moe.twins import TWINS, activation_name, design_from_transformers, moe_from_transformers  # noqa: E402
 
@@ -66,24 +65,9 @@ IDS = [c[0] for c in CASES]
 
 
 def hf_block(family: str, seed: int = 0, **overrides):
-    """A tiny transformers MoE block of ``family`` in eval mode, every parameter and buffer
-    drawn at random (weights N(0, 0.3^2), biases and buffers N(0, 0.5^2))."""
-    import transformers
-
-    module, block_name, config_name, kwargs = FAMILIES[family]
-    config_cls = getattr(transformers, config_name)
-    common = {} if family == "switch" else dict(hidden_size=D, num_attention_heads=2, num_key_value_heads=2)
-    config = config_cls(**{**common, **kwargs, **overrides})
-    config._experts_implementation = "eager"  # the reference loop in modeling_<family>.py
-    block_cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), block_name)
-    torch.manual_seed(seed)
-    block = block_cls(config)
-    with torch.no_grad():
-        for name, p in block.named_parameters():
-            p.normal_(0.0, 0.5 if "bias" in name else 0.3)
-        for _, b in block.named_buffers():
-            b.normal_(0.0, 0.5)
-    return block.eval()
+    """A tiny transformers MoE block of ``family`` (width D = 16) in eval mode, every parameter and
+    buffer drawn at random (weights N(0, 0.3^2), biases and buffers N(0, 0.5^2))."""
+    return random_hf_block(family, seed, spec=FAMILIES[family], **overrides)
 
 
 def hidden_states(seed: int = 1, B: int = 3, T: int = 10) -> torch.Tensor:

@@ -94,13 +94,15 @@ TWIN_BLOCKS = {
 }
 
 
-def random_hf_block(family: str, seed: int = 0):
-    """A tiny transformers MoE block of ``family`` (eval mode), every parameter and buffer random."""
+def random_hf_block(family: str, seed: int = 0, *, spec: tuple | None = None, **overrides):
+    """A tiny transformers MoE block of ``family`` (eval mode, width 16), every parameter and buffer
+    random (weights N(0, 0.3^2), biases and buffers N(0, 0.5^2)): ``spec`` (module, block class, config
+    class, config kwargs) defaults to ``TWIN_BLOCKS[family]``; ``overrides`` change config fields."""
     import transformers
 
-    module, block_name, config_name, kwargs = TWIN_BLOCKS[family]
+    module, block_name, config_name, kwargs = spec or TWIN_BLOCKS[family]
     common = {} if family == "switch" else dict(hidden_size=16, num_attention_heads=2, num_key_value_heads=2)
-    config = getattr(transformers, config_name)(**{**common, **kwargs})
+    config = getattr(transformers, config_name)(**{**common, **kwargs, **overrides})
     config._experts_implementation = "eager"
     cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), block_name)
     torch.manual_seed(seed)
