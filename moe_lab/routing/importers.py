@@ -42,6 +42,18 @@ class RoutedDocument:
     info: dict = field(default_factory=dict)
 
 
+def _known_rows(p: dict, unknown: np.ndarray, n_experts: int, labels, ordered: bool) -> RoutedDocument:
+    """An engine request ``p`` (parsed: ids [T, L, k], tokens, positions, P, domain, where, info) as a
+    document without its ``unknown`` rows (prefix-cached or not computed: no routing to read)."""
+    keep = ~unknown
+    ids = p["ids"][keep]
+    _check_ids(ids, n_experts, p["where"])
+    return RoutedDocument(token_ids=p["tokens"][keep], expert_ids=ids, positions=p["positions"][keep],
+                          prompt_length=p["P"], domain=p["domain"], source=p["where"],
+                          info={**p["info"], "unknown_rows": int(unknown.sum()), "layers": list(labels),
+                                "rank_ordered": bool(ordered)})
+
+
 def _check_ids(ids: np.ndarray, n_experts: int, where: str) -> None:
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= n_experts):
         bad = ids[(ids < 0) | (ids >= n_experts)]
@@ -636,18 +648,11 @@ def read_vllm(outputs: Iterable[Any], *, n_experts: int | None = None, prompt_st
         report.update(skipped=skipped, layers=labels, dropped_layers=dropped, layer_note=note, rank_ordered=ordered,
                       rank_order_reason=why, layout=None if layout is None else layout.meta())
     for p in parsed:
-        ids, tokens, positions = p["ids"], p["tokens"], p["positions"]
-        unknown = _unknown_rows(ids, p["cached"])
-        if unknown.any():
-            if not drop_unknown:
-                raise ValueError(f"{p['where']}: {int(unknown.sum())} rows hold -1 or repeat an expert (prefix-cached "
-                                 f"or not computed: routing unknown)")
-            ids, positions, tokens = ids[~unknown], positions[~unknown], tokens[~unknown]
-        _check_ids(ids, n_experts, p["where"])
-        yield RoutedDocument(token_ids=tokens, expert_ids=ids, positions=positions, prompt_length=p["P"],
-                             domain=p["domain"], source=p["where"],
-                             info={**p["info"], "unknown_rows": int(unknown.sum()), "layers": list(labels),
-                                   "rank_ordered": bool(ordered)})
+        unknown = _unknown_rows(p["ids"], p["cached"])
+        if unknown.any() and not drop_unknown:
+            raise ValueError(f"{p['where']}: {int(unknown.sum())} rows hold -1 or repeat an expert (prefix-cached "
+                             f"or not computed: routing unknown)")
+        yield _known_rows(p, unknown, n_experts, labels, ordered)
 
 
 # --------------------------------------------------------------------------------------------
@@ -788,14 +793,7 @@ def read_sglang(responses: Iterable[dict], *, n_layers: int | None = None, top_k
         report.update(layers=labels, dropped_layers=dropped, layer_note=note, rank_ordered=ordered,
                       rank_order_reason=why, layout=None if layout is None else layout.meta())
     for p in parsed:
-        ids, tokens, positions = p["ids"], p["tokens"], p["positions"]
-        unknown = _unknown_rows(ids, 0)
-        ids, positions, tokens = ids[~unknown], positions[~unknown], tokens[~unknown]
-        _check_ids(ids, n_experts, p["where"])
-        yield RoutedDocument(token_ids=tokens, expert_ids=ids, positions=positions, prompt_length=p["P"],
-                             domain=p["domain"], source=p["where"],
-                             info={**p["info"], "unknown_rows": int(unknown.sum()), "layers": list(labels),
-                                   "rank_ordered": bool(ordered)})
+        yield _known_rows(p, _unknown_rows(p["ids"], 0), n_experts, labels, ordered)
 
 
 #: ForwardMode values of ``sglang/srt/model_executor/forward_batch_info.py`` read by the dump reader
